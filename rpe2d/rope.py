@@ -1,0 +1,255 @@
+"""Positional encodings, static extrapolation and DyPE (SPEC §2-3).
+
+Everything here is a pure function of arrays: positions m (batch, n) on one axis, flow time t (batch,),
+and static numbers (per-axis dimension d, base, scale s, reference length L). A method returns the
+positions and the per-example frequencies theta (batch, d/2) it wants; angles are m * theta.
+
+Time convention: t = 1 is pure noise, t = 0 is data. DyPE's kappa(t) = lambda_s * t**lambda_t makes
+extrapolation strong early and native at t = 0.
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+METHODS = ('none', 'pi', 'ntk', 'yarn', 'tasr')
+YARN_FORMS = ('paper', 'fit')
+TEMPERATURE_PLACES = ('logits', 'rope', 'none')
+ATTENTION_SCALES = ('none', 'log_n')
+DYPE_VARIANTS = ('scaled', 'power')
+DYPE_METHODS = ('pi', 'ntk', 'yarn')
+
+# YaRN constants. Paper form: ramp over rotations r in [alpha, beta]. FiT form: two stages of
+# rotation thresholds (beta0, beta1) between PI and NTK, (gamma0, gamma1) back to native.
+YARN_ALPHA, YARN_BETA = 1.0, 32.0
+FIT_BETA0, FIT_BETA1, FIT_GAMMA0, FIT_GAMMA1 = 1.25, 0.75, 16.0, 2.0
+
+# DyPE's published defaults: DY-NTK uses lambda_s = lambda_t = 2 (NTK with s^2 at t = 1); DY-YaRN
+# uses lambda_s = 1, lambda_t = 2 so that t = 1 is exactly static YaRN. DY-PI follows YaRN (our choice).
+DYPE_DEFAULT_LAMBDAS = {'pi': (1.0, 2.0), 'ntk': (2.0, 2.0), 'yarn': (1.0, 2.0)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoding:
+  """How positions become rotation angles. Static and hashable: a jit cache key, never traced."""
+  method: str = 'none'
+  yarn_form: str = 'paper'
+  temperature: str = 'logits'
+  attention_scale: str = 'none'
+  dype: bool = False
+  dype_lambda_s: float | None = None
+  dype_lambda_t: float | None = None
+  dype_variant: str = 'scaled'
+
+  def __post_init__(self):
+    _check_choice('extrapolation method', self.method, METHODS)
+    _check_choice('yarn_form', self.yarn_form, YARN_FORMS)
+    _check_choice('temperature', self.temperature, TEMPERATURE_PLACES)
+    _check_choice('attention_scale', self.attention_scale, ATTENTION_SCALES)
+    _check_choice('dype_variant', self.dype_variant, DYPE_VARIANTS)
+    if self.dype and self.method not in DYPE_METHODS:
+      raise ValueError(f'dype needs an extrapolation method in {DYPE_METHODS}, got '
+                       f'{self.method!r}')
+    lambda_s, lambda_t = self.lambdas
+    if self.dype and not (lambda_s > 0 and lambda_t > 0):
+      raise ValueError(f'dype lambdas must be > 0, got lambda_s={lambda_s}, lambda_t={lambda_t}')
+
+  @property
+  def lambdas(self) -> tuple[float, float]:
+    default_s, default_t = DYPE_DEFAULT_LAMBDAS.get(self.method, (1.0, 2.0))
+    return (default_s if self.dype_lambda_s is None else float(self.dype_lambda_s),
+            default_t if self.dype_lambda_t is None else float(self.dype_lambda_t))
+
+
+def _check_choice(what, value, allowed):
+  if value not in allowed:
+    raise ValueError(f'unknown {what} {value!r}; allowed: {", ".join(allowed)}')
+
+
+def axis_frequencies(dim: int, base: float) -> jax.Array:
+  """theta_i = base^(-2i/dim), i = 0..dim/2-1; i = 0 is the highest frequency."""
+  return base ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+
+
+def scale_factor(n: int, reference_length: int) -> float:
+  """Per-axis extrapolation scale s = max(n / L, 1) (SPEC §2.3)."""
+  return max(n / reference_length, 1.0)
+
+
+def kappa(t: jax.Array, lambda_s: float, lambda_t: float) -> jax.Array:
+  """DyPE's schedule: lambda_s * t^lambda_t; exactly 0 at t = 0 for every lambda_t > 0."""
+  return lambda_s * jnp.power(jnp.clip(t, 0.0, 1.0), lambda_t)
+
+
+def yarn_temperature(scale: float) -> float:
+  """tau(s) = 0.1 ln s + 1; tau(1) = 1."""
+  return 0.1 * math.log(scale) + 1.0
+
+
+def ntk_frequencies(theta: jax.Array, scale: jax.Array, dim: int) -> jax.Array:
+  """theta_i / s^(2i/(d-2)): the same as base -> base * s^(d/(d-2)). scale broadcasts as (batch, 1)."""
+  exponent = jnp.arange(theta.shape[-1], dtype=jnp.float32) * 2.0 / (dim - 2)
+  return theta / jnp.power(scale, exponent)
+
+
+def yarn_paper_frequencies(theta, scale, reference_length, alpha, beta):
+  """YaRN's NTK-by-parts: bands with few rotations in L interpolate (PI), many stay native.
+
+  alpha and beta broadcast as (batch, 1) so DyPE can shrink them per example; when both reach 0
+  every band has r > beta and is native.
+  """
+  rotations = reference_length * theta / (2 * math.pi)
+  width = jnp.maximum(beta - alpha, 1e-20)
+  ramp = jnp.where(rotations >= beta, 1.0, jnp.clip((rotations - alpha) / width, 0.0, 1.0))
+  return (1.0 - ramp) * theta / scale + ramp * theta
+
+
+def _correction_index(rotations, dim, base, reference_length):
+  rotations = jnp.maximum(rotations, 1e-20)  # 0 rotations -> index +inf -> clamped to dim - 1
+  return dim * jnp.log(reference_length / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+
+def _fit_ramp(fast_rotations, slow_rotations, n, dim, base, reference_length):
+  low = jnp.clip(jnp.floor(_correction_index(fast_rotations, dim, base, reference_length)),
+                 0, dim - 1)
+  high = jnp.clip(jnp.ceil(_correction_index(slow_rotations, dim, base, reference_length)),
+                  0, dim - 1)
+  high = jnp.where(high == low, high + 0.001, high)
+  return jnp.clip((jnp.arange(n, dtype=jnp.float32) - low) / (high - low), 0.0, 1.0)
+
+
+def yarn_fit_frequencies(theta, scale, reference_length, dim, base, thresholds):
+  """The FiT / DyPE-code "NTK-by-parts": PI->NTK over (beta0, beta1), then ->native over (gamma0, gamma1)."""
+  beta0, beta1, gamma0, gamma1 = thresholds
+  n = theta.shape[-1]
+  theta_pi = theta / scale
+  theta_ntk = ntk_frequencies(theta, scale, dim)
+  mask = 1.0 - _fit_ramp(beta0, beta1, n, dim, base, reference_length)
+  mixed = theta_pi * (1.0 - mask) + theta_ntk * mask
+  mask = 1.0 - _fit_ramp(gamma0, gamma1, n, dim, base, reference_length)
+  return mixed * (1.0 - mask) + theta * mask
+
+
+def tasr_frequencies(theta, scale, t, dim, base):
+  """Lumina-Next time-aware scaled RoPE: max(PI, NTK with base * s^(d/(t_data*d + 1))), t_data = 1 - t."""
+  t_data = 1.0 - jnp.clip(t, 0.0, 1.0)
+  exponent = dim / (t_data * dim + 1.0)
+  new_base = base * jnp.power(scale, exponent)
+  theta_ntk = jnp.power(new_base, -jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+  return jnp.maximum(theta / scale, theta_ntk)
+
+
+def axis_positions_and_frequencies(positions, t, *, dim: int, base: float, scale: float,
+                                   reference_length: float, encoding: Encoding):
+  """One axis: positions (batch, n), t (batch,) -> (positions, theta (batch, dim/2)).
+
+  Static methods are DyPE with kappa = 1. With s = 1 every method returns the inputs unchanged.
+  """
+  batch = positions.shape[0]
+  theta = jnp.broadcast_to(axis_frequencies(dim, base), (batch, dim // 2))
+  t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch,))
+  if encoding.dype:
+    k = kappa(t, *encoding.lambdas)[:, None]
+  else:
+    k = jnp.ones((batch, 1), jnp.float32)
+  method = encoding.method
+  if method == 'none' or scale == 1.0:
+    return positions, theta
+  if method == 'pi':
+    return positions / jnp.power(scale, k), theta
+  if method == 'ntk':
+    return positions, ntk_frequencies(theta, jnp.power(scale, k), dim)
+  if method == 'yarn':
+    if encoding.dype_variant == 'power':
+      stretch = lambda c: jnp.power(c, k)
+    else:
+      stretch = lambda c: c * k
+    if encoding.yarn_form == 'paper':
+      return positions, yarn_paper_frequencies(
+          theta, scale, reference_length, stretch(YARN_ALPHA), stretch(YARN_BETA))
+    thresholds = tuple(stretch(c) for c in (FIT_BETA0, FIT_BETA1, FIT_GAMMA0, FIT_GAMMA1))
+    return positions, yarn_fit_frequencies(theta, scale, reference_length, dim, base, thresholds)
+  if method == 'tasr':
+    return positions, tasr_frequencies(theta, scale, t[:, None], dim, base)
+  raise ValueError(f'unknown extrapolation method {method!r}; allowed: {METHODS}')
+
+
+def axis_angles(positions, t, *, dim, base, scale, reference_length, encoding):
+  """(batch, n) positions -> (batch, n, dim/2) rotation angles."""
+  positions, theta = axis_positions_and_frequencies(
+      positions, t, dim=dim, base=base, scale=scale, reference_length=reference_length,
+      encoding=encoding)
+  return positions[..., None] * theta[:, None, :]
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """What the encoding needs to know about the model at one resolution: static per (height, width)."""
+  grid: tuple[int, int]              # tokens (h, w) being sampled
+  reference: tuple[int, int]         # L per axis: train grid, or (H_max, W_max) for RPE-2D
+  train_tokens: int                  # N_train for the log_n attention scale
+  base: float = 10000.0              # the RoPE base the model was trained with
+
+  @property
+  def scales(self) -> tuple[float, float]:
+    return tuple(scale_factor(n, length) for n, length in zip(self.grid, self.reference))
+
+
+def angles_2d(positions, t, *, dim: int, geometry: Geometry, encoding: Encoding):
+  """(batch, N, 2) positions -> (batch, N, 2, dim/2) angles: axis 0 rotates with y, axis 1 with x."""
+  per_axis = [
+      axis_angles(positions[..., axis], t, dim=dim, base=geometry.base,
+                  scale=geometry.scales[axis], reference_length=geometry.reference[axis],
+                  encoding=encoding)
+      for axis in (0, 1)
+  ]
+  return jnp.stack(per_axis, axis=-2)
+
+
+def rope_temperatures(geometry: Geometry, encoding: Encoding) -> tuple[float, float]:
+  """YaRN's tau per axis when it is placed on the rotary embedding (both q and k: logits see tau^2)."""
+  if encoding.method != 'yarn' or encoding.temperature != 'rope':
+    return (1.0, 1.0)
+  return tuple(yarn_temperature(s) for s in geometry.scales)
+
+
+def logit_multiplier(geometry: Geometry, encoding: Encoding) -> float:
+  """Static factor on attention logits: YaRN's tau (placed on logits) times the log_n scale.
+
+  For 2D the YaRN tau uses the geometric-mean scale sqrt(s_y * s_x), which is the 1D rule when the
+  two axes stretch equally.
+  """
+  multiplier = 1.0
+  if encoding.method == 'yarn' and encoding.temperature == 'logits':
+    multiplier *= yarn_temperature(math.sqrt(geometry.scales[0] * geometry.scales[1]))
+  if encoding.attention_scale == 'log_n':
+    tokens = geometry.grid[0] * geometry.grid[1]
+    if geometry.train_tokens > 1:
+      multiplier *= math.sqrt(max(1.0, math.log(tokens) / math.log(geometry.train_tokens)))
+  return multiplier
+
+
+def apply_rope(x, angles, temperatures=(1.0, 1.0)):
+  """Rotates queries or keys x (batch, N, heads, head_dim) by angles (batch, N, 2, head_dim/4).
+
+  The first half of each head rotates with y, the second with x; inside a half, channel j pairs with
+  j + head_dim/4. Computed in float32 and cast back.
+  """
+  batch, tokens, heads, head_dim = x.shape
+  quarter = head_dim // 4
+  parts = x.astype(jnp.float32).reshape(batch, tokens, heads, 2, 2, quarter)
+  temps = jnp.asarray(temperatures, jnp.float32)[:, None]
+  cos = (jnp.cos(angles) * temps)[:, :, None]
+  sin = (jnp.sin(angles) * temps)[:, :, None]
+  first, second = parts[..., 0, :], parts[..., 1, :]
+  rotated = jnp.stack([first * cos - second * sin, first * sin + second * cos], axis=-2)
+  return rotated.reshape(x.shape).astype(x.dtype)
+
+
+def sincos_embedding(positions, t, *, width: int, geometry: Geometry, encoding: Encoding):
+  """2D sin-cos absolute embedding (batch, N, width): [sin y, cos y, sin x, cos x], a quarter each."""
+  angles = angles_2d(positions, t, dim=width // 2, geometry=geometry, encoding=encoding)
+  y, x = angles[..., 0, :], angles[..., 1, :]
+  return jnp.concatenate([jnp.sin(y), jnp.cos(y), jnp.sin(x), jnp.cos(x)], axis=-1)

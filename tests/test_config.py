@@ -1,0 +1,85 @@
+import pathlib
+
+import pytest
+
+from rpe2d import config as config_lib
+
+CONFIGS = sorted((pathlib.Path(__file__).parent.parent / 'configs').glob('*.py'))
+
+
+def test_there_are_configs():
+  assert any(p.name == 'default.py' for p in CONFIGS)
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.name)
+def test_every_config_validates_and_builds(path):
+  config = config_lib.load(str(path))
+  config_lib.validate(config)
+  model = config_lib.build_model(config)
+  assert model.train_grid == config_lib.train_grid(config)
+  assert all(r >= g for r, g in zip(model.position_range, model.train_grid))
+
+
+def test_overrides_from_the_command_line():
+  config = config_lib.load(str(CONFIGS[0].parent / 'default.py'), [
+      '--config.total_steps=7', '--config.encoding.extrapolation=yarn',
+      '--config.encoding.dype_lambda_s=1.5', '--config.positions.max_grid=(64,32)'])
+  assert config.total_steps == 7 and config.encoding.extrapolation == 'yarn'
+  assert config.encoding.dype_lambda_s == 1.5 and tuple(config.positions.max_grid) == (64, 32)
+  with pytest.raises(Exception, match='steps'):
+    config_lib.load(str(CONFIGS[0].parent / 'default.py'), ['--config.total_stepz=7'])
+
+
+def _base(**changes):
+  config = config_lib.base()
+  for dotted, value in changes.items():
+    *parents, leaf = dotted.split('__')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+@pytest.mark.parametrize('changes,match', [
+    (dict(encoding__extrapolation='linear'), "extrapolation method 'linear'.*none, pi, ntk, yarn, tasr"),
+    (dict(encoding__dype=True, encoding__extrapolation='ntk', encoding__dype_lambda_s=-2.0),
+     'lambda_s=-2.0'),
+    (dict(encoding__dype=True), "dype needs an extrapolation method"),
+    (dict(data__image_size=33), 'data.image_size 33x33 is not divisible by the patch size 2'),
+    (dict(sampling__resolutions=((32, 32), (30, 31))),
+     r'sampling.resolutions\[1\] 30x31 is not divisible by the patch size 2'),
+    (dict(sampling__resolutions=((0, 32),)), r'sampling.resolutions\[0\]=\(0, 32\) must be positive'),
+    (dict(positions__max_grid=(8, 48)),
+     r'positions.max_grid=\(8, 48\) is smaller than the train grid \(16, 16\)'),
+    (dict(positions__train='random'), "positions.train='random' is not allowed; choose one of: grid, rpe2d"),
+    (dict(positions__mode='per_token'), "positions.mode='per_token'"),
+    (dict(positions__inference='spiral'), "positions.inference='spiral'"),
+    (dict(model__variant='huge/2'), "unknown model variant 'huge/2'"),
+    (dict(model__position_embedding='alibi'), "position_embedding 'alibi'"),
+    (dict(model__dtype='float16'), "model.dtype='float16'"),
+    (dict(model__attention_implementation='flash'), "model.attention_implementation='flash'"),
+    (dict(flow__time_sampling='beta'), "flow.time_sampling='beta' is not allowed"),
+    (dict(flow__class_dropout=1.5), 'flow.class_dropout=1.5 must be in'),
+    (dict(sampling__sampler='ddim'), "unknown sampler 'ddim'"),
+    (dict(sampling__steps=0), 'steps must be a positive integer, got 0'),
+    (dict(sampling__time_shift=-2.0), 'time_shift must be a positive number, got -2.0'),
+    (dict(batch_size=0), 'batch_size=0 must be a positive integer'),
+    (dict(optim__ema_decay=1.0), r'optim.ema_decay=1.0 must be in \[0, 1\)'),
+])
+def test_bad_configs_name_the_value_and_what_is_allowed(changes, match):
+  with pytest.raises(ValueError, match=match):
+    config_lib.validate(_base(**changes))
+
+
+def test_position_range_and_sampling_plan():
+  config = config_lib.base()
+  assert config_lib.position_range(config) == (48, 48)
+  assert config_lib.sampling_plan(config).positions == 'uniform'
+  config.positions.train = 'grid'
+  assert config_lib.position_range(config) == (16, 16)
+  assert config_lib.sampling_plan(config).positions == 'grid'
+  config.encoding.extrapolation = 'ntk'
+  config.encoding.dype = True
+  plan = config_lib.sampling_plan(config, steps=3)
+  assert plan.steps == 3 and plan.encoding.dype and plan.encoding.lambdas == (2.0, 2.0)

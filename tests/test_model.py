@@ -1,0 +1,134 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import perturb
+from rpe2d import model as model_lib, positions, rope
+
+
+def _inputs(height, width, batch=2, patch=2, seed=0):
+  key = jax.random.key(seed)
+  x = jax.random.normal(key, (batch, height, width, 1))
+  t = jnp.linspace(0.2, 0.9, batch)
+  labels = jnp.arange(batch) % 4
+  pos = positions.grid(height // patch, width // patch, batch)
+  return x, t, labels, pos
+
+
+@pytest.mark.parametrize('height,width', [(8, 8), (16, 16), (8, 24), (24, 6), (4, 4), (2, 10)])
+def test_output_shape_any_resolution(micro_model, micro_params, height, width):
+  out = micro_model.apply(micro_params, *_inputs(height, width))
+  chex.assert_shape(out, (2, height, width, 1))
+  chex.assert_tree_all_finite(out)
+
+
+def test_output_is_zero_at_init(micro_model):
+  x, t, labels, pos = _inputs(8, 12)
+  params = micro_model.init(jax.random.key(0), x, t, labels, pos)
+  out = micro_model.apply(params, x, t, labels, pos)
+  assert jnp.all(out == 0.0)
+
+
+def test_same_weights_serve_rope_and_sincos(micro_model, micro_params):
+  sincos = micro_model.clone(position_embedding='sincos')
+  x, t, labels, pos = _inputs(8, 8)
+  chex.assert_trees_all_equal_shapes(
+      micro_params, sincos.init(jax.random.key(0), x, t, labels, pos))
+  out_rope = micro_model.apply(micro_params, x, t, labels, pos)
+  out_sincos = sincos.apply(micro_params, x, t, labels, pos)
+  chex.assert_tree_all_finite(out_sincos)
+  assert np.abs(out_rope - out_sincos).max() > 1e-4
+
+
+def test_positions_change_the_output(micro_model, micro_params):
+  x, t, labels, pos = _inputs(8, 8)
+  spread = positions.rpe2d(jax.random.key(5), 4, 4, 8, 8, 2)
+  a = micro_model.apply(micro_params, x, t, labels, pos)
+  b = micro_model.apply(micro_params, x, t, labels, spread)
+  assert np.abs(a - b).max() > 1e-4
+
+
+def test_rope_output_is_translation_invariant(micro_model, micro_params):
+  x, t, labels, pos = _inputs(8, 8)
+  a = micro_model.apply(micro_params, x, t, labels, pos)
+  b = micro_model.apply(micro_params, x, t, labels, pos + jnp.array([3.0, 5.0]))
+  np.testing.assert_allclose(a, b, atol=2e-4)
+
+
+def test_bfloat16_matches_float32(micro_model, micro_params):
+  x, t, labels, pos = _inputs(8, 8)
+  f32 = micro_model.apply(micro_params, x, t, labels, pos)
+  bf16 = micro_model.clone(dtype='bfloat16').apply(micro_params, x, t, labels, pos)
+  chex.assert_type(bf16, jnp.float32)
+  scale = float(jnp.abs(f32).max())
+  assert scale > 1e-3
+  np.testing.assert_allclose(bf16, f32, atol=0.05 * scale)
+
+
+def test_remat_matches(micro_model, micro_params):
+  x, t, labels, pos = _inputs(8, 8)
+  loss = lambda m: lambda p: jnp.sum(m.apply(p, x, t, labels, pos) ** 2)
+  value, grads = jax.value_and_grad(loss(micro_model))(micro_params)
+  value_r, grads_r = jax.value_and_grad(loss(micro_model.clone(remat=True)))(micro_params)
+  np.testing.assert_allclose(value, value_r, rtol=1e-5)
+  chex.assert_trees_all_close(grads, grads_r, rtol=1e-4, atol=1e-6)
+
+
+def test_qk_norm_and_micro_conditioning(micro_model):
+  model = micro_model.clone(qk_norm=True)
+  x, t, labels, pos = _inputs(8, 8)
+  params = perturb(model.init(jax.random.key(0), x, t, labels, pos), jax.random.key(3))
+  assert 'q_norm' in params['params']['block_0']['Attention_0']
+  whole = model.apply(params, x, t, labels, pos)
+  default_crop = model.apply(params, x, t, labels, pos, jnp.array([[0.0, 0.0, 1.0, 1.0]] * 2))
+  cropped = model.apply(params, x, t, labels, pos, jnp.array([[0.2, 0.1, 0.5, 0.5]] * 2))
+  np.testing.assert_array_equal(whole, default_crop)
+  assert np.abs(whole - cropped).max() > 1e-4
+
+
+def test_null_class_and_labels(micro_model, micro_params):
+  x, t, _, pos = _inputs(8, 8)
+  cond = micro_model.apply(micro_params, x, t, jnp.array([1, 1]), pos)
+  null = micro_model.apply(micro_params, x, t, jnp.array([4, 4]), pos)  # num_classes = 4
+  assert np.abs(cond - null).max() > 1e-4
+
+
+@pytest.mark.parametrize('encoding', [
+    rope.Encoding('pi'), rope.Encoding('ntk', dype=True), rope.Encoding('yarn', temperature='rope'),
+    rope.Encoding('tasr'), rope.Encoding('yarn', yarn_form='fit'),
+])
+def test_methods_are_native_at_the_reference_resolution(micro_model, micro_params, encoding):
+  # position_range (8, 8) tokens = 16x16 pixels: scale 1 on both axes.
+  x, t, labels, pos = _inputs(16, 16)
+  native = micro_model.apply(micro_params, x, t, labels, pos)
+  np.testing.assert_allclose(micro_model.apply(micro_params, x, t, labels, pos, encoding=encoding),
+                             native, rtol=1e-6, atol=1e-7)
+  # Above it, each method changes the output.
+  x, t, labels, pos = _inputs(32, 24)
+  native = micro_model.apply(micro_params, x, t, labels, pos)
+  moved = micro_model.apply(micro_params, x, t, labels, pos, encoding=encoding)
+  assert np.abs(native - moved).max() > 1e-5
+
+
+def test_variants_and_errors():
+  assert model_lib.parse_variant('XL/2') == (1152, 28, 16, 2)
+  assert model_lib.parse_variant('B/4') == (768, 12, 12, 4)
+  for bad in ('XXL/2', 'B', 'B/0', 'B/two'):
+    with pytest.raises(ValueError, match=f"unknown model variant '{bad}'"):
+      model_lib.parse_variant(bad)
+  with pytest.raises(ValueError, match="position_embedding 'learned'"):
+    model_lib.validate_shape('S/2', 'learned')
+  model = model_lib.DiT(variant='micro/2', channels=1, num_classes=4)
+  x = jnp.zeros((1, 7, 8, 1))
+  with pytest.raises(ValueError, match='7x8 is not divisible by the patch size 2'):
+    model.init(jax.random.key(0), x, jnp.zeros(1), jnp.zeros(1, jnp.int32), jnp.zeros((1, 12, 2)))
+
+
+def test_forward_flops_match_the_dit_paper():
+  # DiT-XL/2 at 256^2 (32x32 latent, 4 channels): 118.6 GMACs in the paper.
+  gmacs = model_lib.forward_flops('XL/2', 32, 32, channels=4) / 2 / 1e9
+  assert abs(gmacs - 118.6) / 118.6 < 0.03
+  gmacs = model_lib.forward_flops('XL/2', 64, 64, channels=4) / 2 / 1e9
+  assert abs(gmacs - 524.6) / 524.6 < 0.03

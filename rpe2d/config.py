@@ -23,6 +23,7 @@ def base() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3                # the last N ...
   c.keep_every_steps = 0                # ... plus every K-th step (0: none)
   c.init_from = ''                      # a checkpoint dir to take weights from (fresh optimizer)
+  c.log_example_indices = False         # append each step's example ids to examples.jsonl
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'animal_mnist'
@@ -105,7 +106,10 @@ def load(path: str, overrides=()) -> ml_collections.ConfigDict:
   flag_values = flags.FlagValues()
   config_flags.DEFINE_config_file('config', path, flag_values=flag_values, lock_config=True,
                                   sys_argv=argv)
-  flag_values(argv)
+  try:
+    flag_values(argv)
+  except flags.Error as e:  # absl wraps the config file's own error; show it as what it is
+    raise ValueError(str(e)) from e
   return flag_values.config
 
 
@@ -185,6 +189,8 @@ def validate(config) -> None:
   for i, resolution in enumerate(config.sampling.resolutions):
     check_resolution(*_resolution(resolution, f'sampling.resolutions[{i}]'), patch,
                      f'sampling.resolutions[{i}]')
+  if not isinstance(config.mesh.fsdp, int) or config.mesh.fsdp < 1:
+    raise ValueError(f'mesh.fsdp={config.mesh.fsdp!r} must be a positive integer')
   if not 0.0 <= config.optim.ema_decay < 1.0:
     raise ValueError(f'optim.ema_decay={config.optim.ema_decay} must be in [0, 1)')
 

@@ -222,6 +222,11 @@ def prepare(data_config: Any, *, builder_kwargs: Mapping[str, Any] | None = None
   _prepared_builder(parse_config(data_config), builder_kwargs)
 
 
+def class_names(data_config: Any) -> list[str]:
+  """The label names of a prepared data set, index i naming label i."""
+  return list(_prepared_builder(parse_config(data_config)).info.features['label'].names)
+
+
 # ------------------------------------------------------------------------------------------------
 # Image operations (numpy / PIL; all take and return uint8 (h, w, c) arrays).
 

@@ -8,12 +8,22 @@ CONFIGS = sorted((pathlib.Path(__file__).parent.parent / 'configs').glob('*.py')
 
 
 def test_there_are_configs():
-  assert any(p.name == 'default.py' for p in CONFIGS)
+  assert {'default.py', 'animals_grid.py', 'imagenet.py'} <= {p.name for p in CONFIGS}
 
 
-@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.name)
+def test_imagenet_config_argument_errors():
+  with pytest.raises(ValueError, match='expected <size>,<resolution>,<positions>'):
+    config_lib.load(str(CONFIGS[0].parent / 'imagenet.py:B,384,rpe2d'))
+
+
+IMAGENET_ARGS = [f'{s},{r},{p}' for s in ('B', 'XL') for r in (256, 512) for p in ('rpe2d', 'grid')]
+CONFIG_SPECS = [str(p) for p in CONFIGS] + [
+    str(CONFIGS[0].parent / f'imagenet.py:{arg}') for arg in IMAGENET_ARGS]
+
+
+@pytest.mark.parametrize('path', CONFIG_SPECS, ids=lambda p: p.rsplit('/', 1)[-1])
 def test_every_config_validates_and_builds(path):
-  config = config_lib.load(str(path))
+  config = config_lib.load(path)
   config_lib.validate(config)
   model = config_lib.build_model(config)
   assert model.train_grid == config_lib.train_grid(config)

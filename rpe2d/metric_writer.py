@@ -1,0 +1,33 @@
+"""Scalars to <workdir>/metrics.jsonl and TensorBoard event files (tensorboardX, no TensorFlow)."""
+
+import json
+import pathlib
+
+import jax
+
+
+class MetricWriter:
+  """Writes on process 0 only; every other process gets a writer that does nothing."""
+
+  def __init__(self, workdir):
+    self.active = jax.process_index() == 0
+    if not self.active:
+      return
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    workdir = pathlib.Path(workdir)
+    self._jsonl = open(workdir / 'metrics.jsonl', 'a', encoding='utf-8')
+    self._tensorboard = SummaryWriter(str(workdir / 'tensorboard'))
+
+  def write(self, step: int, scalars: dict) -> None:
+    if not self.active:
+      return
+    scalars = {k: float(v) for k, v in scalars.items() if v is not None}
+    self._jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
+    self._jsonl.flush()
+    for name, value in scalars.items():
+      self._tensorboard.add_scalar(name, value, step)
+
+  def close(self) -> None:
+    if self.active:
+      self._jsonl.close()
+      self._tensorboard.close()

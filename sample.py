@@ -1,0 +1,143 @@
+"""Samples a trained run at any resolution and aspect ratio, with any position method.
+
+  python sample.py --workdir=runs/default --resolution=64x64 --output=samples.png
+  python sample.py --workdir=runs/default --resolution=32x32,64x64,64x128 --extrapolation=yarn --dype
+  python sample.py --workdir=runs/default --resolution=96x96 --num_samples=1000 --output=eval.npz
+
+Defaults (position rule, encoding, sampler, steps, CFG) come from the run's saved config; flags
+override them. With several resolutions the output name gets a _<H>x<W> suffix per resolution.
+"""
+
+import pathlib
+import sys
+
+from absl import app, flags, logging
+import numpy as np
+
+from rpe2d import config as config_lib, data, inference, rope, sampler
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A training run directory.', required=True)
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A step directory; default: the newest.')
+_NOEMA = flags.DEFINE_bool('noema', False, 'Use the raw weights instead of the EMA weights.')
+_RESOLUTION = flags.DEFINE_string('resolution', None,
+                                  'HxW, or a comma list; default: the training resolution.')
+_NUM_SAMPLES = flags.DEFINE_integer('num_samples', None,
+                                    'Images per resolution; default: 2 per label.')
+_OUTPUT = flags.DEFINE_string('output', 'samples.png', 'A .png grid or an .npz batch.')
+_LABELS = flags.DEFINE_string('labels', None,
+                              "Comma list of class ids, or 'random'; default: every class.")
+_SEED = flags.DEFINE_integer('seed', 0, 'Images depend on the seed and their index only.')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Images per device batch (all devices).')
+
+_EXTRAPOLATION = flags.DEFINE_enum('extrapolation', None, list(rope.METHODS), 'Static method.')
+_YARN_FORM = flags.DEFINE_enum('yarn_form', None, list(rope.YARN_FORMS), 'YaRN variant.')
+_TEMPERATURE = flags.DEFINE_enum('temperature', None, list(rope.TEMPERATURE_PLACES),
+                                 "Where YaRN's tau goes.")
+_DYPE = flags.DEFINE_bool('dype', None, 'Make the extrapolation follow the diffusion time.')
+_DYPE_LAMBDA_S = flags.DEFINE_float('dype_lambda_s', None, 'DyPE kappa(t) = lambda_s t^lambda_t.')
+_DYPE_LAMBDA_T = flags.DEFINE_float('dype_lambda_t', None, 'DyPE exponent lambda_t.')
+_DYPE_VARIANT = flags.DEFINE_enum('dype_variant', None, list(rope.DYPE_VARIANTS),
+                                  'DY-YaRN thresholds x kappa (scaled) or ^ kappa (power).')
+_POSITIONS = flags.DEFINE_enum('positions', None, list(sampler.POSITION_RULES[1:]),
+                               'Inference position rule, RPE-2D models only.')
+_ATTENTION_SCALE = flags.DEFINE_enum('attention_scale', None, list(rope.ATTENTION_SCALES),
+                                     'Attention logit scale for more tokens.')
+_TIME_SHIFT = flags.DEFINE_float('time_shift', None, "Fixed time shift a (1: none).")
+_TIME_SHIFT_BY_RESOLUTION = flags.DEFINE_bool('time_shift_by_resolution', None,
+                                              'Multiply the shift by sqrt(N_test / N_train).')
+_SAMPLER = flags.DEFINE_enum('sampler', None, list(sampler.SAMPLERS), 'ODE solver.')
+_STEPS = flags.DEFINE_integer('steps', None, 'Solver steps.')
+_CFG_SCALE = flags.DEFINE_float('cfg_scale', None, 'Classifier-free guidance scale (1: none).')
+_CFG_INTERVAL = flags.DEFINE_string('cfg_interval', None, 'low,high: guide only for t inside.')
+
+
+def plan_from_flags(run) -> sampler.SamplingPlan:
+  """The run's own sampling settings with the command line's changes on top."""
+  config = run.config
+  if _POSITIONS.value is not None and config.positions.train != 'rpe2d':
+    raise ValueError(f'--positions={_POSITIONS.value} needs an RPE-2D model; this run was trained '
+                     f'with positions.train={config.positions.train!r} and samples on the grid')
+  encoding = {}
+  for flag, field in ((_EXTRAPOLATION, 'method'), (_YARN_FORM, 'yarn_form'),
+                      (_TEMPERATURE, 'temperature'), (_DYPE, 'dype'),
+                      (_DYPE_LAMBDA_S, 'dype_lambda_s'), (_DYPE_LAMBDA_T, 'dype_lambda_t'),
+                      (_DYPE_VARIANT, 'dype_variant'), (_ATTENTION_SCALE, 'attention_scale')):
+    if flag.value is not None:
+      encoding[field] = flag.value
+  plan = {'encoding': config_lib.encoding(config, **encoding)}
+  for flag, field in ((_POSITIONS, 'positions'), (_TIME_SHIFT, 'time_shift'),
+                      (_TIME_SHIFT_BY_RESOLUTION, 'time_shift_by_resolution'),
+                      (_SAMPLER, 'sampler'), (_STEPS, 'steps'), (_CFG_SCALE, 'cfg_scale')):
+    if flag.value is not None:
+      plan[field] = flag.value
+  if _CFG_INTERVAL.value is not None:
+    try:
+      low, high = (float(v) for v in _CFG_INTERVAL.value.split(','))
+    except ValueError:
+      raise ValueError(f'--cfg_interval={_CFG_INTERVAL.value!r} must be low,high, e.g. 0.1,0.7') \
+          from None
+    plan['cfg_interval'] = (low, high)
+  return config_lib.sampling_plan(config, **plan)
+
+
+def labels_from_flags(num_classes: int, seed: int) -> np.ndarray:
+  text = _LABELS.value
+  count = _NUM_SAMPLES.value
+  if count is not None and count <= 0:
+    raise ValueError(f'--num_samples={count} must be positive')
+  if text == 'random':
+    return np.random.default_rng(seed).integers(0, num_classes, count or 2 * num_classes)
+  if text:
+    try:
+      chosen = [int(v) for v in text.split(',')]
+    except ValueError:
+      raise ValueError(f"--labels={text!r} must be a comma list of integers or 'random'") from None
+  else:
+    chosen = list(range(num_classes))
+  labels = inference.check_labels(chosen, num_classes)
+  count = count or 2 * len(labels)
+  return np.resize(np.sort(labels), count) if count != len(labels) else labels
+
+
+def output_paths(output: str, resolutions) -> list[pathlib.Path]:
+  path = pathlib.Path(output)
+  if path.suffix not in ('.png', '.npz'):
+    raise ValueError(f'--output={output} must end in .png (a grid) or .npz (an evaluation batch)')
+  if len(resolutions) == 1:
+    return [path]
+  return [path.with_name(f'{path.stem}_{h}x{w}{path.suffix}') for h, w in resolutions]
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)
+  try:
+    run = inference.load_run(_WORKDIR.value, _CHECKPOINT.value, use_ema=not _NOEMA.value)
+    config = run.config
+    patch = run.model.patch_size
+    text = _RESOLUTION.value or f'{config.data.image_size}x{config.data.image_size}'
+    resolutions = [inference.parse_resolution(r, patch) for r in text.split(',')]
+    plan = plan_from_flags(run)
+    labels = labels_from_flags(run.model.num_classes, _SEED.value)
+    paths = output_paths(_OUTPUT.value, resolutions)
+  except (ValueError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+  class_names = data.class_names(config.data)
+  print(f'{_WORKDIR.value}: step {run.step}, {"raw" if _NOEMA.value else "EMA"} weights; '
+        f'positions={plan.positions}, extrapolation={plan.encoding.method}, '
+        f'dype={plan.encoding.dype}, sampler={plan.sampler}x{plan.steps}', flush=True)
+  for (height, width), path in zip(resolutions, paths):
+    stats = {}
+    images = inference.generate(run, height=height, width=width, labels=labels, seed=_SEED.value,
+                                plan=plan, batch_size=_BATCH_SIZE.value, progress=True,
+                                stats=stats)
+    inference.save(path, images, labels, class_names)
+    print(f'{height}x{width}: {len(images)} images -> {path}  (compile {stats["compile_seconds"]:.1f}'
+          f' s, {stats["images_per_second"]:.1f} images/s)', flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

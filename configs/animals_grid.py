@@ -4,8 +4,4 @@ from rpe2d import config as config_lib
 
 
 def get_config():
-  config = config_lib.base()
-  config.data.augment = 'none'
-  config.model.micro_conditioning = False
-  config.positions.train = 'grid'
-  return config
+  return config_lib.base()  # base() is the grid-position run; default.py adds RPE-2D to it

@@ -1,7 +1,10 @@
-"""The embedded default: RPE-2D DiT on the shipped 32x32 animal silhouettes, sized for 2 CPU cores.
+"""The embedded default: an RPE-2D DiT on the shipped 32x32 animal silhouettes, sized for 2 CPU cores.
 
   python train.py                                   # same as --config=configs/default.py
-  python train.py --config=configs/default.py --config.total_steps=5000
+  python train.py --config.total_steps=5000
+
+tiny/4 (128 wide, 6 deep, 4x4 patches: an 8x8 token grid) trains at about 110 images/s on 2 cores,
+so 1,000 steps of 64 images (7 epochs) take about 11 minutes.
 """
 
 from rpe2d import config as config_lib
@@ -9,12 +12,9 @@ from rpe2d import config as config_lib
 
 def get_config():
   config = config_lib.base()
-  config.data.name = 'animal_mnist'
-  config.data.image_size = 32
-  config.data.channels = 1
-  config.data.num_classes = 10
-  config.data.augment = 'rpe2d_crop'
-  config.model.variant = 'tiny/2'
+  config.data.augment = 'rpe2d_crop'     # random resize-and-crop ...
+  config.model.micro_conditioning = True  # ... with the crop window as conditioning
   config.positions.train = 'rpe2d'
-  config.positions.max_grid = (48, 48)   # 3x the 16x16 train grid: samples up to 96x96 in range
+  config.positions.max_grid = (24, 24)   # 3x the 8x8 train grid: up to 96x96 pixels in range
+  config.positions.inference = 'uniform'
   return config

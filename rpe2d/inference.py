@@ -13,7 +13,6 @@ import pathlib
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -104,7 +103,7 @@ def generate(run: Run, *, height: int, width: int, labels, seed: int = 0,
   stats, if given, receives compile_seconds (0 when already compiled) and images_per_second.
   """
   plan = plan or config_lib.sampling_plan(run.config)
-  config_lib.check_resolution(height, width, run.model.patch_size)
+  sampler.check_resolution(run.model, plan, height, width)
   labels = check_labels(labels, run.model.num_classes)
   devices = jax.local_devices()
   data = NamedSharding(training.make_mesh(1, devices=devices), P('data'))

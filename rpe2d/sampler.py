@@ -46,6 +46,19 @@ class SamplingPlan:
       raise ValueError(f'time_shift must be a positive number, got {self.time_shift!r}')
 
 
+def check_resolution(model, plan: SamplingPlan, height: int, width: int) -> None:
+  """Errors for a (plan, resolution) pair that cannot be sampled, before anything compiles."""
+  patch = model.patch_size
+  if height <= 0 or width <= 0 or height % patch or width % patch:
+    raise ValueError(f'resolution {height}x{width} must be positive multiples of the patch size '
+                     f'{patch}')
+  grid = (height // patch, width // patch)
+  if plan.positions == 'random' and any(n > L for n, L in zip(grid, model.position_range)):
+    raise ValueError(f"positions='random' draws distinct positions: {grid[0]}x{grid[1]} tokens "
+                     f"do not fit the trained range {model.position_range[0]}x"
+                     f"{model.position_range[1]}; use 'uniform' or 'contiguous' beyond it")
+
+
 def time_grid(steps: int, shift: float) -> jax.Array:
   return flow.shift_time(jnp.linspace(1.0, 0.0, steps + 1), shift)
 

@@ -56,12 +56,12 @@ def _base(**changes):
     (dict(encoding__dype=True, encoding__extrapolation='ntk', encoding__dype_lambda_s=-2.0),
      'lambda_s=-2.0'),
     (dict(encoding__dype=True), "dype needs an extrapolation method"),
-    (dict(data__image_size=33), 'data.image_size 33x33 is not divisible by the patch size 2'),
-    (dict(sampling__resolutions=((32, 32), (30, 31))),
-     r'sampling.resolutions\[1\] 30x31 is not divisible by the patch size 2'),
+    (dict(data__image_size=34), 'data.image_size 34x34 is not divisible by the patch size 4'),
+    (dict(sampling__resolutions=((32, 32), (30, 32))),
+     r'sampling.resolutions\[1\] 30x32 is not divisible by the patch size 4'),
     (dict(sampling__resolutions=((0, 32),)), r'sampling.resolutions\[0\]=\(0, 32\) must be positive'),
-    (dict(positions__max_grid=(8, 48)),
-     r'positions.max_grid=\(8, 48\) is smaller than the train grid \(16, 16\)'),
+    (dict(positions__train='rpe2d', positions__max_grid=(4, 48)),
+     r'positions.max_grid=\(4, 48\) is smaller than the train grid \(8, 8\)'),
     (dict(positions__train='random'), "positions.train='random' is not allowed; choose one of: grid, rpe2d"),
     (dict(positions__mode='per_token'), "positions.mode='per_token'"),
     (dict(positions__inference='spiral'), "positions.inference='spiral'"),
@@ -84,10 +84,11 @@ def test_bad_configs_name_the_value_and_what_is_allowed(changes, match):
 
 def test_position_range_and_sampling_plan():
   config = config_lib.base()
-  assert config_lib.position_range(config) == (48, 48)
+  config.positions.train = 'rpe2d'
+  assert config_lib.position_range(config) == (24, 24)
   assert config_lib.sampling_plan(config).positions == 'uniform'
   config.positions.train = 'grid'
-  assert config_lib.position_range(config) == (16, 16)
+  assert config_lib.position_range(config) == (8, 8)
   assert config_lib.sampling_plan(config).positions == 'grid'
   config.encoding.extrapolation = 'ntk'
   config.encoding.dype = True

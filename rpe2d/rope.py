@@ -231,18 +231,25 @@ def logit_multiplier(geometry: Geometry, encoding: Encoding) -> float:
   return multiplier
 
 
-def apply_rope(x, angles, temperatures=(1.0, 1.0)):
-  """Rotates queries or keys x (batch, N, heads, head_dim) by angles (batch, N, 2, head_dim/4).
+def rotation(angles, temperatures=(1.0, 1.0)):
+  """(cos, sin) of angles (batch, N, 2, head_dim/4), times each axis's temperature.
+
+  Computed once per forward pass and shared by every layer: with DyPE the angles change with t at
+  every sampling step, and the transcendental functions must not be repeated per layer.
+  """
+  temps = jnp.asarray(temperatures, jnp.float32)[:, None]
+  return jnp.cos(angles) * temps, jnp.sin(angles) * temps
+
+
+def apply_rope(x, rotation_table):
+  """Rotates queries or keys x (batch, N, heads, head_dim) by a `rotation(...)` table.
 
   The first half of each head rotates with y, the second with x; inside a half, channel j pairs with
   j + head_dim/4. Computed in float32 and cast back.
   """
   batch, tokens, heads, head_dim = x.shape
-  quarter = head_dim // 4
-  parts = x.astype(jnp.float32).reshape(batch, tokens, heads, 2, 2, quarter)
-  temps = jnp.asarray(temperatures, jnp.float32)[:, None]
-  cos = (jnp.cos(angles) * temps)[:, :, None]
-  sin = (jnp.sin(angles) * temps)[:, :, None]
+  parts = x.astype(jnp.float32).reshape(batch, tokens, heads, 2, 2, head_dim // 4)
+  cos, sin = (r[:, :, None] for r in rotation_table)
   first, second = parts[..., 0, :], parts[..., 1, :]
   rotated = jnp.stack([first * cos - second * sin, first * sin + second * cos], axis=-2)
   return rotated.reshape(x.shape).astype(x.dtype)

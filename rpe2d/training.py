@@ -7,6 +7,7 @@ GPU or a TPU slice.
 """
 
 import functools
+import math
 
 import flax
 import jax
@@ -48,7 +49,7 @@ def batch_sharding(mesh) -> NamedSharding:
 
 def fsdp_spec(shape, fsdp_size: int) -> P:
   """Shards the largest dimension that fsdp divides, for arrays worth sharding."""
-  if fsdp_size == 1 or not shape or _size(shape) < MIN_SHARDED_SIZE:
+  if fsdp_size == 1 or not shape or math.prod(shape) < MIN_SHARDED_SIZE:
     return P()
   for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
     if shape[axis] % fsdp_size == 0:
@@ -56,13 +57,6 @@ def fsdp_spec(shape, fsdp_size: int) -> P:
       spec[axis] = 'fsdp'
       return P(*spec)
   return P()
-
-
-def _size(shape):
-  size = 1
-  for dim in shape:
-    size *= dim
-  return size
 
 
 def state_sharding(abstract_state, mesh):

@@ -31,7 +31,7 @@ def _rotate(vec, y, x, head_dim=16):
   geometry = rope.Geometry(grid=(8, 8), reference=(8, 8), train_tokens=64)
   ang = rope.angles_2d(pos, jnp.ones(1), dim=head_dim // 2, geometry=geometry,
                        encoding=rope.Encoding())
-  return rope.apply_rope(vec.reshape(1, 1, 1, head_dim), ang).reshape(head_dim)
+  return rope.apply_rope(vec.reshape(1, 1, 1, head_dim), rope.rotation(ang)).reshape(head_dim)
 
 
 def test_rope_dot_product_depends_only_on_offset():

@@ -1,4 +1,4 @@
-"""FID Inception: JAX compile time and throughput, and parity / speed against the TorchScript original.
+"""FID Inception: JAX compile time and throughput; parity and speed against the TorchScript net.
 
   python benchmarks/inception_vs_torch.py                         # batch 64, 64x64 inputs, CPU
   python benchmarks/inception_vs_torch.py --batch=256 --size=256  # GPU

@@ -21,11 +21,14 @@ INCOMPATIBLE_KEYS = (
 )
 
 
-def manager(workdir, config) -> ocp.CheckpointManager:
+def manager(workdir, config, *, read_only: bool = False) -> ocp.CheckpointManager:
+  """read_only: for inspecting a run (it never creates, saves or deletes anything)."""
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.keep_checkpoints,
       keep_period=config.keep_every_steps or None,
       enable_async_checkpointing=True,
+      create=not read_only,
+      read_only=read_only,
   )
   return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / 'checkpoints', options=options)
 

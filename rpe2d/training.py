@@ -124,7 +124,7 @@ def train_step(state: TrainState, batch, *, model, optimizer, config):
   params = optax.apply_updates(state.params, updates)
   decay = config.optim.ema_decay
   ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-  metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
+  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
              'learning_rate': learning_rate_schedule(config.optim)(state.step)}
   new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                          ema_params=ema_params)

@@ -3,8 +3,8 @@
   python train.py                                   # same as --config=configs/default.py
   python train.py --config.total_steps=5000
 
-tiny/4 (128 wide, 6 deep, 4x4 patches: an 8x8 token grid) trains at about 110 images/s on 2 cores,
-so 1,000 steps of 64 images (7 epochs) take about 11 minutes.
+tiny/4 (128 wide, 6 deep, 4x4 patches: an 8x8 token grid) trains at 75-110 images/s on 2 cores,
+so 800 steps of 64 images (5.7 epochs) take 8-12 minutes.
 """
 
 from rpe2d import config as config_lib

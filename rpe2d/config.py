@@ -16,11 +16,11 @@ from rpe2d import flow, model as model_lib, positions as positions_lib, rope, sa
 def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.total_steps = 1000
+  c.total_steps = 800
   c.batch_size = 64                     # global, over all devices and hosts
   c.log_every_steps = 50
-  c.checkpoint_every_steps = 250
-  c.sample_every_steps = 500
+  c.checkpoint_every_steps = 200
+  c.sample_every_steps = 400
   c.keep_checkpoints = 3                # the last N ...
   c.keep_every_steps = 0                # ... plus every K-th step (0: none)
   c.init_from = ''                      # a checkpoint dir to take weights from (fresh optimizer)

@@ -88,8 +88,8 @@ class Attention(nn.Module):
       q = nn.RMSNorm(dtype=self.dtype, name='q_norm')(q)
       k = nn.RMSNorm(dtype=self.dtype, name='k_norm')(k)
     if rotation is not None:
-      q = rope.apply_rope(q, rotation)
-      k = rope.apply_rope(k, rotation)
+      # One rotation for q and k together: XLA fuses the table's cos/sin into each rotation.
+      q, k = jnp.split(rope.apply_rope(jnp.concatenate([q, k], axis=2), rotation), 2, axis=2)
     out = jax.nn.dot_product_attention(
         q, k, v, scale=logit_scale / math.sqrt(head_dim), implementation=self.implementation)
     return dense(width, name='proj')(out.reshape(batch, tokens, width))

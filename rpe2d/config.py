@@ -129,14 +129,6 @@ def _resolution(value, what):
   return height, width
 
 
-def check_resolution(height: int, width: int, patch: int, what='resolution'):
-  if height <= 0 or width <= 0:
-    raise ValueError(f'{what} {height}x{width} must be positive')
-  if height % patch or width % patch:
-    raise ValueError(f'{what} {height}x{width} is not divisible by the patch size {patch}; '
-                     f'use multiples of {patch}')
-
-
 def train_grid(config) -> tuple[int, int]:
   patch = model_lib.parse_variant(config.model.variant)[3]
   return config.data.image_size // patch, config.data.image_size // patch
@@ -159,7 +151,7 @@ def validate(config) -> None:
   if config.model.rope_base <= 1:
     raise ValueError(f'model.rope_base={config.model.rope_base} must be > 1')
   size = config.data.image_size
-  check_resolution(size, size, patch, 'data.image_size')
+  model_lib.check_resolution(size, size, patch, 'data.image_size')
   for name in ('total_steps', 'batch_size', 'log_every_steps', 'checkpoint_every_steps',
                'sample_every_steps'):
     if not isinstance(config[name], int) or config[name] <= 0:
@@ -188,7 +180,7 @@ def validate(config) -> None:
   encoding(config)  # validates the method names and DyPE lambdas
   sampling_plan(config)
   for i, resolution in enumerate(config.sampling.resolutions):
-    check_resolution(*_resolution(resolution, f'sampling.resolutions[{i}]'), patch,
+    model_lib.check_resolution(*_resolution(resolution, f'sampling.resolutions[{i}]'), patch,
                      f'sampling.resolutions[{i}]')
   if not isinstance(config.mesh.fsdp, int) or config.mesh.fsdp < 1:
     raise ValueError(f'mesh.fsdp={config.mesh.fsdp!r} must be a positive integer')

@@ -17,7 +17,8 @@ import numpy as np
 import tqdm
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rpe2d import checkpoints, config as config_lib, images as images_lib, sampler, training
+from rpe2d import checkpoints, config as config_lib, images as images_lib, model as model_lib
+from rpe2d import sampler, training
 
 
 @dataclasses.dataclass
@@ -66,7 +67,7 @@ def parse_resolution(text: str, patch: int) -> tuple[int, int]:
     height, width = (int(v) for v in text.lower().split('x'))
   except ValueError:
     raise ValueError(f'resolution {text!r} must look like <height>x<width>, e.g. 64x96') from None
-  config_lib.check_resolution(height, width, patch, what=f'resolution {text!r}:')
+  model_lib.check_resolution(height, width, patch, what=f'resolution {text!r}:')
   return height, width
 
 

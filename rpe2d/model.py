@@ -210,6 +210,15 @@ class DiT(nn.Module):
     return out.reshape(batch, height, img_width, channels).astype(jnp.float32)
 
 
+def check_resolution(height: int, width: int, patch: int, what='resolution'):
+  """Errors for an image size the model cannot take, naming it and what is allowed."""
+  if height <= 0 or width <= 0:
+    raise ValueError(f'{what} {height}x{width} must be positive')
+  if height % patch or width % patch:
+    raise ValueError(f'{what} {height}x{width} is not divisible by the patch size {patch}; '
+                     f'use multiples of {patch}')
+
+
 def validate_shape(variant: str, position_embedding: str):
   """Errors for a model that cannot be built, before anything is compiled."""
   width, _, heads, _ = parse_variant(variant)

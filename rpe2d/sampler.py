@@ -12,7 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from rpe2d import flow, positions as positions_lib, rope
+from rpe2d import flow, model as model_lib, positions as positions_lib, rope
 
 SAMPLERS = ('euler', 'heun')
 POSITION_RULES = ('grid',) + positions_lib.INFERENCE_RULES
@@ -49,9 +49,7 @@ class SamplingPlan:
 def check_resolution(model, plan: SamplingPlan, height: int, width: int) -> None:
   """Errors for a (plan, resolution) pair that cannot be sampled, before anything compiles."""
   patch = model.patch_size
-  if height <= 0 or width <= 0 or height % patch or width % patch:
-    raise ValueError(f'resolution {height}x{width} must be positive multiples of the patch size '
-                     f'{patch}')
+  model_lib.check_resolution(height, width, patch)
   grid = (height // patch, width // patch)
   if plan.positions == 'random' and any(n > L for n, L in zip(grid, model.position_range)):
     raise ValueError(f"positions='random' draws distinct positions: {grid[0]}x{grid[1]} tokens "

@@ -139,19 +139,16 @@ class Trainer:
     self.mesh = mesh
     self.model = config_lib.build_model(config)
     self.optimizer = make_optimizer(config.optim)
-    abstract = jax.eval_shape(
-        functools.partial(create_state, self.model, self.optimizer, config), jax.random.key(0))
-    self.abstract_state = abstract
-    self.state_sharding = state_sharding(abstract, mesh)
+    new_state = functools.partial(create_state, self.model, self.optimizer, config)
+    self.abstract_state = jax.eval_shape(new_state, jax.random.key(0))
+    self.state_sharding = state_sharding(self.abstract_state, mesh)
     self.batch_sharding = batch_sharding(mesh)
     replicated = NamedSharding(mesh, P())
     step = functools.partial(train_step, model=self.model, optimizer=self.optimizer,
                              config=config)
     self.step = jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding),
                         out_shardings=(self.state_sharding, replicated), donate_argnums=0)
-    self._init = jax.jit(
-        functools.partial(create_state, self.model, self.optimizer, config),
-        out_shardings=self.state_sharding)
+    self._init = jax.jit(new_state, out_shardings=self.state_sharding)
 
   def init_state(self) -> TrainState:
     return self._init(jax.random.key(self.config.seed))

@@ -1,0 +1,335 @@
+"""Resolution sweeps: runs x resolutions x methods -> FID, KID, precision and recall.
+
+A method says how a run samples off its training grid:
+
+  none | pi | ntk | yarn | tasr      static extrapolation (SPEC §2)
+  dy-pi | dy-ntk | dy-yarn           DyPE (SPEC §3)
+  uniform | contiguous | random      an RPE-2D inference position rule, no extrapolation
+  <method>@<rule>                    both, e.g. dy-yarn@contiguous
+
+Extrapolation methods keep the run's own position rule ('grid' for grid runs, the config's rule for
+RPE-2D runs). Position rules need an RPE-2D run; for a grid run those cells are skipped. The
+sampler, steps and CFG come from the run's config, with the same overrides for every cell.
+
+A cell (run, method, resolution) is generated from a sampling plan. Methods are exact no-ops where
+the extrapolation scale is 1 on both axes (rope.axis_positions_and_frequencies returns its inputs),
+and the RPE-2D rules coincide where the tokens fill the trained range, so the plan is canonicalised
+first and cells with the same canonical plan share one set of samples and numbers; the table marks
+them. Each computed cell is stored as <outdir>/cells/<key>.json under a
+key of everything that determines it (checkpoint, plan, resolution, N, seed, reference), so a rerun
+computes only what is new.
+"""
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+import time
+
+import numpy as np
+from PIL import Image
+
+from rpe2d import config as config_lib, data, images as images_lib, inference, metrics, rope
+from rpe2d import sampler
+
+EXTRAPOLATIONS = {
+    'none': dict(method='none'), 'pi': dict(method='pi'), 'ntk': dict(method='ntk'),
+    'yarn': dict(method='yarn'), 'tasr': dict(method='tasr'),
+    'dy-pi': dict(method='pi', dype=True), 'dy-ntk': dict(method='ntk', dype=True),
+    'dy-yarn': dict(method='yarn', dype=True),
+}
+POSITION_RULES = sampler.POSITION_RULES[1:]  # the RPE-2D inference rules
+METHODS = tuple(EXTRAPOLATIONS) + POSITION_RULES
+RESIZE_FILTERS = {'nearest': Image.Resampling.NEAREST, 'box': Image.Resampling.BOX,
+                  'bilinear': Image.Resampling.BILINEAR, 'bicubic': Image.Resampling.BICUBIC,
+                  'lanczos': Image.Resampling.LANCZOS}
+# Below this many images the 2048-d covariance is rank deficient and FID is biased upward.
+STABLE_FID_IMAGES = 2048
+GRID_IMAGES_PER_CLASS = 4
+
+
+def parse_method(text: str) -> tuple[str, str | None]:
+  """'dy-yarn@contiguous' -> ('dy-yarn', 'contiguous'); 'uniform' -> ('none', 'uniform')."""
+  name, _, rule = text.strip().lower().partition('@')
+  if name in POSITION_RULES and not rule:
+    name, rule = 'none', name
+  if name not in EXTRAPOLATIONS:
+    raise ValueError(f'unknown method {text!r}; allowed: {", ".join(METHODS)}, or '
+                     f'<extrapolation>@<{"|".join(POSITION_RULES)}>')
+  if rule and rule not in POSITION_RULES:
+    raise ValueError(f'unknown position rule {rule!r} in method {text!r}; allowed: '
+                     f'{", ".join(POSITION_RULES)}')
+  return name, rule or None
+
+
+def method_plan(config, method: str, **overrides) -> sampler.SamplingPlan:
+  """The run's sampling plan with the method's encoding and position rule.
+
+  Raises ValueError when the method needs an RPE-2D run and this one is not.
+  """
+  name, rule = parse_method(method)
+  if rule and config.positions.train != 'rpe2d':
+    raise ValueError(f'method {method!r} uses the RPE-2D position rule {rule!r}; this run was '
+                     f'trained with positions.train={config.positions.train!r}')
+  plan = dict(overrides, encoding=config_lib.encoding(config, **EXTRAPOLATIONS[name]))
+  if rule:
+    plan['positions'] = rule
+  return config_lib.sampling_plan(config, **plan)
+
+
+def canonical_plan(model, plan: sampler.SamplingPlan, height: int,
+                   width: int) -> sampler.SamplingPlan:
+  """The plan with what changes nothing at this size taken out: an encoding at scale 1, and the
+  choice of RPE-2D rule when the tokens fill the trained range (every rule gives 0..L-1 then)."""
+  geometry = model.geometry(height, width)
+  if max(geometry.scales) == 1.0 and plan.encoding.attention_scale == 'none':
+    plan = dataclasses.replace(plan, encoding=rope.Encoding())
+  if plan.positions in POSITION_RULES and geometry.grid == tuple(model.position_range):
+    plan = dataclasses.replace(plan, positions='contiguous')
+  return plan
+
+
+def _key(description: dict) -> str:
+  return hashlib.sha1(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------
+# References.
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+  """Statistics of the real images at one resolution; features when made from images."""
+  description: dict
+  mu: np.ndarray
+  sigma: np.ndarray
+  features: np.ndarray | None = None
+
+  @property
+  def size(self) -> int | None:
+    return None if self.features is None else len(self.features)
+
+
+def resize(images: np.ndarray, height: int, width: int, resize_filter: str) -> np.ndarray:
+  """uint8 (N, h, w, C) -> (N, height, width, C) with a PIL filter (antialiased when shrinking)."""
+  if resize_filter not in RESIZE_FILTERS:
+    raise ValueError(f'resize_filter={resize_filter!r} is not known; allowed: '
+                     f'{", ".join(RESIZE_FILTERS)}')
+  if images.shape[1:3] == (height, width):
+    return images
+  out = [np.asarray(Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image)
+                    .resize((width, height), RESIZE_FILTERS[resize_filter]))
+         for image in images]
+  return np.stack(out).reshape(len(images), height, width, images.shape[-1])
+
+
+def split_images(data_config, split: str, limit: int | None = None):
+  """The first `limit` images (uint8, at data.image_size) and labels of a split, in record order."""
+  dataset = data.make_dataset(data_config, split=split, seed=0, global_batch_size=256,
+                              process_index=0, process_count=1, train=False, num_epochs=1)
+  pixels, labels, count = [], [], 0
+  for batch in dataset:
+    pixels.append(images_lib.to_uint8(batch['image']))
+    labels.append(batch['label'])
+    count += len(batch['label'])
+    if limit and count >= limit:
+      break
+  return np.concatenate(pixels)[:limit], np.concatenate(labels)[:limit]
+
+
+def split_reference(data_config, split: str, height: int, width: int, *, resize_filter: str,
+                    limit: int | None, cache_dir, feature_fn) -> Reference:
+  """Inception features of a data set split resized to (height, width), cached as .npz."""
+  description = dict(kind='split', data=data_config.name, image_size=data_config.image_size,
+                     channels=data_config.channels, split=split, height=height, width=width,
+                     resize_filter=resize_filter, limit=limit)
+  path = pathlib.Path(cache_dir) / f'{data_config.name}_{split}_{height}x{width}_' \
+                                   f'{resize_filter}_{limit or "all"}_{_key(description)}.npz'
+  if path.exists():
+    with np.load(path, allow_pickle=False) as cached:
+      features = cached['features']
+  else:
+    pixels, _ = split_images(data_config, split, limit)
+    features = feature_fn(resize(pixels, height, width, resize_filter))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + '.tmp.npz')
+    np.savez(tmp, features=features)
+    tmp.replace(path)
+  description['size'] = len(features)
+  mu, sigma = metrics.feature_statistics(features)
+  return Reference(description, mu, sigma, features)
+
+
+def npz_reference(path) -> Reference:
+  """ADM-style statistics (mu, sigma); FID only, since there are no features for KID or P/R."""
+  mu, sigma = metrics.load_reference_npz(path)
+  return Reference(dict(kind='npz', path=str(pathlib.Path(path).absolute())), mu, sigma)
+
+
+def sample_size_warnings(num_samples: int, reference: Reference) -> list[str]:
+  notes = []
+  if reference.size is not None and num_samples > reference.size:
+    notes.append(f'num_samples={num_samples} is larger than the reference ({reference.size} '
+                 f'images at {reference.description["height"]}x{reference.description["width"]}): '
+                 f'FID is then limited by the reference; use at most {reference.size}')
+  smallest = min(num_samples, reference.size or num_samples)
+  if smallest < STABLE_FID_IMAGES:
+    notes.append(f'FID on {smallest} < {STABLE_FID_IMAGES} images is biased upward: compare only '
+                 f'cells with the same N, and prefer KID, which is unbiased')
+  return notes
+
+
+# ------------------------------------------------------------------------------------------------
+# Cells.
+
+
+def image_metrics(features: np.ndarray, reference: Reference) -> dict:
+  result = dict(fid=metrics.fid(features, (reference.mu, reference.sigma)))
+  if reference.features is not None:
+    result['kid'] = metrics.kid(features, reference.features)
+    result['precision'], result['recall'] = metrics.precision_recall(reference.features, features)
+  return result
+
+
+def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
+  return (np.arange(num_samples) % num_classes).astype(np.int32)
+
+
+def cell_description(run, plan, height, width, num_samples, seed, reference) -> dict:
+  return dict(checkpoint=str(run.checkpoint.absolute()), step=run.step, plan=repr(plan),
+              height=height, width=width, num_samples=num_samples, seed=seed,
+              reference=reference.description)
+
+
+def evaluate_cell(run, plan, height, width, *, num_samples, seed, reference, cell_dir,
+                  feature_fn, batch_size=64, class_names=None) -> dict:
+  """Generates, measures and stores one cell (or reads it back); returns its record."""
+  description = cell_description(run, plan, height, width, num_samples, seed, reference)
+  key = _key(description)
+  path = pathlib.Path(cell_dir) / f'{key}.json'
+  if path.exists():
+    record = json.loads(path.read_text())
+    if record['description'] == description:
+      record['reused'] = True
+      return record
+  labels = balanced_labels(num_samples, run.model.num_classes)
+  stats = {}
+  began = time.perf_counter()
+  generated = inference.generate(run, height=height, width=width, labels=labels, seed=seed,
+                                 plan=plan, batch_size=batch_size, stats=stats)
+  generate_seconds = time.perf_counter() - began
+  began = time.perf_counter()
+  features = feature_fn(generated)
+  record = dict(key=key, description=description, **image_metrics(features, reference),
+                images_per_second=stats['images_per_second'],
+                compile_seconds=stats['compile_seconds'], generate_seconds=generate_seconds,
+                feature_seconds=time.perf_counter() - began)
+  shown = labels < run.model.num_classes
+  shown &= np.arange(num_samples) < GRID_IMAGES_PER_CLASS * run.model.num_classes
+  inference.save(path.with_suffix('.png'), generated[shown], labels[shown], class_names)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(json.dumps(record, indent=1))
+  tmp.replace(path)
+  record['reused'] = False
+  return record
+
+
+# ------------------------------------------------------------------------------------------------
+# Reports.
+
+COLUMNS = ('run', 'method', 'height', 'width', 'num_samples', 'fid', 'kid', 'precision', 'recall',
+           'same_as', 'key', 'grid')
+
+
+def format_number(value, scale=1.0, digits=1) -> str:
+  if value is None or (isinstance(value, float) and np.isnan(value)):
+    return '—'
+  return f'{value * scale:.{digits}f}'
+
+
+def markdown_table(rows: list[dict], resolutions, metric: str, scale=1.0, digits=1) -> str:
+  """One row per (run, method), one column per resolution; † marks cells sharing samples."""
+  head = '| run | method | ' + ' | '.join(f'{h}×{w}' for h, w in resolutions) + ' |'
+  lines = [head, '|' + ' --- |' * (2 + len(resolutions))]
+  by_cell = {(r['run'], r['method'], r['height'], r['width']): r for r in rows}
+  seen = []
+  for r in rows:
+    if (r['run'], r['method']) not in seen:
+      seen.append((r['run'], r['method']))
+  for run, method in seen:
+    cells = []
+    for h, w in resolutions:
+      row = by_cell.get((run, method, h, w))
+      if row is None or row.get('note'):  # not requested, or cannot be sampled (the note says why)
+        cells.append('n/a')
+      else:
+        shared = ' †' if row['same_as'] else ''
+        cells.append(format_number(row.get(metric), scale, digits) + shared)
+    lines.append(f'| {run} | {method} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def write_reports(outdir, rows: list[dict], resolutions, notes: list[str]) -> None:
+  outdir = pathlib.Path(outdir)
+  (outdir / 'results.json').write_text(json.dumps(dict(rows=rows, notes=notes), indent=1))
+  with open(outdir / 'results.csv', 'w', encoding='utf-8') as f:
+    f.write(','.join(COLUMNS) + '\n')
+    for row in rows:
+      f.write(','.join('' if row.get(c) is None else str(row[c]) for c in COLUMNS) + '\n')
+  sections = [
+      '# Resolution sweep', '',
+      '† the same sampling as an earlier row of the run (results.csv names it in `same_as`): the '
+      "method changes nothing at this size (scale 1 on both axes), or it is the run's own "
+      'position rule.', '',
+      '## FID (lower is better)', '', markdown_table(rows, resolutions, 'fid'), '',
+      '## KID ×10³ (unbiased; lower is better)', '',
+      markdown_table(rows, resolutions, 'kid', 1e3, 2), '',
+      '## Precision (k = 3)', '', markdown_table(rows, resolutions, 'precision', 1.0, 2), '',
+      '## Recall (k = 3)', '', markdown_table(rows, resolutions, 'recall', 1.0, 2), '']
+  notes = notes + [f'{r["run"]} {r["method"]} at {r["height"]}x{r["width"]} is n/a: {r["note"]}'
+                   for r in rows if r.get('note')]
+  if notes:
+    sections += ['## Notes', ''] + [f'- {n}' for n in notes] + ['']
+  (outdir / 'results.md').write_text('\n'.join(sections))
+  plot(outdir / 'fid_vs_resolution.png', rows, resolutions)
+
+
+def plot(path, rows: list[dict], resolutions) -> None:
+  """FID against resolution: one panel per run, one line per method, real images dashed.
+
+  Methods whose every cell shares another's sampling (†) would only redraw that line: left out.
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  runs = [r for r in dict.fromkeys(row['run'] for row in rows) if r != 'real']
+  figure, axes = plt.subplots(1, max(1, len(runs)), figsize=(5.5 * max(1, len(runs)), 4.2),
+                              sharey=True, squeeze=False)
+  labels = [f'{h}×{w}' for h, w in resolutions]
+  measured = [r for r in rows if r.get('fid') is not None]
+  real = {(r['height'], r['width']): r['fid'] for r in measured if r['run'] == 'real'}
+  for axis, run in zip(axes[0], runs):
+    methods = list(dict.fromkeys(r['method'] for r in measured if r['run'] == run
+                                 and not r['same_as']))
+    axis.set_prop_cycle(color=plt.get_cmap('tab10').colors[:len(methods)] if len(methods) <= 10
+                        else plt.get_cmap('tab20').colors)
+    for method in methods:
+      points = {(r['height'], r['width']): r['fid'] for r in measured
+                if r['run'] == run and r['method'] == method}
+      xs = [i for i, res in enumerate(resolutions) if res in points]
+      axis.plot(xs, [points[resolutions[i]] for i in xs], marker='o', label=method,
+                linestyle=':' if method.startswith('dy-') else '-')
+    if real:
+      xs = [i for i, res in enumerate(resolutions) if res in real]
+      axis.plot(xs, [real[resolutions[i]] for i in xs], 'k--', label='real images')
+    axis.set_title(run)
+    axis.set_xticks(range(len(resolutions)), labels)
+    axis.set_xlabel('resolution')
+    axis.set_yscale('log')
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+  axes[0][0].set_ylabel('FID')
+  figure.tight_layout()
+  figure.savefig(path, dpi=110)
+  plt.close(figure)

@@ -14,7 +14,7 @@ import sys
 from absl import app, flags, logging
 import numpy as np
 
-from rpe2d import config as config_lib, data, inference, rope, sampler
+from rpe2d import checkpoints, config as config_lib, data, inference, rope, sampler
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training run directory.', required=True)
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A step directory; default: the newest.')
@@ -123,7 +123,7 @@ def main(argv):
     paths = output_paths(_OUTPUT.value, resolutions)
     for height, width in resolutions:
       sampler.check_resolution(run.model, plan, height, width)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, checkpoints.CheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
 

@@ -1,17 +1,36 @@
-"""Orbax checkpoints of a run: <workdir>/checkpoints/<step>/{state, data, config}.
+"""Orbax checkpoints of a run: <workdir>/checkpoints/<step>/{state, data, config, manifest}.
 
 `state` is the TrainState (params, optimizer state, EMA params, step), `data` the grain iterator
 state of this process, `config` the run's config as JSON. The config also sits in
 <workdir>/config.json so tools can read a run without orbax.
+
+`rpe2d_manifest.json` holds the checkpoint format version and the size and sha256 of every file.
+Orbax writes a checkpoint into <step>.orbax-checkpoint-tmp and renames it when complete; the
+manifest is written just before that rename, so it is part of the atomic commit. Resuming checks
+it first: tensorstore restores a flipped byte in an array file without complaint. Checkpoints
+without a manifest (written before it existed) get the structural checks only.
 """
 
+import functools
+import hashlib
 import json
 import pathlib
+import shutil
 
+from absl import logging
 import grain
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
+
+# Raise when the layout of a checkpoint changes; a checkpoint in a newer format is refused.
+FORMAT_VERSION = 1
+MANIFEST = 'rpe2d_manifest.json'
+DAMAGED_DIR = 'damaged_checkpoints'  # <workdir>/damaged_checkpoints/<step>: put aside, kept
+_TMP_SUFFIX = '.orbax-checkpoint-tmp'  # orbax's unfinished saves: <step>.orbax-checkpoint-tmp
+# Written by orbax after the manifest, so outside it (their presence is checked instead).
+_COMMIT_FILES = ('commit_success.txt', '_CHECKPOINT_METADATA')
 
 # Config keys that change the shapes of the saved arrays or what they mean. A run may not resume,
 # or sample, with different values.
@@ -19,27 +38,71 @@ INCOMPATIBLE_KEYS = (
     'model.variant', 'model.position_embedding', 'model.qk_norm', 'model.micro_conditioning',
     'model.mlp_ratio', 'data.name', 'data.image_size', 'data.channels', 'data.num_classes',
 )
+# Keys the saved data iterator position depends on: a resumed run with other values would skip or
+# repeat examples without noticing. Sampling from a run does not care.
+DATA_ORDER_KEYS = ('seed', 'batch_size')
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be saved or restored; the message names it and what to do."""
+
+
+class NewerFormatError(ValueError):
+  """A checkpoint written by a newer rpe2d, in a format this version cannot read."""
 
 
 def manager(workdir, config, *, read_only: bool = False) -> ocp.CheckpointManager:
   """read_only: for inspecting a run (it never creates, saves or deletes anything)."""
+  directory = pathlib.Path(workdir).absolute() / 'checkpoints'
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.keep_checkpoints,
       keep_period=config.keep_every_steps or None,
       enable_async_checkpointing=True,
       create=not read_only,
       read_only=read_only,
+      async_options=None if read_only else ocp.AsyncOptions(
+          post_finalization_callback=functools.partial(_write_manifests, directory)),
   )
-  return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / 'checkpoints', options=options)
+  return ocp.CheckpointManager(directory, options=options)
 
 
 def save(mngr, step: int, state, data_iterator, config, *, force: bool = False) -> bool:
+  """Starts an async save; a failure raises CheckpointError naming the step."""
   args = ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       data=grain.checkpoint.CheckpointSave(data_iterator),
       config=ocp.args.JsonSave(config.to_dict()),
   )
-  return mngr.save(step, args=args, force=force)
+  try:
+    return mngr.save(step, args=args, force=force)
+  except Exception as e:  # orbax and tensorstore raise many types for one disk-full
+    raise _save_error(mngr, step, e) from e
+
+
+def wait(mngr, step: int | None) -> None:
+  """Waits for the save of `step` in flight; if it failed, raises CheckpointError naming it."""
+  try:
+    mngr.wait_until_finished()
+  except Exception as e:
+    raise _save_error(mngr, step, e) from e
+
+
+def close(mngr, step: int | None) -> None:
+  """Waits for the save of `step` and closes the manager; raises like wait()."""
+  try:
+    mngr.close()
+  except Exception as e:  # orbax raises a failed save again on every wait, close included
+    raise _save_error(mngr, step, e) from e
+
+
+def _save_error(mngr, step, error) -> CheckpointError:
+  directory = pathlib.Path(mngr.directory)
+  intact = [s for s in steps(directory) if s != step]
+  kept = f'the newest is step {max(intact)}' if intact else 'there are none yet'
+  return CheckpointError(
+      f'could not save the checkpoint at step {step} in {directory}: {error}\n'
+      f'Checkpoints saved before it are untouched ({kept}); fix the cause (disk space?) and run '
+      'again to resume from the newest.')
 
 
 def restore(mngr, step: int, abstract_state, data_iterator):
@@ -48,22 +111,146 @@ def restore(mngr, step: int, abstract_state, data_iterator):
       state=ocp.args.StandardRestore(abstract_state),
       data=grain.checkpoint.CheckpointRestore(data_iterator),
   )
-  return mngr.restore(step, args=args).state
+  try:
+    return mngr.restore(step, args=args).state
+  except Exception as e:
+    step_dir = pathlib.Path(mngr.directory) / str(step)
+    raise CheckpointError(f'could not restore the checkpoint {step_dir}: {type(e).__name__}: '
+                          f'{e}') from e
+
+
+# ------------------------------------------------------------------------------------------------
+# Detecting cut-short and damaged checkpoints.
+
+
+def _sha256(path) -> str:
+  with open(path, 'rb') as f:
+    return hashlib.file_digest(f, 'sha256').hexdigest()
+
+
+def write_manifest(step_dir) -> None:
+  step_dir = pathlib.Path(step_dir)
+  files = {}
+  for path in sorted(p for p in step_dir.rglob('*') if p.is_file()):
+    name = path.relative_to(step_dir).as_posix()
+    if name not in _COMMIT_FILES and name != MANIFEST:
+      files[name] = [path.stat().st_size, _sha256(path)]
+  tmp = step_dir / (MANIFEST + '.tmp')
+  tmp.write_text(json.dumps({'format': FORMAT_VERSION, 'files': files}, indent=1))
+  tmp.replace(step_dir / MANIFEST)
+
+
+def _write_manifests(directory) -> None:
+  # Orbax's post-finalization callback (primary process, after every process has written its
+  # files): saves are serialised, so the unfinished save here is the one about to be renamed.
+  for tmp in pathlib.Path(directory).glob(f'*{_TMP_SUFFIX}*'):
+    if tmp.is_dir() and not (tmp / MANIFEST).exists():
+      write_manifest(tmp)
+
+
+def damage(step_dir) -> str | None:
+  """What makes a checkpoint directory unusable (cut short, files missing or changed), or None.
+
+  Raises NewerFormatError for a checkpoint in a format newer than FORMAT_VERSION.
+  """
+  step_dir = pathlib.Path(step_dir)
+  for name in _COMMIT_FILES:
+    if not (step_dir / name).is_file():
+      return f'{name} is missing (the save never finished)'
+  try:
+    json.loads((step_dir / '_CHECKPOINT_METADATA').read_text())
+    manifest = json.loads((step_dir / MANIFEST).read_text())
+    version = manifest['format']
+    files = {str(name): (int(size), str(digest)) for name, (size, digest) in
+             manifest['files'].items()}
+  except FileNotFoundError:  # written before manifests existed
+    missing = [item for item in ('state', 'data', 'config') if not (step_dir / item).is_dir()]
+    return f'{", ".join(missing)} missing' if missing else None
+  except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+    return f'its metadata is unreadable ({type(e).__name__}: {e})'
+  if not isinstance(version, int):
+    return f'{MANIFEST} has no format version'
+  if version > FORMAT_VERSION:
+    raise NewerFormatError(
+        f'{step_dir} is a checkpoint in format {version!r}, written by a newer rpe2d; this version '
+        f'reads formats up to {FORMAT_VERSION}. Upgrade rpe2d to use it.')
+  for name, (size, digest) in files.items():
+    path = step_dir / name
+    if not path.is_file():
+      return f'{name} is missing'
+    if path.stat().st_size != size:
+      return f'{name} has {path.stat().st_size} bytes where {size} were written'
+    if _sha256(path) != digest:
+      return f'{name} does not match its sha256'
+  return None
+
+
+def steps(directory) -> list[int]:
+  """The step numbers of the checkpoint directories in `directory`, ascending."""
+  directory = pathlib.Path(directory)
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def recover(workdir) -> int | None:
+  """Readies <workdir>/checkpoints for resuming; returns the newest intact step (None: none).
+
+  Unfinished saves (a run killed while writing) are removed, with a warning naming them. Finished
+  checkpoints that are cut short or damaged, newest first until an intact one, are moved to
+  <workdir>/damaged_checkpoints/ with a warning: never deleted, and out of reach of max_to_keep and
+  of a later save of the same step.
+  """
+  workdir = pathlib.Path(workdir).absolute()
+  directory = workdir / 'checkpoints'
+  if jax.process_index() == 0:
+    for tmp in sorted(directory.glob(f'*{_TMP_SUFFIX}*')) if directory.is_dir() else []:
+      logging.warning('Removing %s: a save that never finished (the run stopped while writing '
+                      'it); the checkpoints before it are intact', tmp)
+      shutil.rmtree(tmp)
+    for step in reversed(steps(directory)):
+      step_dir = directory / str(step)
+      problem = damage(step_dir)
+      if problem is None:
+        break
+      aside, n = workdir / DAMAGED_DIR / str(step), 1
+      while aside.exists():  # the same step damaged again: keep both
+        n += 1
+        aside = workdir / DAMAGED_DIR / f'{step}.{n}'
+      aside.parent.mkdir(exist_ok=True)
+      step_dir.rename(aside)
+      logging.warning('Skipping the checkpoint at step %d: %s. Moved it to %s (inspect or delete '
+                      'it yourself); resuming from the newest intact checkpoint.',
+                      step, problem, aside)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('rpe2d.checkpoints.recover')
+  remaining = steps(directory)
+  return remaining[-1] if remaining else None
 
 
 def find_step_dir(source) -> pathlib.Path:
-  """A run directory (its newest step) or <run>/checkpoints/<step> -> the step directory."""
+  """A run directory (its newest intact step) or <run>/checkpoints/<step> -> the step directory.
+
+  Read-only: damaged checkpoints are skipped with a warning, never moved.
+  """
   path = pathlib.Path(source).absolute()
   if (path / 'checkpoints').is_dir():
     path = path / 'checkpoints'
   if (path / 'state').is_dir():
+    problem = damage(path)
+    if problem:
+      raise ValueError(f'checkpoint {path} is damaged: {problem}')
     return path
-  steps = [int(p.name) for p in path.iterdir()
-           if p.name.isdigit() and (p / 'state').is_dir()] if path.is_dir() else []
-  if not steps:
-    raise FileNotFoundError(f'{str(source)!r} holds no checkpoint; give a run directory or '
-                            f'<run>/checkpoints/<step>')
-  return path / str(max(steps))
+  skipped = []
+  for step in reversed(steps(path)):
+    problem = damage(path / str(step))
+    if problem is None:
+      return path / str(step)
+    logging.warning('Skipping the damaged checkpoint %s: %s', path / str(step), problem)
+    skipped.append(f'{step} ({problem})')
+  raise FileNotFoundError(f'{str(source)!r} holds no {"intact " if skipped else ""}checkpoint'
+                          + (f' (damaged: {"; ".join(skipped)})' if skipped else '')
+                          + '; give a run directory or <run>/checkpoints/<step>')
 
 
 def check_init_from(source, config) -> pathlib.Path:
@@ -83,8 +270,13 @@ def check_init_from(source, config) -> pathlib.Path:
 
 
 def restore_weights(source, abstract_state):
-  """(params, ema_params) from a run directory (its newest step) or a step directory."""
-  state = ocp.StandardCheckpointer().restore(find_step_dir(source) / 'state', abstract_state)
+  """(params, ema_params) from a run directory (its newest intact step) or a step directory."""
+  step_dir = find_step_dir(source)
+  try:
+    state = ocp.StandardCheckpointer().restore(step_dir / 'state', abstract_state)
+  except Exception as e:
+    raise CheckpointError(f'could not restore the checkpoint {step_dir}: {type(e).__name__}: '
+                          f'{e}') from e
   return state.params, state.ema_params
 
 
@@ -93,7 +285,14 @@ def read_config(path) -> ml_collections.ConfigDict | None:
   path = pathlib.Path(path)
   if not path.is_file():
     return None
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  try:
+    saved = json.loads(path.read_text())
+  except (UnicodeDecodeError, ValueError) as e:
+    raise ValueError(f'{path} is not a JSON config ({type(e).__name__}: {e}); it is read as '
+                     'JSON only, never unpickled') from None
+  if not isinstance(saved, dict):
+    raise ValueError(f'{path} holds a JSON {type(saved).__name__}, not a config')
+  return ml_collections.ConfigDict(saved)
 
 
 def write_config(workdir, config) -> None:
@@ -126,14 +325,29 @@ def differing_keys(saved, config, keys=INCOMPATIBLE_KEYS) -> list[str]:
 
 
 def check_compatible(workdir, config) -> ml_collections.ConfigDict | None:
-  """Refuses a workdir whose checkpoints belong to another model, before anything is compiled."""
+  """Refuses a workdir whose checkpoints belong to another model or data order, before anything
+  is compiled."""
   saved = read_config(pathlib.Path(workdir) / 'config.json')
   if saved is None:
     return None
-  differences = differing_keys(saved, config)
+  differences = differing_keys(saved, config, INCOMPATIBLE_KEYS + DATA_ORDER_KEYS)
   if differences:
-    raise ValueError(f'workdir {workdir} holds a run of an incompatible model; differing keys:\n  '
-                     + '\n  '.join(differences)
+    raise ValueError(f'workdir {workdir} holds a run of an incompatible model or data order; '
+                     'differing keys:\n  ' + '\n  '.join(differences)
                      + '\nuse another --workdir, or start from its weights with '
                      '--config.init_from=<that run> where the shapes agree')
   return saved
+
+
+def _flatten(tree, prefix=''):
+  if isinstance(tree, dict):
+    return {k: v for key, value in tree.items()
+            for k, v in _flatten(value, f'{prefix}{key}.').items()}
+  return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
+
+
+def changed_keys(saved, config) -> list[str]:
+  """Every key whose value differs between a saved config and the current one."""
+  a, b = (_flatten(json.loads(c.to_json_best_effort())) for c in (saved, config))
+  return [f'{k}: {a.get(k)!r} -> {b.get(k)!r}' for k in sorted(a.keys() | b.keys())
+          if a.get(k) != b.get(k)]

@@ -6,6 +6,9 @@ start from it and change what differs. `validate` runs before anything is compil
 value and what is allowed.
 """
 
+import os
+import re
+
 from absl import flags
 import ml_collections
 from ml_collections import config_dict, config_flags
@@ -25,6 +28,7 @@ def base() -> ml_collections.ConfigDict:
   c.keep_every_steps = 0                # ... plus every K-th step (0: none)
   c.init_from = ''                      # a checkpoint dir to take weights from (fresh optimizer)
   c.log_example_indices = False         # append each step's example ids to examples.jsonl
+  c.nonfinite = 'error'                 # NaN/Inf loss or gradient: error (stop) | skip (the step)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'animal_mnist'
@@ -40,6 +44,7 @@ def base() -> ml_collections.ConfigDict:
   c.data.num_workers = 0                # grain worker processes (0: read in the main process)
   c.data.read_threads = 8
   c.data.prefetch_batches = 8
+  c.data.bad_records = 'error'          # unreadable records: error | skip (counted, logged)
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = 'tiny/4'            # <size>/<patch>, see rpe2d.model.VARIANTS
@@ -101,17 +106,47 @@ def base() -> ml_collections.ConfigDict:
   return c
 
 
+NONFINITE = ('error', 'skip')
+
+
 def load(path: str, overrides=()) -> ml_collections.ConfigDict:
-  """Loads a config file with `--config.key=value` overrides, exactly as train.py's flags do."""
+  """Loads a config file with `--config.key=value` overrides, exactly as train.py's flags do.
+
+  Any bad override or config file raises ValueError naming it.
+  """
+  file = str(path).split(':', 1)[0]
+  if not os.path.isfile(file):
+    raise ValueError(f'--config={path}: no such file {file!r}')
   argv = ['rpe2d', f'--config={path}', *overrides]
   flag_values = flags.FlagValues()
   config_flags.DEFINE_config_file('config', path, flag_values=flag_values, lock_config=True,
                                   sys_argv=argv)
   try:
     flag_values(argv)
+    config = flag_values.config
+    if not isinstance(config, ml_collections.ConfigDict):  # a file that failed to load
+      config.to_dict()  # raises its error
   except flags.Error as e:  # absl wraps the config file's own error; show it as what it is
     raise ValueError(str(e)) from e
-  return flag_values.config
+  except (KeyError, AttributeError) as e:  # ml_collections' words for a field that does not exist
+    hint = re.search(r'Did you mean "([^"]+)"', str(e))
+    raise ValueError(f'{_unknown_field(path, overrides)}: the config has no such field'
+                     + (f' (did you mean {hint.group(1)!r}?)' if hint else '')) from None
+  except OSError as e:
+    raise ValueError(f'--config={path}: {e}') from None
+  return config
+
+
+def _unknown_field(path, overrides) -> str:
+  """The first override whose field the config file does not define."""
+  config = load(path)
+  for override in overrides:
+    node = config
+    for part in override.lstrip('-').removeprefix('no').split('=')[0].split('.')[1:]:
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        return override.split('=')[0]
+      node = node[part]
+  return ' '.join(overrides)
 
 
 def _choice(what, value, allowed):
@@ -182,6 +217,7 @@ def validate(config) -> None:
   for i, resolution in enumerate(config.sampling.resolutions):
     model_lib.check_resolution(*_resolution(resolution, f'sampling.resolutions[{i}]'), patch,
                      f'sampling.resolutions[{i}]')
+  _choice('nonfinite', config.get('nonfinite', 'error'), NONFINITE)
   if not isinstance(config.mesh.fsdp, int) or config.mesh.fsdp < 1:
     raise ValueError(f'mesh.fsdp={config.mesh.fsdp!r} must be a positive integer')
   if not 0.0 <= config.optim.ema_decay < 1.0:

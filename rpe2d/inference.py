@@ -31,18 +31,19 @@ class Run:
 
 
 def checkpoint_dir(workdir, checkpoint=None) -> pathlib.Path:
-  """The step directory to load: `checkpoint` if given, else the newest complete one."""
+  """The step directory to load: `checkpoint` if given, else the newest intact one (damaged ones
+  are skipped with a warning)."""
   if checkpoint:
     path = pathlib.Path(checkpoint)
     if not (path / 'state').is_dir():
       raise FileNotFoundError(f'--checkpoint={checkpoint} is not a checkpoint step directory '
                               f'(<workdir>/checkpoints/<step> holding state/)')
-    return path
-  try:
-    return checkpoints.find_step_dir(pathlib.Path(workdir) / 'checkpoints')
-  except FileNotFoundError:
+    return checkpoints.find_step_dir(path)
+  directory = pathlib.Path(workdir) / 'checkpoints'
+  if not checkpoints.steps(directory):
     raise FileNotFoundError(f'workdir {workdir} holds no checkpoints; train first: '
-                            f'python train.py --workdir={workdir}') from None
+                            f'python train.py --workdir={workdir}')
+  return checkpoints.find_step_dir(directory)
 
 
 def load_run(workdir, checkpoint=None, *, use_ema: bool = True) -> Run:

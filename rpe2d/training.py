@@ -107,7 +107,11 @@ def train_positions(config, key, batch: int):
 
 
 def train_step(state: TrainState, batch, *, model, optimizer, config):
-  """One optimizer step. Randomness derives from (seed, step): a resumed run repeats it exactly."""
+  """One optimizer step. Randomness derives from (seed, step): a resumed run repeats it exactly.
+
+  metrics['finite'] says whether the loss and the gradient were finite; a step where they were
+  not changes nothing but the step counter (config.nonfinite decides whether training goes on).
+  """
   key = jax.random.fold_in(jax.random.key(config.seed), state.step)
   key_positions, key_loss = jax.random.split(key)
   images, labels = batch['image'], batch['label']
@@ -124,10 +128,14 @@ def train_step(state: TrainState, batch, *, model, optimizer, config):
   params = optax.apply_updates(state.params, updates)
   decay = config.optim.ema_decay
   ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
+  grad_norm = optax.tree.norm(grads)  # NaN or Inf if any gradient is
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  metrics = {'loss': loss, 'grad_norm': grad_norm, 'finite': finite,
              'learning_rate': learning_rate_schedule(config.optim)(state.step)}
   new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                          ema_params=ema_params)
+  unchanged = state.replace(step=new_state.step)
+  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, unchanged)
   return new_state, metrics
 
 

@@ -62,6 +62,13 @@ def synthetic_animals(tmp_path_factory):
   return str(root)
 
 
+@pytest.fixture(scope='session')
+def jax_cache_dir(tmp_path_factory):
+  """A persistent compilation cache directory for the modules that train the tiny run: they
+  compile the same programs (enabled per module by test_train.py's compilation_cache)."""
+  return str(tmp_path_factory.mktemp('jax_cache'))
+
+
 # The same tiny run as command-line overrides (subprocess tests) and as a ConfigDict.
 TINY_OVERRIDES = {
     'model.variant': 'micro/4',

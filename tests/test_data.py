@@ -290,7 +290,8 @@ def test_batches_dtypes_shapes_and_identity_without_crop(animal_dir):
     it = data.make_iterator(cfg, split='train', seed=0, global_batch_size=16, process_index=0,
                             process_count=1)
     for b in _take(it, 3):
-      assert set(b) == {'image', 'label', 'crop', 'index'}
+      assert set(b) == {'image', 'label', 'crop', 'index', 'skipped'}
+      assert not b['skipped'].any()
       assert b['image'].dtype == np.float32 and b['image'].shape == (16, S, S, 1)
       assert b['label'].dtype == np.int32 and b['label'].shape == (16,)
       assert b['crop'].dtype == np.float32 and b['crop'].shape == (16, 4)

@@ -60,15 +60,15 @@ _CACHE_OPTIONS = {
 
 
 @pytest.fixture(scope='module', autouse=True)
-def compilation_cache(tmp_path_factory):
-  """A persistent compilation cache for this module only, in a tmp dir.
+def compilation_cache(jax_cache_dir):
+  """A persistent compilation cache for this module (and test_reliability.py), in a tmp dir.
 
   Every train() call builds a new Trainer, whose new jit objects recompile the same programs
   (run A, both halves of run B, the resume after SIGTERM; ~6 s each on CPU). The cache serves the
   identical executables; the subprocesses share it through the environment (subprocess_env).
   """
   previous = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
-  path = str(tmp_path_factory.mktemp('jax_cache'))
+  path = jax_cache_dir
   for name, value in _CACHE_OPTIONS.items():
     jax.config.update(name, path if value is None else value)
   jax_compilation_cache.reset_cache()
@@ -289,8 +289,12 @@ def _assert_fails_fast(config, workdir, exception, match):
     ({'data__name': 'cifar10'}, ValueError, r"data\.name='cifar10' is not a known data set"),
     ({'mesh__fsdp': 3}, ValueError, r'mesh\.fsdp=3 must divide the 8 devices'),
     ({'mesh__fsdp': 0}, ValueError, r'mesh\.fsdp=0 must be a positive integer'),
+    ({'nonfinite': 'ignore'}, ValueError, r"nonfinite='ignore' is not allowed; choose one of: "
+                                          r"error, skip"),
+    ({'data__bad_records': 'drop'}, ValueError, r"data\.bad_records='drop' is not known; "
+                                                r"allowed: \('error', 'skip'\)"),
 ], ids=['batch_12_on_8_devices', 'image_size_18_patch_4', 'unknown_data_set', 'fsdp_3',
-        'fsdp_0'])
+        'fsdp_0', 'nonfinite', 'bad_records'])
 def test_bad_config_fails_fast(data_dir, tmp_path, overrides, exception, match):
   _assert_fails_fast(tiny_config(data_dir, **overrides), tmp_path / 'run', exception, match)
 
@@ -410,7 +414,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path, capsys
         assert time.monotonic() < deadline, 'no metrics after 120 s'
         time.sleep(0.1)
       process.send_signal(signal.SIGTERM)
+      signalled = time.monotonic()
       returncode = process.wait(timeout=60)
+      # Bounded: the step in flight, one checkpoint and the shutdown (seconds for this model).
+      exit_seconds = time.monotonic() - signalled
+      assert exit_seconds < 30, f'{exit_seconds:.1f} s from SIGTERM to exit'
     finally:
       if process.poll() is None:
         process.kill()

@@ -149,9 +149,8 @@ def main(argv):
       rows.append(row)
       continue
     run = by_name[name]
-    row['same_as'] = first_method.setdefault((name, (height, width), plan), method)
-    if row['same_as'] == method:
-      row['same_as'] = None
+    first = first_method.setdefault((name, (height, width), plan), method)
+    row['same_as'] = None if first == method else first
     record = evaluation.evaluate_cell(
         run, plan, height, width, num_samples=_NUM_SAMPLES.value, seed=_SEED.value,
         reference=reference_for(run, (height, width)), cell_dir=outdir / 'cells',

@@ -130,6 +130,7 @@ def main(argv):
     return references[key]
 
   by_name = dict(zip(names, runs))
+  class_names = {name: data.class_names(run.config.data) for name, run in by_name.items()}
   notes = sorted({note for name in names for resolution in resolutions
                   for note in evaluation.sample_size_warnings(
                       _NUM_SAMPLES.value, reference_for(by_name[name], resolution))})
@@ -154,8 +155,7 @@ def main(argv):
     record = evaluation.evaluate_cell(
         run, plan, height, width, num_samples=_NUM_SAMPLES.value, seed=_SEED.value,
         reference=reference_for(run, (height, width)), cell_dir=outdir / 'cells',
-        feature_fn=network, batch_size=_BATCH_SIZE.value,
-        class_names=data.class_names(run.config.data))
+        feature_fn=network, batch_size=_BATCH_SIZE.value, class_names=class_names[name])
     row.update({k: record.get(k) for k in ('fid', 'kid', 'precision', 'recall', 'key')})
     grid = outdir / 'grids' / name / f'{height}x{width}_{method.replace("@", "_at_")}.png'
     grid.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 import tqdm
 
-from rpe2d import checkpoints, config as config_lib, data, images, sampler, training
+from rpe2d import checkpoints, config as config_lib, data, files, images, sampler, training
 from rpe2d.metric_writer import MetricWriter
 
 _HERE = pathlib.Path(__file__).resolve().parent
@@ -49,7 +49,8 @@ def check_writable(workdir: pathlib.Path) -> None:
 
 def preflight(config, workdir):
   """Every check that needs no compilation, so bad input fails in seconds; then puts aside
-  unfinished and damaged checkpoints (checkpoints.recover)."""
+  unfinished and damaged checkpoints (checkpoints.recover). Returns the workdir's saved config
+  (None for a new run)."""
   config_lib.validate(config)
   data.parse_config(config.data)
   devices = jax.device_count()
@@ -60,11 +61,12 @@ def preflight(config, workdir):
     raise ValueError(f'mesh.fsdp={config.mesh.fsdp} must divide the {devices} devices')
   workdir = pathlib.Path(workdir)
   check_writable(workdir)
-  checkpoints.check_compatible(workdir, config)
+  saved_config = checkpoints.check_compatible(workdir, config)
   if config.init_from:
     checkpoints.check_init_from(config.init_from, config)
   data.prepare(config.data)
   checkpoints.recover(workdir)
+  return saved_config
 
 
 class Preemption:
@@ -121,9 +123,8 @@ def truncate_logs(workdir: pathlib.Path, step: int) -> None:
     text = path.read_text()
     kept = ''.join(line + '\n' for line in text.splitlines() if _logged_step(line) <= step)
     if kept != text:
-      tmp = path.with_name(name + '.tmp')
-      tmp.write_text(kept)
-      tmp.replace(path)
+      with files.atomic_path(path) as tmp:
+        tmp.write_text(kept)
 
 
 def check_finite(window, config, saved_step, workdir):
@@ -157,9 +158,8 @@ def save_sample_grids(trainer, state, step, workdir, class_names):
 
 def train(config, workdir) -> training.TrainState:
   """Runs (or resumes) training to config.total_steps and returns the final state."""
-  preflight(config, workdir)
+  saved_config = preflight(config, workdir)
   workdir = pathlib.Path(workdir)
-  saved_config = checkpoints.read_config(workdir / 'config.json')
   mesh = training.make_mesh(config.mesh.fsdp)
   trainer = training.Trainer(config, mesh)
   iterator = data.make_iterator(config.data, split='train', seed=config.seed,

@@ -24,6 +24,8 @@ from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
 
+from rpe2d import files as files_lib
+
 # Raise when the layout of a checkpoint changes; a checkpoint in a newer format is refused.
 FORMAT_VERSION = 1
 MANIFEST = 'rpe2d_manifest.json'
@@ -135,9 +137,8 @@ def write_manifest(step_dir) -> None:
     name = path.relative_to(step_dir).as_posix()
     if name not in _COMMIT_FILES and name != MANIFEST:
       files[name] = [path.stat().st_size, _sha256(path)]
-  tmp = step_dir / (MANIFEST + '.tmp')
-  tmp.write_text(json.dumps({'format': FORMAT_VERSION, 'files': files}, indent=1))
-  tmp.replace(step_dir / MANIFEST)
+  with files_lib.atomic_path(step_dir / MANIFEST) as tmp:
+    tmp.write_text(json.dumps({'format': FORMAT_VERSION, 'files': files}, indent=1))
 
 
 def _write_manifests(directory) -> None:
@@ -297,31 +298,26 @@ def read_config(path) -> ml_collections.ConfigDict | None:
 
 def write_config(workdir, config) -> None:
   if jax.process_index() == 0:
-    path = pathlib.Path(workdir) / 'config.json'
-    tmp = path.with_suffix('.json.tmp')
-    tmp.write_text(config.to_json_best_effort(indent=2))
-    tmp.replace(path)
+    with files_lib.atomic_path(pathlib.Path(workdir) / 'config.json') as tmp:
+      tmp.write_text(config.to_json_best_effort(indent=2))
 
 
-def _lookup(config, dotted):
-  node = config
-  for part in dotted.split('.'):
-    if node is None or part not in node:
-      return None
-    node = node[part]
-  return node
+def _flatten(tree, prefix=''):
+  """{'a.b': value} of a nested dict; tuples become lists, as they are in a saved config."""
+  if isinstance(tree, dict):
+    return {k: v for key, value in tree.items()
+            for k, v in _flatten(value, f'{prefix}{key}.').items()}
+  return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
+
+
+def _flat_config(config) -> dict:
+  return _flatten(json.loads(config.to_json_best_effort()))
 
 
 def differing_keys(saved, config, keys=INCOMPATIBLE_KEYS) -> list[str]:
   """Keys whose values differ between a saved config and the current one."""
-  out = []
-  for key in keys:
-    a, b = _lookup(saved, key), _lookup(config, key)
-    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
-      a, b = list(a or []), list(b or [])
-    if a != b:
-      out.append(f'{key}: saved {a!r}, now {b!r}')
-  return out
+  a, b = _flat_config(saved), _flat_config(config)
+  return [f'{k}: saved {a.get(k)!r}, now {b.get(k)!r}' for k in keys if a.get(k) != b.get(k)]
 
 
 def check_compatible(workdir, config) -> ml_collections.ConfigDict | None:
@@ -339,15 +335,8 @@ def check_compatible(workdir, config) -> ml_collections.ConfigDict | None:
   return saved
 
 
-def _flatten(tree, prefix=''):
-  if isinstance(tree, dict):
-    return {k: v for key, value in tree.items()
-            for k, v in _flatten(value, f'{prefix}{key}.').items()}
-  return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
-
-
 def changed_keys(saved, config) -> list[str]:
   """Every key whose value differs between a saved config and the current one."""
-  a, b = (_flatten(json.loads(c.to_json_best_effort())) for c in (saved, config))
+  a, b = _flat_config(saved), _flat_config(config)
   return [f'{k}: {a.get(k)!r} -> {b.get(k)!r}' for k in sorted(a.keys() | b.keys())
           if a.get(k) != b.get(k)]

@@ -355,7 +355,7 @@ class Records:
   def __len__(self) -> int:
     return len(self.source)
 
-  def _problem(self, index: int):
+  def _read(self, index: int):
     try:
       element = self.source[index]
       image, label = np.asarray(element['image']), int(element['label'])
@@ -371,7 +371,7 @@ class Records:
     index = int(index)
     for skipped in range(len(self)):
       record = (index + skipped) % len(self)
-      element, problem = self._problem(record)
+      element, problem = self._read(record)
       if element is not None:
         return dict(element, index=np.int64(record), skipped=np.int32(skipped))
       message = f'{self.what} record {record}: {problem}'

@@ -29,8 +29,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from rpe2d import config as config_lib, data, images as images_lib, inference, metrics, rope
-from rpe2d import sampler
+from rpe2d import config as config_lib, data, files, images as images_lib, inference, metrics
+from rpe2d import rope, sampler
 
 EXTRAPOLATIONS = {
     'none': dict(method='none'), 'pi': dict(method='pi'), 'ntk': dict(method='ntk'),
@@ -146,17 +146,15 @@ def split_reference(data_config, split: str, height: int, width: int, *, resize_
   path = pathlib.Path(cache_dir) / f'{data_config.name}_{split}_{height}x{width}_' \
                                    f'{resize_filter}_{limit or "all"}_{_key(description)}.npz'
   if path.exists():
+    mu, sigma = metrics.load_reference_npz(path)
     with np.load(path, allow_pickle=False) as cached:
       features = cached['features']
   else:
     pixels, _ = split_images(data_config, split, limit)
     features = feature_fn(resize(pixels, height, width, resize_filter))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + '.tmp.npz')
-    np.savez(tmp, features=features)
-    tmp.replace(path)
+    mu, sigma = metrics.feature_statistics(features)
+    metrics.save_reference_npz(path, mu, sigma, features=features)
   description['size'] = len(features)
-  mu, sigma = metrics.feature_statistics(features)
   return Reference(description, mu, sigma, features)
 
 
@@ -224,13 +222,10 @@ def evaluate_cell(run, plan, height, width, *, num_samples, seed, reference, cel
                 images_per_second=stats['images_per_second'],
                 compile_seconds=stats['compile_seconds'], generate_seconds=generate_seconds,
                 feature_seconds=time.perf_counter() - began)
-  shown = labels < run.model.num_classes
-  shown &= np.arange(num_samples) < GRID_IMAGES_PER_CLASS * run.model.num_classes
-  inference.save(path.with_suffix('.png'), generated[shown], labels[shown], class_names)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(json.dumps(record, indent=1))
-  tmp.replace(path)
+  shown = GRID_IMAGES_PER_CLASS * run.model.num_classes
+  inference.save(path.with_suffix('.png'), generated[:shown], labels[:shown], class_names)
+  with files.atomic_path(path) as tmp:
+    tmp.write_text(json.dumps(record, indent=1))
   record['reused'] = False
   return record
 
@@ -253,11 +248,7 @@ def markdown_table(rows: list[dict], resolutions, metric: str, scale=1.0, digits
   head = '| run | method | ' + ' | '.join(f'{h}×{w}' for h, w in resolutions) + ' |'
   lines = [head, '|' + ' --- |' * (2 + len(resolutions))]
   by_cell = {(r['run'], r['method'], r['height'], r['width']): r for r in rows}
-  seen = []
-  for r in rows:
-    if (r['run'], r['method']) not in seen:
-      seen.append((r['run'], r['method']))
-  for run, method in seen:
+  for run, method in dict.fromkeys((r['run'], r['method']) for r in rows):
     cells = []
     for h, w in resolutions:
       row = by_cell.get((run, method, h, w))

@@ -1,9 +1,9 @@
 """Image grids as PNG files."""
 
-import pathlib
-
 import numpy as np
 from PIL import Image, ImageDraw
+
+from rpe2d import files
 
 
 def to_uint8(images) -> np.ndarray:
@@ -32,8 +32,5 @@ def grid(images, rows: int, row_labels=None, padding: int = 2, label_width: int 
 
 
 def save_grid(path, images, rows: int, row_labels=None) -> None:
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + '.tmp')
-  grid(images, rows, row_labels).save(tmp, format='PNG')
-  tmp.replace(path)
+  with files.atomic_path(path) as tmp:
+    grid(images, rows, row_labels).save(tmp, format='PNG')

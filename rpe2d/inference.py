@@ -17,7 +17,7 @@ import numpy as np
 import tqdm
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rpe2d import checkpoints, config as config_lib, images as images_lib, model as model_lib
+from rpe2d import checkpoints, config as config_lib, files, images as images_lib, model as model_lib
 from rpe2d import sampler, training
 
 
@@ -123,7 +123,7 @@ def generate(run: Run, *, height: int, width: int, labels, seed: int = 0,
     compile_seconds += seconds
     began = time.perf_counter()
     generated = compiled(run.params, key, batch_labels, indices=indices)
-    outputs.append(np.asarray(sampler.to_uint8(generated))[:count])
+    outputs.append(images_lib.to_uint8(generated)[:count])
     sample_seconds += time.perf_counter() - began
   if stats is not None:
     stats['compile_seconds'] = compile_seconds
@@ -134,12 +134,10 @@ def generate(run: Run, *, height: int, width: int, labels, seed: int = 0,
 def save(path, images, labels, class_names=None) -> None:
   """A PNG grid with one titled row per label, or an ADM-style .npz (arr_0 uint8 NHWC, labels)."""
   path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
   images, labels = np.asarray(images, np.uint8), np.asarray(labels)
   if path.suffix == '.npz':
-    tmp = path.with_name(path.name + '.tmp.npz')
-    np.savez(tmp, arr_0=images, labels=labels.astype(np.int64))
-    tmp.replace(path)
+    with files.atomic_path(path) as tmp:
+      np.savez(tmp, arr_0=images, labels=labels.astype(np.int64))
     return
   distinct = sorted(set(labels.tolist()))
   width = max(int(np.sum(labels == label)) for label in distinct)

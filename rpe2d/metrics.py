@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
+from rpe2d import files
+
 __all__ = [
     'FEATURE_DIM',
     'feature_statistics',
@@ -306,11 +308,8 @@ def save_reference_npz(path: str | os.PathLike[str], mu, sigma, **extra: np.ndar
   d = mu.shape[0] if mu.ndim == 1 else -1
   if mu.ndim != 1 or sigma.shape != (d, d):
     raise ValueError(f'expected mu (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}')
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + '.tmp.npz')
-  np.savez(tmp, mu=mu, sigma=sigma, **{k: np.asarray(v) for k, v in extra.items()})
-  tmp.replace(path)
+  with files.atomic_path(path) as tmp:
+    np.savez(tmp, mu=mu, sigma=sigma, **{k: np.asarray(v) for k, v in extra.items()})
 
 
 def reference_from_features(features) -> dict[str, np.ndarray]:

@@ -134,7 +134,3 @@ def sample(model, params, key, labels, *, height: int, width: int, plan: Samplin
 
 # One compile per (model, plan, height, width, batch shape).
 sample_jit = jax.jit(sample, static_argnames=('model', 'height', 'width', 'plan', 'channels'))
-
-
-def to_uint8(images):
-  return jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)

@@ -29,7 +29,7 @@ _LABELS = flags.DEFINE_string('labels', None,
 _SEED = flags.DEFINE_integer('seed', 0, 'Images depend on the seed and their index only.')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Images per device batch (all devices).')
 
-_EXTRAPOLATION = flags.DEFINE_enum('extrapolation', None, list(rope.METHODS), 'Static method.')
+_EXTRAPOLATION = flags.DEFINE_enum('extrapolation', None, list(rope.EXTRAPOLATIONS), 'Static method.')
 _YARN_FORM = flags.DEFINE_enum('yarn_form', None, list(rope.YARN_FORMS), 'YaRN variant.')
 _TEMPERATURE = flags.DEFINE_enum('temperature', None, list(rope.TEMPERATURE_PLACES),
                                  "Where YaRN's tau goes.")
@@ -58,7 +58,7 @@ def plan_from_flags(run) -> sampler.SamplingPlan:
     raise ValueError(f'--positions={_POSITIONS.value} needs an RPE-2D model; this run was trained '
                      f'with positions.train={config.positions.train!r} and samples on the grid')
   encoding = {}
-  for flag, field in ((_EXTRAPOLATION, 'method'), (_YARN_FORM, 'yarn_form'),
+  for flag, field in ((_EXTRAPOLATION, 'extrapolation'), (_YARN_FORM, 'yarn_form'),
                       (_TEMPERATURE, 'temperature'), (_DYPE, 'dype'),
                       (_DYPE_LAMBDA_S, 'dype_lambda_s'), (_DYPE_LAMBDA_T, 'dype_lambda_t'),
                       (_DYPE_VARIANT, 'dype_variant'), (_ATTENTION_SCALE, 'attention_scale')):
@@ -129,7 +129,7 @@ def main(argv):
 
   class_names = data.class_names(config.data)
   print(f'{_WORKDIR.value}: step {run.step}, {"raw" if _NOEMA.value else "EMA"} weights; '
-        f'positions={plan.positions}, extrapolation={plan.encoding.method}, '
+        f'positions={plan.positions}, extrapolation={plan.encoding.extrapolation}, '
         f'dype={plan.encoding.dype}, sampler={plan.sampler}x{plan.steps}', flush=True)
   for (height, width), path in zip(resolutions, paths):
     stats = {}

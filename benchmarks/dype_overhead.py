@@ -61,7 +61,7 @@ def main():
                                       height=args.resolution, width=args.resolution,
                                       plan=plan).block_until_ready()
 
-  for method in rope.DYPE_METHODS:
+  for method in rope.DYPE_EXTRAPOLATIONS:
     encoding = rope.Encoding(method, dype=True)
     table = jax.jit(lambda t, encoding=encoding: rope.rotation(rope.angles_2d(
         token_positions, t, dim=width // heads // 2, geometry=geometry, encoding=encoding)))

@@ -226,7 +226,7 @@ def validate(config) -> None:
 
 def encoding(config, **overrides) -> rope.Encoding:
   e = config.encoding
-  values = dict(method=e.extrapolation, yarn_form=e.yarn_form, temperature=e.temperature,
+  values = dict(extrapolation=e.extrapolation, yarn_form=e.yarn_form, temperature=e.temperature,
                 attention_scale=e.attention_scale, dype=bool(e.dype), dype_lambda_s=e.dype_lambda_s,
                 dype_lambda_t=e.dype_lambda_t, dype_variant=e.dype_variant)
   values.update(overrides)

@@ -33,10 +33,8 @@ from rpe2d import config as config_lib, data, files, images as images_lib, infer
 from rpe2d import rope, sampler
 
 EXTRAPOLATIONS = {
-    'none': dict(method='none'), 'pi': dict(method='pi'), 'ntk': dict(method='ntk'),
-    'yarn': dict(method='yarn'), 'tasr': dict(method='tasr'),
-    'dy-pi': dict(method='pi', dype=True), 'dy-ntk': dict(method='ntk', dype=True),
-    'dy-yarn': dict(method='yarn', dype=True),
+    **{name: dict(extrapolation=name) for name in rope.EXTRAPOLATIONS},
+    **{f'dy-{name}': dict(extrapolation=name, dype=True) for name in rope.DYPE_EXTRAPOLATIONS},
 }
 POSITION_RULES = sampler.POSITION_RULES[1:]  # the RPE-2D inference rules
 METHODS = tuple(EXTRAPOLATIONS) + POSITION_RULES

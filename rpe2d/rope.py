@@ -14,12 +14,12 @@ import math
 import jax
 import jax.numpy as jnp
 
-METHODS = ('none', 'pi', 'ntk', 'yarn', 'tasr')
+EXTRAPOLATIONS = ('none', 'pi', 'ntk', 'yarn', 'tasr')
 YARN_FORMS = ('paper', 'fit')
 TEMPERATURE_PLACES = ('logits', 'rope', 'none')
 ATTENTION_SCALES = ('none', 'log_n')
 DYPE_VARIANTS = ('scaled', 'power')
-DYPE_METHODS = ('pi', 'ntk', 'yarn')
+DYPE_EXTRAPOLATIONS = ('pi', 'ntk', 'yarn')
 
 # YaRN constants. Paper form: ramp over rotations r in [alpha, beta]. FiT form: two stages of
 # rotation thresholds (beta0, beta1) between PI and NTK, (gamma0, gamma1) back to native.
@@ -34,7 +34,7 @@ DYPE_DEFAULT_LAMBDAS = {'pi': (1.0, 2.0), 'ntk': (2.0, 2.0), 'yarn': (1.0, 2.0)}
 @dataclasses.dataclass(frozen=True)
 class Encoding:
   """How positions become rotation angles. Static and hashable: a jit cache key, never traced."""
-  method: str = 'none'
+  extrapolation: str = 'none'
   yarn_form: str = 'paper'
   temperature: str = 'logits'
   attention_scale: str = 'none'
@@ -44,21 +44,21 @@ class Encoding:
   dype_variant: str = 'scaled'
 
   def __post_init__(self):
-    _check_choice('extrapolation method', self.method, METHODS)
+    _check_choice('extrapolation method', self.extrapolation, EXTRAPOLATIONS)
     _check_choice('yarn_form', self.yarn_form, YARN_FORMS)
     _check_choice('temperature', self.temperature, TEMPERATURE_PLACES)
     _check_choice('attention_scale', self.attention_scale, ATTENTION_SCALES)
     _check_choice('dype_variant', self.dype_variant, DYPE_VARIANTS)
-    if self.dype and self.method not in DYPE_METHODS:
-      raise ValueError(f'dype needs an extrapolation method in {DYPE_METHODS}, got '
-                       f'{self.method!r}')
+    if self.dype and self.extrapolation not in DYPE_EXTRAPOLATIONS:
+      raise ValueError(f'dype needs an extrapolation method in {DYPE_EXTRAPOLATIONS}, got '
+                       f'{self.extrapolation!r}')
     lambda_s, lambda_t = self.lambdas
     if self.dype and not (lambda_s > 0 and lambda_t > 0):
       raise ValueError(f'dype lambdas must be > 0, got lambda_s={lambda_s}, lambda_t={lambda_t}')
 
   @property
   def lambdas(self) -> tuple[float, float]:
-    default_s, default_t = DYPE_DEFAULT_LAMBDAS.get(self.method, (1.0, 2.0))
+    default_s, default_t = DYPE_DEFAULT_LAMBDAS.get(self.extrapolation, (1.0, 2.0))
     return (default_s if self.dype_lambda_s is None else float(self.dype_lambda_s),
             default_t if self.dype_lambda_t is None else float(self.dype_lambda_t))
 
@@ -154,7 +154,7 @@ def axis_positions_and_frequencies(positions, t, *, dim: int, base: float, scale
     k = kappa(t, *encoding.lambdas)[:, None]
   else:
     k = jnp.ones((batch, 1), jnp.float32)
-  method = encoding.method
+  method = encoding.extrapolation
   if method == 'none' or scale == 1.0:
     return positions, theta
   if method == 'pi':
@@ -173,7 +173,7 @@ def axis_positions_and_frequencies(positions, t, *, dim: int, base: float, scale
     return positions, yarn_fit_frequencies(theta, scale, reference_length, dim, base, thresholds)
   if method == 'tasr':
     return positions, tasr_frequencies(theta, scale, t[:, None], dim, base)
-  raise ValueError(f'unknown extrapolation method {method!r}; allowed: {METHODS}')
+  raise ValueError(f'unknown extrapolation method {method!r}; allowed: {EXTRAPOLATIONS}')
 
 
 def axis_angles(positions, t, *, dim, base, scale, reference_length, encoding):
@@ -210,7 +210,7 @@ def angles_2d(positions, t, *, dim: int, geometry: Geometry, encoding: Encoding)
 
 def rope_temperatures(geometry: Geometry, encoding: Encoding) -> tuple[float, float]:
   """YaRN's tau per axis when it is placed on the rotary embedding (both q and k: logits see tau^2)."""
-  if encoding.method != 'yarn' or encoding.temperature != 'rope':
+  if encoding.extrapolation != 'yarn' or encoding.temperature != 'rope':
     return (1.0, 1.0)
   return tuple(yarn_temperature(s) for s in geometry.scales)
 
@@ -222,7 +222,7 @@ def logit_multiplier(geometry: Geometry, encoding: Encoding) -> float:
   two axes stretch equally.
   """
   multiplier = 1.0
-  if encoding.method == 'yarn' and encoding.temperature == 'logits':
+  if encoding.extrapolation == 'yarn' and encoding.temperature == 'logits':
     multiplier *= yarn_temperature(math.sqrt(geometry.scales[0] * geometry.scales[1]))
   if encoding.attention_scale == 'log_n':
     tokens = geometry.grid[0] * geometry.grid[1]

@@ -36,7 +36,7 @@ def test_method_plans(synthetic_animals):
   rpe = tiny_config(synthetic_animals)
   plan = evaluation.method_plan(rpe, 'dy-yarn@contiguous', steps=3)
   assert plan.positions == 'contiguous' and plan.steps == 3
-  assert plan.encoding.method == 'yarn' and plan.encoding.dype
+  assert plan.encoding.extrapolation == 'yarn' and plan.encoding.dype
   assert evaluation.method_plan(rpe, 'ntk').positions == rpe.positions.inference
   grid = tiny_config(synthetic_animals)
   grid.positions.train = 'grid'

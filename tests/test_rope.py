@@ -12,7 +12,7 @@ DIM, BASE = 16, 10000.0
 
 
 def frequencies(method, *, scale, t=1.0, reference_length=256, batch=1, **kwargs):
-  enc = rope.Encoding(method=method, **kwargs)
+  enc = rope.Encoding(extrapolation=method, **kwargs)
   pos = jnp.broadcast_to(jnp.arange(8, dtype=jnp.float32), (batch, 8))
   return rope.axis_positions_and_frequencies(
       pos, jnp.full((batch,), t), dim=DIM, base=BASE, scale=scale,
@@ -196,7 +196,7 @@ def test_dype_is_monotone_in_t_without_flips_near_zero(method, kwargs):
 
 def _frequencies_at(method, ts, kwargs):
   ts = jnp.asarray(ts, jnp.float32)
-  enc = rope.Encoding(method=method, dype=method != 'none', **kwargs)
+  enc = rope.Encoding(extrapolation=method, dype=method != 'none', **kwargs)
   pos = jnp.broadcast_to(jnp.arange(8, dtype=jnp.float32), (len(ts), 8))
   return rope.axis_positions_and_frequencies(pos, ts, dim=DIM, base=BASE, scale=3.0,
                                              reference_length=256, encoding=enc)
@@ -231,13 +231,13 @@ def test_tasr_moves_from_pi_towards_ntk():
 
 
 @pytest.mark.parametrize('bad,match', [
-    (dict(method='linear'), "extrapolation method 'linear'"),
-    (dict(method='none', dype=True), 'dype needs an extrapolation method'),
-    (dict(method='tasr', dype=True), 'dype needs an extrapolation method'),
-    (dict(method='ntk', dype=True, dype_lambda_s=-1.0), 'lambda_s=-1.0'),
-    (dict(method='ntk', dype=True, dype_lambda_t=0.0), 'lambda_t=0.0'),
-    (dict(method='yarn', temperature='q'), "temperature 'q'"),
-    (dict(method='yarn', yarn_form='vision'), "yarn_form 'vision'"),
+    (dict(extrapolation='linear'), "extrapolation method 'linear'"),
+    (dict(extrapolation='none', dype=True), 'dype needs an extrapolation method'),
+    (dict(extrapolation='tasr', dype=True), 'dype needs an extrapolation method'),
+    (dict(extrapolation='ntk', dype=True, dype_lambda_s=-1.0), 'lambda_s=-1.0'),
+    (dict(extrapolation='ntk', dype=True, dype_lambda_t=0.0), 'lambda_t=0.0'),
+    (dict(extrapolation='yarn', temperature='q'), "temperature 'q'"),
+    (dict(extrapolation='yarn', yarn_form='vision'), "yarn_form 'vision'"),
     (dict(attention_scale='sqrt'), "attention_scale 'sqrt'"),
     (dict(dype_variant='cubic'), "dype_variant 'cubic'"),
 ])

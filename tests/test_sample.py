@@ -59,8 +59,8 @@ def test_seeds_and_batch_size(run):
   assert diff.max() <= 1 and diff.mean() < 0.01
 
 
-METHODS = [dict(extrapolation=m) for m in rope.METHODS] + [
-    dict(extrapolation=m, dype=True) for m in rope.DYPE_METHODS] + [
+METHODS = [dict(extrapolation=m) for m in rope.EXTRAPOLATIONS] + [
+    dict(extrapolation=m, dype=True) for m in rope.DYPE_EXTRAPOLATIONS] + [
     dict(extrapolation='yarn', yarn_form='fit', dype=True, dype_variant='power'),
     dict(extrapolation='yarn', temperature='rope', attention_scale='log_n')]
 
@@ -73,7 +73,7 @@ CASES = [(m, 'uniform') for m in METHODS] + [
                          ids=lambda c: '-'.join(map(str, c.values())) if isinstance(c, dict) else c)
 def test_every_method_runs(run, method, positions):
   fields = dict(method)
-  encoding = config_lib.encoding(run.config, method=fields.pop('extrapolation'), **fields)
+  encoding = config_lib.encoding(run.config, **fields)
   plan = config_lib.sampling_plan(run.config, steps=2, encoding=encoding, positions=positions)
   # 40x24 pixels = 10x6 tokens over a range of 8x8: extrapolates along y only. Random positions
   # are distinct draws from the range, so they stay inside it (32x24 = 8x6 tokens).

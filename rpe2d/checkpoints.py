@@ -1,8 +1,8 @@
 """Orbax checkpoints of a run: <workdir>/checkpoints/<step>/{state, data, config, manifest}.
 
 `state` is the TrainState (params, optimizer state, EMA params, step), `data` the grain iterator
-state of this process, `config` the run's config as JSON. The config also sits in
-<workdir>/config.json so tools can read a run without orbax.
+state of this process, `config` the run's config as JSON. Where a workdir keeps what is
+rpe2d.rundir; the config also sits in <workdir>/config.json so tools can read a run without orbax.
 
 `rpe2d_manifest.json` holds the checkpoint format version and the size and sha256 of every file.
 Orbax writes a checkpoint into <step>.orbax-checkpoint-tmp and renames it when complete; the
@@ -21,28 +21,16 @@ from absl import logging
 import grain
 import jax
 from jax.experimental import multihost_utils
-import ml_collections
 import orbax.checkpoint as ocp
 
-from rpe2d import files as files_lib
+from rpe2d import files as files_lib, rundir
 
 # Raise when the layout of a checkpoint changes; a checkpoint in a newer format is refused.
 FORMAT_VERSION = 1
 MANIFEST = 'rpe2d_manifest.json'
-DAMAGED_DIR = 'damaged_checkpoints'  # <workdir>/damaged_checkpoints/<step>: put aside, kept
 _TMP_SUFFIX = '.orbax-checkpoint-tmp'  # orbax's unfinished saves: <step>.orbax-checkpoint-tmp
 # Written by orbax after the manifest, so outside it (their presence is checked instead).
 _COMMIT_FILES = ('commit_success.txt', '_CHECKPOINT_METADATA')
-
-# Config keys that change the shapes of the saved arrays or what they mean. A run may not resume,
-# or sample, with different values.
-INCOMPATIBLE_KEYS = (
-    'model.variant', 'model.position_embedding', 'model.qk_norm', 'model.micro_conditioning',
-    'model.mlp_ratio', 'data.name', 'data.image_size', 'data.channels', 'data.num_classes',
-)
-# Keys the saved data iterator position depends on: a resumed run with other values would skip or
-# repeat examples without noticing. Sampling from a run does not care.
-DATA_ORDER_KEYS = ('seed', 'batch_size')
 
 
 class CheckpointError(RuntimeError):
@@ -55,7 +43,7 @@ class NewerFormatError(ValueError):
 
 def manager(workdir, config, *, read_only: bool = False) -> ocp.CheckpointManager:
   """read_only: for inspecting a run (it never creates, saves or deletes anything)."""
-  directory = pathlib.Path(workdir).absolute() / 'checkpoints'
+  directory = rundir.RunDir(workdir).checkpoints
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.keep_checkpoints,
       keep_period=config.keep_every_steps or None,
@@ -202,8 +190,8 @@ def recover(workdir) -> int | None:
   <workdir>/damaged_checkpoints/ with a warning: never deleted, and out of reach of max_to_keep and
   of a later save of the same step.
   """
-  workdir = pathlib.Path(workdir).absolute()
-  directory = workdir / 'checkpoints'
+  run = rundir.RunDir(workdir)
+  directory = run.checkpoints
   if jax.process_index() == 0:
     for tmp in sorted(directory.glob(f'*{_TMP_SUFFIX}*')) if directory.is_dir() else []:
       logging.warning('Removing %s: a save that never finished (the run stopped while writing '
@@ -214,10 +202,10 @@ def recover(workdir) -> int | None:
       problem = damage(step_dir)
       if problem is None:
         break
-      aside, n = workdir / DAMAGED_DIR / str(step), 1
+      aside, n = run.damaged_checkpoints / str(step), 1
       while aside.exists():  # the same step damaged again: keep both
         n += 1
-        aside = workdir / DAMAGED_DIR / f'{step}.{n}'
+        aside = run.damaged_checkpoints / f'{step}.{n}'
       aside.parent.mkdir(exist_ok=True)
       step_dir.rename(aside)
       logging.warning('Skipping the checkpoint at step %d: %s. Moved it to %s (inspect or delete '
@@ -260,83 +248,24 @@ def check_init_from(source, config) -> pathlib.Path:
     step_dir = find_step_dir(source)
   except FileNotFoundError as e:
     raise FileNotFoundError(f'init_from={e}') from None
-  saved = read_config(step_dir.parent.parent / 'config.json')
-  model_keys = tuple(k for k in INCOMPATIBLE_KEYS if k.startswith('model.')) + (
-      'data.channels', 'data.num_classes')
-  differences = differing_keys(saved, config, model_keys) if saved is not None else []
+  saved = rundir.RunDir(step_dir.parent.parent).read_config()
+  differences = [] if saved is None else rundir.differing_keys(saved, config, rundir.MODEL_KEYS)
   if differences:
     raise ValueError(f'init_from={source} holds weights of another model; differing keys:\n  '
                      + '\n  '.join(differences))
   return step_dir
 
 
-def restore_weights(source, abstract_state):
-  """(params, ema_params) from a run directory (its newest intact step) or a step directory."""
+def restore_weights(source, abstract_params, *, names=('params', 'ema_params')) -> dict:
+  """{name: weights} for `names` of the TrainState in a run directory (its newest intact step) or
+  a step directory, restored with the shardings of `abstract_params` (a tree of
+  jax.ShapeDtypeStruct). Only those arrays are read: not the optimizer state, not the rest."""
   step_dir = find_step_dir(source)
+  item = {name: abstract_params for name in names}
   try:
-    state = ocp.StandardCheckpointer().restore(step_dir / 'state', abstract_state)
+    return ocp.PyTreeCheckpointer().restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True))
   except Exception as e:
     raise CheckpointError(f'could not restore the checkpoint {step_dir}: {type(e).__name__}: '
                           f'{e}') from e
-  return state.params, state.ema_params
-
-
-def read_config(path) -> ml_collections.ConfigDict | None:
-  """The JSON config a run saved (<workdir>/config.json), or None if there is none."""
-  path = pathlib.Path(path)
-  if not path.is_file():
-    return None
-  try:
-    saved = json.loads(path.read_text())
-  except (UnicodeDecodeError, ValueError) as e:
-    raise ValueError(f'{path} is not a JSON config ({type(e).__name__}: {e}); it is read as '
-                     'JSON only, never unpickled') from None
-  if not isinstance(saved, dict):
-    raise ValueError(f'{path} holds a JSON {type(saved).__name__}, not a config')
-  return ml_collections.ConfigDict(saved)
-
-
-def write_config(workdir, config) -> None:
-  if jax.process_index() == 0:
-    with files_lib.atomic_path(pathlib.Path(workdir) / 'config.json') as tmp:
-      tmp.write_text(config.to_json_best_effort(indent=2))
-
-
-def _flatten(tree, prefix=''):
-  """{'a.b': value} of a nested dict; tuples become lists, as they are in a saved config."""
-  if isinstance(tree, dict):
-    return {k: v for key, value in tree.items()
-            for k, v in _flatten(value, f'{prefix}{key}.').items()}
-  return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
-
-
-def _flat_config(config) -> dict:
-  return _flatten(json.loads(config.to_json_best_effort()))
-
-
-def differing_keys(saved, config, keys=INCOMPATIBLE_KEYS) -> list[str]:
-  """Keys whose values differ between a saved config and the current one."""
-  a, b = _flat_config(saved), _flat_config(config)
-  return [f'{k}: saved {a.get(k)!r}, now {b.get(k)!r}' for k in keys if a.get(k) != b.get(k)]
-
-
-def check_compatible(workdir, config) -> ml_collections.ConfigDict | None:
-  """Refuses a workdir whose checkpoints belong to another model or data order, before anything
-  is compiled."""
-  saved = read_config(pathlib.Path(workdir) / 'config.json')
-  if saved is None:
-    return None
-  differences = differing_keys(saved, config, INCOMPATIBLE_KEYS + DATA_ORDER_KEYS)
-  if differences:
-    raise ValueError(f'workdir {workdir} holds a run of an incompatible model or data order; '
-                     'differing keys:\n  ' + '\n  '.join(differences)
-                     + '\nuse another --workdir, or start from its weights with '
-                     '--config.init_from=<that run> where the shapes agree')
-  return saved
-
-
-def changed_keys(saved, config) -> list[str]:
-  """Every key whose value differs between a saved config and the current one."""
-  a, b = _flat_config(saved), _flat_config(config)
-  return [f'{k}: {a.get(k)!r} -> {b.get(k)!r}' for k in sorted(a.keys() | b.keys())
-          if a.get(k) != b.get(k)]

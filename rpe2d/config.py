@@ -1,11 +1,18 @@
-"""The config schema shared by every file in configs/, its validation, and builders from it.
+"""The config schema: every field with its default, what it allows and what it means, in one place.
 
-Sub-dicts follow the SPEC's words: data, model, positions, encoding, flow, sampling, optim. `base()`
-is a complete grid-position run on the embedded animals sized for 2 CPU cores; configs in configs/
-start from it and change what differs. `validate` runs before anything is compiled and names the bad
-value and what is allowed.
+`base()` builds the config every file in configs/ starts from (a grid-position run on the
+embedded animals sized for 2 CPU cores); `help_text()` prints the schema for `train.py --help`;
+`validate()` checks a config and builds every typed object once: the model, the data options, the
+training plan and the sampling plan, so a bad value fails before anything compiles, with one
+message style: `<key>=<value> ...; choose one of: ...` or `<key>=<value> must be ...`.
+
+Option names come from the modules that implement them (rope.EXTRAPOLATIONS, data.AUGMENTS, ...).
+RPE-2D is one switch: `positions.train='rpe2d'` turns on the resize-and-crop augmentation and the
+micro-conditioning that tells the model about the crop (docs/methods.md#resize-and-crop), unless
+they are set explicitly; a crop the model is not told about is refused.
 """
 
+import dataclasses
 import os
 import re
 
@@ -13,100 +20,125 @@ from absl import flags
 import ml_collections
 from ml_collections import config_dict, config_flags
 
-from rpe2d import flow, model as model_lib, positions as positions_lib, rope, sampler
+from rpe2d import checks, data, flow, model as model_lib, positions, rope, sampler, training
+from rpe2d.checks import Field, non_negative_int, number, positive_int
+
+AUTO = data.AUTO
+
+
+SCHEMA = (
+    Field('seed', 0, 'seeds the parameters, the data order, positions and noise',
+          check=non_negative_int),
+    Field('total_steps', 800, 'optimizer steps', check=positive_int),
+    Field('batch_size', 64, 'global batch, over all devices and hosts', check=positive_int),
+    Field('log_every_steps', 50, 'metrics.jsonl and the progress bar', check=positive_int),
+    Field('checkpoint_every_steps', 200, 'save a checkpoint every N steps (and at the end)',
+          check=positive_int),
+    Field('sample_every_steps', 400, 'EMA sample grids every N steps (and at the end)',
+          check=positive_int),
+    Field('keep_checkpoints', 3, 'keep the last N checkpoints ...', check=positive_int),
+    Field('keep_every_steps', 0, '... plus every K-th step (0: none)', check=non_negative_int),
+    Field('init_from', '', 'a run or checkpoint to take the weights from (fresh optimizer, step 0)'),
+    Field('log_example_indices', False, "append each step's example ids to examples.jsonl"),
+    Field('nonfinite', 'error', 'a NaN/Inf loss or gradient: stop, or skip the step',
+          allowed=training.NONFINITE_POLICIES),
+
+    *data.FIELDS,
+
+    Field('model.variant', 'tiny/4', '<size>/<patch>, size one of: ' + ', '.join(model_lib.VARIANTS)),
+    Field('model.position_embedding', 'rope', 'how positions enter the model',
+          allowed=model_lib.POSITION_EMBEDDINGS),
+    Field('model.rope_base', 10000.0, 'the RoPE base', check=number(1.0, low_open=True)),
+    Field('model.qk_norm', False, 'RMSNorm on queries and keys'),
+    Field('model.micro_conditioning', None, 'embed the crop window into the conditioning '
+          '(unset: on exactly when data.augment is rpe2d_crop)', value_type=bool),
+    Field('model.mlp_ratio', 4.0, 'MLP width / model width', check=number(0.0, low_open=True)),
+    Field('model.attention_implementation', 'xla', 'attention kernel',
+          allowed=model_lib.ATTENTION_IMPLEMENTATIONS),
+    Field('model.dtype', 'float32', 'compute dtype (parameters stay float32)',
+          allowed=tuple(model_lib.DTYPES)),
+    Field('model.remat', False, 'recompute each block in the backward pass (saves memory)'),
+
+    Field('positions.train', 'grid', 'training positions; rpe2d also turns on the crop',
+          allowed=positions.TRAIN_RULES),
+    Field('positions.max_grid', (24, 24), 'RPE-2D: the range (H_max, W_max) in tokens',
+          check=checks.resolution),
+    Field('positions.mode', 'per_example', 'RPE-2D: one subset per example or per batch',
+          allowed=positions.SAMPLING_MODES),
+    Field('positions.continuous', False, 'RPE-2D: sorted uniform floats instead of integers'),
+    Field('positions.inference', 'uniform', 'RPE-2D models: the sampling position rule',
+          allowed=positions.INFERENCE_RULES),
+    Field('positions.round', False, 'round uniform inference positions to integers'),
+
+    Field('encoding.extrapolation', 'none', 'sampling beyond the trained range',
+          allowed=rope.EXTRAPOLATIONS),
+    Field('encoding.yarn_form', 'paper', 'YaRN variant', allowed=rope.YARN_FORMS),
+    Field('encoding.temperature', 'logits', "where YaRN's temperature goes",
+          allowed=rope.TEMPERATURE_PLACES),
+    Field('encoding.attention_scale', 'none', 'attention logit scale for more tokens',
+          allowed=rope.ATTENTION_SCALES),
+    Field('encoding.dype', False, 'make the extrapolation follow the diffusion time (DyPE)'),
+    Field('encoding.dype_lambda_s', None, 'DyPE kappa(t) = lambda_s t^lambda_t (unset: the '
+          "method's default)", value_type=float),
+    Field('encoding.dype_lambda_t', None, 'DyPE exponent lambda_t (unset: the default)',
+          value_type=float),
+    Field('encoding.dype_variant', 'scaled', 'DY-YaRN thresholds x kappa (scaled) or ^ kappa',
+          allowed=rope.DYPE_VARIANTS),
+
+    Field('flow.time_sampling', 'logit_normal', 'training times t',
+          allowed=flow.TIME_SAMPLINGS),
+    Field('flow.time_mean', 0.0, 'logit-normal mean', check=number()),
+    Field('flow.time_std', 1.0, 'logit-normal std', check=number(0.0, low_open=True)),
+    Field('flow.time_shift', 1.0, 'training time shift a', check=number(0.0, low_open=True)),
+    Field('flow.class_dropout', 0.1, 'label dropout for classifier-free guidance',
+          check=number(0.0, 1.0)),
+
+    Field('sampling.sampler', 'euler', 'ODE solver', allowed=sampler.SAMPLERS),
+    Field('sampling.steps', 32, 'solver steps', check=positive_int),
+    Field('sampling.cfg_scale', 3.0, 'classifier-free guidance scale (1: none)', check=number()),
+    Field('sampling.cfg_interval', (0.0, 1.0), 'guide only for t inside [low, high]'),
+    Field('sampling.time_shift', 1.0, 'sampling time shift a (1: none)',
+          check=number(0.0, low_open=True)),
+    Field('sampling.time_shift_by_resolution', False, 'multiply the shift by sqrt(N_test/N_train)'),
+    Field('sampling.resolutions', ((32, 32), (64, 64), (16, 16)),
+          'the sizes of the sample grids written during training', check=checks.resolutions),
+    Field('sampling.num_per_class', 2, 'images per class in those grids', check=positive_int),
+
+    Field('optim.learning_rate', 1e-3, 'AdamW peak learning rate', check=number(0.0)),
+    Field('optim.warmup_steps', 100, 'linear warmup from 0', check=non_negative_int),
+    Field('optim.weight_decay', 0.0, 'AdamW weight decay', check=number(0.0)),
+    Field('optim.b1', 0.9, 'Adam beta1', check=number(0.0, 1.0, high_open=True)),
+    Field('optim.b2', 0.999, 'Adam beta2', check=number(0.0, 1.0, high_open=True)),
+    Field('optim.grad_clip', 1.0, 'clip the global gradient norm', check=number(0.0, low_open=True)),
+    Field('optim.ema_decay', 0.995, 'EMA of the parameters', check=number(0.0, 1.0, high_open=True)),
+
+    Field('mesh.fsdp', 1, 'devices on the fsdp axis; the rest form the data axis',
+          check=positive_int),
+)
+FIELDS = {f.key: f for f in SCHEMA}
 
 
 def base() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.total_steps = 800
-  c.batch_size = 64                     # global, over all devices and hosts
-  c.log_every_steps = 50
-  c.checkpoint_every_steps = 200
-  c.sample_every_steps = 400
-  c.keep_checkpoints = 3                # the last N ...
-  c.keep_every_steps = 0                # ... plus every K-th step (0: none)
-  c.init_from = ''                      # a checkpoint dir to take weights from (fresh optimizer)
-  c.log_example_indices = False         # append each step's example ids to examples.jsonl
-  c.nonfinite = 'error'                 # NaN/Inf loss or gradient: error (stop) | skip (the step)
-
-  c.data = ml_collections.ConfigDict()
-  c.data.name = 'animal_mnist'
-  c.data.data_dir = config_dict.placeholder(str)
-  c.data.manual_dir = config_dict.placeholder(str)
-  c.data.image_size = 32
-  c.data.channels = 1
-  c.data.num_classes = 10
-  c.data.augment = 'none'               # none | center_crop_flip | rpe2d_crop
-  c.data.crop_prob = 0.5
-  c.data.crop_max_scale = 1.5
-  c.data.flip = False
-  c.data.num_workers = 0                # grain worker processes (0: read in the main process)
-  c.data.read_threads = 8
-  c.data.prefetch_batches = 8
-  c.data.bad_records = 'error'          # unreadable records: error | skip (counted, logged)
-
-  c.model = ml_collections.ConfigDict()
-  c.model.variant = 'tiny/4'            # <size>/<patch>, see rpe2d.model.VARIANTS
-  c.model.position_embedding = 'rope'   # rope | sincos
-  c.model.rope_base = 10000.0
-  c.model.qk_norm = False
-  c.model.micro_conditioning = False
-  c.model.mlp_ratio = 4.0
-  c.model.attention_implementation = 'xla'  # xla | cudnn
-  c.model.dtype = 'float32'             # float32 | bfloat16 (compute; params stay float32)
-  c.model.remat = False
-
-  c.positions = ml_collections.ConfigDict()
-  c.positions.train = 'grid'            # grid | rpe2d
-  c.positions.max_grid = (24, 24)       # (H_max, W_max) in tokens, RPE-2D only
-  c.positions.mode = 'per_example'      # per_example | per_batch
-  c.positions.continuous = False
-  c.positions.inference = 'uniform'     # uniform | contiguous | random (RPE-2D models)
-  c.positions.round = False
-
-  c.encoding = ml_collections.ConfigDict()
-  c.encoding.extrapolation = 'none'     # none | pi | ntk | yarn | tasr
-  c.encoding.yarn_form = 'paper'        # paper | fit
-  c.encoding.temperature = 'logits'     # logits | rope | none (YaRN's tau)
-  c.encoding.attention_scale = 'none'   # none | log_n
-  c.encoding.dype = False
-  c.encoding.dype_lambda_s = config_dict.placeholder(float)
-  c.encoding.dype_lambda_t = config_dict.placeholder(float)
-  c.encoding.dype_variant = 'scaled'    # scaled | power (YaRN thresholds x kappa or ^ kappa)
-
-  c.flow = ml_collections.ConfigDict()
-  c.flow.time_sampling = 'logit_normal'  # logit_normal | uniform
-  c.flow.time_mean = 0.0
-  c.flow.time_std = 1.0
-  c.flow.time_shift = 1.0
-  c.flow.class_dropout = 0.1
-
-  c.sampling = ml_collections.ConfigDict()
-  c.sampling.sampler = 'euler'          # euler | heun
-  c.sampling.steps = 32
-  c.sampling.cfg_scale = 3.0
-  c.sampling.cfg_interval = (0.0, 1.0)
-  c.sampling.time_shift = 1.0
-  c.sampling.time_shift_by_resolution = False  # times sqrt(N_test / N_train)
-  c.sampling.resolutions = ((32, 32), (64, 64), (16, 16))
-  c.sampling.num_per_class = 2
-
-  c.optim = ml_collections.ConfigDict()
-  c.optim.learning_rate = 1e-3
-  c.optim.warmup_steps = 100
-  c.optim.weight_decay = 0.0
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.grad_clip = 1.0
-  c.optim.ema_decay = 0.995
-
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.fsdp = 1                       # the rest of the devices form the data axis
-  return c
+  """A config holding every field of the schema at its default."""
+  config = ml_collections.ConfigDict()
+  for f in SCHEMA:
+    *sections, name = f.key.split('.')
+    node = config
+    for section in sections:
+      if section not in node:
+        node[section] = ml_collections.ConfigDict()
+      node = node[section]
+    node[name] = config_dict.placeholder(f.value_type) if f.default is None else f.default
+  return config
 
 
-NONFINITE = ('error', 'skip')
+def help_text() -> str:
+  """Every config field with its default, what it allows and what it means."""
+  lines = []
+  for f in SCHEMA:
+    allowed = f'  [{" | ".join(map(str, f.allowed))}]' if f.allowed else ''
+    lines.append(f'  --config.{f.key}={f.default!r}{allowed}\n      {f.help}')
+  return '\n'.join(lines)
 
 
 def load(path: str, overrides=()) -> ml_collections.ConfigDict:
@@ -134,6 +166,7 @@ def load(path: str, overrides=()) -> ml_collections.ConfigDict:
                      + (f' (did you mean {hint.group(1)!r}?)' if hint else '')) from None
   except OSError as e:
     raise ValueError(f'--config={path}: {e}') from None
+  resolve(config)
   return config
 
 
@@ -149,19 +182,16 @@ def _unknown_field(path, overrides) -> str:
   return ' '.join(overrides)
 
 
-def _choice(what, value, allowed):
-  if value not in allowed:
-    raise ValueError(f'{what}={value!r} is not allowed; choose one of: {", ".join(map(str, allowed))}')
+def resolve(config) -> ml_collections.ConfigDict:
+  """Fills the fields that follow positions.train (RPE-2D's one switch), in place; idempotent.
 
-
-def _resolution(value, what):
-  try:
-    height, width = (int(v) for v in value)
-  except (TypeError, ValueError):
-    raise ValueError(f'{what}={value!r} must be a pair (height, width) of integers') from None
-  if height <= 0 or width <= 0:
-    raise ValueError(f'{what}={value!r} must be positive')
-  return height, width
+  A saved config always holds the resolved values.
+  """
+  if config.data.augment == AUTO:
+    config.data.augment = 'rpe2d_crop' if config.positions.train == 'rpe2d' else 'none'
+  if config.model.micro_conditioning is None:
+    config.model.micro_conditioning = config.data.augment == 'rpe2d_crop'
+  return config
 
 
 def train_grid(config) -> tuple[int, int]:
@@ -170,65 +200,52 @@ def train_grid(config) -> tuple[int, int]:
 
 
 def position_range(config) -> tuple[int, int]:
-  """Reference length per axis: (H_max, W_max) for RPE-2D, else the train grid (SPEC §2.3)."""
+  """Reference length per axis: (H_max, W_max) for RPE-2D, else the train grid
+  (docs/methods.md#scale)."""
   if config.positions.train == 'rpe2d':
     return tuple(int(v) for v in config.positions.max_grid)
   return train_grid(config)
 
 
-def validate(config) -> None:
-  """Raises ValueError naming the first bad value and what is allowed."""
-  model_lib.validate_shape(config.model.variant, config.model.position_embedding)
-  patch = model_lib.parse_variant(config.model.variant)[3]
-  _choice('model.attention_implementation', config.model.attention_implementation,
-          model_lib.ATTENTION_IMPLEMENTATIONS)
-  _choice('model.dtype', config.model.dtype, tuple(model_lib.DTYPES))
-  if config.model.rope_base <= 1:
-    raise ValueError(f'model.rope_base={config.model.rope_base} must be > 1')
-  size = config.data.image_size
-  model_lib.check_resolution(size, size, patch, 'data.image_size')
-  for name in ('total_steps', 'batch_size', 'log_every_steps', 'checkpoint_every_steps',
-               'sample_every_steps'):
-    if not isinstance(config[name], int) or config[name] <= 0:
-      raise ValueError(f'{name}={config[name]!r} must be a positive integer')
-  if config.data.num_classes < 1:
-    raise ValueError(f'data.num_classes={config.data.num_classes} must be >= 1')
+@dataclasses.dataclass(frozen=True)
+class Built:
+  """The typed objects of one validated config."""
+  model: model_lib.DiT
+  data: data.DataOptions
+  training: training.TrainingPlan
+  sampling: sampler.SamplingPlan
 
-  _choice('positions.train', config.positions.train, positions_lib.TRAIN_RULES)
-  _choice('positions.mode', config.positions.mode, positions_lib.SAMPLING_MODES)
-  _choice('positions.inference', config.positions.inference, positions_lib.INFERENCE_RULES)
+
+def validate(config) -> Built:
+  """Resolves `config`, checks every field and builds the typed objects; raises ValueError naming
+  the first bad value and what is allowed."""
+  resolve(config)
+  checks.check(SCHEMA, config)
+  model_lib.validate_shape(config.model.variant, config.model.position_embedding)
+  if config.data.augment == 'rpe2d_crop' and not config.model.micro_conditioning:
+    raise ValueError("data.augment='rpe2d_crop' with model.micro_conditioning=False: the model "
+                     'would see crops without being told the window; set '
+                     'model.micro_conditioning=True (or leave it unset)')
+  size = config.data.image_size
+  patch = model_lib.parse_variant(config.model.variant)[3]
+  model_lib.check_resolution(size, size, patch, 'data.image_size')
   if config.positions.train == 'rpe2d':
-    max_h, max_w = _resolution(config.positions.max_grid, 'positions.max_grid')
-    h0, w0 = train_grid(config)
+    (max_h, max_w), (h0, w0) = position_range(config), train_grid(config)
     if max_h < h0 or max_w < w0:
       raise ValueError(f'positions.max_grid={(max_h, max_w)} is smaller than the train grid '
                        f'{(h0, w0)} (image_size {size} / patch {patch}); it must be >= it')
-
-  _choice('flow.time_sampling', config.flow.time_sampling, flow.TIME_SAMPLINGS)
-  if config.flow.time_shift <= 0:
-    raise ValueError(f'flow.time_shift={config.flow.time_shift} must be > 0')
-  if not 0.0 <= config.flow.class_dropout <= 1.0:
-    raise ValueError(f'flow.class_dropout={config.flow.class_dropout} must be in [0, 1]')
-  if config.flow.time_std <= 0:
-    raise ValueError(f'flow.time_std={config.flow.time_std} must be > 0')
-
-  encoding(config)  # validates the method names and DyPE lambdas
-  sampling_plan(config)
-  for i, resolution in enumerate(config.sampling.resolutions):
-    model_lib.check_resolution(*_resolution(resolution, f'sampling.resolutions[{i}]'), patch,
-                     f'sampling.resolutions[{i}]')
-  _choice('nonfinite', config.get('nonfinite', 'error'), NONFINITE)
-  if not isinstance(config.mesh.fsdp, int) or config.mesh.fsdp < 1:
-    raise ValueError(f'mesh.fsdp={config.mesh.fsdp!r} must be a positive integer')
-  if not 0.0 <= config.optim.ema_decay < 1.0:
-    raise ValueError(f'optim.ema_decay={config.optim.ema_decay} must be in [0, 1)')
+  for i, (height, width) in enumerate(config.sampling.resolutions):
+    model_lib.check_resolution(height, width, patch, f'sampling.resolutions[{i}]')
+  return Built(model=build_model(config), data=data.parse_config(config.data),
+               training=training_plan(config), sampling=sampling_plan(config))
 
 
 def encoding(config, **overrides) -> rope.Encoding:
   e = config.encoding
   values = dict(extrapolation=e.extrapolation, yarn_form=e.yarn_form, temperature=e.temperature,
-                attention_scale=e.attention_scale, dype=bool(e.dype), dype_lambda_s=e.dype_lambda_s,
-                dype_lambda_t=e.dype_lambda_t, dype_variant=e.dype_variant)
+                attention_scale=e.attention_scale, dype=bool(e.dype),
+                dype_lambda_s=e.dype_lambda_s, dype_lambda_t=e.dype_lambda_t,
+                dype_variant=e.dype_variant)
   values.update(overrides)
   return rope.Encoding(**values)
 
@@ -246,11 +263,23 @@ def sampling_plan(config, **overrides) -> sampler.SamplingPlan:
   return sampler.SamplingPlan(**values)
 
 
+def training_plan(config) -> training.TrainingPlan:
+  f, o = config.flow, config.optim
+  return training.TrainingPlan(
+      seed=int(config.seed), positions=config.positions.train,
+      per_example=config.positions.mode == 'per_example',
+      continuous=bool(config.positions.continuous), time_sampling=f.time_sampling,
+      time_mean=float(f.time_mean), time_std=float(f.time_std), time_shift=float(f.time_shift),
+      class_dropout=float(f.class_dropout), learning_rate=float(o.learning_rate),
+      warmup_steps=int(o.warmup_steps), weight_decay=float(o.weight_decay), b1=float(o.b1),
+      b2=float(o.b2), grad_clip=float(o.grad_clip), ema_decay=float(o.ema_decay))
+
+
 def build_model(config) -> model_lib.DiT:
   m = config.model
   return model_lib.DiT(
       variant=m.variant, channels=config.data.channels, num_classes=config.data.num_classes,
       train_grid=train_grid(config), position_range=position_range(config),
       position_embedding=m.position_embedding, rope_base=float(m.rope_base), qk_norm=m.qk_norm,
-      micro_conditioning=m.micro_conditioning, mlp_ratio=m.mlp_ratio,
+      micro_conditioning=bool(m.micro_conditioning), mlp_ratio=m.mlp_ratio,
       attention_implementation=m.attention_implementation, dtype=m.dtype, remat=m.remat)

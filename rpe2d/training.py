@@ -1,11 +1,16 @@
 """Sharded training: the mesh, sharding rules, train state, optimizer and the jitted train step.
 
+What a step does is a `TrainingPlan`, built once from the config (config.training_plan) like the
+sampler's SamplingPlan; the geometry (train grid, position range, micro-conditioning) is the
+model's.
+
 The mesh has axes ('data', 'fsdp'). Batches split over both; parameters and optimizer state split
 their largest divisible dimension over 'fsdp' (replicated when that axis has size 1). The step is one
 `jax.jit` with explicit in/out shardings and a donated state, so the same code runs on one CPU, one
 GPU or a TPU slice.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -15,14 +20,37 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rpe2d import config as config_lib, flow, model as model_lib, positions
+from rpe2d import flow, model as model_lib, positions
 
 BATCH_AXES = ('data', 'fsdp')
+# What the loop does after a step whose loss or gradient is not finite (never applied either way).
+NONFINITE_POLICIES = ('error', 'skip')
 MIN_SHARDED_SIZE = 2**14   # smaller arrays stay replicated: splitting them costs more than it saves
 
-# Peak dense bf16 FLOP/s per device (SPEC §6), matched against jax's device_kind.
+# Peak dense bf16 FLOP/s per device (docs/methods.md#flop-accounting), matched against jax's device_kind.
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'TPU v5p': 459e12,
               'TPU v5 lite': 197e12, 'TPU v4': 275e12, 'TPU v6': 918e12}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingPlan:
+  """Everything about a training step that is not an array or the model. Static and hashable."""
+  seed: int = 0
+  positions: str = 'grid'               # positions.TRAIN_RULES
+  per_example: bool = True              # RPE-2D: one subset per example (else per batch)
+  continuous: bool = False              # RPE-2D: sorted uniform floats instead of integers
+  time_sampling: str = 'logit_normal'   # flow.TIME_SAMPLINGS
+  time_mean: float = 0.0
+  time_std: float = 1.0
+  time_shift: float = 1.0
+  class_dropout: float = 0.1
+  learning_rate: float = 1e-3
+  warmup_steps: int = 0
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  grad_clip: float = 1.0
+  ema_decay: float = 0.995
 
 
 @flax.struct.dataclass
@@ -65,73 +93,72 @@ def state_sharding(abstract_state, mesh):
                       abstract_state)
 
 
-def learning_rate_schedule(optim) -> optax.Schedule:
-  warmup = optax.linear_schedule(0.0, optim.learning_rate, max(optim.warmup_steps, 1))
-  return optax.join_schedules([warmup, optax.constant_schedule(optim.learning_rate)],
-                              [optim.warmup_steps])
+def learning_rate_schedule(plan: TrainingPlan) -> optax.Schedule:
+  warmup = optax.linear_schedule(0.0, plan.learning_rate, max(plan.warmup_steps, 1))
+  return optax.join_schedules([warmup, optax.constant_schedule(plan.learning_rate)],
+                              [plan.warmup_steps])
 
 
-def make_optimizer(optim) -> optax.GradientTransformation:
+def make_optimizer(plan: TrainingPlan) -> optax.GradientTransformation:
   return optax.chain(
-      optax.clip_by_global_norm(optim.grad_clip),
-      optax.adamw(learning_rate_schedule(optim), b1=optim.b1, b2=optim.b2,
-                  weight_decay=optim.weight_decay))
+      optax.clip_by_global_norm(plan.grad_clip),
+      optax.adamw(learning_rate_schedule(plan), b1=plan.b1, b2=plan.b2,
+                  weight_decay=plan.weight_decay))
 
 
-def example_inputs(config, batch: int = 1):
-  """Zeros shaped like one training batch, for init and shape inference."""
-  size, channels = config.data.image_size, config.data.channels
-  h, w = config_lib.train_grid(config)
-  return (jnp.zeros((batch, size, size, channels)), jnp.zeros((batch,)),
+def example_inputs(model, batch: int = 1):
+  """Zeros shaped like one batch at the model's training resolution, for init and shapes."""
+  h, w = model.train_grid
+  patch = model.patch_size
+  return (jnp.zeros((batch, h * patch, w * patch, model.channels)), jnp.zeros((batch,)),
           jnp.zeros((batch,), jnp.int32), positions.grid(h, w, batch))
 
 
-def init_params(model, config, key):
-  return model.init(key, *example_inputs(config))
+def init_params(model, key):
+  return model.init(key, *example_inputs(model))
 
 
-def create_state(model, optimizer, config, key) -> TrainState:
-  params = init_params(model, config, key)
+def create_state(model, optimizer, key) -> TrainState:
+  params = init_params(model, key)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=optimizer.init(params), ema_params=params)
 
 
-def train_positions(config, key, batch: int):
-  h, w = config_lib.train_grid(config)
-  if config.positions.train == 'grid':
+def train_positions(model, plan: TrainingPlan, key, batch: int):
+  """(batch, h0*w0, 2) positions of one training batch (docs/methods.md#rpe-2d-training-positions)."""
+  h, w = model.train_grid
+  if plan.positions == 'grid':
     return positions.grid(h, w, batch)
-  max_h, max_w = config_lib.position_range(config)
-  return positions.rpe2d(key, h, w, max_h, max_w, batch,
-                         per_example=config.positions.mode == 'per_example',
-                         continuous=config.positions.continuous)
+  max_h, max_w = model.position_range
+  return positions.rpe2d(key, h, w, max_h, max_w, batch, per_example=plan.per_example,
+                         continuous=plan.continuous)
 
 
-def train_step(state: TrainState, batch, *, model, optimizer, config):
+def train_step(state: TrainState, batch, *, model, optimizer, plan: TrainingPlan):
   """One optimizer step. Randomness derives from (seed, step): a resumed run repeats it exactly.
 
   metrics['finite'] says whether the loss and the gradient were finite; a step where they were
   not changes nothing but the step counter (config.nonfinite decides whether training goes on).
   """
-  key = jax.random.fold_in(jax.random.key(config.seed), state.step)
+  key = jax.random.fold_in(jax.random.key(plan.seed), state.step)
   key_positions, key_loss = jax.random.split(key)
   images, labels = batch['image'], batch['label']
-  token_positions = train_positions(config, key_positions, images.shape[0])
+  token_positions = train_positions(model, plan, key_positions, images.shape[0])
   crop = batch['crop'] if model.micro_conditioning else None
   loss_fn = functools.partial(
-      flow.loss, model.apply, num_classes=model.num_classes,
-      class_dropout=config.flow.class_dropout, time_sampling=config.flow.time_sampling,
-      time_mean=config.flow.time_mean, time_std=config.flow.time_std,
-      time_shift=config.flow.time_shift)
+      flow.loss, model.apply, num_classes=model.num_classes, class_dropout=plan.class_dropout,
+      time_sampling=plan.time_sampling, time_mean=plan.time_mean, time_std=plan.time_std,
+      time_shift=plan.time_shift)
   loss, grads = jax.value_and_grad(loss_fn)(state.params, key_loss, images, labels,
                                             token_positions, crop)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  decay = config.optim.ema_decay
+  decay = plan.ema_decay
   ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
   grad_norm = optax.tree.norm(grads)  # NaN or Inf if any gradient is
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   metrics = {'loss': loss, 'grad_norm': grad_norm, 'finite': finite,
-             'learning_rate': learning_rate_schedule(config.optim)(state.step)}
+             'learning_rate': learning_rate_schedule(plan)(state.step)}
   new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                          ema_params=ema_params)
   unchanged = state.replace(step=new_state.step)
@@ -140,26 +167,28 @@ def train_step(state: TrainState, batch, *, model, optimizer, config):
 
 
 class Trainer:
-  """Holds the compiled pieces for one config on one mesh."""
+  """The compiled init and step of one model and plan on one mesh."""
 
-  def __init__(self, config, mesh):
-    self.config = config
-    self.mesh = mesh
-    self.model = config_lib.build_model(config)
-    self.optimizer = make_optimizer(config.optim)
-    new_state = functools.partial(create_state, self.model, self.optimizer, config)
+  def __init__(self, model, plan: TrainingPlan, mesh):
+    self.model, self.plan, self.mesh = model, plan, mesh
+    self.optimizer = make_optimizer(plan)
+    new_state = functools.partial(create_state, model, self.optimizer)
     self.abstract_state = jax.eval_shape(new_state, jax.random.key(0))
     self.state_sharding = state_sharding(self.abstract_state, mesh)
     self.batch_sharding = batch_sharding(mesh)
     replicated = NamedSharding(mesh, P())
-    step = functools.partial(train_step, model=self.model, optimizer=self.optimizer,
-                             config=config)
+    step = functools.partial(train_step, model=model, optimizer=self.optimizer, plan=plan)
     self.step = jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding),
                         out_shardings=(self.state_sharding, replicated), donate_argnums=0)
     self._init = jax.jit(new_state, out_shardings=self.state_sharding)
 
   def init_state(self) -> TrainState:
-    return self._init(jax.random.key(self.config.seed))
+    return self._init(jax.random.key(self.plan.seed))
+
+  def abstract_sharded_state(self) -> TrainState:
+    """The state as jax.ShapeDtypeStruct leaves with this mesh's shardings, for restoring."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        self.abstract_state, self.state_sharding)
 
   def device_batch(self, local_batch):
     """Process-local numpy batch -> global arrays sharded over the batch axes."""
@@ -168,9 +197,10 @@ class Trainer:
             for k in names}
 
   def flops_per_image(self) -> float:
-    size = self.config.data.image_size
-    return 3.0 * model_lib.forward_flops(self.config.model.variant, size, size,
-                                         self.config.data.channels)
+    h, w = self.model.train_grid
+    patch = self.model.patch_size
+    return 3.0 * model_lib.forward_flops(self.model.variant, h * patch, w * patch,
+                                         self.model.channels)
 
 
 def peak_flops_per_device() -> float | None:

@@ -1,7 +1,9 @@
-"""Shared fixtures. Eight CPU devices so sharding tests run on real (CPU) devices."""
+"""Shared fixtures and helpers. Eight CPU devices so sharding tests run on real (CPU) devices."""
 
 import gzip
+import json
 import os
+import pathlib
 import pickle
 import zipfile
 
@@ -17,9 +19,14 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache  # noqa: E402,E501
 
 from rpe2d import config as config_lib, model as model_lib, positions  # noqa: E402
 from rpe2d.datasets import animal_mnist  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TRAIN_PY = REPO / 'train.py'
+NUM_DEVICES = 8
 
 
 def perturb(params, key, scale=0.05):
@@ -63,6 +70,11 @@ def synthetic_animals(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
+def data_dir(synthetic_animals):
+  return synthetic_animals
+
+
+@pytest.fixture(scope='session')
 def jax_cache_dir(tmp_path_factory):
   """A persistent compilation cache directory for the modules that train the tiny run: they
   compile the same programs (enabled per module by test_train.py's compilation_cache)."""
@@ -100,3 +112,93 @@ def tiny_config(data_dir, **overrides) -> ml_collections.ConfigDict:
   config.update_from_flattened_dict(dict(TINY_OVERRIDES))
   config.update_from_flattened_dict({k.replace('__', '.'): v for k, v in overrides.items()})
   return config
+
+
+@pytest.fixture(scope='module')
+def eight_devices():
+  assert jax.device_count() == NUM_DEVICES, 'tests/conftest.py should give 8 CPU devices'
+
+
+_CACHE_OPTIONS = {
+    'jax_compilation_cache_dir': None,  # set to a tmp dir below
+    'jax_persistent_cache_min_compile_time_secs': 0.0,
+    'jax_persistent_cache_min_entry_size_bytes': -1,
+}
+
+
+@pytest.fixture(scope='module')
+def compilation_cache(jax_cache_dir):
+  """A persistent compilation cache for the modules that train the tiny run, in a tmp dir.
+
+  Every train() call builds a new Trainer, whose new jit objects recompile the same programs
+  (run A, both halves of run B, the resume after SIGTERM; ~6 s each on CPU). The cache serves the
+  identical executables; the subprocesses share it through the environment (subprocess_env).
+  """
+  previous = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
+  path = jax_cache_dir
+  for name, value in _CACHE_OPTIONS.items():
+    jax.config.update(name, path if value is None else value)
+  jax_compilation_cache.reset_cache()
+  yield path
+  for name, value in previous.items():
+    jax.config.update(name, value)
+  jax_compilation_cache.reset_cache()
+
+
+def flag_args(data_dir, **overrides) -> list[str]:
+  values = dict(TINY_OVERRIDES, **{'data.data_dir': data_dir}, **overrides)
+  return [f'--config.{k}={v}' for k, v in values.items()]
+
+
+def subprocess_env(cache_dir):
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={NUM_DEVICES}'
+  env['JAX_PLATFORMS'] = 'cpu'
+  env['JAX_DISABLE_MOST_OPTIMIZATIONS'] = '1'  # as in conftest.py: compile time dominates
+  for name, value in _CACHE_OPTIONS.items():
+    env[name.upper()] = str(cache_dir if value is None else value)
+  return env
+
+
+def host(tree):
+  return jax.device_get(tree)
+
+
+def step_dirs(workdir) -> list[int]:
+  path = pathlib.Path(workdir) / 'checkpoints'
+  return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) if path.is_dir() else []
+
+
+def read_jsonl(path) -> list[dict]:
+  return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+
+
+def int_leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree) if np.issubdtype(np.asarray(x).dtype,
+                                                                          np.integer)]
+
+
+class CompileCounter:
+  """Counts jit lowerings and XLA compilations while active (jax.monitoring, no patching).
+
+  Lowerings count too: with the persistent cache a compilation can be a cache hit, but a new
+  Trainer's programs are always lowered.
+  """
+
+  EVENTS = ('/jax/core/compile/jaxpr_to_mlir_module_duration',
+            '/jax/core/compile/backend_compile_duration')
+
+  def __init__(self):
+    self.count = 0
+
+  def _listener(self, event, duration, **kwargs):
+    del duration, kwargs
+    if event in self.EVENTS:
+      self.count += 1
+
+  def __enter__(self):
+    jax.monitoring.register_event_duration_secs_listener(self._listener)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self._listener)

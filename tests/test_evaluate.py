@@ -12,13 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
-from rpe2d import config as config_lib, evaluation, metrics, rope, sampler
+from conftest import REPO, tiny_config
+from rpe2d import config as config_lib, evaluation, metrics, rope, sampler, train_loop
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
-import train as train_module  # noqa: E402
 
 
 def test_parse_method():
@@ -105,7 +101,7 @@ def test_markdown_table_marks_shared_and_missing_cells():
 def runs(synthetic_animals, tmp_path_factory):
   """A 2-step micro/4 RPE-2D run (16x16, range 8x8 tokens) and the same weights as a grid run."""
   root = tmp_path_factory.mktemp('runs')
-  train_module.train(tiny_config(synthetic_animals), root / 'rpe')
+  train_loop.train(tiny_config(synthetic_animals), root / 'rpe')
   shutil.copytree(root / 'rpe', root / 'grid')
   config = json.loads((root / 'grid' / 'config.json').read_text())
   config['positions']['train'] = 'grid'

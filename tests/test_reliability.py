@@ -31,21 +31,15 @@ import pytest
 import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 
-from conftest import tiny_config
-from rpe2d import checkpoints, config as config_lib, data, inference, training
+from conftest import (REPO, TRAIN_PY, CompileCounter, flag_args, host, read_jsonl, step_dirs,
+                      subprocess_env, tiny_config)
+from rpe2d import checkpoints, config as config_lib, data, inference, rundir, train_loop, training
 from rpe2d.datasets import animal_mnist
-# The compilation cache (module-scoped, shared with subprocesses through subprocess_env) and the
-# helpers of the train.py tests; importing the fixtures makes pytest use them in this module too.
-from test_train import (  # noqa: F401  (fixtures are used by name)
-    REPO, TRAIN_PY, CompileCounter, _eight_devices, compilation_cache, flag_args, host, read_jsonl,
-    step_dirs, subprocess_env, train_module)
+
+# The compilation cache is shared with the subprocesses through subprocess_env.
+pytestmark = pytest.mark.usefixtures('eight_devices', 'compilation_cache')
 
 STEPS, EVERY = 8, 2  # the reference run: 8 steps, a checkpoint every 2
-
-
-@pytest.fixture(scope='module')
-def data_dir(synthetic_animals):
-  return synthetic_animals
 
 
 @pytest.fixture(scope='module')
@@ -54,7 +48,7 @@ def reference(tmp_path_factory, data_dir, compilation_cache):
   workdir = tmp_path_factory.mktemp('reference')
   config = tiny_config(data_dir, total_steps=STEPS, checkpoint_every_steps=EVERY,
                        log_example_indices=True)
-  state = host(train_module.train(config, workdir))
+  state = host(train_loop.train(config, workdir))
   assert step_dirs(workdir) == [2, 4, 6, 8]
   return workdir, config, state
 
@@ -196,7 +190,7 @@ def test_sigkill_at_random_moments_resumes_bit_identically(reference, data_dir, 
   stdout = ''.join(p.read_text() for p in sorted(log_dir.glob('*.out')))
   assert re.search(r'Resuming from step [1-9]', stdout), f'never resumed mid-run; seed {seed}'
 
-  state = host(train_module.train(
+  state = host(train_loop.train(
       tiny_config(data_dir, total_steps=STEPS, checkpoint_every_steps=EVERY,
                   log_example_indices=True), workdir))
   assert_same_state(state, ref_state)
@@ -218,9 +212,8 @@ import sys, time
 import jax
 jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
                            process_id=int(sys.argv[2]))
-sys.path.insert(0, sys.argv[3])
-import train
-preemption = train.Preemption()
+from rpe2d import train_loop
+preemption = train_loop.Preemption()
 print('ready', flush=True)
 step = 0
 while step < 100_000:
@@ -244,7 +237,7 @@ def test_sigterm_on_one_host_stops_every_host_at_the_same_step(tmp_path):
     for i, out in enumerate(outs):
       with open(out, 'w') as f:
         hosts.append(subprocess.Popen(
-            [sys.executable, '-c', _HOST_SCRIPT, address, str(i), str(REPO)], cwd=tmp_path,
+            [sys.executable, '-c', _HOST_SCRIPT, address, str(i)], cwd=tmp_path,
             env=env, stdout=f, stderr=subprocess.STDOUT))
     deadline = time.monotonic() + 120
     while not all('ready' in out.read_text() for out in outs):
@@ -297,7 +290,7 @@ def test_damaged_checkpoints_are_put_aside_and_training_falls_back(reference, da
   caplog.clear()
 
   with caplog.at_level('WARNING'):
-    state = host(train_module.train(config, workdir))
+    state = host(train_loop.train(config, workdir))
   assert 'Resuming from step 2' in capsys.readouterr().out
   log = caplog.text
   flipped, cut = flipped.relative_to(ckpt / '8').as_posix(), cut.relative_to(ckpt / '6').as_posix()
@@ -305,7 +298,7 @@ def test_damaged_checkpoints_are_put_aside_and_training_falls_back(reference, da
   assert f'checkpoint at step 6: {cut} has' in log and 'bytes where' in log
   assert 'checkpoint at step 4: commit_success.txt is missing' in log
   # Put aside untouched, out of reach of max_to_keep and of the new saves of the same steps.
-  aside = workdir / checkpoints.DAMAGED_DIR
+  aside = rundir.RunDir(workdir).damaged_checkpoints
   assert sorted(p.name for p in aside.iterdir()) == ['4', '6', '8']
   for s in (4, 6, 8):
     assert file_contents(aside / str(s)) == damaged[s]
@@ -340,7 +333,7 @@ NAN_CONFIG = dict(optim__learning_rate=1e38, optim__warmup_steps=10, checkpoint_
 def test_nonfinite_loss_stops_naming_the_first_bad_step(data_dir, tmp_path):
   workdir = tmp_path / 'run'
   with pytest.raises(FloatingPointError) as error:
-    train_module.train(tiny_config(data_dir, **NAN_CONFIG), workdir)
+    train_loop.train(tiny_config(data_dir, **NAN_CONFIG), workdir)
   # Step 3 went bad; the check at step 4 (the first log step) names step 3.
   message = str(error.value)
   assert message.startswith('step 3: the loss is ') and 'nan' in message
@@ -355,7 +348,7 @@ def test_nonfinite_loss_stops_naming_the_first_bad_step(data_dir, tmp_path):
 def test_nonfinite_steps_can_be_skipped_counted_and_logged(data_dir, tmp_path, caplog):
   workdir = tmp_path / 'run'
   with caplog.at_level('WARNING'):
-    state = host(train_module.train(tiny_config(data_dir, nonfinite='skip', **NAN_CONFIG),
+    state = host(train_loop.train(tiny_config(data_dir, nonfinite='skip', **NAN_CONFIG),
                                     workdir))
   records = read_jsonl(workdir / 'metrics.jsonl')
   assert [(r['step'], r['skipped_steps']) for r in records] == [(4, 2), (6, 2)]
@@ -363,9 +356,10 @@ def test_nonfinite_steps_can_be_skipped_counted_and_logged(data_dir, tmp_path, c
     assert f'step {step}: the loss is' in caplog.text
   assert 'step 2: the loss' not in caplog.text
   # Skipped steps change nothing but the step counter: the state is the one saved at step 2.
-  trainer = training.Trainer(tiny_config(data_dir, **NAN_CONFIG), training.make_mesh(1))
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          trainer.abstract_state, trainer.state_sharding)
+  config = tiny_config(data_dir, **NAN_CONFIG)
+  trainer = training.Trainer(config_lib.build_model(config), config_lib.training_plan(config),
+                             training.make_mesh(1))
+  abstract = trainer.abstract_sharded_state()
   at_2 = host(ocp.StandardCheckpointer().restore(workdir / 'checkpoints' / '2' / 'state',
                                                   abstract))
   assert int(state.step) == 6 and int(at_2.step) == 2
@@ -383,7 +377,7 @@ def test_safe_config_changes_are_accepted_on_resume(reference, data_dir, tmp_pat
   config = tiny_config(data_dir, total_steps=STEPS + 2, checkpoint_every_steps=5,
                        log_every_steps=2, sample_every_steps=5, keep_checkpoints=2,
                        log_example_indices=False, data__read_threads=1)
-  state = train_module.train(config, workdir)
+  state = train_loop.train(config, workdir)
   out = capsys.readouterr().out
   assert f'Resuming from step {STEPS}' in out
   for change in ('total_steps: 8 -> 10', 'checkpoint_every_steps: 2 -> 5',
@@ -394,7 +388,7 @@ def test_safe_config_changes_are_accepted_on_resume(reference, data_dir, tmp_pat
   assert int(state.step) == STEPS + 2
   assert step_dirs(workdir) == [8, 10]  # keep_checkpoints=2 took effect
   assert [r['step'] for r in read_jsonl(workdir / 'metrics.jsonl')][-2:] == [8, 10]
-  assert checkpoints.read_config(workdir / 'config.json').total_steps == STEPS + 2
+  assert rundir.RunDir(workdir).read_config().total_steps == STEPS + 2
 
 
 @pytest.mark.parametrize('overrides, differing', [
@@ -412,7 +406,7 @@ def test_incompatible_config_changes_are_refused_on_resume(reference, data_dir, 
   before = file_contents(workdir)
   start = time.perf_counter()
   with CompileCounter() as compiles, pytest.raises(ValueError) as error:
-    train_module.train(tiny_config(data_dir, total_steps=STEPS + 2, **overrides), workdir)
+    train_loop.train(tiny_config(data_dir, total_steps=STEPS + 2, **overrides), workdir)
   assert time.perf_counter() - start < 10 and compiles.count == 0
   assert 'differing keys' in str(error.value) and differing in str(error.value)
   assert file_contents(workdir) == before
@@ -479,7 +473,7 @@ def test_unwritable_workdir_fails_fast(data_dir, tmp_path, kind):
     workdir = tmp_path / 'file' / 'run'
   try:
     with CompileCounter() as compiles, pytest.raises(ValueError) as error:
-      train_module.train(tiny_config(data_dir), workdir)
+      train_loop.train(tiny_config(data_dir), workdir)
   finally:
     if undo:
       undo()
@@ -490,7 +484,7 @@ def test_unwritable_workdir_fails_fast(data_dir, tmp_path, kind):
 
 def test_more_classes_in_the_data_than_the_config_fails_fast(data_dir, tmp_path):
   with CompileCounter() as compiles, pytest.raises(ValueError) as error:
-    train_module.train(tiny_config(data_dir, data__num_classes=5), tmp_path / 'run')
+    train_loop.train(tiny_config(data_dir, data__num_classes=5), tmp_path / 'run')
   assert compiles.count == 0
   assert str(error.value) == ('data.num_classes=5, but animal_mnist has 10 classes (labels 0..9); '
                               'set --config.data.num_classes=10')
@@ -565,7 +559,7 @@ def test_bad_records_can_be_skipped_counted_and_logged(bad_data, tmp_path, caplo
   root, damage = bad_data
   workdir = tmp_path / 'run'
   with caplog.at_level('WARNING'):
-    train_module.train(tiny_config(root, data__bad_records='skip', log_example_indices=True),
+    train_loop.train(tiny_config(root, data__bad_records='skip', log_example_indices=True),
                        workdir)
   used = [i for r in read_jsonl(workdir / 'examples.jsonl') for i in r['index']]
   assert len(used) == 16 and not set(used) & set(damage)
@@ -615,7 +609,7 @@ def test_checkpoint_of_a_newer_format_is_refused(reference, data_dir, tmp_path):
   message = (rf'checkpoints/8 is a checkpoint in format 2, written by a newer rpe2d; this version '
              rf'reads formats up to {checkpoints.FORMAT_VERSION}\. Upgrade rpe2d')
   with CompileCounter() as compiles, pytest.raises(checkpoints.NewerFormatError, match=message):
-    train_module.train(tiny_config(data_dir, total_steps=STEPS + 2), workdir)
+    train_loop.train(tiny_config(data_dir, total_steps=STEPS + 2), workdir)
   assert compiles.count == 0
   with pytest.raises(checkpoints.NewerFormatError, match=message):  # sample.py
     inference.load_run(workdir)
@@ -649,7 +643,7 @@ def test_crafted_pickles_in_a_checkpoint_are_never_loaded(reference, data_dir, t
   assert checkpoints.damage(crafted) is None
   with pytest.raises(checkpoints.CheckpointError, match=r'could not restore the checkpoint '
                                                         r'.*checkpoints/6: '):
-    train_module.train(tiny_config(data_dir, total_steps=STEPS + 2), workdir)
+    train_loop.train(tiny_config(data_dir, total_steps=STEPS + 2), workdir)
   with pytest.raises(checkpoints.CheckpointError, match=r'checkpoints/6: '):  # sample.py
     inference.load_run(workdir)
   # A pickled config.json.
@@ -657,7 +651,7 @@ def test_crafted_pickles_in_a_checkpoint_are_never_loaded(reference, data_dir, t
   with pytest.raises(ValueError, match=r'config\.json is not a JSON config .* never unpickled'):
     inference.load_run(workdir)
   with pytest.raises(ValueError, match=r'config\.json is not a JSON config'):
-    train_module.train(tiny_config(data_dir, total_steps=STEPS + 2), workdir)
+    train_loop.train(tiny_config(data_dir, total_steps=STEPS + 2), workdir)
   assert not marker.exists()
 
 
@@ -672,7 +666,7 @@ def test_crafted_pickle_in_the_embedded_data_path_is_refused(tmp_path):
     zf.writestr(animal_mnist.LABEL_MEMBER, gzip.compress(pickle.dumps(Evil(marker))))
   # train.py: the wheel's sha256 is pinned, so it is refused before anything is unpickled.
   with CompileCounter() as compiles, pytest.raises(ValueError, match=r'sha256 mismatch for '):
-    train_module.train(tiny_config(str(root)), tmp_path / 'run')
+    train_loop.train(tiny_config(str(root)), tmp_path / 'run')
   assert compiles.count == 0
   # Had the hash matched, the restricted unpickler refuses the payload's global by name.
   builder = animal_mnist.AnimalMnist(data_dir=str(root), wheel_fetcher=lambda dest: wheel)

@@ -10,13 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import tiny_config
-from rpe2d import config as config_lib, inference, rope
+from conftest import REPO, tiny_config
+from rpe2d import config as config_lib, inference, rope, train_loop
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
-import train as train_module  # noqa: E402
 
 
 @pytest.fixture(scope='module')
@@ -24,7 +20,7 @@ def run_dir(synthetic_animals, tmp_path_factory):
   """A 2-step micro/4 RPE-2D run at 16x16 with max_grid 8x8 (train grid 4x4)."""
   workdir = tmp_path_factory.mktemp('run')
   config = tiny_config(synthetic_animals)
-  train_module.train(config, workdir)
+  train_loop.train(config, workdir)
   return workdir
 
 

@@ -26,120 +26,12 @@ from jax.experimental.compilation_cache import compilation_cache as jax_compilat
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from conftest import TINY_OVERRIDES, tiny_config
-from rpe2d import checkpoints, config as config_lib, images, training
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-TRAIN_PY = REPO / 'train.py'
-NUM_DEVICES = 8  # tests/conftest.py
+from conftest import (REPO, TRAIN_PY, CompileCounter, flag_args, host, int_leaves, read_jsonl,
+                      step_dirs, subprocess_env, tiny_config)
+from rpe2d import checkpoints, config as config_lib, images, rundir, train_loop, training
 
 
-# Imported by its own name, once per process: train.py defines absl flags at import, and a second
-# copy under another module name would define them again (DuplicateFlagError).
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
-import train as train_module  # noqa: E402  pylint: disable=g-import-not-at-top
-
-assert pathlib.Path(train_module.__file__).resolve() == TRAIN_PY
-
-
-# ------------------------------------------------------------------------------------------------
-# Fixtures and helpers.
-
-
-@pytest.fixture(scope='module', autouse=True)
-def _eight_devices():
-  assert jax.device_count() == NUM_DEVICES, 'tests/conftest.py should give 8 CPU devices'
-
-
-_CACHE_OPTIONS = {
-    'jax_compilation_cache_dir': None,  # set to a tmp dir below
-    'jax_persistent_cache_min_compile_time_secs': 0.0,
-    'jax_persistent_cache_min_entry_size_bytes': -1,
-}
-
-
-@pytest.fixture(scope='module', autouse=True)
-def compilation_cache(jax_cache_dir):
-  """A persistent compilation cache for this module (and test_reliability.py), in a tmp dir.
-
-  Every train() call builds a new Trainer, whose new jit objects recompile the same programs
-  (run A, both halves of run B, the resume after SIGTERM; ~6 s each on CPU). The cache serves the
-  identical executables; the subprocesses share it through the environment (subprocess_env).
-  """
-  previous = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
-  path = jax_cache_dir
-  for name, value in _CACHE_OPTIONS.items():
-    jax.config.update(name, path if value is None else value)
-  jax_compilation_cache.reset_cache()
-  yield path
-  for name, value in previous.items():
-    jax.config.update(name, value)
-  jax_compilation_cache.reset_cache()
-
-
-@pytest.fixture(scope='module')
-def data_dir(synthetic_animals):
-  return synthetic_animals
-
-
-def flag_args(data_dir, **overrides) -> list[str]:
-  values = dict(TINY_OVERRIDES, **{'data.data_dir': data_dir}, **overrides)
-  return [f'--config.{k}={v}' for k, v in values.items()]
-
-
-def subprocess_env(cache_dir):
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={NUM_DEVICES}'
-  env['JAX_PLATFORMS'] = 'cpu'
-  env['JAX_DISABLE_MOST_OPTIMIZATIONS'] = '1'  # as in conftest.py: compile time dominates
-  for name, value in _CACHE_OPTIONS.items():
-    env[name.upper()] = str(cache_dir if value is None else value)
-  return env
-
-
-def host(tree):
-  return jax.device_get(tree)
-
-
-def step_dirs(workdir) -> list[int]:
-  path = pathlib.Path(workdir) / 'checkpoints'
-  return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) if path.is_dir() else []
-
-
-def read_jsonl(path) -> list[dict]:
-  return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
-
-
-def int_leaves(tree):
-  return [np.asarray(x) for x in jax.tree.leaves(tree) if np.issubdtype(np.asarray(x).dtype,
-                                                                          np.integer)]
-
-
-class CompileCounter:
-  """Counts jit lowerings and XLA compilations while active (jax.monitoring, no patching).
-
-  Lowerings count too: with the persistent cache a compilation can be a cache hit, but a new
-  Trainer's programs are always lowered.
-  """
-
-  EVENTS = ('/jax/core/compile/jaxpr_to_mlir_module_duration',
-            '/jax/core/compile/backend_compile_duration')
-
-  def __init__(self):
-    self.count = 0
-
-  def _listener(self, event, duration, **kwargs):
-    del duration, kwargs
-    if event in self.EVENTS:
-      self.count += 1
-
-  def __enter__(self):
-    jax.monitoring.register_event_duration_secs_listener(self._listener)
-    return self
-
-  def __exit__(self, *exc):
-    jax.monitoring.unregister_event_duration_listener(self._listener)
+pytestmark = pytest.mark.usefixtures('eight_devices', 'compilation_cache')
 
 
 RUN_A_STEPS = 6
@@ -151,7 +43,7 @@ def run_a(tmp_path_factory, data_dir):
   workdir = tmp_path_factory.mktemp('run_a')
   config = tiny_config(data_dir, total_steps=RUN_A_STEPS, checkpoint_every_steps=3,
                        log_example_indices=True)
-  state = host(train_module.train(config, workdir))
+  state = host(train_loop.train(config, workdir))
   return workdir, config, state
 
 
@@ -163,7 +55,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(run_a, data_dir, tmp_pa
   workdir_a, _, state_a = run_a
   workdir_b = tmp_path / 'run_b'
 
-  first = host(train_module.train(
+  first = host(train_loop.train(
       tiny_config(data_dir, total_steps=3, checkpoint_every_steps=3, log_example_indices=True),
       workdir_b))
   assert int(first.step) == 3
@@ -171,7 +63,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(run_a, data_dir, tmp_pa
   assert [r['step'] for r in read_jsonl(workdir_b / 'examples.jsonl')] == [1, 2, 3]
   assert 'Resuming' not in capsys.readouterr().out
 
-  state_b = host(train_module.train(
+  state_b = host(train_loop.train(
       tiny_config(data_dir, total_steps=6, checkpoint_every_steps=3, log_example_indices=True),
       workdir_b))
   assert 'Resuming from step 3' in capsys.readouterr().out
@@ -224,7 +116,8 @@ def test_sharded_step_matches_single_device(data_dir):
   batch = _random_batch(16)
   init, after, metrics = {}, {}, {}
   for name, mesh in meshes.items():
-    trainer = training.Trainer(config, mesh)
+    trainer = training.Trainer(config_lib.build_model(config), config_lib.training_plan(config),
+                               mesh)
     state = trainer.init_state()
     init[name] = host(state)
     device_batch = trainer.device_batch(batch)
@@ -275,7 +168,7 @@ def test_sharded_step_matches_single_device(data_dir):
 def _assert_fails_fast(config, workdir, exception, match):
   start = time.perf_counter()
   with CompileCounter() as compiles, pytest.raises(exception, match=match):
-    train_module.train(config, workdir)
+    train_loop.train(config, workdir)
   elapsed = time.perf_counter() - start
   assert elapsed < 10, f'took {elapsed:.1f}s to fail'
   assert compiles.count == 0, f'{compiles.count} jit lowerings/compilations before failing'
@@ -286,13 +179,14 @@ def _assert_fails_fast(config, workdir, exception, match):
     ({'batch_size': 12}, ValueError, r'batch_size=12 is not divisible by the 8 devices'),
     ({'data__image_size': 18}, ValueError, r'data\.image_size 18x18 is not divisible by the patch '
                                            r'size 4'),
-    ({'data__name': 'cifar10'}, ValueError, r"data\.name='cifar10' is not a known data set"),
+    ({'data__name': 'cifar10'}, ValueError, r"data\.name='cifar10' is not allowed; choose one "
+                                            r"of: animal_mnist"),
     ({'mesh__fsdp': 3}, ValueError, r'mesh\.fsdp=3 must divide the 8 devices'),
     ({'mesh__fsdp': 0}, ValueError, r'mesh\.fsdp=0 must be a positive integer'),
     ({'nonfinite': 'ignore'}, ValueError, r"nonfinite='ignore' is not allowed; choose one of: "
                                           r"error, skip"),
-    ({'data__bad_records': 'drop'}, ValueError, r"data\.bad_records='drop' is not known; "
-                                                r"allowed: \('error', 'skip'\)"),
+    ({'data__bad_records': 'drop'}, ValueError, r"data\.bad_records='drop' is not allowed; "
+                                                r"choose one of: error, skip"),
 ], ids=['batch_12_on_8_devices', 'image_size_18_patch_4', 'unknown_data_set', 'fsdp_3',
         'fsdp_0', 'nonfinite', 'bad_records'])
 def test_bad_config_fails_fast(data_dir, tmp_path, overrides, exception, match):
@@ -314,13 +208,13 @@ def test_workdir_of_an_incompatible_model_fails_fast(run_a, data_dir, tmp_path):
   config = tiny_config(data_dir, model__variant='micro/2', total_steps=RUN_A_STEPS + 1)
   start = time.perf_counter()
   with CompileCounter() as compiles, pytest.raises(ValueError) as error:
-    train_module.train(config, workdir)
+    train_loop.train(config, workdir)
   assert time.perf_counter() - start < 10 and compiles.count == 0
   message = str(error.value)
   assert "model.variant: saved 'micro/4', now 'micro/2'" in message
   assert str(workdir) in message and 'init_from' in message
   assert step_dirs(workdir) == [3, 6]   # nothing new was written
-  assert checkpoints.read_config(workdir / 'config.json').model.variant == 'micro/4'
+  assert rundir.RunDir(workdir).read_config().model.variant == 'micro/4'
 
 
 def test_init_from_without_a_checkpoint_fails_fast(data_dir, tmp_path):
@@ -363,19 +257,19 @@ def test_init_from_takes_the_weights_and_starts_at_step_zero(run_a, data_dir, tm
   config = tiny_config(data_dir, init_from=str(workdir_a), data__image_size=32, total_steps=1,
                        optim__learning_rate=0.0)
 
-  trainer = training.Trainer(config, training.make_mesh(1))
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          trainer.abstract_state, trainer.state_sharding)
-  params, ema_params = checkpoints.restore_weights(workdir_a, abstract)
-  chex.assert_trees_all_equal(host(params), state_a.params)
-  chex.assert_trees_all_equal(host(ema_params), state_a.ema_params)
+  trainer = training.Trainer(config_lib.build_model(config), config_lib.training_plan(config),
+                             training.make_mesh(1))
+  abstract = trainer.abstract_sharded_state().params
+  weights = checkpoints.restore_weights(workdir_a, abstract)
+  chex.assert_trees_all_equal(host(weights['params']), state_a.params)
+  chex.assert_trees_all_equal(host(weights['ema_params']), state_a.ema_params)
   # A single checkpoint directory works too, and names that step.
-  params_3, _ = checkpoints.restore_weights(workdir_a / 'checkpoints' / '3', abstract)
+  params_3 = checkpoints.restore_weights(workdir_a / 'checkpoints' / '3', abstract)['params']
   assert not all(np.array_equal(a, b) for a, b in
                  zip(jax.tree.leaves(host(params_3)), jax.tree.leaves(state_a.params)))
 
   workdir_b = tmp_path / 'run_b'
-  state_b = host(train_module.train(config, workdir_b))
+  state_b = host(train_loop.train(config, workdir_b))
   out = capsys.readouterr().out
   assert f'Starting from the weights in {workdir_a}' in out
   assert 'Resuming' not in out
@@ -389,7 +283,7 @@ def test_init_from_takes_the_weights_and_starts_at_step_zero(run_a, data_dir, tm
   # A fresh optimizer: its step counters say 1, where run A's say 6.
   assert int_leaves(state_b.opt_state) and all(int(c) == 1 for c in int_leaves(state_b.opt_state))
   assert all(int(c) == RUN_A_STEPS for c in int_leaves(state_a.opt_state))
-  saved = checkpoints.read_config(workdir_b / 'config.json')
+  saved = rundir.RunDir(workdir_b).read_config()
   assert saved.init_from == str(workdir_a) and saved.data.image_size == 32
 
 
@@ -437,7 +331,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path, capsys
   config = config_lib.load(str(REPO / 'configs' / 'default.py'),
                            flag_args(data_dir, total_steps=step + 1))
   capsys.readouterr()
-  state = train_module.train(config, workdir)
+  state = train_loop.train(config, workdir)
   assert f'Resuming from step {step}' in capsys.readouterr().out
   assert int(state.step) == step + 1
   assert step_dirs(workdir) == [step, step + 1]
@@ -481,7 +375,7 @@ def test_outputs_of_a_run(run_a):
     pixels = np.asarray(picture)
   assert pixels[2:18, 66:82].std() > 0  # the first sample is not blank
 
-  saved = checkpoints.read_config(workdir / 'config.json')
+  saved = rundir.RunDir(workdir).read_config()
   assert _as_lists(saved.to_dict()) == _as_lists(config.to_dict())
   config_lib.validate(saved)
   mngr = checkpoints.manager(workdir, config, read_only=True)

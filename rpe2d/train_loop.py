@@ -1,0 +1,205 @@
+"""The training loop: preflight, resume, steps, logs, checkpoints, sample grids, preemption.
+
+`train(config, workdir)` is what train.py runs, and what a notebook or a test calls: it trains (or
+resumes) to config.total_steps and returns the final state. Bad input fails in `preflight`, before
+anything compiles. A step's loss and gradient are checked for NaN/Inf on the host only at log,
+save and sample steps (no per-step sync), and a non-finite step is never applied.
+"""
+
+import json
+import signal
+import time
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+import tqdm
+
+from rpe2d import checkpoints, config as config_lib, data, images, rundir, sampler, training
+from rpe2d.metric_writer import MetricWriter
+
+
+def preflight(config, run: rundir.RunDir):
+  """Every check that needs no compilation, so bad input fails in seconds; then puts aside
+  unfinished and damaged checkpoints (checkpoints.recover). Returns the typed objects of the
+  config and the workdir's saved config (None for a new run)."""
+  built = config_lib.validate(config)
+  devices = jax.device_count()
+  if config.batch_size % devices:
+    raise ValueError(f'batch_size={config.batch_size} is not divisible by the {devices} devices; '
+                     f'use a multiple of {devices}')
+  if devices % config.mesh.fsdp:
+    raise ValueError(f'mesh.fsdp={config.mesh.fsdp} must divide the {devices} devices')
+  run.check_writable()
+  saved_config = rundir.check_compatible(run, config)
+  if config.init_from:
+    checkpoints.check_init_from(config.init_from, config)
+  data.prepare(config.data)
+  checkpoints.recover(run.root)
+  return built, saved_config
+
+
+class Preemption:
+  """Turns SIGTERM (TPU preemption, scheduler kills) into 'save now and exit cleanly'.
+
+  One process: our own SIGTERM handler. Several: JAX's preemption service (started by
+  jax.distributed.initialize) catches the signal on any host and agrees on one step for all of
+  them, so every host saves the same step; a handler of ours would replace the service's.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    self._sync_point = jax.process_count() > 1
+    if not self._sync_point:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    elif not jax.config.jax_enable_preemption_service:
+      self._sync_point = False
+      logging.warning('jax_enable_preemption_service is off: SIGTERM stops this run without a '
+                      'checkpoint (one process saving alone would leave the others hanging)')
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    """Whether to save at `step` and stop; call it after every step."""
+    if self._sync_point:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def check_finite(window, policy: str, saved_step, run: rundir.RunDir):
+  """(the newest metrics, the number of non-finite steps) of the (step, metrics) since the last
+  check; with nonfinite='error' the first non-finite step raises FloatingPointError naming it."""
+  bad = [(step, m) for step, m in window if not m['finite']]
+  for step, m in bad:
+    if policy == 'error':
+      kept = (f'the newest checkpoint, step {saved_step}, is untouched' if saved_step is not None
+              else 'no checkpoint was saved')
+      raise FloatingPointError(
+          f'step {step}: the loss is {m["loss"]} and the gradient norm {m["grad_norm"]}; stopped '
+          f'({kept} in {run.checkpoints}). --config.nonfinite=skip skips such steps.')
+    logging.warning('step %d: the loss is %s and the gradient norm %s; update skipped '
+                    '(nonfinite=skip)', step, m['loss'], m['grad_norm'])
+  return {k: v for k, v in window[-1][1].items() if k != 'finite'}, len(bad)
+
+
+def save_sample_grids(config, model, plan, ema_params, step, run: rundir.RunDir, class_names):
+  num_classes, per_class = model.num_classes, config.sampling.num_per_class
+  labels = np.repeat(np.arange(num_classes), per_class).astype(np.int32)
+  for height, width in config.sampling.resolutions:
+    generated = sampler.sample_jit(model, ema_params, jax.random.key(config.seed), labels,
+                                   height=height, width=width, plan=plan)
+    if jax.process_index() == 0:
+      images.save_grid(run.sample_grid(step, height, width), images.to_uint8(generated),
+                       rows=num_classes, row_labels=class_names)
+
+
+def train(config, workdir) -> training.TrainState:
+  """Runs (or resumes) training to config.total_steps and returns the final state."""
+  run = rundir.RunDir(workdir)
+  built, saved_config = preflight(config, run)
+  mesh = training.make_mesh(config.mesh.fsdp)
+  trainer = training.Trainer(built.model, built.training, mesh)
+  iterator = data.make_iterator(config.data, split='train', seed=config.seed,
+                                global_batch_size=config.batch_size)
+  manager = checkpoints.manager(run.root, config)
+  abstract_state = trainer.abstract_sharded_state()
+
+  latest = manager.latest_step()
+  if latest is not None:
+    state = checkpoints.restore(manager, latest, abstract_state, iterator)
+    changes = rundir.changed_keys(saved_config, config) if saved_config is not None else []
+    print(f'Resuming from step {latest} ({run.checkpoints / str(latest)})'
+          + (f'; config changes: {", ".join(changes)}' if changes else ''), flush=True)
+  else:
+    state = trainer.init_state()
+    if config.init_from:
+      weights = checkpoints.restore_weights(config.init_from, abstract_state.params)
+      state = state.replace(**weights)
+      print(f'Starting from the weights in {config.init_from} (fresh optimizer, step 0)',
+            flush=True)
+  run.truncate_logs(int(state.step))
+  run.write_config(config)
+
+  step = int(state.step)
+  if step >= config.total_steps:
+    print(f'Nothing to do: step {step} >= total_steps {config.total_steps}', flush=True)
+    manager.close()
+    return state
+
+  class_names = data.class_names(config.data)
+  writer = MetricWriter(run)
+  examples_log = None
+  if config.log_example_indices and jax.process_index() == 0:
+    examples_log = open(run.examples, 'a', encoding='utf-8')
+  preemption = Preemption()
+  peak = training.peak_flops_per_device()
+  flops_per_image = trainer.flops_per_image()
+  progress = tqdm.tqdm(total=config.total_steps, initial=step, disable=jax.process_index() != 0,
+                       dynamic_ncols=True, desc='train')
+  window_start, window_steps = time.perf_counter(), 0
+  saved_step = latest  # the newest checkpoint (None: none yet)
+  unchecked = []  # (step, metrics on the device) not yet checked for NaN/Inf: no per-step sync
+  skipped_steps = bad_records = 0  # since the last log line
+  try:
+    while step < config.total_steps:
+      local_batch = next(iterator)
+      state, metrics = trainer.step(state, trainer.device_batch(local_batch))
+      step += 1
+      unchecked.append((step, metrics))
+      bad_records += int(local_batch['skipped'].sum())
+      if examples_log:
+        examples_log.write(json.dumps({'step': step, 'index': local_batch['index'].tolist()}) + '\n')
+        examples_log.flush()
+      window_steps += 1
+      progress.update(1)
+
+      preempted = preemption.reached(step)  # read once: the signal may arrive at any moment
+      log_now = step % config.log_every_steps == 0 or step == config.total_steps
+      save_now = step % config.checkpoint_every_steps == 0 or step == config.total_steps \
+          or preempted
+      sample_now = step % config.sample_every_steps == 0 or step == config.total_steps
+      if log_now or save_now or sample_now:  # nothing is logged, saved or sampled past a NaN
+        metrics, skipped = check_finite(jax.device_get(unchecked), config.nonfinite, saved_step,
+                                        run)
+        unchecked, skipped_steps = [], skipped_steps + skipped
+      if log_now:
+        seconds = time.perf_counter() - window_start
+        images_per_second = window_steps * config.batch_size / seconds
+        tflops = images_per_second * flops_per_image / 1e12
+        scalars = dict(metrics, images_per_second=images_per_second, tflops=tflops,
+                       mfu=tflops * 1e12 / (peak * jax.device_count()) if peak else None,
+                       skipped_steps=skipped_steps, bad_records=bad_records)
+        writer.write(step, scalars)
+        progress.set_postfix(loss=f'{metrics["loss"]:.4f}', img_s=f'{images_per_second:.0f}')
+        window_start, window_steps = time.perf_counter(), 0
+        skipped_steps = bad_records = 0
+
+      if save_now:
+        checkpoints.wait(manager, saved_step)  # a failed earlier save is reported as its own
+        checkpoints.save(manager, step, state, iterator, config, force=True)
+        saved_step = step
+      if preempted:
+        checkpoints.wait(manager, step)
+        print(f'SIGTERM: saved the checkpoint at step {step}; exiting', flush=True)
+        break
+      if sample_now:
+        save_sample_grids(config, built.model, built.sampling, state.ema_params, step, run,
+                          class_names)
+  finally:
+    progress.close()
+    preemption.restore()
+    try:
+      checkpoints.close(manager, saved_step)  # waits for the save in flight
+    finally:
+      writer.close()
+      if examples_log:
+        examples_log.close()
+  return state

@@ -9,6 +9,7 @@ or the device count.
 """
 
 import dataclasses
+import functools
 import pathlib
 import time
 
@@ -56,7 +57,8 @@ def load_run(workdir, checkpoint=None, *, use_ema: bool = True) -> Run:
   model = config_lib.build_model(config)
   replicated = NamedSharding(training.make_mesh(1, devices=jax.local_devices()), P())
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                          jax.eval_shape(training.init_params, model, jax.random.key(0)))
+                          jax.eval_shape(functools.partial(training.init_params, model),
+                                         jax.random.key(0)))
   name = 'ema_params' if use_ema else 'params'
   params = checkpoints.restore_weights(path, abstract, names=(name,))[name]
   return Run(config=config, model=model, params=params, step=int(path.name), checkpoint=path)

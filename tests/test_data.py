@@ -82,7 +82,8 @@ def _cfg(data_dir, **kw):
   """The schema's data section (rpe2d.config.base) with these values."""
   c = config_lib.base().data
   c.update(dict(name='animal_mnist', data_dir=data_dir, image_size=S, augment='none',
-                crop_prob=0.0, crop_max_scale=1.0, **kw))
+                crop_prob=0.0, crop_max_scale=1.0))
+  c.update(kw)
   return c
 
 

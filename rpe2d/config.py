@@ -68,12 +68,13 @@ def base() -> ml_collections.ConfigDict:
   c.encoding = ml_collections.ConfigDict()
   c.encoding.extrapolation = 'none'     # none | pi | ntk | yarn | tasr
   c.encoding.yarn_form = 'paper'        # paper | fit
-  c.encoding.temperature = 'logits'     # logits | rope | none (YaRN's tau)
+  c.encoding.temperature = 'rope'       # rope | logits (legacy) | none (YaRN's tau)
   c.encoding.attention_scale = 'none'   # none | log_n
   c.encoding.dype = False
   c.encoding.dype_lambda_s = config_dict.placeholder(float)
   c.encoding.dype_lambda_t = config_dict.placeholder(float)
   c.encoding.dype_variant = 'scaled'    # scaled | power (YaRN thresholds x kappa or ^ kappa)
+  c.encoding.tasr_form = 'continuous'   # continuous | switch (Lumina-Next TASR)
 
   c.flow = ml_collections.ConfigDict()
   c.flow.time_sampling = 'logit_normal'  # logit_normal | uniform
@@ -228,7 +229,8 @@ def encoding(config, **overrides) -> rope.Encoding:
   e = config.encoding
   values = dict(extrapolation=e.extrapolation, yarn_form=e.yarn_form, temperature=e.temperature,
                 attention_scale=e.attention_scale, dype=bool(e.dype), dype_lambda_s=e.dype_lambda_s,
-                dype_lambda_t=e.dype_lambda_t, dype_variant=e.dype_variant)
+                dype_lambda_t=e.dype_lambda_t, dype_variant=e.dype_variant,
+                tasr_form=e.get('tasr_form', 'continuous'))  # runs saved before it have none
   values.update(overrides)
   return rope.Encoding(**values)
 

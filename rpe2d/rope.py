@@ -1,4 +1,6 @@
-"""Positional encodings, static extrapolation and DyPE (docs/methods.md#encodings, #dype).
+"""Positional encodings, static extrapolation and DyPE.
+
+Formulas and the references each form reproduces: docs/methods.md#encodings and docs/methods.md#dype.
 
 Everything here is a pure function of arrays: positions m (batch, n) on one axis, flow time t (batch,),
 and static numbers (per-axis dimension d, base, scale s, reference length L). A method returns the
@@ -16,8 +18,8 @@ import jax.numpy as jnp
 
 EXTRAPOLATIONS = ('none', 'pi', 'ntk', 'yarn', 'tasr')
 YARN_FORMS = ('paper', 'index', 'fit')
-# Where YaRN's tau goes. 'rope' (the default): on cos and sin of q and k, so the logits see tau^2 per
-# axis, as the reference code does. 'logits': tau once on the logits, the legacy default.
+# Where YaRN's tau goes. 'rope' (the default): on cos and sin of q and k, so the logits see tau^2
+# per axis, as the reference code does. 'logits': tau once on the logits, the legacy default.
 TEMPERATURE_PLACES = ('logits', 'rope', 'none')
 TASR_FORMS = ('continuous', 'switch')
 ATTENTION_SCALES = ('none', 'log_n')
@@ -35,8 +37,8 @@ FIT_BETA0, FIT_BETA1, FIT_GAMMA0, FIT_GAMMA1 = 1.25, 0.75, 16.0, 2.0
 # TASR switch form (docs/methods.md#tasr): PI while t_data = 1 - t is below this, then NTK.
 TASR_SWITCH_T_DATA = 0.3
 
-# DyPE's published defaults (docs/methods.md#dype-defaults): DY-NTK uses lambda_s = lambda_t = 2 (NTK
-# with s^2 at t = 1); DY-YaRN uses lambda_s = 1, lambda_t = 2 so that t = 1 is exactly static YaRN.
+# DyPE's published defaults (docs/methods.md#dype-defaults): DY-NTK uses lambda_s = lambda_t = 2
+# (NTK with s^2 at t = 1); DY-YaRN uses lambda_s = 1, lambda_t = 2 so t = 1 is exactly static YaRN.
 # DY-PI follows YaRN (our choice). The 'power' DY-YaRN variant raises the thresholds to
 # kappa = 2 t^2, as the official code did before Feb 2026, so its default is lambda_s = 2.
 DYPE_DEFAULT_LAMBDAS = {'pi': (1.0, 2.0), 'ntk': (2.0, 2.0), 'yarn': (1.0, 2.0)}
@@ -86,7 +88,7 @@ def _check_choice(what, value, allowed):
 
 
 def legacy_notes(encoding: Encoding) -> list[str]:
-  """One-line notices for an encoding that asks for a legacy behaviour (empty when there is none)."""
+  """One-line notices for an encoding that asks for a legacy behaviour (empty when none does)."""
   notes = []
   if encoding.extrapolation == 'yarn' and encoding.temperature == 'logits':
     notes.append("note: temperature='logits' (the default before the reference-matching change) "
@@ -285,10 +287,11 @@ def rope_temperatures(geometry: Geometry, encoding: Encoding) -> tuple[float, fl
 
 
 def logit_multiplier(geometry: Geometry, encoding: Encoding) -> float:
-  """Static factor on attention logits: YaRN's tau (legacy placement 'logits') times the log_n scale.
+  """Static factor on attention logits: YaRN's tau (legacy placement 'logits') times log_n's.
 
   For 2D the YaRN tau uses the geometric-mean scale sqrt(s_y * s_x), which is the 1D rule when the
-  two axes stretch equally (docs/methods.md#yarn-temperature, #log-n-attention-scale).
+  two axes stretch equally. See docs/methods.md#yarn-temperature and
+  docs/methods.md#log-n-attention-scale.
   """
   multiplier = 1.0
   if encoding.extrapolation == 'yarn' and encoding.temperature == 'logits':

@@ -1,4 +1,6 @@
 import math
+import pathlib
+import re
 
 import chex
 import jax
@@ -409,7 +411,8 @@ def test_dype_power_variant_reproduces_the_old_official_code(t):
   np.testing.assert_allclose(theta[0], expected, rtol=1e-5)
   # The scaled variant's lambdas are unchanged; explicit lambdas still win.
   assert rope.Encoding('yarn', dype=True).lambdas == (1.0, 2.0)
-  assert rope.Encoding('yarn', dype=True, dype_variant='power', dype_lambda_s=1.0).lambdas == (1.0, 2.0)
+  explicit = rope.Encoding('yarn', dype=True, dype_variant='power', dype_lambda_s=1.0)
+  assert explicit.lambdas == (1.0, 2.0)
 
 
 @pytest.mark.parametrize('form', rope.YARN_FORMS)
@@ -453,3 +456,21 @@ def test_dy_yarn_scaled_is_native_near_t0(form, reference_length):
   native = np.asarray(rope.axis_frequencies(dim, BASE))
   assert np.all(np.isfinite(theta))
   np.testing.assert_allclose(theta, np.broadcast_to(native, theta.shape), rtol=1e-6, atol=0)
+
+
+def _slug(heading):
+  """GitHub's anchor for a Markdown heading."""
+  text = heading.strip().lower()
+  return re.sub(r'[^\w\- ]', '', text).replace(' ', '-')
+
+
+def test_docs_anchors_cited_in_the_code_exist():
+  root = pathlib.Path(__file__).parent.parent
+  doc = (root / 'docs' / 'methods.md').read_text()
+  anchors = {_slug(line.lstrip('#')) for line in doc.splitlines() if line.startswith('#')}
+  cited = set()
+  for path in (root / 'rpe2d').rglob('*.py'):
+    cited |= {(path.name, a) for a in re.findall(r'docs/methods\.md#([\w-]+)', path.read_text())}
+  assert cited, 'rope.py cites docs/methods.md'
+  missing = sorted(c for c in cited if c[1] not in anchors)
+  assert not missing, f'anchors cited but not in docs/methods.md: {missing}'

@@ -474,3 +474,21 @@ def test_docs_anchors_cited_in_the_code_exist():
   assert cited, 'rope.py cites docs/methods.md'
   missing = sorted(c for c in cited if c[1] not in anchors)
   assert not missing, f'anchors cited but not in docs/methods.md: {missing}'
+
+
+ALL_FORMS = [dict(extrapolation='yarn', yarn_form=f, dype=d, dype_variant=v)
+             for f in rope.YARN_FORMS for d in (False, True) for v in rope.DYPE_VARIANTS] + [
+             dict(extrapolation='tasr', tasr_form=f) for f in rope.TASR_FORMS]
+
+
+@pytest.mark.parametrize('kwargs', ALL_FORMS, ids=lambda k: '-'.join(map(str, k.values())))
+def test_every_form_traces_under_jit_with_per_example_t(kwargs):
+  enc = rope.Encoding(**kwargs)
+  ts = jnp.array([0.0, 0.2, 0.68, 0.72, 1.0])
+  pos = jnp.broadcast_to(jnp.arange(8, dtype=jnp.float32), (5, 8))
+  run = lambda p, t: rope.axis_positions_and_frequencies(
+      p, t, dim=DIM, base=BASE, scale=3.0, reference_length=16, encoding=enc)
+  eager, jitted = run(pos, ts), jax.jit(run)(pos, ts)
+  for a, b in zip(eager, jitted):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  assert np.all(np.isfinite(jitted[1]))

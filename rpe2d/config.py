@@ -73,7 +73,8 @@ SCHEMA = (
     Field('encoding.extrapolation', 'none', 'sampling beyond the trained range',
           allowed=rope.EXTRAPOLATIONS),
     Field('encoding.yarn_form', 'paper', 'YaRN variant', allowed=rope.YARN_FORMS),
-    Field('encoding.temperature', 'logits', "where YaRN's temperature goes",
+    Field('encoding.temperature', 'rope', "where YaRN's temperature goes: rope = on q and k "
+          '(the logits get tau^2, as in the reference code); logits = tau once (before 0.2)',
           allowed=rope.TEMPERATURE_PLACES),
     Field('encoding.attention_scale', 'none', 'attention logit scale for more tokens',
           allowed=rope.ATTENTION_SCALES),
@@ -84,6 +85,8 @@ SCHEMA = (
           value_type=float),
     Field('encoding.dype_variant', 'scaled', 'DY-YaRN thresholds x kappa (scaled) or ^ kappa',
           allowed=rope.DYPE_VARIANTS),
+    Field('encoding.tasr_form', 'continuous', "Lumina-Next's TASR: continuous in t, or a switch",
+          allowed=rope.TASR_FORMS),
 
     Field('flow.time_sampling', 'logit_normal', 'training times t',
           allowed=flow.TIME_SAMPLINGS),
@@ -170,6 +173,21 @@ def load(path: str, overrides=()) -> ml_collections.ConfigDict:
   return config
 
 
+def complete(saved: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Adds, in place, the fields a saved config predates, at their defaults. A field added to the
+  schema must default to the behaviour from before it existed."""
+  for f in SCHEMA:
+    *sections, name = f.key.split('.')
+    node = saved
+    for section in sections:
+      if section not in node:
+        node[section] = ml_collections.ConfigDict()
+      node = node[section]
+    if name not in node:
+      node[name] = config_dict.placeholder(f.value_type) if f.default is None else f.default
+  return saved
+
+
 def _unknown_field(path, overrides) -> str:
   """The first override whose field the config file does not define."""
   config = load(path)
@@ -245,7 +263,7 @@ def encoding(config, **overrides) -> rope.Encoding:
   values = dict(extrapolation=e.extrapolation, yarn_form=e.yarn_form, temperature=e.temperature,
                 attention_scale=e.attention_scale, dype=bool(e.dype),
                 dype_lambda_s=e.dype_lambda_s, dype_lambda_t=e.dype_lambda_t,
-                dype_variant=e.dype_variant)
+                dype_variant=e.dype_variant, tasr_form=e.tasr_form)
   values.update(overrides)
   return rope.Encoding(**values)
 

@@ -1,4 +1,6 @@
-"""Positional encodings, static extrapolation and DyPE (SPEC §2-3).
+"""Positional encodings, static extrapolation and DyPE.
+
+Formulas and the references each form reproduces: docs/methods.md#encodings and docs/methods.md#dype.
 
 Everything here is a pure function of arrays: positions m (batch, n) on one axis, flow time t (batch,),
 and static numbers (per-axis dimension d, base, scale s, reference length L). A method returns the
@@ -15,20 +17,32 @@ import jax
 import jax.numpy as jnp
 
 EXTRAPOLATIONS = ('none', 'pi', 'ntk', 'yarn', 'tasr')
-YARN_FORMS = ('paper', 'fit')
+YARN_FORMS = ('paper', 'index', 'fit')
+# Where YaRN's tau goes. 'rope' (the default): on cos and sin of q and k, so the logits see tau^2
+# per axis, as the reference code does. 'logits': tau once on the logits, the legacy default.
 TEMPERATURE_PLACES = ('logits', 'rope', 'none')
+TASR_FORMS = ('continuous', 'switch')
 ATTENTION_SCALES = ('none', 'log_n')
 DYPE_VARIANTS = ('scaled', 'power')
 DYPE_EXTRAPOLATIONS = ('pi', 'ntk', 'yarn')
 
-# YaRN constants. Paper form: ramp over rotations r in [alpha, beta]. FiT form: two stages of
-# rotation thresholds (beta0, beta1) between PI and NTK, (gamma0, gamma1) back to native.
+# YaRN constants (docs/methods.md#yarn). Paper form: ramp over rotations r in [alpha, beta]. Index
+# form: ramp over the frequency index between the indices where r = beta_fast and r = beta_slow.
+# FiT form: two stages of rotation thresholds (beta0, beta1) between PI and NTK, (gamma0, gamma1)
+# back to native.
 YARN_ALPHA, YARN_BETA = 1.0, 32.0
+YARN_BETA_FAST, YARN_BETA_SLOW = 32.0, 1.0
 FIT_BETA0, FIT_BETA1, FIT_GAMMA0, FIT_GAMMA1 = 1.25, 0.75, 16.0, 2.0
 
-# DyPE's published defaults: DY-NTK uses lambda_s = lambda_t = 2 (NTK with s^2 at t = 1); DY-YaRN
-# uses lambda_s = 1, lambda_t = 2 so that t = 1 is exactly static YaRN. DY-PI follows YaRN (our choice).
+# TASR switch form (docs/methods.md#tasr): PI while t_data = 1 - t is below this, then NTK.
+TASR_SWITCH_T_DATA = 0.3
+
+# DyPE's published defaults (docs/methods.md#dype-defaults): DY-NTK uses lambda_s = lambda_t = 2
+# (NTK with s^2 at t = 1); DY-YaRN uses lambda_s = 1, lambda_t = 2 so t = 1 is exactly static YaRN.
+# DY-PI follows YaRN (our choice). The 'power' DY-YaRN variant raises the thresholds to
+# kappa = 2 t^2, as the official code did before Feb 2026, so its default is lambda_s = 2.
 DYPE_DEFAULT_LAMBDAS = {'pi': (1.0, 2.0), 'ntk': (2.0, 2.0), 'yarn': (1.0, 2.0)}
+DYPE_POWER_DEFAULT_LAMBDAS = (2.0, 2.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,17 +50,19 @@ class Encoding:
   """How positions become rotation angles. Static and hashable: a jit cache key, never traced."""
   extrapolation: str = 'none'
   yarn_form: str = 'paper'
-  temperature: str = 'logits'
+  temperature: str = 'rope'
   attention_scale: str = 'none'
   dype: bool = False
   dype_lambda_s: float | None = None
   dype_lambda_t: float | None = None
   dype_variant: str = 'scaled'
+  tasr_form: str = 'continuous'
 
   def __post_init__(self):
     _check_choice('extrapolation method', self.extrapolation, EXTRAPOLATIONS)
     _check_choice('yarn_form', self.yarn_form, YARN_FORMS)
     _check_choice('temperature', self.temperature, TEMPERATURE_PLACES)
+    _check_choice('tasr_form', self.tasr_form, TASR_FORMS)
     _check_choice('attention_scale', self.attention_scale, ATTENTION_SCALES)
     _check_choice('dype_variant', self.dype_variant, DYPE_VARIANTS)
     if self.dype and self.extrapolation not in DYPE_EXTRAPOLATIONS:
@@ -58,7 +74,10 @@ class Encoding:
 
   @property
   def lambdas(self) -> tuple[float, float]:
-    default_s, default_t = DYPE_DEFAULT_LAMBDAS.get(self.extrapolation, (1.0, 2.0))
+    if self.extrapolation == 'yarn' and self.dype_variant == 'power':
+      default_s, default_t = DYPE_POWER_DEFAULT_LAMBDAS
+    else:
+      default_s, default_t = DYPE_DEFAULT_LAMBDAS.get(self.extrapolation, (1.0, 2.0))
     return (default_s if self.dype_lambda_s is None else float(self.dype_lambda_s),
             default_t if self.dype_lambda_t is None else float(self.dype_lambda_t))
 
@@ -68,13 +87,23 @@ def _check_choice(what, value, allowed):
     raise ValueError(f'unknown {what} {value!r}; allowed: {", ".join(allowed)}')
 
 
+def legacy_notes(encoding: Encoding) -> list[str]:
+  """One-line notices for an encoding that asks for a legacy behaviour (empty when none does)."""
+  notes = []
+  if encoding.extrapolation == 'yarn' and encoding.temperature == 'logits':
+    notes.append("note: temperature='logits' (the default before the reference-matching change) "
+                 "puts YaRN's tau on the attention logits once; --temperature=rope puts it on q "
+                 "and k (tau^2 on the logits), as the reference YaRN code does")
+  return notes
+
+
 def axis_frequencies(dim: int, base: float) -> jax.Array:
   """theta_i = base^(-2i/dim), i = 0..dim/2-1; i = 0 is the highest frequency."""
   return base ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
 
 
 def scale_factor(n: int, reference_length: int) -> float:
-  """Per-axis extrapolation scale s = max(n / L, 1) (SPEC §2.3)."""
+  """Per-axis extrapolation scale s = max(n / L, 1) (docs/methods.md#scale)."""
   return max(n / reference_length, 1.0)
 
 
@@ -107,11 +136,19 @@ def yarn_paper_frequencies(theta, scale, reference_length, alpha, beta):
 
 
 def _correction_index(rotations, dim, base, reference_length):
+  """The (fractional) index i at which band i makes `rotations` turns in the reference length."""
   rotations = jnp.maximum(rotations, 1e-20)  # 0 rotations -> index +inf -> clamped to dim - 1
   return dim * jnp.log(reference_length / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
 
-def _fit_ramp(fast_rotations, slow_rotations, n, dim, base, reference_length):
+def _index_ramp(fast_rotations, slow_rotations, n, dim, base, reference_length):
+  """0 up to floor(c(fast)), 1 from ceil(c(slow)), linear in the index between.
+
+  The references clamp the low end only from below and the high end only from above; we clamp both
+  ends into [0, dim - 1], so the ramp never inverts: at tiny reference lengths (c(slow) < 0) it
+  stays interpolating, and at tiny DyPE thresholds (c(fast) > dim - 1) it goes native instead of
+  flipping to PI.
+  """
   low = jnp.clip(jnp.floor(_correction_index(fast_rotations, dim, base, reference_length)),
                  0, dim - 1)
   high = jnp.clip(jnp.ceil(_correction_index(slow_rotations, dim, base, reference_length)),
@@ -120,24 +157,48 @@ def _fit_ramp(fast_rotations, slow_rotations, n, dim, base, reference_length):
   return jnp.clip((jnp.arange(n, dtype=jnp.float32) - low) / (high - low), 0.0, 1.0)
 
 
+def yarn_index_frequencies(theta, scale, reference_length, dim, base, fast, slow):
+  """YaRN as the reference code writes it (HF transformers, FiT's VisionYaRN): a ramp in the index.
+
+  ramp_i = clip((i - low) / (high - low), 0, 1) with low = floor(c(fast)), high = ceil(c(slow));
+  theta'_i = theta_i / s * ramp_i + theta_i * (1 - ramp_i). fast and slow (rotations, 32 and 1)
+  broadcast as (batch, 1) so DyPE can shrink them per example.
+  """
+  ramp = _index_ramp(fast, slow, theta.shape[-1], dim, base, reference_length)
+  return theta / scale * ramp + theta * (1.0 - ramp)
+
+
 def yarn_fit_frequencies(theta, scale, reference_length, dim, base, thresholds):
   """The FiT / DyPE-code "NTK-by-parts": PI->NTK over (beta0, beta1), then ->native over (gamma0, gamma1)."""
   beta0, beta1, gamma0, gamma1 = thresholds
   n = theta.shape[-1]
   theta_pi = theta / scale
   theta_ntk = ntk_frequencies(theta, scale, dim)
-  mask = 1.0 - _fit_ramp(beta0, beta1, n, dim, base, reference_length)
+  mask = 1.0 - _index_ramp(beta0, beta1, n, dim, base, reference_length)
   mixed = theta_pi * (1.0 - mask) + theta_ntk * mask
-  mask = 1.0 - _fit_ramp(gamma0, gamma1, n, dim, base, reference_length)
+  mask = 1.0 - _index_ramp(gamma0, gamma1, n, dim, base, reference_length)
   return mixed * (1.0 - mask) + theta * mask
 
 
-def tasr_frequencies(theta, scale, t, dim, base):
-  """Lumina-Next time-aware scaled RoPE: max(PI, NTK with base * s^(d/(t_data*d + 1))), t_data = 1 - t."""
+def _rebased(base, dim):
+  """theta_i = base^(-2i/dim) for a base of shape (batch, 1)."""
+  return jnp.power(base, -jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+
+
+def tasr_frequencies(theta, scale, t, dim, base, form='continuous'):
+  """Lumina-Next time-aware scaled RoPE (docs/methods.md#tasr); t_data = 1 - t (1 at data).
+
+  'continuous' (Lumina's released ntk_v3): max(PI, theta with base * s^(D / (t_data (D - 1) + 1))),
+  D = 2 dim the full head dimension: PI at noise, NTK with base * s at data.
+  'switch' (Lumina's text-to-image code): PI while t_data < 0.3, then theta with base * s.
+  """
   t_data = 1.0 - jnp.clip(t, 0.0, 1.0)
-  exponent = dim / (t_data * dim + 1.0)
-  new_base = base * jnp.power(scale, exponent)
-  theta_ntk = jnp.power(new_base, -jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+  if form == 'switch':
+    theta_ntk = _rebased(jnp.full_like(t_data, base * scale), dim)
+    return jnp.where(t_data < TASR_SWITCH_T_DATA, theta / scale, theta_ntk)
+  head_dim = 2 * dim
+  exponent = head_dim / (t_data * (head_dim - 1) + 1.0)
+  theta_ntk = _rebased(base * jnp.power(scale, exponent), dim)
   return jnp.maximum(theta / scale, theta_ntk)
 
 
@@ -163,16 +224,22 @@ def axis_positions_and_frequencies(positions, t, *, dim: int, base: float, scale
     return positions, ntk_frequencies(theta, jnp.power(scale, k), dim)
   if method == 'yarn':
     if encoding.dype_variant == 'power':
+      # thresholds ** kappa, the official code before Feb 2026 (docs/methods.md#dype-variants). Not
+      # native at t = 0: every threshold becomes 1, not 0, as in that code.
       stretch = lambda c: jnp.power(c, k)
     else:
       stretch = lambda c: c * k
     if encoding.yarn_form == 'paper':
       return positions, yarn_paper_frequencies(
           theta, scale, reference_length, stretch(YARN_ALPHA), stretch(YARN_BETA))
+    if encoding.yarn_form == 'index':
+      return positions, yarn_index_frequencies(
+          theta, scale, reference_length, dim, base, stretch(YARN_BETA_FAST),
+          stretch(YARN_BETA_SLOW))
     thresholds = tuple(stretch(c) for c in (FIT_BETA0, FIT_BETA1, FIT_GAMMA0, FIT_GAMMA1))
     return positions, yarn_fit_frequencies(theta, scale, reference_length, dim, base, thresholds)
   if method == 'tasr':
-    return positions, tasr_frequencies(theta, scale, t[:, None], dim, base)
+    return positions, tasr_frequencies(theta, scale, t[:, None], dim, base, encoding.tasr_form)
   raise ValueError(f'unknown extrapolation method {method!r}; allowed: {EXTRAPOLATIONS}')
 
 
@@ -209,17 +276,22 @@ def angles_2d(positions, t, *, dim: int, geometry: Geometry, encoding: Encoding)
 
 
 def rope_temperatures(geometry: Geometry, encoding: Encoding) -> tuple[float, float]:
-  """YaRN's tau per axis when it is placed on the rotary embedding (both q and k: logits see tau^2)."""
+  """YaRN's tau per axis when it is placed on the rotary embedding (both q and k: logits see tau^2).
+
+  This is the default placement and the reference code's (docs/methods.md#yarn-temperature). It only
+  reaches models with RoPE: a sin-cos model has no rotation table to carry it.
+  """
   if encoding.extrapolation != 'yarn' or encoding.temperature != 'rope':
     return (1.0, 1.0)
   return tuple(yarn_temperature(s) for s in geometry.scales)
 
 
 def logit_multiplier(geometry: Geometry, encoding: Encoding) -> float:
-  """Static factor on attention logits: YaRN's tau (placed on logits) times the log_n scale.
+  """Static factor on attention logits: YaRN's tau (legacy placement 'logits') times log_n's.
 
   For 2D the YaRN tau uses the geometric-mean scale sqrt(s_y * s_x), which is the 1D rule when the
-  two axes stretch equally.
+  two axes stretch equally. See docs/methods.md#yarn-temperature and
+  docs/methods.md#log-n-attention-scale.
   """
   multiplier = 1.0
   if encoding.extrapolation == 'yarn' and encoding.temperature == 'logits':

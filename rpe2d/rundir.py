@@ -20,7 +20,7 @@ import pathlib
 import jax
 import ml_collections
 
-from rpe2d import files
+from rpe2d import config as config_lib, files
 
 # Config keys that change the shapes of the saved arrays or what they mean. A run may not resume,
 # or lend its weights, with different values.
@@ -85,7 +85,9 @@ class RunDir:
                        'choose another --workdir') from None
 
   def read_config(self) -> ml_collections.ConfigDict | None:
-    return read_config(self.config_path)
+    """The run's saved config, with the fields it predates at their defaults (None: no run)."""
+    saved = read_config(self.config_path)
+    return None if saved is None else config_lib.complete(saved)
 
   def write_config(self, config) -> None:
     if jax.process_index() == 0:

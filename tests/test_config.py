@@ -95,3 +95,18 @@ def test_position_range_and_sampling_plan():
   config.encoding.dype = True
   plan = config_lib.sampling_plan(config, steps=3)
   assert plan.steps == 3 and plan.encoding.dype and plan.encoding.lambdas == (2.0, 2.0)
+
+
+def test_encoding_defaults_and_runs_saved_before_tasr_form():
+  config = config_lib.base()
+  enc = config_lib.encoding(config)
+  assert enc.temperature == 'rope' and enc.tasr_form == 'continuous'
+  config.encoding.tasr_form = 'switch'
+  assert config_lib.encoding(config).tasr_form == 'switch'
+  # A config.json written before the field existed still builds, with the default form.
+  saved = config_lib.base()
+  del saved.encoding['tasr_form']
+  assert config_lib.encoding(config_lib.complete(saved)).tasr_form == 'continuous'
+  config.encoding.tasr_form = 'ntk_v2'
+  with pytest.raises(ValueError, match="encoding.tasr_form='ntk_v2' is not allowed"):
+    config_lib.validate(config)

@@ -98,6 +98,8 @@ def test_null_class_and_labels(micro_model, micro_params):
 @pytest.mark.parametrize('encoding', [
     rope.Encoding('pi'), rope.Encoding('ntk', dype=True), rope.Encoding('yarn', temperature='rope'),
     rope.Encoding('tasr'), rope.Encoding('yarn', yarn_form='fit'),
+    rope.Encoding('yarn', yarn_form='index'), rope.Encoding('tasr', tasr_form='switch'),
+    rope.Encoding('yarn', temperature='logits'),
 ])
 def test_methods_are_native_at_the_reference_resolution(micro_model, micro_params, encoding):
   # position_range (8, 8) tokens = 16x16 pixels: scale 1 on both axes.

@@ -11,7 +11,7 @@ import argparse
 
 import numpy as np
 
-from rpe2d import metrics
+from rpe2d.evaluation import metrics
 
 
 def main():

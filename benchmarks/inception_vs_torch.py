@@ -16,7 +16,7 @@ import warnings
 import jax
 import numpy as np
 
-from rpe2d import inception
+from rpe2d.evaluation import inception
 
 
 def images(n, size, seed=0):

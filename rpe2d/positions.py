@@ -1,4 +1,4 @@
-"""Token positions as data (SPEC §1).
+"""Token positions as data (docs/methods.md#positions).
 
 Positions are float32 arrays of shape (batch, h*w, 2) holding (y, x) for every token in row-major
 order. They are built from one axis array per direction, ys (batch, h) and xs (batch, w), so rows stay
@@ -53,7 +53,7 @@ def random_subset_axis(key: jax.Array, n: int, length: int, batch: int, *,
 
 def rpe2d(key: jax.Array, h: int, w: int, max_h: int, max_w: int, batch: int, *,
           per_example: bool = True, continuous: bool = False) -> jax.Array:
-  """RPE-2D training positions (SPEC §1.1): independent sorted subsets along rows and columns."""
+  """RPE-2D training positions (docs/methods.md#rpe-2d-training-positions): independent sorted subsets along rows and columns."""
   key_y, key_x = jax.random.split(key)
   ys = random_subset_axis(key_y, h, max_h, batch, per_example=per_example, continuous=continuous)
   xs = random_subset_axis(key_x, w, max_w, batch, per_example=per_example, continuous=continuous)
@@ -62,7 +62,8 @@ def rpe2d(key: jax.Array, h: int, w: int, max_h: int, max_w: int, batch: int, *,
 
 def inference_axis(rule: str, n: int, length: int, batch: int, *, key: jax.Array | None = None,
                    round_positions: bool = False) -> jax.Array:
-  """Positions of n tokens on an axis of trained range `length` (SPEC §1.2)."""
+  """Positions of n tokens on an axis of trained range `length`
+  (docs/methods.md#rpe-2d-inference-positions)."""
   if rule == 'uniform':
     # n and length are static: numpy in float64 keeps the last position exactly length - 1.
     axis = jnp.asarray(np.arange(n) * (length - 1) / max(n - 1, 1), jnp.float32)

@@ -1,4 +1,5 @@
-"""ODE sampler from t = 1 (noise) to t = 0 (data) inside one `lax.scan` (SPEC §4.3).
+"""ODE sampler from t = 1 (noise) to t = 0 (data) inside one `lax.scan`
+(docs/methods.md#sampler).
 
 The position rule is applied once per sample; the encoding (extrapolation, DyPE) is evaluated by the
 model from t at every step inside the scan body, so DyPE costs one small frequency computation per

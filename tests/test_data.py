@@ -22,7 +22,7 @@ import tensorflow_datasets as tfds
 from rpe2d import config as config_lib, data
 from rpe2d.datasets import _common
 from rpe2d.datasets import animal_mnist
-from rpe2d.datasets import wheels
+from rpe2d import wheels
 
 N_PER_CLASS = 20
 N = 10 * N_PER_CLASS  # 200 synthetic examples -> 180 train / 20 test

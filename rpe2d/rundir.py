@@ -27,6 +27,7 @@ from rpe2d import config as config_lib, files
 INCOMPATIBLE_KEYS = (
     'model.variant', 'model.position_embedding', 'model.qk_norm', 'model.micro_conditioning',
     'model.mlp_ratio', 'data.name', 'data.image_size', 'data.channels', 'data.num_classes',
+    'data.image_dir',
 )
 # What init_from needs to agree on: the weights' shapes and the label ids.
 MODEL_KEYS = tuple(k for k in INCOMPATIBLE_KEYS if k.startswith('model.')) + (

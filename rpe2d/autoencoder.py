@@ -1,6 +1,6 @@
-"""The KL autoencoder of Stable Diffusion (diffusers' ``AutoencoderKL``) in Flax Linen, NHWC.
+"""The KL autoencoder of Stable Diffusion (diffusers' `AutoencoderKL`) in Flax Linen, NHWC.
 
-The architecture, top to bottom (``C = block_out_channels``, ``L = layers_per_block``):
+The architecture, top to bottom (`C = block_out_channels`, `L = layers_per_block`):
 
   Encoder   conv_in 3x3 -> for each C[i]: L ResnetBlocks, then (except the last) Downsample
             (pad right/bottom by 1, conv 3x3 stride 2) -> mid block (resnet, single-head self-
@@ -11,10 +11,10 @@ The architecture, top to bottom (``C = block_out_channels``, ``L = layers_per_bl
             the last) nearest 2x Upsample + conv 3x3 -> GroupNorm, SiLU, conv_out 3x3
 
 Module and parameter names follow diffusers' state dict with each '.<index>' written '_<index>'
-(module 'down_blocks_0_resnets_1', submodule 'conv1' is ``down_blocks.0.resnets.1.conv1``), so
-``autoencoder_weights`` maps a checkpoint name by name.
+(module 'down_blocks_0_resnets_1', submodule 'conv1' is `down_blocks.0.resnets.1.conv1`), so
+`autoencoder_weights` maps a checkpoint name by name.
 
-Compute runs in float32 or bfloat16 (``dtype``); parameters stay float32, and GroupNorm statistics
+Compute runs in float32 or bfloat16 (`dtype`); parameters stay float32, and GroupNorm statistics
 and the attention softmax are computed in float32 whatever the compute dtype.
 
 Usage::

@@ -1,24 +1,24 @@
-"""AutoencoderKL weights from a diffusers ``diffusion_pytorch_model.safetensors``, without torch.
+"""AutoencoderKL weights from a diffusers `diffusion_pytorch_model.safetensors`, without torch.
 
-The file is read with safetensors' numpy API; nothing is ever unpickled, so ``.ckpt``, ``.bin``,
-``.pt`` and ``.pth`` files (pickles, or zips of pickles) are refused before they are opened beyond
-their first bytes. Every diffusers name maps to one leaf of ``autoencoder.AutoencoderKL``'s
+The file is read with safetensors' numpy API; nothing is ever unpickled, so `.ckpt`, `.bin`,
+`.pt` and `.pth` files (pickles, or zips of pickles) are refused before they are opened beyond
+their first bytes. Every diffusers name maps to one leaf of `autoencoder.AutoencoderKL`'s
 parameter tree:
 
-  ``encoder.down_blocks.0.resnets.1.conv1.weight`` (O, I, kh, kw)
+  `encoder.down_blocks.0.resnets.1.conv1.weight` (O, I, kh, kw)
       -> params['encoder']['down_blocks_0_resnets_1']['conv1']['kernel'] (kh, kw, I, O)
-  ``*.norm1.weight`` / ``.bias`` (C,) -> ['norm1']['scale'] / ['bias']
-  ``*.attentions.0.to_q.weight`` (out, in) or (out, in, 1, 1) -> ['to_q']['kernel'] (in, out)
+  `*.norm1.weight` / `.bias` (C,) -> ['norm1']['scale'] / ['bias']
+  `*.attentions.0.to_q.weight` (out, in) or (out, in, 1, 1) -> ['to_q']['kernel'] (in, out)
 
-The attention may be stored under the names of current diffusers (``to_q``, ``to_k``, ``to_v``,
-``to_out.0``) or of checkpoints written before diffusers 0.14 (``query``, ``key``, ``value``,
-``proj_attn``), as Linear (2-D) or 1x1 conv (4-D) weights; all are accepted. Every key and shape
+The attention may be stored under the names of current diffusers (`to_q`, `to_k`, `to_v`,
+`to_out.0`) or of checkpoints written before diffusers 0.14 (`query`, `key`, `value`,
+`proj_attn`), as Linear (2-D) or 1x1 conv (4-D) weights; all are accepted. Every key and shape
 is checked against the architecture, and one ValueError names every missing key, every unexpected
 key and every shape mismatch.
 
-The architecture comes, in order, from the ``config=`` argument, a diffusers ``config.json`` next
+The architecture comes, in order, from the `config=` argument, a diffusers `config.json` next
 to the weights (validated), or the preset of a known file (by sha256). KNOWN_FILES records the
-sha256 of the public files; ``load(..., expected='sd-vae-ft-mse')`` refuses any other file and
+sha256 of the public files; `load(..., expected='sd-vae-ft-mse')` refuses any other file and
 says which known file it is, or that it is unknown.
 """
 
@@ -244,8 +244,8 @@ def load(path, config: autoencoder.Config | str | None = None, expected: str | N
   """Reads AutoencoderKL weights from a diffusers safetensors file (or the folder holding it).
 
   Args:
-    path: the ``diffusion_pytorch_model.safetensors`` file, or its folder.
-    config: an autoencoder.Config or a PRESETS key; by default the ``config.json`` beside the
+    path: the `diffusion_pytorch_model.safetensors` file, or its folder.
+    config: an autoencoder.Config or a PRESETS key; by default the `config.json` beside the
       file, else the preset of a known file.
     expected: the name of a KNOWN_FILES entry ('sd-vae-ft-mse', 'sdxl-vae', ...) that the file
       must be (by sha256).

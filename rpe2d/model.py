@@ -185,7 +185,7 @@ class DiT(nn.Module):
       angles = rope.angles_2d(positions, t, dim=width // heads // 2, geometry=geometry,
                               encoding=encoding)
       rotation = rope.rotation(angles, rope.rope_temperatures(geometry, encoding))
-    logit_scale = rope.logit_multiplier(geometry, encoding)
+    logit_scale = rope.logit_multiplier(geometry, encoding, rotary=rotation is not None)
 
     c = ScalarEmbedder(width, dtype=dtype, name='t_embed')(t[:, None])
     c = c + nn.Embed(self.num_classes + 1, width, embedding_init=nn.initializers.normal(0.02),

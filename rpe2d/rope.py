@@ -286,16 +286,21 @@ def rope_temperatures(geometry: Geometry, encoding: Encoding) -> tuple[float, fl
   return tuple(yarn_temperature(s) for s in geometry.scales)
 
 
-def logit_multiplier(geometry: Geometry, encoding: Encoding) -> float:
+def logit_multiplier(geometry: Geometry, encoding: Encoding, *, rotary: bool = True) -> float:
   """Static factor on attention logits: YaRN's tau (legacy placement 'logits') times log_n's.
 
   For 2D the YaRN tau uses the geometric-mean scale sqrt(s_y * s_x), which is the 1D rule when the
-  two axes stretch equally. See docs/methods.md#yarn-temperature and
-  docs/methods.md#log-n-attention-scale.
+  two axes stretch equally. A model without a rotation table (rotary=False: sin-cos) takes the
+  default placement 'rope', tau on q and k, as tau^2 on the logits. See
+  docs/methods.md#yarn-temperature and docs/methods.md#log-n-attention-scale.
   """
   multiplier = 1.0
-  if encoding.extrapolation == 'yarn' and encoding.temperature == 'logits':
-    multiplier *= yarn_temperature(math.sqrt(geometry.scales[0] * geometry.scales[1]))
+  if encoding.extrapolation == 'yarn' and encoding.temperature != 'none':
+    tau = yarn_temperature(math.sqrt(geometry.scales[0] * geometry.scales[1]))
+    if encoding.temperature == 'logits':
+      multiplier *= tau
+    elif not rotary:
+      multiplier *= tau * tau
   if encoding.attention_scale == 'log_n':
     tokens = geometry.grid[0] * geometry.grid[1]
     if geometry.train_tokens > 1:

@@ -58,6 +58,18 @@ def check_resolution(model, plan: SamplingPlan, height: int, width: int) -> None
                      f"{model.position_range[1]}; use 'uniform' or 'contiguous' beyond it")
 
 
+def canonical_plan(model, plan: SamplingPlan, height: int,
+                   width: int) -> SamplingPlan:
+  """The plan with what changes nothing at this size taken out: an encoding at scale 1, and the
+  choice of RPE-2D rule when the tokens fill the trained range (every rule gives 0..L-1 then)."""
+  geometry = model.geometry(height, width)
+  if max(geometry.scales) == 1.0 and plan.encoding.attention_scale == 'none':
+    plan = dataclasses.replace(plan, encoding=rope.Encoding())
+  if plan.positions in positions_lib.INFERENCE_RULES and geometry.grid == tuple(model.position_range):
+    plan = dataclasses.replace(plan, positions='contiguous')
+  return plan
+
+
 def time_grid(steps: int, shift: float) -> jax.Array:
   return flow.shift_time(jnp.linspace(1.0, 0.0, steps + 1), shift)
 

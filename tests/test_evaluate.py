@@ -45,20 +45,20 @@ def test_method_plans(synthetic_animals):
 def test_canonical_plan_merges_exactly_the_no_op_methods(micro_model):
   # micro_model: patch 2, train grid 4x4, position range 8x8 -> scale 1 up to 16x16 pixels.
   yarn = sweep.method_plan(config_lib.base(), 'dy-yarn')
-  assert sweep.canonical_plan(micro_model, yarn, 16, 16).encoding == rope.Encoding()
-  assert sweep.canonical_plan(micro_model, yarn, 16, 24) == yarn  # 12 tokens > 8 on x
+  assert sampler.canonical_plan(micro_model, yarn, 16, 16).encoding == rope.Encoding()
+  assert sampler.canonical_plan(micro_model, yarn, 16, 24) == yarn  # 12 tokens > 8 on x
   log_n = sampler.SamplingPlan(encoding=rope.Encoding(attention_scale='log_n'))
-  assert sweep.canonical_plan(micro_model, log_n, 16, 16) == log_n
+  assert sampler.canonical_plan(micro_model, log_n, 16, 16) == log_n
   # Tokens filling the 8x8 range: uniform, random and contiguous all give 0..7 on each axis.
   keys = sampler.example_keys(jax.random.key(0), jnp.arange(2))
   for rule in ('uniform', 'random'):
     plan = sampler.SamplingPlan(positions=rule)
-    assert sweep.canonical_plan(micro_model, plan, 16, 16).positions == 'contiguous'
+    assert sampler.canonical_plan(micro_model, plan, 16, 16).positions == 'contiguous'
     np.testing.assert_array_equal(
         sampler.sampling_positions(micro_model, plan, 16, 16, keys),
         sampler.sampling_positions(micro_model, sampler.SamplingPlan(positions='contiguous'), 16,
                                    16, keys))
-    assert sweep.canonical_plan(micro_model, plan, 16, 12).positions == rule
+    assert sampler.canonical_plan(micro_model, plan, 16, 12).positions == rule
 
 
 def test_resize():

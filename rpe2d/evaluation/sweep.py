@@ -14,7 +14,7 @@ sampler, steps and CFG come from the run's config, with the same overrides for e
 A cell (run, method, resolution) is generated from a sampling plan. Methods are exact no-ops where
 the extrapolation scale is 1 on both axes (rope.axis_positions_and_frequencies returns its inputs),
 and the RPE-2D rules coincide where the tokens fill the trained range, so the plan is canonicalised
-first and cells with the same canonical plan share one set of samples and numbers; the table marks
+first (sampler.canonical_plan) and cells with the same canonical plan share one set of samples and numbers; the table marks
 them. Each computed cell is stored as <outdir>/cells/<key>.json under a
 key of everything that determines it (checkpoint, plan, resolution, N, seed, reference), so a rerun
 computes only what is new.
@@ -41,8 +41,7 @@ EXTRAPOLATIONS = {
     **{name: dict(extrapolation=name) for name in rope.EXTRAPOLATIONS},
     **{f'dy-{name}': dict(extrapolation=name, dype=True) for name in rope.DYPE_EXTRAPOLATIONS},
 }
-POSITION_RULES = positions.INFERENCE_RULES  # the RPE-2D rules
-METHODS = tuple(EXTRAPOLATIONS) + POSITION_RULES
+METHODS = tuple(EXTRAPOLATIONS) + positions.INFERENCE_RULES
 RESIZE_FILTERS = {'nearest': Image.Resampling.NEAREST, 'box': Image.Resampling.BOX,
                   'bilinear': Image.Resampling.BILINEAR, 'bicubic': Image.Resampling.BICUBIC,
                   'lanczos': Image.Resampling.LANCZOS}
@@ -54,14 +53,14 @@ GRID_IMAGES_PER_CLASS = 4
 def parse_method(text: str) -> tuple[str, str | None]:
   """'dy-yarn@contiguous' -> ('dy-yarn', 'contiguous'); 'uniform' -> ('none', 'uniform')."""
   name, _, rule = text.strip().lower().partition('@')
-  if name in POSITION_RULES and not rule:
+  if name in positions.INFERENCE_RULES and not rule:
     name, rule = 'none', name
   if name not in EXTRAPOLATIONS:
     raise ValueError(f'unknown method {text!r}; allowed: {", ".join(METHODS)}, or '
-                     f'<extrapolation>@<{"|".join(POSITION_RULES)}>')
-  if rule and rule not in POSITION_RULES:
+                     f'<extrapolation>@<{"|".join(positions.INFERENCE_RULES)}>')
+  if rule and rule not in positions.INFERENCE_RULES:
     raise ValueError(f'unknown position rule {rule!r} in method {text!r}; allowed: '
-                     f'{", ".join(POSITION_RULES)}')
+                     f'{", ".join(positions.INFERENCE_RULES)}')
   return name, rule or None
 
 
@@ -78,18 +77,6 @@ def method_plan(config, method: str, **overrides) -> sampler.SamplingPlan:
   if rule:
     plan['positions'] = rule
   return config_lib.sampling_plan(config, **plan)
-
-
-def canonical_plan(model, plan: sampler.SamplingPlan, height: int,
-                   width: int) -> sampler.SamplingPlan:
-  """The plan with what changes nothing at this size taken out: an encoding at scale 1, and the
-  choice of RPE-2D rule when the tokens fill the trained range (every rule gives 0..L-1 then)."""
-  geometry = model.geometry(height, width)
-  if max(geometry.scales) == 1.0 and plan.encoding.attention_scale == 'none':
-    plan = dataclasses.replace(plan, encoding=rope.Encoding())
-  if plan.positions in POSITION_RULES and geometry.grid == tuple(model.position_range):
-    plan = dataclasses.replace(plan, positions='contiguous')
-  return plan
 
 
 def _key(description: dict) -> str:
@@ -375,7 +362,7 @@ def plan_cells(runs, names, resolutions, methods, overrides):
           cells.append((name, method, (height, width), None, str(e)))
           continue
         cells.append((name, method, (height, width),
-                      canonical_plan(run.model, plan, height, width), ''))
+                      sampler.canonical_plan(run.model, plan, height, width), ''))
   if not cells:
     raise ValueError(f'no method in --methods={",".join(methods)} applies to these runs')
   return cells
@@ -407,6 +394,8 @@ def run(runs, names, resolutions, cells, *, outdir, feature_fn, num_samples: int
   notes = sorted({note for name in names for resolution in resolutions
                   for note in sample_size_warnings(num_samples,
                                                    reference_for(by_name[name], resolution))})
+  notes += sorted({f'{name}: {note}' for name, _, _, plan, _ in cells if plan is not None
+                   for note in rope.legacy_notes(plan.encoding)})
   for note in notes:
     logging.warning('%s', note)
     print(f'warning: {note}', file=sys.stderr, flush=True)

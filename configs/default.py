@@ -12,9 +12,7 @@ from rpe2d import config as config_lib
 
 def get_config():
   config = config_lib.base()
-  config.data.augment = 'rpe2d_crop'     # random resize-and-crop ...
-  config.model.micro_conditioning = True  # ... with the crop window as conditioning
-  config.positions.train = 'rpe2d'
+  config.positions.train = 'rpe2d'       # also the resize-and-crop, with the crop as conditioning
   config.positions.max_grid = (24, 24)   # 3x the 8x8 train grid: up to 96x96 pixels in range
   config.positions.inference = 'uniform'
   return config

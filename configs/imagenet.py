@@ -38,14 +38,13 @@ def get_config(arg='B,256,rpe2d'):
   config.data.num_classes = 1000
   config.data.flip = True
   config.data.num_workers = 16
-  config.data.augment = 'rpe2d_crop' if positions == 'rpe2d' else 'center_crop_flip'
+  config.data.augment = 'auto' if positions == 'rpe2d' else 'center_crop_flip'  # auto: the crop
   config.data.crop_prob = 0.5
   config.data.crop_max_scale = 1.5
 
   config.model.variant = f'{size}/16'
   config.model.dtype = 'bfloat16'
   config.model.qk_norm = True
-  config.model.micro_conditioning = positions == 'rpe2d'
   config.model.attention_implementation = 'xla'   # 'cudnn' on NVIDIA GPUs
 
   grid = resolution // 16

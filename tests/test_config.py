@@ -1,4 +1,6 @@
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -110,3 +112,45 @@ def test_encoding_defaults_and_runs_saved_before_tasr_form():
   config.encoding.tasr_form = 'ntk_v2'
   with pytest.raises(ValueError, match="encoding.tasr_form='ntk_v2' is not allowed"):
     config_lib.validate(config)
+
+
+def test_rpe2d_is_one_switch():
+  config = config_lib.base()
+  config.positions.train = 'rpe2d'
+  built = config_lib.validate(config)
+  assert config.data.augment == 'rpe2d_crop' and config.model.micro_conditioning is True
+  assert built.model.micro_conditioning and built.data.augment == 'rpe2d_crop'
+  assert built.training.positions == 'rpe2d'
+  # Grid positions: no crop, no micro-conditioning, unless asked for.
+  grid = config_lib.base()
+  assert config_lib.validate(grid).data.augment == 'none' and not grid.model.micro_conditioning
+  # Explicit values win: RPE-2D positions without the crop is a valid ablation.
+  ablation = config_lib.base()
+  ablation.positions.train, ablation.data.augment = 'rpe2d', 'none'
+  assert config_lib.validate(ablation).model.micro_conditioning is False
+  # A crop the model is not told about is refused.
+  blind = config_lib.base()
+  blind.positions.train, blind.model.micro_conditioning = 'rpe2d', False
+  with pytest.raises(ValueError, match=r"data.augment='rpe2d_crop' with "
+                                       r"model.micro_conditioning=False: the model would see crops"):
+    config_lib.validate(blind)
+
+
+def test_every_schema_field_is_in_base_and_in_the_help():
+  flat = config_lib.base().to_dict()
+  for field in config_lib.SCHEMA:
+    node = flat
+    for part in field.key.split('.'):
+      node = node[part]
+    assert node == field.default
+  text = config_lib.help_text()
+  assert all(f'--config.{f.key}=' in text for f in config_lib.SCHEMA)
+  assert "--config.encoding.extrapolation='none'  [none | pi | ntk | yarn | tasr]" in text
+
+
+def test_train_py_help_lists_the_config_fields():
+  result = subprocess.run([sys.executable, str(CONFIGS[0].parent.parent / 'train.py'), '--help'],
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert '--workdir' in result.stdout and '--config.data.augment=' in result.stdout
+  assert "--config.positions.train='grid'  [grid | rpe2d]" in result.stdout

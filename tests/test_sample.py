@@ -145,3 +145,25 @@ def test_cli_refuses_workdirs_without_checkpoints_and_positions_on_grid_models(
                f'--output={tmp_path / "a.png"}')
   assert result.returncode != 0 and "needs an RPE-2D model" in result.stderr
   assert not (tmp_path / 'a.png').exists()
+
+
+V0_1_RUN = REPO / 'tests' / 'fixtures' / 'run_v0_1'
+
+
+def test_a_run_saved_by_version_0_1_loads_and_samples_as_it_did():
+  """tests/fixtures/run_v0_1: a 2-step micro/4 RPE-2D run saved by rpe2d 0.1 (before the config
+  schema, tasr_form and the temperature change), with the images 0.1 drew from it."""
+  run = inference.load_run(V0_1_RUN)
+  assert run.step == 2 and run.model.micro_conditioning
+  # Fields the run predates take their defaults; what it saved is kept: YaRN's tau on the logits.
+  plan = config_lib.sampling_plan(run.config, steps=2)
+  assert plan.encoding.temperature == 'logits' and plan.encoding.tasr_form == 'continuous'
+  notes = inference.notes(run, plan, 48, 48)
+  assert len(notes) == 1 and "temperature='logits'" in notes[0]
+  assert inference.notes(run, plan, 16, 16)[-1].endswith('changes nothing at this size')
+  with np.load(V0_1_RUN / 'samples_v0_1.npz') as saved:
+    for size in (16, 48):  # 48x48 is 12x12 tokens over a range of 8x8: YaRN at scale 1.5
+      images = inference.generate(run, height=size, width=size, labels=[0, 3, 9], seed=0,
+                                  plan=plan)
+      diff = np.abs(images.astype(int) - saved[f'images_{size}x{size}'])
+      assert diff.max() <= 1 and diff.mean() < 0.01, (size, diff.max())

@@ -8,8 +8,8 @@ message style: `<key>=<value> ...; choose one of: ...` or `<key>=<value> must be
 
 Option names come from the modules that implement them (rope.EXTRAPOLATIONS, data.AUGMENTS, ...).
 RPE-2D is one switch: `positions.train='rpe2d'` turns on the resize-and-crop augmentation and the
-micro-conditioning that tells the model about the crop (docs/methods.md#random-resize-and-crop), unless
-they are set explicitly; a crop the model is not told about is refused.
+micro-conditioning that tells the model about the crop
+(docs/methods.md#random-resize-and-crop), unless they are set explicitly; a crop the model is not told about is refused.
 """
 
 import dataclasses
@@ -38,14 +38,16 @@ SCHEMA = (
           check=positive_int),
     Field('keep_checkpoints', 3, 'keep the last N checkpoints ...', check=positive_int),
     Field('keep_every_steps', 0, '... plus every K-th step (0: none)', check=non_negative_int),
-    Field('init_from', '', 'a run or checkpoint to take the weights from (fresh optimizer, step 0)'),
+    Field('init_from', '', 'a run or checkpoint to take the weights from (fresh optimizer, '
+          'step 0)'),
     Field('log_example_indices', False, "append each step's example ids to examples.jsonl"),
     Field('nonfinite', 'error', 'a NaN/Inf loss or gradient: stop, or skip the step',
           allowed=training.NONFINITE_POLICIES),
 
     *data.FIELDS,
 
-    Field('model.variant', 'tiny/4', '<size>/<patch>, size one of: ' + ', '.join(model_lib.VARIANTS)),
+    Field('model.variant', 'tiny/4',
+          '<size>/<patch>, size one of: ' + ', '.join(model_lib.VARIANTS)),
     Field('model.position_embedding', 'rope', 'how positions enter the model',
           allowed=model_lib.POSITION_EMBEDDINGS),
     Field('model.rope_base', 10000.0, 'the RoPE base', check=number(1.0, low_open=True)),
@@ -112,8 +114,10 @@ SCHEMA = (
     Field('optim.weight_decay', 0.0, 'AdamW weight decay', check=number(0.0)),
     Field('optim.b1', 0.9, 'Adam beta1', check=number(0.0, 1.0, high_open=True)),
     Field('optim.b2', 0.999, 'Adam beta2', check=number(0.0, 1.0, high_open=True)),
-    Field('optim.grad_clip', 1.0, 'clip the global gradient norm', check=number(0.0, low_open=True)),
-    Field('optim.ema_decay', 0.995, 'EMA of the parameters', check=number(0.0, 1.0, high_open=True)),
+    Field('optim.grad_clip', 1.0, 'clip the global gradient norm',
+          check=number(0.0, low_open=True)),
+    Field('optim.ema_decay', 0.995, 'EMA of the parameters',
+          check=number(0.0, 1.0, high_open=True)),
 
     Field('mesh.fsdp', 1, 'devices on the fsdp axis; the rest form the data axis',
           check=positive_int),
@@ -123,16 +127,7 @@ FIELDS = {f.key: f for f in SCHEMA}
 
 def base() -> ml_collections.ConfigDict:
   """A config holding every field of the schema at its default."""
-  config = ml_collections.ConfigDict()
-  for f in SCHEMA:
-    *sections, name = f.key.split('.')
-    node = config
-    for section in sections:
-      if section not in node:
-        node[section] = ml_collections.ConfigDict()
-      node = node[section]
-    node[name] = config_dict.placeholder(f.value_type) if f.default is None else f.default
-  return config
+  return complete(ml_collections.ConfigDict())
 
 
 def help_text() -> str:

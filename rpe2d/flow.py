@@ -1,4 +1,5 @@
-"""Flow matching (docs/methods.md#flow-matching): x_t = (1 - t) x0 + t eps, the network predicts v = eps - x0."""
+"""Flow matching (docs/methods.md#flow-matching): x_t = (1 - t) x0 + t eps, the network predicts
+v = eps - x0."""
 
 import jax
 import jax.numpy as jnp

@@ -53,7 +53,8 @@ def random_subset_axis(key: jax.Array, n: int, length: int, batch: int, *,
 
 def rpe2d(key: jax.Array, h: int, w: int, max_h: int, max_w: int, batch: int, *,
           per_example: bool = True, continuous: bool = False) -> jax.Array:
-  """RPE-2D training positions (docs/methods.md#rpe-2d-training-positions): independent sorted subsets along rows and columns."""
+  """RPE-2D training positions (docs/methods.md#rpe-2d-training-positions): independent sorted
+  subsets along rows and columns."""
   key_y, key_x = jax.random.split(key)
   ys = random_subset_axis(key_y, h, max_h, batch, per_example=per_example, continuous=continuous)
   xs = random_subset_axis(key_x, w, max_w, batch, per_example=per_example, continuous=continuous)

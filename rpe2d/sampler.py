@@ -65,7 +65,8 @@ def canonical_plan(model, plan: SamplingPlan, height: int,
   geometry = model.geometry(height, width)
   if max(geometry.scales) == 1.0 and plan.encoding.attention_scale == 'none':
     plan = dataclasses.replace(plan, encoding=rope.Encoding())
-  if plan.positions in positions_lib.INFERENCE_RULES and geometry.grid == tuple(model.position_range):
+  fills_range = geometry.grid == tuple(model.position_range)
+  if plan.positions in positions_lib.INFERENCE_RULES and fills_range:
     plan = dataclasses.replace(plan, positions='contiguous')
   return plan
 

@@ -27,7 +27,8 @@ BATCH_AXES = ('data', 'fsdp')
 NONFINITE_POLICIES = ('error', 'skip')
 MIN_SHARDED_SIZE = 2**14   # smaller arrays stay replicated: splitting them costs more than it saves
 
-# Peak dense bf16 FLOP/s per device (docs/methods.md#flop-accounting), matched against jax's device_kind.
+# Peak dense bf16 FLOP/s per device (docs/methods.md#flop-accounting), matched against jax's
+# device_kind.
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'TPU v5p': 459e12,
               'TPU v5 lite': 197e12, 'TPU v4': 275e12, 'TPU v6': 918e12}
 
@@ -125,7 +126,8 @@ def create_state(model, optimizer, key) -> TrainState:
 
 
 def train_positions(model, plan: TrainingPlan, key, batch: int):
-  """(batch, h0*w0, 2) positions of one training batch (docs/methods.md#rpe-2d-training-positions)."""
+  """(batch, h0*w0, 2) positions of one training batch
+  (docs/methods.md#rpe-2d-training-positions)."""
   h, w = model.train_grid
   if plan.positions == 'grid':
     return positions.grid(h, w, batch)

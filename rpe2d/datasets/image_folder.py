@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import os
 import pathlib
@@ -54,7 +53,6 @@ import re
 from typing import Any, Iterator
 
 from absl import logging
-from etils import epath
 import numpy as np
 from PIL import Image, ImageOps
 import tensorflow_datasets as tfds
@@ -172,7 +170,7 @@ def from_options(opts: data.DataOptions, **kwargs: Any) -> ImageFolder:
                      channels=opts.channels, bad_images=opts.bad_records, **kwargs)
 
 
-class ImageFolder(tfds.core.GeneratorBasedBuilder):
+class ImageFolder(_common.SourceFileCodePath, tfds.core.GeneratorBasedBuilder):
   """A class-per-subfolder image folder, centre-cropped to `image_size` (see the module doc).
 
   ``tfds.builder('image_folder', data_dir=..., folder=..., image_size=..., channels=...,
@@ -181,15 +179,6 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Class-per-subfolder images, ADM centre crop, stratified 10% test.'}
-
-  # See _common.WheelImageBuilder.code_path: TFDS' default needs importlib_resources.
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path | None:
-    try:
-      return epath.Path(inspect.getfile(cls))
-    except (TypeError, OSError):
-      return None
 
   def __init__(self, *, folder: os.PathLike | str | None = None, image_size: int = 32,
                channels: int = 3, bad_images: str = 'error', **kwargs: Any):

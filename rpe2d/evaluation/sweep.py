@@ -14,7 +14,8 @@ sampler, steps and CFG come from the run's config, with the same overrides for e
 A cell (run, method, resolution) is generated from a sampling plan. Methods are exact no-ops where
 the extrapolation scale is 1 on both axes (rope.axis_positions_and_frequencies returns its inputs),
 and the RPE-2D rules coincide where the tokens fill the trained range, so the plan is canonicalised
-first (sampler.canonical_plan) and cells with the same canonical plan share one set of samples and numbers; the table marks
+first (sampler.canonical_plan) and cells with the same canonical plan share one set of samples and
+numbers; the table marks
 them. Each computed cell is stored as <outdir>/cells/<key>.json under a
 key of everything that determines it (checkpoint, plan, resolution, N, seed, reference), so a rerun
 computes only what is new.

@@ -256,11 +256,11 @@ def check_init_from(source, config) -> pathlib.Path:
   return step_dir
 
 
-def restore_weights(source, abstract_params, *, names=('params', 'ema_params')) -> dict:
-  """{name: weights} for `names` of the TrainState in a run directory (its newest intact step) or
-  a step directory, restored with the shardings of `abstract_params` (a tree of
+def restore_weights(step_dir, abstract_params, *, names=('params', 'ema_params')) -> dict:
+  """{name: weights} for `names` of the TrainState in a step directory (found and checked by
+  find_step_dir), restored with the shardings of `abstract_params` (a tree of
   jax.ShapeDtypeStruct). Only those arrays are read: not the optimizer state, not the rest."""
-  step_dir = find_step_dir(source)
+  step_dir = pathlib.Path(step_dir)
   item = {name: abstract_params for name in names}
   try:
     return ocp.PyTreeCheckpointer().restore(step_dir / 'state', args=ocp.args.PyTreeRestore(

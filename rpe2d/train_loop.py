@@ -23,7 +23,7 @@ from rpe2d.metric_writer import MetricWriter
 def preflight(config, run: rundir.RunDir):
   """Every check that needs no compilation, so bad input fails in seconds; then puts aside
   unfinished and damaged checkpoints (checkpoints.recover). Returns the typed objects of the
-  config and the workdir's saved config (None for a new run)."""
+  config, the workdir's saved config (None for a new run) and init_from's step directory."""
   built = config_lib.validate(config)
   devices = jax.device_count()
   if config.batch_size % devices:
@@ -33,11 +33,10 @@ def preflight(config, run: rundir.RunDir):
     raise ValueError(f'mesh.fsdp={config.mesh.fsdp} must divide the {devices} devices')
   run.check_writable()
   saved_config = rundir.check_compatible(run, config)
-  if config.init_from:
-    checkpoints.check_init_from(config.init_from, config)
+  init_dir = checkpoints.check_init_from(config.init_from, config) if config.init_from else None
   data.prepare(config.data)
   checkpoints.recover(run.root)
-  return built, saved_config
+  return built, saved_config, init_dir
 
 
 class Preemption:
@@ -104,7 +103,7 @@ def save_sample_grids(config, model, plan, ema_params, step, run: rundir.RunDir,
 def train(config, workdir) -> training.TrainState:
   """Runs (or resumes) training to config.total_steps and returns the final state."""
   run = rundir.RunDir(workdir)
-  built, saved_config = preflight(config, run)
+  built, saved_config, init_dir = preflight(config, run)
   mesh = training.make_mesh(config.mesh.fsdp)
   trainer = training.Trainer(built.model, built.training, mesh)
   iterator = data.make_iterator(config.data, split='train', seed=config.seed,
@@ -120,8 +119,8 @@ def train(config, workdir) -> training.TrainState:
           + (f'; config changes: {", ".join(changes)}' if changes else ''), flush=True)
   else:
     state = trainer.init_state()
-    if config.init_from:
-      weights = checkpoints.restore_weights(config.init_from, abstract_state.params)
+    if init_dir is not None:
+      weights = checkpoints.restore_weights(init_dir, abstract_state.params)
       state = state.replace(**weights)
       print(f'Starting from the weights in {config.init_from} (fresh optimizer, step 0)',
             flush=True)

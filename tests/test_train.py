@@ -260,11 +260,12 @@ def test_init_from_takes_the_weights_and_starts_at_step_zero(run_a, data_dir, tm
   trainer = training.Trainer(config_lib.build_model(config), config_lib.training_plan(config),
                              training.make_mesh(1))
   abstract = trainer.abstract_sharded_state().params
-  weights = checkpoints.restore_weights(workdir_a, abstract)
+  weights = checkpoints.restore_weights(checkpoints.find_step_dir(workdir_a), abstract)
   chex.assert_trees_all_equal(host(weights['params']), state_a.params)
   chex.assert_trees_all_equal(host(weights['ema_params']), state_a.ema_params)
   # A single checkpoint directory works too, and names that step.
-  params_3 = checkpoints.restore_weights(workdir_a / 'checkpoints' / '3', abstract)['params']
+  params_3 = checkpoints.restore_weights(workdir_a / 'checkpoints' / '3', abstract,
+                                         names=('params',))['params']
   assert not all(np.array_equal(a, b) for a, b in
                  zip(jax.tree.leaves(host(params_3)), jax.tree.leaves(state_a.params)))
 

@@ -223,8 +223,8 @@ def find_step_dir(source) -> pathlib.Path:
   Read-only: damaged checkpoints are skipped with a warning, never moved.
   """
   path = pathlib.Path(source).absolute()
-  if (path / 'checkpoints').is_dir():
-    path = path / 'checkpoints'
+  if rundir.RunDir(path).checkpoints.is_dir():
+    path = rundir.RunDir(path).checkpoints
   if (path / 'state').is_dir():
     problem = damage(path)
     if problem:

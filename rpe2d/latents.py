@@ -613,7 +613,7 @@ def _write_shards(plan: _Plan, todo: list, done: dict, progress_path: pathlib.Pa
       entry = {'name': name, 'records': records, 'bytes': tmp.stat().st_size,
                'sha256': _sha256(tmp)}
       os.replace(tmp, path)
-      done[split].append(entry)
+      done[split] = sorted(done[split] + [entry], key=lambda e: e['name'])  # as a fresh run's
       _write_progress(progress_path, settings, done)
       written += records
   finally:
@@ -693,9 +693,12 @@ def extract(data_config, vae_path, out_dir, *, splits: Sequence[str] = ('train',
   plan = _plan(data_config, vae_path, out_dir, splits=splits, flip=flip, shard_size=shard_size,
                batch_size=batch_size, dtype=dtype)
   if plan.previous is not None and all(s in plan.previous.splits for s in plan.splits):
-    check_shards(plan.out_dir, plan.previous, verify_sha256=False)
-    print(f'{plan.out_dir}: already complete ({", ".join(plan.splits)}); nothing to do')
-    return plan.previous
+    try:
+      check_shards(plan.out_dir, plan.previous, verify_sha256=False)
+      print(f'{plan.out_dir}: already complete ({", ".join(plan.splits)}); nothing to do')
+      return plan.previous
+    except LatentsError as e:  # a shard damaged since: the restart below encodes it again
+      logging.warning('%s', e)
   process, processes = jax.process_index(), jax.process_count()
   done, todo = _resume(plan, process, processes)
   kept = sum(len(v) for v in done.values())

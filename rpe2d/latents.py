@@ -59,6 +59,7 @@ import time
 from typing import Any, Iterable, Sequence
 
 from absl import logging
+from array_record.python import array_record_data_source, array_record_module
 import grain
 import jax
 from jax.experimental import multihost_utils
@@ -76,9 +77,8 @@ TMP_SUFFIX = '.tmp'
 # not worth it for data a trainer reads at random.
 WRITER_OPTIONS = 'group_size:1,uncompressed'
 _SPLIT_NAME = re.compile(r'^[A-Za-z0-9_]+$')
-_SHARD_NAME = re.compile(r'^([A-Za-z0-9_]+)-(\d{5})\.array_record$')
-_OWN_FILE = re.compile(r'^(manifest\.json|progress-\d{5}\.json|[A-Za-z0-9_]+-\d{5}\.array_record)'
-                       r'(\.tmp(\.json)?)?$')
+_OWN_FILE = re.compile(r'^((manifest\.json|progress-\d{5}\.json|[A-Za-z0-9_]+-\d{5}\.array_record)'
+                       r'(\.tmp(\.json)?)?|\.write-probe-\d+-\d+)$')
 # What decides the bytes of the shards; a restart with any other value is refused.
 SETTINGS = ('vae.sha256', 'vae.config', 'source.name', 'source.image_dir', 'source.image_size',
             'source.channels', 'latent_shape', 'flip', 'dtype', 'shard_size', 'batch_size')
@@ -292,7 +292,6 @@ class LatentSource:
 
   def _records(self):
     if self._source is None:
-      from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
       self._source = array_record_data_source.ArrayRecordDataSource(self._paths)
     return self._source
 
@@ -465,7 +464,9 @@ def _check_out_dir(out_dir: pathlib.Path, settings: dict) -> Manifest | None:
 def _check_writable(out_dir: pathlib.Path) -> None:
   try:
     out_dir.mkdir(parents=True, exist_ok=True)
-    probe = out_dir / f'.write-probe-{os.getpid()}'
+    for stale in out_dir.glob(f'.write-probe-{jax.process_index()}-*'):
+      stale.unlink()  # left by a run killed between these lines
+    probe = out_dir / f'.write-probe-{jax.process_index()}-{os.getpid()}'
     probe.write_bytes(b'')
     probe.unlink()
   except OSError as e:
@@ -567,7 +568,6 @@ def _encoded(batches: Iterable[dict], launch, finish):
 
 def _write_shards(plan: _Plan, todo: list, done: dict, progress_path: pathlib.Path,
                   progress: bool) -> int:
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   import tqdm  # pylint: disable=g-import-not-at-top
   settings, out_dir = plan.settings, plan.out_dir
   per_shard = settings['shard_size'] // settings['batch_size']
@@ -626,7 +626,6 @@ def _channel_stats(out_dir: pathlib.Path, manifest_splits: dict, settings: dict)
   shards are combined with Chan et al.'s parallel variance formula."""
   if 'train' not in manifest_splits or manifest_splits['train']['count'] == 0:
     return None, None
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   n, mean, m2 = 0, 0.0, 0.0
   for shard in manifest_splits['train']['shards']:
     reader = array_record_module.ArrayRecordReader(str(out_dir / shard['name']))

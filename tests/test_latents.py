@@ -31,7 +31,8 @@ SETTINGS = dict(flip=True, shard_size=SHARD_SIZE, batch_size=BATCH_SIZE, progres
 
 
 def data_config(data_dir, **overrides):
-  return tiny_config(data_dir, **dict(dict(data__channels=3, data__image_size=32), **overrides)).data
+  overrides = dict(dict(data__channels=3, data__image_size=32), **overrides)
+  return tiny_config(data_dir, **overrides).data
 
 
 def file_contents(path) -> dict[str, bytes]:
@@ -241,7 +242,8 @@ def test_command_line_bad_input_exits_2(data_dir, tmp_path, compilation_cache):
   pickled = tmp_path / 'diffusion_pytorch_model.ckpt'
   pickled.write_bytes(pickle.dumps({'state_dict': {}}))
   out = tmp_path / 'latents'
-  result = run_extract([f'--vae={pickled}', f'--output={out}', f'--config={config_file(tmp_path, data_dir)}'],
+  result = run_extract([f'--vae={pickled}', f'--output={out}',
+                        f'--config={config_file(tmp_path, data_dir)}'],
                        subprocess_env(compilation_cache))
   assert result.returncode == 2, result.stderr[-3000:]
   lines = result.stderr.strip().splitlines()

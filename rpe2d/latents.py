@@ -77,6 +77,7 @@ TMP_SUFFIX = '.tmp'
 # not worth it for data a trainer reads at random.
 WRITER_OPTIONS = 'group_size:1,uncompressed'
 _SPLIT_NAME = re.compile(r'^[A-Za-z0-9_]+$')
+_PROGRESS_NAME = re.compile(r'^progress-\d{5}\.json$')
 _OWN_FILE = re.compile(r'^((manifest\.json|progress-\d{5}\.json|[A-Za-z0-9_]+-\d{5}\.array_record)'
                        r'(\.tmp(\.json)?)?|\.write-probe-\d+-\d+)$')
 # What decides the bytes of the shards; a restart with any other value is refused.
@@ -441,7 +442,7 @@ def _check_out_dir(out_dir: pathlib.Path, settings: dict) -> Manifest | None:
     raise InputError(f'--output {out_dir} holds files that are not latents ({shown}); choose an '
                      f'empty or new directory')
   previous = None
-  found = sorted(out_dir.glob('progress-*.json'))
+  found = _progress_paths(out_dir)
   if (out_dir / MANIFEST).is_file():
     found.insert(0, out_dir / MANIFEST)
   for path in found:
@@ -474,11 +475,16 @@ def _check_writable(out_dir: pathlib.Path) -> None:
                      f'--output') from None
 
 
+def _progress_paths(out_dir: pathlib.Path) -> list[pathlib.Path]:
+  # Not glob('progress-*.json'): that also matches atomic_path's progress-<p>.json.tmp.json.
+  return sorted(p for p in out_dir.iterdir() if _PROGRESS_NAME.match(p.name))
+
+
 def _progress_files(out_dir: pathlib.Path) -> dict[str, dict]:
   """Every finished shard of every progress file: name -> entry (entries of one shard agree:
   encoding is deterministic and the settings were checked)."""
   entries = {}
-  for path in sorted(out_dir.glob('progress-*.json')):
+  for path in _progress_paths(out_dir):
     for shards in _read_json(path, out_dir)['splits'].values():
       for entry in shards:
         if entries.setdefault(entry['name'], entry) != entry:
@@ -673,7 +679,8 @@ def extract(data_config, vae_path, out_dir, *, splits: Sequence[str] = ('train',
   does nothing for a finished one. Returns the manifest.
 
   Args:
-    data_config: `config.data`.
+    data_config: `config.data` of a config from `rpe2d.config.load` (which resolves
+      `data.augment='auto'`; augmentation is never applied here).
     vae_path: a diffusers `diffusion_pytorch_model.safetensors` (or its folder, with
       `config.json` beside it unless the file is a known one).
     out_dir: the latents directory; created if needed.

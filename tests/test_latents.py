@@ -334,3 +334,20 @@ def test_sigkill_at_random_moments_gives_identical_files(reference, data_dir, tm
   assert file_contents(out) == file_contents(reference[0])
   rerun = run_extract(args, env)
   assert rerun.returncode == 0 and 'nothing to do' in rerun.stdout, rerun.stderr[-3000:]
+
+
+def test_restart_removes_unfinished_and_unlisted_files(reference, data_dir, tmp_path, caplog):
+  """What a kill leaves between the steps of a shard's commit, made by hand."""
+  out = tmp_path / 'latents'
+  shutil.copytree(reference[0], out)
+  (out / 'manifest.json').unlink()                       # killed before the manifest
+  progress = json.loads((out / 'progress-00000.json').read_text())
+  progress['splits']['test'] = progress['splits']['test'][:1]
+  (out / 'progress-00000.json').write_text(json.dumps(progress))  # renamed, not yet listed
+  (out / 'train-00005.array_record').rename(out / 'train-00005.array_record.tmp')  # mid-write
+  (out / 'progress-00000.json.tmp.json').write_text('{"cut sh')  # a progress write cut short
+  (out / '.write-probe-0-1').write_bytes(b'')
+  latents.extract(data_config(data_dir), VAE, out, **SETTINGS)
+  assert 'removing train-00005.array_record.tmp, a shard that never finished' in caplog.text
+  assert 'removing test-00001.array_record, a shard not listed as finished' in caplog.text
+  assert file_contents(out) == file_contents(reference[0])

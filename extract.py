@@ -22,8 +22,8 @@ _CONFIG = flags.DEFINE_string(
     'Config file (file.py, or file.py:args); override any field with --config.<key>=<value>. '
     'Only config.data is used.')
 _VAE = flags.DEFINE_string('vae', None, 'A diffusers diffusion_pytorch_model.safetensors, or its '
-                           'folder.', required=True)
-_OUTPUT = flags.DEFINE_string('output', None, 'The latents directory.', required=True)
+                           'folder (required).')
+_OUTPUT = flags.DEFINE_string('output', None, 'The latents directory (required).')
 _FLIP = flags.DEFINE_bool('flip', False, 'Also encode every image flipped horizontally.')
 _SPLITS = flags.DEFINE_list('splits', ['train', 'test'], 'Splits to encode.')
 _SHARD_SIZE = flags.DEFINE_integer('shard_size', 1024, 'Records per shard file.')
@@ -50,6 +50,10 @@ def main(argv):
   extra = [a for a in argv[1:] if not _OVERRIDE.match(a)]
   if extra:
     raise app.UsageError(f'unexpected arguments: {extra}')
+  for flag in (_VAE, _OUTPUT):  # not absl's required=: that would break --help
+    if not flag.value:
+      print(f'error: --{flag.name} is required', file=sys.stderr)
+      sys.exit(2)
   logging.set_verbosity(logging.WARNING)  # tfds logs every file it touches at INFO
   try:
     config = config_lib.load(_CONFIG.value, [a for a in argv[1:] if _OVERRIDE.match(a)])

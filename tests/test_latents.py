@@ -250,6 +250,9 @@ def test_command_line_bad_input_exits_2(data_dir, tmp_path, compilation_cache):
   assert lines[-1].startswith(f'error: --vae: {pickled}: .ckpt checkpoints are pickles'), lines
   assert 'Traceback' not in result.stderr
   assert not out.exists()
+  result = run_extract(['--help'], subprocess_env(compilation_cache))
+  assert result.returncode == 0 and '--vae: A diffusers' in result.stdout, result.stderr[-3000:]
+  assert '--config.data.image_size=32' in result.stdout
 
 
 # ------------------------------------------------------------------------------------------------

@@ -535,7 +535,8 @@ def _resume(plan: _Plan, process: int, processes: int) -> tuple[dict[str, list],
 
 
 def _encoder(plan: _Plan):
-  """(params on the devices, encode(params, images) -> numpy (mean, logvar)) over local devices."""
+  """(launch, finish): launch(images) starts the sharded encode (and of the flipped images) on the
+  local devices without waiting; finish(launched) -> numpy [mean, logvar, (flipped pair)]."""
   mesh = autoencoder.local_mesh()
   fn = autoencoder.sharded(functools.partial(autoencoder.encode, config=plan.loaded.config,
                                              dtype=plan.settings['dtype']), mesh)

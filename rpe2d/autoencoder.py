@@ -437,12 +437,14 @@ def decode_tiled(params, latents, config: Config = PRESETS['sd'], dtype: str = '
   Peak device memory is that of one tile's decode (times the batch), whatever the size. The
   decoder's GroupNorm statistics and mid-block attention are per tile, so the result only
   approximates the whole decode; more overlap brings it closer (tests/test_decode.py states the
-  tolerance). A batch sharded over devices stays sharded tile by tile. `decode_fn(params, z)`
-  replaces `decode` (e.g. `sharded(...)`); it must map (B, th, tw, Z) to (B, th*f, tw*f, C).
+  tolerance). The latents are sliced on the host (they are small) so that slicing compiles
+  nothing. `decode_fn(params, z)` replaces `decode`, e.g. `sharded(...)` to split the batch over
+  devices; it must map (B, th, tw, Z) to (B, th*f, tw*f, C).
   """
   if latents.ndim != 4 or latents.shape[-1] != config.latent_channels:
     raise ValueError(f'latents have shape {latents.shape}; expected (batch, h, w, '
                      f'{config.latent_channels})')
+  latents = np.asarray(latents, np.float32)
   batch, height, width, _ = latents.shape
   f = config.downsampling
   out = np.zeros((batch, height * f, width * f, config.out_channels), np.float32)

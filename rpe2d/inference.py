@@ -216,8 +216,8 @@ def decode_tiling(run: Run, height: int, width: int, tile: int | None = None) ->
 
 
 def _decoder(run: Run, devices):
-  """The VAE's decode, jit-compiled with the batch split over `devices` (cached per run)."""
-  key = (id(run.vae.params), run.vae.config, tuple(devices))
+  """The VAE's decode, jit-compiled with the batch split over `devices` (cached)."""
+  key = (run.vae.config, tuple(devices))
   if key not in _DECODERS:
     mesh = jax.sharding.Mesh(np.array(devices), ('batch',))
     _DECODERS[key] = autoencoder.sharded(
@@ -235,6 +235,9 @@ def decode(run: Run, samples, *, tile: int = 0, devices=None) -> np.ndarray:
   latents = np.asarray(autoencoder.latents_from_model(np.asarray(samples, np.float32),
                                                       run.vae.config))
   batch, h, w, _ = latents.shape
+  if batch % len(devices) or not batch:
+    raise ValueError(f'a batch of {batch} latents does not split over {len(devices)} devices; '
+                     f'allowed: a positive multiple of {len(devices)}')
   per_device = batch // len(devices)
   fit = max(1, DECODE_PIXELS_PER_DEVICE // (min(tile, h) * min(tile, w) if tile else h * w))
   # The largest divisor of the per-device batch that fits: every call has one shape.

@@ -33,8 +33,8 @@ _LABELS = flags.DEFINE_string('labels', None,
                               "Comma list of class ids, or 'random'; default: every class.")
 _SEED = flags.DEFINE_integer('seed', 0, 'Images depend on the seed and their index only.')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Images per device batch (all devices).')
-_VAE = flags.DEFINE_string('vae', None, "Latent runs: the VAE's diffusion_pytorch_model.safetensors "
-                           '(default: the path the run recorded).')
+_VAE = flags.DEFINE_string('vae', None, "Latent runs: the VAE's diffusion_pytorch_model"
+                           '.safetensors (default: the path the run recorded).')
 _DECODE_TILE = flags.DEFINE_integer('decode_tile', None, 'Latent runs: decode in tiles of this '
                                     'many latent pixels (0: whole; default: tiles above '
                                     f'{inference.AUTO_TILE_ABOVE} latent pixels).')

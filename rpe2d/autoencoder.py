@@ -376,7 +376,8 @@ def sharded(fn: Callable, mesh: Mesh | None = None) -> Callable:
 # ------------------------------------------------------------------------------------------------
 # Tiled decoding, for sizes whose whole decode does not fit in memory.
 
-def tile_windows(height: int, width: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
+def tile_windows(height: int, width: int, tile: int,
+                 overlap: int) -> list[tuple[int, int, int, int]]:
   """The latent windows (top, left, tile_height, tile_width) that `decode_tiled` decodes.
 
   Every window has the same shape, min(tile, side) per axis, so the decoder compiles once: the

@@ -439,7 +439,8 @@ def run(runs, names, resolutions, cells, *, outdir, feature_fn, num_samples: int
     for resolution in resolutions:
       real = split_reference(
           inference.reference_data_config(runs[0].config), real_split, *resolution,
-          resize_filter=resize_filter, limit=num_samples, cache_dir=outdir / 'reference', feature_fn=feature_fn)
+          resize_filter=resize_filter, limit=num_samples, cache_dir=outdir / 'reference',
+          feature_fn=feature_fn)
       rows.append(dict(run='real', method=f'{real_split} split', height=resolution[0],
                        width=resolution[1], num_samples=len(real.features), same_as=None,
                        **image_metrics(real.features, reference_for(runs[0], resolution))))

@@ -58,8 +58,8 @@ def main(argv):
     if len(set(names)) != len(names):
       raise ValueError(f'--runs={_RUNS.value}: run directories need distinct names')
     runs = [inference.load_run(r, use_ema=not _NOEMA.value) for r in _RUNS.value]
-    resolutions = sweep.parse_resolutions(_RESOLUTIONS.value,
-                                          {run.model.patch_size for run in runs})
+    resolutions = sweep.parse_resolutions(
+        _RESOLUTIONS.value, {(run.model.patch_size, inference.downsampling(run)) for run in runs})
     npz_references = sweep.parse_reference_npz(_REFERENCE_NPZ.value)
     overrides = {k: v for k, v in (('steps', _STEPS.value), ('cfg_scale', _CFG_SCALE.value),
                                    ('sampler', _SAMPLER.value)) if v is not None}

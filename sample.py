@@ -6,6 +6,11 @@
 
 Defaults (position rule, encoding, sampler, steps, CFG) come from the run's saved config; flags
 override them. With several resolutions the output name gets a _<H>x<W> suffix per resolution.
+
+A latent run (one trained on VAE latents) writes decoded images: resolutions are pixels (multiples
+of the VAE's factor, 8, times the patch size), the default is the size of the images its latents
+came from, and the VAE is the file the run recorded unless --vae names another copy of it (a
+different file is refused by sha256).
 """
 
 import pathlib
@@ -28,6 +33,11 @@ _LABELS = flags.DEFINE_string('labels', None,
                               "Comma list of class ids, or 'random'; default: every class.")
 _SEED = flags.DEFINE_integer('seed', 0, 'Images depend on the seed and their index only.')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Images per device batch (all devices).')
+_VAE = flags.DEFINE_string('vae', None, "Latent runs: the VAE's diffusion_pytorch_model"
+                           '.safetensors (default: the path the run recorded).')
+_DECODE_TILE = flags.DEFINE_integer('decode_tile', None, 'Latent runs: decode in tiles of this '
+                                    'many latent pixels (0: whole; default: tiles above '
+                                    f'{inference.AUTO_TILE_ABOVE} latent pixels).')
 
 _EXTRAPOLATION = flags.DEFINE_enum('extrapolation', None, list(rope.EXTRAPOLATIONS), 'Static method.')
 _YARN_FORM = flags.DEFINE_enum('yarn_form', None, list(rope.YARN_FORMS), 'YaRN variant.')
@@ -109,30 +119,54 @@ def output_paths(output: str, resolutions) -> list[pathlib.Path]:
   return [path.with_name(f'{path.stem}_{h}x{w}{path.suffix}') for h, w in resolutions]
 
 
+def default_resolution(run) -> str:
+  """The training size in pixels: for a latent run, that of the images its latents came from."""
+  data_config = run.config.data
+  size = data_config.image_size * inference.downsampling(run)
+  if inference.is_latent(run.config) and data_config.get('source_image_size'):
+    size = int(data_config.source_image_size)
+  return f'{size}x{size}'
+
+
+def class_names(config):
+  if not inference.is_latent(config):
+    return data.class_names(config.data)
+  # The latents' data set may not know its labels' names, nor the source be at hand: numbers then.
+  try:
+    return data.class_names(config.data)
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
   try:
-    run = inference.load_run(_WORKDIR.value, _CHECKPOINT.value, use_ema=not _NOEMA.value)
+    if _DECODE_TILE.value is not None and _DECODE_TILE.value < 0:
+      raise ValueError(f'--decode_tile={_DECODE_TILE.value} must be >= 0 (0: decode whole)')
+    run = inference.load_run(_WORKDIR.value, _CHECKPOINT.value, use_ema=not _NOEMA.value,
+                             vae=_VAE.value)
     config = run.config
-    patch = run.model.patch_size
-    text = _RESOLUTION.value or f'{config.data.image_size}x{config.data.image_size}'
-    resolutions = [inference.parse_resolution(r, patch) for r in text.split(',')]
+    patch, factor = run.model.patch_size, inference.downsampling(run)
+    text = _RESOLUTION.value or default_resolution(run)
+    resolutions = [inference.parse_resolution(r, patch, factor) for r in text.split(',')]
     plan = plan_from_flags(run)
     labels = labels_from_flags(run.model.num_classes, _SEED.value)
     paths = output_paths(_OUTPUT.value, resolutions)
     for height, width in resolutions:
-      sampler.check_resolution(run.model, plan, height, width)
+      sampler.check_resolution(run.model, plan, *inference.model_size(run, height, width))
   except (ValueError, FileNotFoundError, checkpoints.CheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
 
   print(f'{_WORKDIR.value}: step {run.step}, {"raw" if _NOEMA.value else "EMA"} weights; '
         f'positions={plan.positions}, extrapolation={plan.encoding.extrapolation}, '
-        f'dype={plan.encoding.dype}, sampler={plan.sampler}x{plan.steps}', flush=True)
+        f'dype={plan.encoding.dype}, sampler={plan.sampler}x{plan.steps}'
+        + (f'; decoded by the VAE {run.vae.sha256[:12]}' if run.vae else ''), flush=True)
   inference.write_samples(run, plan, resolutions, paths, labels, seed=_SEED.value,
-                          batch_size=_BATCH_SIZE.value, class_names=data.class_names(config.data))
+                          batch_size=_BATCH_SIZE.value, class_names=class_names(config),
+                          decode_tile=_DECODE_TILE.value)
 
 
 if __name__ == '__main__':

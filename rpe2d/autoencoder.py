@@ -371,3 +371,90 @@ def sharded(fn: Callable, mesh: Mesh | None = None) -> Callable:
     return compiled(params, batch)
 
   return call
+
+
+# ------------------------------------------------------------------------------------------------
+# Tiled decoding, for sizes whose whole decode does not fit in memory.
+
+def tile_windows(height: int, width: int, tile: int,
+                 overlap: int) -> list[tuple[int, int, int, int]]:
+  """The latent windows (top, left, tile_height, tile_width) that `decode_tiled` decodes.
+
+  Every window has the same shape, min(tile, side) per axis, so the decoder compiles once: the
+  last window of a row or column is moved back to end at the edge rather than padded, since
+  padding latents would feed made-up values into the GroupNorm statistics and the attention.
+  Neighbours share at least `overlap` latent pixels.
+  """
+  if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+    raise ValueError(f'tile={tile!r}; allowed: a positive int (latent pixels)')
+  if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < tile:
+    raise ValueError(f'overlap={overlap!r}; allowed: an int in [0, tile={tile})')
+
+  def starts(size):
+    if size <= tile:
+      return [0]
+    return list(range(0, size - tile, tile - overlap)) + [size - tile]
+
+  th, tw = min(tile, height), min(tile, width)
+  return [(top, left, th, tw) for top in starts(height) for left in starts(width)]
+
+
+def _ramp_weights(starts: list[int], extent: int, factor: int) -> list[np.ndarray]:
+  """Per window along one axis, pixel weights that rise linearly over the overlap with the window
+  before and fall over the overlap with the window after (1 elsewhere, > 0 everywhere)."""
+  weights = []
+  for i, start in enumerate(starts):
+    w = np.ones(extent * factor, np.float32)
+    if i > 0:
+      n = (starts[i - 1] + extent - start) * factor
+      w[:n] = np.minimum(w[:n], (np.arange(n, dtype=np.float32) + 0.5) / n)
+    if i + 1 < len(starts):
+      n = (start + extent - starts[i + 1]) * factor
+      w[len(w) - n:] = np.minimum(w[len(w) - n:], (np.arange(n, 0, -1, dtype=np.float32) - 0.5) / n)
+    weights.append(w)
+  return weights
+
+
+def tile_blend_weights(height: int, width: int, tile: int, overlap: int, factor: int
+                       ) -> list[tuple[tuple[int, int, int, int], np.ndarray]]:
+  """[(latent window, (tile_height * factor, tile_width * factor) pixel weights)]: the linear
+  ramps `decode_tiled` blends the overlaps with (the weights are normalised by their sum)."""
+  windows = tile_windows(height, width, tile, overlap)
+  tops = sorted({w[0] for w in windows})
+  lefts = sorted({w[1] for w in windows})
+  th, tw = windows[0][2], windows[0][3]
+  wy = dict(zip(tops, _ramp_weights(tops, th, factor)))
+  wx = dict(zip(lefts, _ramp_weights(lefts, tw, factor)))
+  return [(window, wy[window[0]][:, None] * wx[window[1]][None, :]) for window in windows]
+
+
+def decode_tiled(params, latents, config: Config = PRESETS['sd'], dtype: str = 'float32', *,
+                 tile: int = 64, overlap: int = 16, decode_fn: Callable | None = None
+                 ) -> np.ndarray:
+  """`decode` in overlapping tiles of `tile` x `tile` latent pixels, blended by linear ramps
+  over the overlaps in pixel space: unscaled latents (B, h, w, Z) -> images (B, h*f, w*f, C)
+  float32 numpy, on the host.
+
+  Peak device memory is that of one tile's decode (times the batch), whatever the size. The
+  decoder's GroupNorm statistics and mid-block attention are per tile, so the result only
+  approximates the whole decode; more overlap brings it closer (tests/test_decode.py states the
+  tolerance). The latents are sliced on the host (they are small) so that slicing compiles
+  nothing. `decode_fn(params, z)` replaces `decode`, e.g. `sharded(...)` to split the batch over
+  devices; it must map (B, th, tw, Z) to (B, th*f, tw*f, C).
+  """
+  if latents.ndim != 4 or latents.shape[-1] != config.latent_channels:
+    raise ValueError(f'latents have shape {latents.shape}; expected (batch, h, w, '
+                     f'{config.latent_channels})')
+  latents = np.asarray(latents, np.float32)
+  batch, height, width, _ = latents.shape
+  f = config.downsampling
+  out = np.zeros((batch, height * f, width * f, config.out_channels), np.float32)
+  total = np.zeros((height * f, width * f, 1), np.float32)
+  for (top, left, th, tw), weight in tile_blend_weights(height, width, tile, overlap, f):
+    window = latents[:, top:top + th, left:left + tw]
+    pixels = np.asarray(decode(params, window, config=config, dtype=dtype) if decode_fn is None
+                        else decode_fn(params, window))
+    rows, cols = slice(top * f, (top + th) * f), slice(left * f, (left + tw) * f)
+    out[:, rows, cols] += pixels * weight[:, :, None]
+    total[rows, cols] += weight[:, :, None]
+  return out / total

@@ -159,6 +159,13 @@ FIELDS = (  # the data section of the config schema (rpe2d.config)
                check=checks.non_negative_int),
   checks.Field('data.bad_records', 'error', 'unreadable records: stop, or skip (counted, logged)',
         allowed=BAD_RECORDS),
+  checks.Field('data.latent_dir', None, 'latent runs: the extracted latents', value_type=str),
+  checks.Field('data.vae_path', None, 'the VAE safetensors that made the latents (set: a latent '
+               'run)', value_type=str),
+  checks.Field('data.vae_sha256', None, "latent runs: that file's sha256", value_type=str),
+  checks.Field('data.source_name', None, 'latent runs: the data set of the images', value_type=str),
+  checks.Field('data.source_image_size', None, 'latent runs: its image size in pixels',
+               value_type=int),
 )
 
 

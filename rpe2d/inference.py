@@ -6,6 +6,10 @@
 Examples are sharded over every local device along the 'data' axis. Example i of a call draws its
 noise and random positions from fold_in(seed key, i), so the images do not depend on the batch size
 or the device count.
+
+A latent run (`is_latent`: `data.vae_path` set) samples VAE latents; `load_run` also loads the VAE
+that made them (checked by sha256) and `generate` returns their decodes, so callers see uint8
+images at pixel sizes either way: `height` and `width` are always pixels.
 """
 
 import dataclasses
@@ -18,8 +22,15 @@ import numpy as np
 import tqdm
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rpe2d import checkpoints, config as config_lib, files, images as images_lib, model as model_lib
-from rpe2d import rope, rundir, sampler, training
+from rpe2d import autoencoder, autoencoder_weights, checkpoints, config as config_lib, files
+from rpe2d import images as images_lib, model as model_lib, rope, rundir, sampler, training
+
+# Latent runs decode whole up to this many latent pixels per image (128x128: 1024x1024 pixels
+# with the SD VAE, ~4 GiB on CPU, benchmarks/vae_decode_sizes.py); beyond, in tiles.
+AUTO_TILE_ABOVE = 128 * 128
+DECODE_TILE, DECODE_OVERLAP = 64, 16  # latent pixels: 512 px tiles sharing 128 px
+# Latent pixels one device decodes per call: bounds the decoder's activations for big batches.
+DECODE_PIXELS_PER_DEVICE = 4 * 64 * 64
 
 
 @dataclasses.dataclass
@@ -29,6 +40,85 @@ class Run:
   params: dict
   step: int
   checkpoint: pathlib.Path
+  vae: autoencoder_weights.Loaded | None = None  # latent runs: the decoder of their samples
+
+
+def is_latent(config) -> bool:
+  """Whether a run samples VAE latents (data.vae_path is set) rather than pixels."""
+  return bool(config.data.get('vae_path'))
+
+
+def reference_data_config(config):
+  """The data config whose images a run's samples are compared with: `config.data` for a pixel
+  run; for a latent run, a copy naming the source data set at its pixel size (the latents are not
+  images)."""
+  if not is_latent(config):
+    return config.data
+  name, size = config.data.get('source_name'), config.data.get('source_image_size')
+  if not name or not size:
+    raise ValueError(f'latent run with data.source_name={name!r}, data.source_image_size='
+                     f'{size!r}: the real images its latents came from are unknown; set both in '
+                     "its config.json, or give references with --reference_npz")
+  source = config.data.copy_and_resolve_references()
+  source.name, source.image_size = str(name), int(size)
+  source.channels = 3  # what the SD VAEs decode to
+  return source
+
+
+def load_vae(config, vae=None) -> autoencoder_weights.Loaded:
+  """The VAE of a latent run: `vae` (a file or its folder) if given, else data.vae_path; refused
+  unless its sha256 is the one the run recorded (data.vae_sha256)."""
+  if not is_latent(config):
+    raise ValueError(f'--vae={vae} given, but this is not a latent run (data.vae_path is unset): '
+                     'it samples pixels')
+  path = pathlib.Path(vae if vae else config.data.vae_path).expanduser()
+  if path.is_dir():
+    path = path / autoencoder_weights.WEIGHTS_NAME
+  if not path.is_file():
+    what = '--vae' if vae else "the run's VAE (data.vae_path)"
+    raise FileNotFoundError(f'{what} {path} does not exist; pass --vae=<the '
+                            f'{autoencoder_weights.WEIGHTS_NAME} that made the latents>')
+  expected = config.data.get('vae_sha256')
+  digest = autoencoder_weights.sha256(path)
+  if expected and digest != expected:
+    raise ValueError(f"{path} is not the VAE of this run: the run's latents were made by "
+                     f'{expected}; {path} is {digest}')
+  loaded = autoencoder_weights.load(path)
+  if loaded.config.latent_channels != config.data.channels:
+    raise ValueError(f'{path} has {loaded.config.latent_channels} latent channels; the run was '
+                     f'trained on data.channels={config.data.channels}')
+  return loaded
+
+
+def downsampling(run) -> int:
+  """Image pixels per model pixel along each axis: 1 for pixel runs, the VAE's factor for latent
+  runs."""
+  return 1 if run.vae is None else run.vae.config.downsampling
+
+
+def check_size(height: int, width: int, patch: int, factor: int = 1, what='resolution') -> None:
+  """Errors for an image size in pixels that a model of `patch` cannot sample, `factor` image
+  pixels per model pixel."""
+  model_lib.check_resolution(height, width, patch if factor == 1 else 1, what)
+  if factor == 1:
+    return
+  if height % factor or width % factor:
+    raise ValueError(f"{what} {height}x{width} is not divisible by the VAE's downsampling factor "
+                     f'{factor}; a latent run samples multiples of {factor} pixels')
+  h, w = height // factor, width // factor
+  if h % patch or w % patch:
+    raise ValueError(f'{what} {height}x{width} is {h}x{w} latents, not divisible by the patch size '
+                     f'{patch}; use multiples of {patch * factor} pixels')
+
+
+def model_size(run, height: int, width: int) -> tuple[int, int]:
+  """The size the model samples for images of height x width pixels: the same for a pixel run,
+  the latent size for a latent run (checked to divide evenly)."""
+  factor = downsampling(run)
+  if factor == 1:
+    return height, width
+  check_size(height, width, run.model.patch_size, factor)
+  return height // factor, width // factor
 
 
 def checkpoint_dir(workdir, checkpoint=None) -> pathlib.Path:
@@ -47,13 +137,17 @@ def checkpoint_dir(workdir, checkpoint=None) -> pathlib.Path:
   return checkpoints.find_step_dir(directory)
 
 
-def load_run(workdir, checkpoint=None, *, use_ema: bool = True) -> Run:
+def load_run(workdir, checkpoint=None, *, use_ema: bool = True, vae=None) -> Run:
   """Reads the run's config and restores its EMA (or raw) weights, replicated on the local
-  devices. Only those weights are read: no optimizer state, no training state is built."""
+  devices. Only those weights are read: no optimizer state, no training state is built.
+
+  A latent run also gets its VAE (`load_vae`: `vae` if given, else data.vae_path), checked before
+  the weights are read."""
   config = rundir.RunDir(workdir).read_config()
   if config is None:
     raise FileNotFoundError(f'workdir {workdir} has no config.json: not a training run')
   path = checkpoint_dir(workdir, checkpoint)
+  loaded = load_vae(config, vae) if is_latent(config) or vae else None
   model = config_lib.build_model(config)
   replicated = NamedSharding(training.make_mesh(1, devices=jax.local_devices()), P())
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
@@ -61,16 +155,20 @@ def load_run(workdir, checkpoint=None, *, use_ema: bool = True) -> Run:
                                          jax.random.key(0)))
   name = 'ema_params' if use_ema else 'params'
   params = checkpoints.restore_weights(path, abstract, names=(name,))[name]
-  return Run(config=config, model=model, params=params, step=int(path.name), checkpoint=path)
+  if loaded is not None:
+    loaded = dataclasses.replace(loaded, params=jax.device_put(loaded.params, replicated))
+  return Run(config=config, model=model, params=params, step=int(path.name), checkpoint=path,
+             vae=loaded)
 
 
-def parse_resolution(text: str, patch: int) -> tuple[int, int]:
-  """'64x96' -> (64, 96), checked against the patch size."""
+def parse_resolution(text: str, patch: int, factor: int = 1) -> tuple[int, int]:
+  """'64x96' -> (64, 96) pixels, checked against the patch size (and, for a latent run, the VAE's
+  downsampling `factor`)."""
   try:
     height, width = (int(v) for v in text.lower().split('x'))
   except ValueError:
     raise ValueError(f'resolution {text!r} must look like <height>x<width>, e.g. 64x96') from None
-  model_lib.check_resolution(height, width, patch, what=f'resolution {text!r}:')
+  check_size(height, width, patch, factor, what=f'resolution {text!r}:')
   return height, width
 
 
@@ -99,15 +197,81 @@ def _compiled_sampler(run, plan, height, width, labels, indices, key):
   return _COMPILED[cache_key], time.perf_counter() - began
 
 
+_DECODERS = {}
+
+
+def decode_tiling(run: Run, height: int, width: int, tile: int | None = None) -> int:
+  """The latent tile size a latent run's images of height x width pixels are decoded in; 0: whole.
+
+  tile: None (automatic: tiles of DECODE_TILE above AUTO_TILE_ABOVE latent pixels), 0 (whole), or
+  a tile size in latent pixels (whole when one tile covers the image).
+  """
+  if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 0):
+    raise ValueError(f'decode_tile={tile!r} must be an integer >= 0 (latent pixels; 0: decode '
+                     'whole)')
+  h, w = model_size(run, height, width)
+  if tile is None:
+    tile = DECODE_TILE if h * w > AUTO_TILE_ABOVE else 0
+  return tile if 0 < tile < max(h, w) else 0
+
+
+def _decoder(run: Run, devices):
+  """The VAE's decode, jit-compiled with the batch split over `devices` (cached)."""
+  key = (run.vae.config, tuple(devices))
+  if key not in _DECODERS:
+    mesh = jax.sharding.Mesh(np.array(devices), ('batch',))
+    _DECODERS[key] = autoencoder.sharded(
+        functools.partial(autoencoder.decode, config=run.vae.config), mesh)
+  return _DECODERS[key]
+
+
+def decode(run: Run, samples, *, tile: int = 0, devices=None) -> np.ndarray:
+  """A latent run's samples (B, h, w, Z) in the model's space -> float32 images (B, H, W, C) on
+  the host, nominally in [-1, 1]: unscaled, then decoded over `devices` (default: the local ones)
+  whole, or in tiles of `tile` latent pixels (autoencoder.decode_tiled). B must be a multiple of
+  the device count; calls decode at most DECODE_PIXELS_PER_DEVICE latent pixels per device."""
+  devices = jax.local_devices() if devices is None else devices
+  # Latents are small: on the host they slice into even chunks for the sharded decoder.
+  latents = np.asarray(autoencoder.latents_from_model(np.asarray(samples, np.float32),
+                                                      run.vae.config))
+  batch, h, w, _ = latents.shape
+  if batch % len(devices) or not batch:
+    raise ValueError(f'a batch of {batch} latents does not split over {len(devices)} devices; '
+                     f'allowed: a positive multiple of {len(devices)}')
+  per_device = batch // len(devices)
+  fit = max(1, DECODE_PIXELS_PER_DEVICE // (min(tile, h) * min(tile, w) if tile else h * w))
+  # The largest divisor of the per-device batch that fits: every call has one shape.
+  chunk = len(devices) * max(d for d in range(1, per_device + 1) if per_device % d == 0
+                             and d <= fit)
+  fn, params = _decoder(run, devices), run.vae.params
+  out = []
+  for start in range(0, batch, chunk):
+    part = latents[start:start + chunk]
+    if tile:
+      out.append(autoencoder.decode_tiled(params, part, config=run.vae.config, tile=tile,
+                                          overlap=min(DECODE_OVERLAP, tile // 2), decode_fn=fn))
+    else:
+      out.append(np.asarray(fn(params, part)))
+  return np.concatenate(out)
+
+
 def generate(run: Run, *, height: int, width: int, labels, seed: int = 0,
              plan: sampler.SamplingPlan | None = None, batch_size: int = 64,
-             progress: bool = False, stats: dict | None = None) -> np.ndarray:
+             progress: bool = False, stats: dict | None = None,
+             decode_tile: int | None = None) -> np.ndarray:
   """uint8 images (len(labels), height, width, C) for the given labels.
 
-  stats, if given, receives compile_seconds (0 when already compiled) and images_per_second.
+  For a latent run, height and width are pixels: the model samples latents of height / f x
+  width / f, which are decoded whole or in tiles as `decode_tiling(run, height, width,
+  decode_tile)` says.
+
+  stats, if given, receives compile_seconds (0 when already compiled) and images_per_second,
+  and for a latent run decode_seconds (which includes the decoder's first compile).
   """
   plan = plan or config_lib.sampling_plan(run.config)
-  sampler.check_resolution(run.model, plan, height, width)
+  latent_height, latent_width = model_size(run, height, width)
+  sampler.check_resolution(run.model, plan, latent_height, latent_width)
+  tile = decode_tiling(run, height, width, decode_tile) if run.vae is not None else 0
   labels = check_labels(labels, run.model.num_classes)
   devices = jax.local_devices()
   data = NamedSharding(training.make_mesh(1, devices=devices), P('data'))
@@ -115,21 +279,29 @@ def generate(run: Run, *, height: int, width: int, labels, seed: int = 0,
   batch_size = max(len(devices), batch_size - batch_size % len(devices))
   batch_size = min(batch_size, -(-len(labels) // len(devices)) * len(devices))
   key = jax.random.key(seed)
-  outputs, compile_seconds, sample_seconds = [], 0.0, 0.0
+  outputs, compile_seconds, sample_seconds, decode_seconds = [], 0.0, 0.0, 0.0
   for start in tqdm.tqdm(range(0, len(labels), batch_size), disable=not progress,
                          desc=f'{height}x{width}'):
     count = min(batch_size, len(labels) - start)
     batch_labels = jax.device_put(np.resize(labels[start:start + count], batch_size), data)
     indices = jax.device_put(np.arange(start, start + batch_size, dtype=np.int32), data)
-    compiled, seconds = _compiled_sampler(run, plan, height, width, batch_labels, indices, key)
+    compiled, seconds = _compiled_sampler(run, plan, latent_height, latent_width, batch_labels,
+                                          indices, key)
     compile_seconds += seconds
     began = time.perf_counter()
     generated = compiled(run.params, key, batch_labels, indices=indices)
+    if run.vae is not None:
+      generated = jax.block_until_ready(generated)
+      decoding = time.perf_counter()
+      generated = decode(run, generated, tile=tile, devices=devices)
+      decode_seconds += time.perf_counter() - decoding
     outputs.append(images_lib.to_uint8(generated)[:count])
     sample_seconds += time.perf_counter() - began
   if stats is not None:
     stats['compile_seconds'] = compile_seconds
     stats['images_per_second'] = len(labels) / sample_seconds
+    if run.vae is not None:
+      stats['decode_seconds'] = decode_seconds
   return np.concatenate(outputs)
 
 
@@ -137,9 +309,10 @@ def notes(run: Run, plan: sampler.SamplingPlan, height: int, width: int) -> list
   """What a user should know about this plan at this size: a legacy setting, or an extrapolation
   that changes nothing here because the tokens lie inside the trained range."""
   found = rope.legacy_notes(plan.encoding)
-  canonical = sampler.canonical_plan(run.model, plan, height, width)
+  size = model_size(run, height, width)
+  canonical = sampler.canonical_plan(run.model, plan, *size)
   if canonical.encoding != plan.encoding and plan.encoding.extrapolation != 'none':
-    grid, trained = run.model.geometry(height, width).grid, run.model.position_range
+    grid, trained = run.model.geometry(*size).grid, run.model.position_range
     found.append(f'note: at {height}x{width} the {grid[0]}x{grid[1]} tokens lie inside the trained '
                  f'range {trained[0]}x{trained[1]}: extrapolation={plan.encoding.extrapolation}'
                  f'{" with dype" if plan.encoding.dype else ""} changes nothing at this size')
@@ -147,7 +320,8 @@ def notes(run: Run, plan: sampler.SamplingPlan, height: int, width: int) -> list
 
 
 def write_samples(run: Run, plan: sampler.SamplingPlan, resolutions, paths, labels, *,
-                  seed: int = 0, batch_size: int = 64, class_names=None) -> None:
+                  seed: int = 0, batch_size: int = 64, class_names=None,
+                  decode_tile: int | None = None) -> None:
   """Generates `labels` at each resolution and saves them to the matching path, saying what it did
   and how fast."""
   for (height, width), path in zip(resolutions, paths):
@@ -155,11 +329,16 @@ def write_samples(run: Run, plan: sampler.SamplingPlan, resolutions, paths, labe
       print(note, flush=True)
     stats = {}
     images = generate(run, height=height, width=width, labels=labels, seed=seed, plan=plan,
-                      batch_size=batch_size, progress=True, stats=stats)
+                      batch_size=batch_size, progress=True, stats=stats, decode_tile=decode_tile)
     save(path, images, labels, class_names)
+    decoded = ''
+    if 'decode_seconds' in stats:
+      tile = decode_tiling(run, height, width, decode_tile)
+      decoded = (f', decode {stats["decode_seconds"]:.1f} s '
+                 + (f'in {tile}x{tile}-latent tiles' if tile else 'whole'))
     print(f'{height}x{width}: {len(images)} images -> {path}  (compile '
-          f'{stats["compile_seconds"]:.1f} s, {stats["images_per_second"]:.1f} images/s)',
-          flush=True)
+          f'{stats["compile_seconds"]:.1f} s, {stats["images_per_second"]:.1f} images/s'
+          f'{decoded})', flush=True)
 
 
 def save(path, images, labels, class_names=None) -> None:

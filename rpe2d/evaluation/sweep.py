@@ -322,12 +322,14 @@ def plot(path, rows: list[dict], resolutions) -> None:
 
 
 def parse_resolutions(texts, patch_sizes) -> list[tuple[int, int]]:
-  """'64' (square) or 'HxW' -> (height, width), checked against every run's patch size."""
+  """'64' (square) or 'HxW' -> (height, width) pixels, checked against every run's patch size
+  (an int, or (patch, VAE downsampling) for a latent run)."""
   resolutions = []
   for text in texts:
     text = text if 'x' in text.lower() else f'{text}x{text}'
     for patch in patch_sizes:
-      resolution = inference.parse_resolution(text, patch)
+      resolution = inference.parse_resolution(text, *(patch if isinstance(patch, tuple) else
+                                                       (patch,)))
     resolutions.append(resolution)
   return resolutions
 
@@ -358,12 +360,13 @@ def plan_cells(runs, names, resolutions, methods, overrides):
         continue
       for height, width in resolutions:
         try:
-          sampler.check_resolution(run.model, plan, height, width)
+          size = inference.model_size(run, height, width)  # latents for a latent run
+          sampler.check_resolution(run.model, plan, *size)
         except ValueError as e:  # e.g. random positions that do not fit: an n/a cell
           cells.append((name, method, (height, width), None, str(e)))
           continue
         cells.append((name, method, (height, width),
-                      sampler.canonical_plan(run.model, plan, height, width), ''))
+                      sampler.canonical_plan(run.model, plan, *size), ''))
   if not cells:
     raise ValueError(f'no method in --methods={",".join(methods)} applies to these runs')
   return cells
@@ -381,17 +384,20 @@ def run(runs, names, resolutions, cells, *, outdir, feature_fn, num_samples: int
   def reference_for(run, resolution):
     if resolution in npz_references:
       return npz_references[resolution]
-    key = (run.config.data.name, run.config.data.image_size, resolution)
+    # A latent run is compared with the real images its latents were made from.
+    data_config = inference.reference_data_config(run.config)
+    key = (data_config.name, data_config.image_size, resolution)
     if key not in references:
       print(f'reference: {split} split of {key[0]} at {resolution[0]}x{resolution[1]} '
             f'({resize_filter})', flush=True)
       references[key] = split_reference(
-          run.config.data, split, *resolution, resize_filter=resize_filter, limit=num_reference,
+          data_config, split, *resolution, resize_filter=resize_filter, limit=num_reference,
           cache_dir=outdir / 'reference', feature_fn=feature_fn)
     return references[key]
 
   by_name = dict(zip(names, runs))
-  class_names = {name: data.class_names(run.config.data) for name, run in by_name.items()}
+  class_names = {name: data.class_names(inference.reference_data_config(run.config))
+                 for name, run in by_name.items()}
   notes = sorted({note for name in names for resolution in resolutions
                   for note in sample_size_warnings(num_samples,
                                                    reference_for(by_name[name], resolution))})
@@ -432,8 +438,9 @@ def run(runs, names, resolutions, cells, *, outdir, feature_fn, num_samples: int
   if real_split:
     for resolution in resolutions:
       real = split_reference(
-          runs[0].config.data, real_split, *resolution, resize_filter=resize_filter,
-          limit=num_samples, cache_dir=outdir / 'reference', feature_fn=feature_fn)
+          inference.reference_data_config(runs[0].config), real_split, *resolution,
+          resize_filter=resize_filter, limit=num_samples, cache_dir=outdir / 'reference',
+          feature_fn=feature_fn)
       rows.append(dict(run='real', method=f'{real_split} split', height=resolution[0],
                        width=resolution[1], num_samples=len(real.features), same_as=None,
                        **image_metrics(real.features, reference_for(runs[0], resolution))))

@@ -1,13 +1,20 @@
-"""ImageNet 2012 in pixel space, at the paper's settings.
+"""ImageNet 2012 as the papers train it: DiT-B/2 and DiT-XL/2 on Stable Diffusion VAE latents.
 
-  python train.py --config=configs/imagenet.py:B,256,rpe2d --workdir=runs/in256_b_rpe2d
-  python train.py --config=configs/imagenet.py:XL,256,grid --workdir=runs/in256_xl_grid
-  python train.py --config=configs/imagenet.py:B,512,rpe2d --workdir=runs/in512_b_rpe2d
+  python extract.py --config=configs/imagenet.py:XL,256,rpe2d --vae=sd-vae-ft-ema \
+      --output=latents/imagenet256 --flip --batch_size=256
+  python train.py --config=configs/imagenet.py:XL,256,rpe2d \
+      --config.data.latent_dir=latents/imagenet256 --workdir=runs/in256_xl_rpe2d
+  python sample.py --workdir=runs/in256_xl_rpe2d --resolution=256x256,384x384,512x512
 
-The argument is <size>,<resolution>,<positions> with size B or XL, resolution 256 or 512, positions
-rpe2d or grid. The papers' DiT-B/2 and DiT-XL/2 run on 32x32 (64x64) latents of 256 (512) images;
-pixel patches of 16 give the same 16x16 (32x32) token grid, so FLOPs per image match. Latent
-ImageNet comes later. Needs the manual download: see the README.
+The argument is <size>,<resolution>,<positions>[,pixels]: size B or XL (a /2 patch), resolution 256
+(32x32x4 latents, 16x16 tokens) or 512 (64x64x4, 32x32 tokens), positions rpe2d (trained on
+positions drawn from a range of 2x the train grid, so 256 -> 512 stays inside it) or grid.
+`extract.py` encodes the images this config names (data.source_name at data.source_image_size)
+once; the latent grid and the extraction must agree (checked when training starts). With
+`,pixels`: the same token grid on pixels with /16 patches, the setting of rpe2d 0.1.
+
+Settings of DiT/SiT and the papers: AdamW 1e-4 without weight decay, global batch 256, EMA
+0.9999, horizontal flips, CFG 1.5 at sampling. Needs the manual download: see the README.
 """
 
 from rpe2d import config as config_lib
@@ -15,14 +22,18 @@ from rpe2d import config as config_lib
 SIZES = ('B', 'XL')
 RESOLUTIONS = (256, 512)
 POSITIONS = ('rpe2d', 'grid')
+VAE_FACTOR = 8  # the SD VAEs downsample by 8
 
 
 def get_config(arg='B,256,rpe2d'):
-  size, resolution, positions = arg.split(',')
+  size, resolution, positions, *space = arg.split(',')
   resolution = int(resolution)
-  if size not in SIZES or resolution not in RESOLUTIONS or positions not in POSITIONS:
-    raise ValueError(f'configs/imagenet.py:{arg}: expected <size>,<resolution>,<positions> with '
-                     f'size in {SIZES}, resolution in {RESOLUTIONS}, positions in {POSITIONS}')
+  if (size not in SIZES or resolution not in RESOLUTIONS or positions not in POSITIONS
+      or space not in ([], ['pixels'])):
+    raise ValueError(f'configs/imagenet.py:{arg}: expected <size>,<resolution>,<positions>'
+                     f'[,pixels] with size in {SIZES}, resolution in {RESOLUTIONS}, positions in '
+                     f'{POSITIONS}')
+  pixels = bool(space)
   config = config_lib.base()
   config.total_steps = 400_000
   config.batch_size = 256
@@ -32,22 +43,32 @@ def get_config(arg='B,256,rpe2d'):
   config.keep_checkpoints = 2
   config.keep_every_steps = 100_000
 
-  config.data.name = 'imagenet2012'
-  config.data.image_size = resolution
-  config.data.channels = 3
   config.data.num_classes = 1000
   config.data.flip = True
   config.data.num_workers = 16
-  config.data.augment = 'auto' if positions == 'rpe2d' else 'center_crop_flip'  # auto: the crop
   config.data.crop_prob = 0.5
   config.data.crop_max_scale = 1.5
+  if pixels:
+    config.data.name = 'imagenet2012'
+    config.data.image_size = resolution
+    config.data.channels = 3
+    config.model.variant = f'{size}/16'
+    patch = 16
+  else:
+    config.data.name = 'latents'          # data.latent_dir: the directory extract.py wrote
+    config.data.source_name = 'imagenet2012'
+    config.data.source_image_size = resolution
+    config.data.image_size = resolution // VAE_FACTOR
+    config.data.channels = 4
+    config.model.variant = f'{size}/2'
+    patch = 2 * VAE_FACTOR
+  config.data.augment = 'auto' if positions == 'rpe2d' else 'center_crop_flip'  # auto: the crop
 
-  config.model.variant = f'{size}/16'
   config.model.dtype = 'bfloat16'
   config.model.qk_norm = True
   config.model.attention_implementation = 'xla'   # 'cudnn' on NVIDIA GPUs
 
-  grid = resolution // 16
+  grid = resolution // patch
   config.positions.train = positions
   config.positions.max_grid = (2 * grid, 2 * grid)  # sample up to 2x the train resolution in range
 
@@ -57,6 +78,7 @@ def get_config(arg='B,256,rpe2d'):
   config.sampling.cfg_scale = 1.5
   config.sampling.steps = 50
   config.sampling.sampler = 'heun'
+  # Pixels for both spaces: a latent run samples latents and decodes them.
   config.sampling.resolutions = ((resolution, resolution), (2 * resolution, 2 * resolution),
                                  (resolution // 2, resolution // 2))
   config.sampling.num_per_class = 1

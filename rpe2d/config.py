@@ -139,6 +139,29 @@ def help_text() -> str:
   return '\n'.join(lines)
 
 
+# --config.<key>=<value> and --noconfig.<key> on a command line: left to `load`, which names a bad
+# one (inside absl's flag parsing an unknown key is a traceback at import time).
+OVERRIDE = re.compile(r'^--?(no)?config\.')
+
+
+def split_overrides(argv) -> tuple[list[str], list[str]]:
+  """(the other arguments, the --config.<key>=<value> overrides) of a command line."""
+  return ([a for a in argv if not OVERRIDE.match(a)], [a for a in argv if OVERRIDE.match(a)])
+
+
+def parse_flags(argv):
+  """An absl `flags_parser` for commands that take a config: absl parses the plain flags and the
+  overrides pass through to main; --help also lists every config field (SCHEMA)."""
+  if any(a in ('-h', '--help', '-?') for a in argv[1:]):
+    flags.FLAGS(argv[:1])
+    print(f'{flags.FLAGS.main_module_help()}\n\nConfig fields (--config.<key>=<value>):\n'
+          f'{help_text()}')
+    raise SystemExit(0)
+  plain, overrides = split_overrides(argv[1:])
+  from absl import app  # pylint: disable=g-import-not-at-top
+  return app.parse_flags_with_usage(argv[:1] + plain) + overrides
+
+
 def load(path: str, overrides=()) -> ml_collections.ConfigDict:
   """Loads a config file with `--config.key=value` overrides, exactly as train.py's flags do.
 

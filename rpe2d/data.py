@@ -135,7 +135,8 @@ FIELDS = (  # the data section of the config schema (rpe2d.config)
         'class', value_type=str),
   checks.Field('data.image_size', 32, 'training images are S x S pixels',
                check=checks.positive_int),
-  checks.Field('data.channels', 1, 'image channels', allowed=CHANNELS),
+  checks.Field('data.channels', 1, 'image channels (1 or 3), or latent channels for latents',
+               check=checks.positive_int),
   checks.Field('data.num_classes', 10, 'label ids 0..N-1; N is the null class for guidance',
         check=checks.positive_int),
   checks.Field('data.latent_sample', 'posterior', 'latents: a posterior draw per step, or its mean',
@@ -166,6 +167,9 @@ FIELDS = (  # the data section of the config schema (rpe2d.config)
   checks.Field('data.source_name', None, 'latent runs: the data set of the images', value_type=str),
   checks.Field('data.source_image_size', None, 'latent runs: its image size in pixels',
                value_type=int),
+  checks.Field('data.latent_mean', None, "latents with latent_scaling='manifest': the extraction's "
+               'per-channel mean (recorded when the run starts)', value_type=tuple),
+  checks.Field('data.latent_std', None, '... and per-channel std', value_type=tuple),
 )
 
 
@@ -177,6 +181,12 @@ def parse_config(data_config: Any) -> DataOptions:
   checks.check(FIELDS, data_config, prefix='data.')
   value = lambda key: checks.lookup(data_config, key)
   data_dir, manual_dir = value('data_dir'), value('manual_dir')
+  name, latent_dir = value('name'), value('latent_dir')
+  if name != 'latents':
+    checks.choice('data.channels', value('channels'), CHANNELS)
+  elif not latent_dir:
+    raise ValueError("data.name='latents' needs data.latent_dir: the directory extract.py wrote "
+                     '(python extract.py --config=... --vae=... --output=DIR)')
   image_dir = value('image_dir')
   if value('name') == 'image_folder' and not image_dir:
     raise ValueError("data.name='image_folder' needs data.image_dir: a folder with one subfolder "
@@ -191,7 +201,10 @@ def parse_config(data_config: Any) -> DataOptions:
       num_workers=int(value('num_workers')), read_threads=int(value('read_threads')),
       prefetch_batches=int(value('prefetch_batches')), num_classes=int(value('num_classes')),
       bad_records=str(value('bad_records')),
-      image_dir=None if image_dir is None else os.fspath(image_dir))
+      image_dir=None if image_dir is None else os.fspath(image_dir),
+      latent_dir=None if latent_dir is None else os.fspath(latent_dir),
+      latent_sample=str(value('latent_sample')), latent_scaling=str(value('latent_scaling')),
+      vae_sha256=value('vae_sha256'))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -276,14 +289,39 @@ def latent_manifest(opts: 'DataOptions'):
   return manifest
 
 
-def latent_scale_shift(opts: 'DataOptions', manifest) -> tuple[np.ndarray, np.ndarray]:
-  """(scale, shift) per channel: the model sees (z - shift) * scale."""
-  c = manifest.latent_shape[-1]
-  if opts.latent_scaling == 'manifest':
-    return (1.0 / np.asarray(manifest.channel_std, np.float32),
-            np.asarray(manifest.channel_mean, np.float32))
-  shift = manifest.vae['shift_factor'] or 0.0
-  return (np.full(c, manifest.vae['scaling_factor'], np.float32), np.full(c, shift, np.float32))
+def latent_scale_shift(scaling: str, channels: int, *, scaling_factor: float,
+                       shift_factor: float | None, channel_mean=None,
+                       channel_std=None) -> tuple[np.ndarray, np.ndarray]:
+  """(scale, shift) per channel: the model sees (z - shift) * scale of the VAE's latents z, by the
+  VAE's factors ('vae') or the extraction's channel statistics ('manifest')."""
+  if scaling == 'manifest':
+    return (1.0 / np.asarray(channel_std, np.float32), np.asarray(channel_mean, np.float32))
+  return (np.full(channels, scaling_factor, np.float32),
+          np.full(channels, shift_factor or 0.0, np.float32))
+
+
+def _manifest_scale_shift(opts: 'DataOptions', manifest) -> tuple[np.ndarray, np.ndarray]:
+  return latent_scale_shift(
+      opts.latent_scaling, manifest.latent_shape[-1],
+      scaling_factor=manifest.vae['scaling_factor'], shift_factor=manifest.vae['shift_factor'],
+      channel_mean=manifest.channel_mean, channel_std=manifest.channel_std)
+
+
+def source_data_config(data_config):
+  """The data config of the images behind `data_config`: itself for pixels; for latents, a copy
+  naming the source data set at its pixel size (what extract.py encodes and evaluation compares
+  samples with)."""
+  if data_config.name != 'latents':
+    return data_config
+  name, size = data_config.get('source_name'), data_config.get('source_image_size')
+  if not name or not size:
+    raise ValueError(f'latents with data.source_name={name!r}, data.source_image_size={size!r}: '
+                     'the images they came from are unknown; set both (a run records them from '
+                     'the extraction when it starts), or give references with --reference_npz')
+  source = data_config.copy_and_resolve_references()
+  source.name, source.image_size, source.channels = str(name), int(size), 3
+  source.augment, source.flip = 'none', False
+  return source
 
 
 def prepare(data_config: Any, *, builder_kwargs: Mapping[str, Any] | None = None) -> None:
@@ -618,7 +656,7 @@ def make_dataset(data_config: Any, *, split: str, seed: int, global_batch_size: 
       raise ValueError(f'split={split!r} was not extracted to {opts.latent_dir}; it has '
                        f'{sorted(manifest.splits)}')
     source = _latents().LatentSource(opts.latent_dir, split)
-    scale_shift = latent_scale_shift(opts, manifest)
+    scale_shift = _manifest_scale_shift(opts, manifest)
     train_transform = LatentTrainTransform(opts, *scale_shift)
     eval_transform = LatentEvalTransform(opts, *scale_shift)
   else:

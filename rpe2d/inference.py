@@ -7,7 +7,7 @@ Examples are sharded over every local device along the 'data' axis. Example i of
 noise and random positions from fold_in(seed key, i), so the images do not depend on the batch size
 or the device count.
 
-A latent run (`is_latent`: `data.vae_path` set) samples VAE latents; `load_run` also loads the VAE
+A latent run (`is_latent`: trained on `data.name='latents'`) samples VAE latents; `load_run` also loads the VAE
 that made them (checked by sha256) and `generate` returns their decodes, so callers see uint8
 images at pixel sizes either way: `height` and `width` are always pixels.
 """
@@ -22,7 +22,7 @@ import numpy as np
 import tqdm
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rpe2d import autoencoder, autoencoder_weights, checkpoints, config as config_lib, files
+from rpe2d import autoencoder, autoencoder_weights, checkpoints, config as config_lib, data, files
 from rpe2d import images as images_lib, model as model_lib, rope, rundir, sampler, training
 
 # Latent runs decode whole up to this many latent pixels per image (128x128: 1024x1024 pixels
@@ -44,32 +44,21 @@ class Run:
 
 
 def is_latent(config) -> bool:
-  """Whether a run samples VAE latents (data.vae_path is set) rather than pixels."""
-  return bool(config.data.get('vae_path'))
+  """Whether a run samples VAE latents (it trained on data.name='latents') rather than pixels."""
+  return config.data.name == 'latents'
+
 
 
 def reference_data_config(config):
-  """The data config whose images a run's samples are compared with: `config.data` for a pixel
-  run; for a latent run, a copy naming the source data set at its pixel size (the latents are not
-  images)."""
-  if not is_latent(config):
-    return config.data
-  name, size = config.data.get('source_name'), config.data.get('source_image_size')
-  if not name or not size:
-    raise ValueError(f'latent run with data.source_name={name!r}, data.source_image_size='
-                     f'{size!r}: the real images its latents came from are unknown; set both in '
-                     "its config.json, or give references with --reference_npz")
-  source = config.data.copy_and_resolve_references()
-  source.name, source.image_size = str(name), int(size)
-  source.channels = 3  # what the SD VAEs decode to
-  return source
+  """The data config whose images a run's samples are compared with (data.source_data_config)."""
+  return data.source_data_config(config.data)
 
 
 def load_vae(config, vae=None) -> autoencoder_weights.Loaded:
   """The VAE of a latent run: `vae` (a file or its folder) if given, else data.vae_path; refused
   unless its sha256 is the one the run recorded (data.vae_sha256)."""
   if not is_latent(config):
-    raise ValueError(f'--vae={vae} given, but this is not a latent run (data.vae_path is unset): '
+    raise ValueError(f'--vae={vae} given, but this is not a latent run (data.name is not latents): '
                      'it samples pixels')
   path = pathlib.Path(vae if vae else config.data.vae_path).expanduser()
   if path.is_dir():
@@ -232,8 +221,11 @@ def decode(run: Run, samples, *, tile: int = 0, devices=None) -> np.ndarray:
   the device count; calls decode at most DECODE_PIXELS_PER_DEVICE latent pixels per device."""
   devices = jax.local_devices() if devices is None else devices
   # Latents are small: on the host they slice into even chunks for the sharded decoder.
-  latents = np.asarray(autoencoder.latents_from_model(np.asarray(samples, np.float32),
-                                                      run.vae.config))
+  d, vae = run.config.data, run.vae.config
+  scale, shift = data.latent_scale_shift(
+      d.latent_scaling, d.channels, scaling_factor=vae.scaling_factor,
+      shift_factor=vae.shift_factor, channel_mean=d.latent_mean, channel_std=d.latent_std)
+  latents = np.asarray(samples, np.float32) / scale + shift
   batch, h, w, _ = latents.shape
   if batch % len(devices) or not batch:
     raise ValueError(f'a batch of {batch} latents does not split over {len(devices)} devices; '

@@ -16,15 +16,18 @@ from jax.experimental import multihost_utils
 import numpy as np
 import tqdm
 
-from rpe2d import checkpoints, config as config_lib, data, images, rundir, sampler, training
+from rpe2d import checkpoints, config as config_lib, data, images, inference, model as model_lib
+from rpe2d import rundir, sampler, training
 from rpe2d.metric_writer import MetricWriter
 
 
 def preflight(config, run: rundir.RunDir):
   """Every check that needs no compilation, so bad input fails in seconds; then puts aside
   unfinished and damaged checkpoints (checkpoints.recover). Returns the typed objects of the
-  config, the workdir's saved config (None for a new run) and init_from's step directory."""
+  config, the workdir's saved config (None for a new run), init_from's step directory and a
+  latent run's VAE."""
   built = config_lib.validate(config)
+  vae = record_latents(config) if config.data.name == 'latents' else None
   devices = jax.device_count()
   if config.batch_size % devices:
     raise ValueError(f'batch_size={config.batch_size} is not divisible by the {devices} devices; '
@@ -36,7 +39,7 @@ def preflight(config, run: rundir.RunDir):
   init_dir = checkpoints.check_init_from(config.init_from, config) if config.init_from else None
   data.prepare(config.data)
   checkpoints.recover(run.root)
-  return built, saved_config, init_dir
+  return built, saved_config, init_dir, vae
 
 
 class Preemption:
@@ -89,13 +92,42 @@ def check_finite(window, policy: str, saved_step, run: rundir.RunDir):
   return {k: v for k, v in window[-1][1].items() if k != 'finite'}, len(bad)
 
 
-def save_sample_grids(config, model, plan, ema_params, step, run: rundir.RunDir, class_names):
+def record_latents(config):
+  """A latent run's facts from its extraction, recorded in the config (sampling needs them after
+  the latents are gone): the VAE's path and sha256, the source images, the channel statistics.
+  Returns the VAE, checked by sha256, which decodes the sample grids."""
+  d = config.data
+  manifest = data.latent_manifest(data.parse_config(d))
+  d.vae_path = d.vae_path or manifest.vae['path']
+  d.vae_sha256 = manifest.vae['sha256']
+  d.source_name = manifest.source['name']
+  d.source_image_size = int(manifest.source['image_size'])
+  d.image_dir = manifest.source['image_dir']
+  if d.latent_scaling == 'manifest':
+    d.latent_mean, d.latent_std = tuple(manifest.channel_mean), tuple(manifest.channel_std)
+  vae = inference.load_vae(config)
+  patch = model_lib.parse_variant(config.model.variant)[3]
+  for i, (height, width) in enumerate(config.sampling.resolutions):
+    inference.check_size(height, width, patch, vae.config.downsampling,
+                         f'sampling.resolutions[{i}]')
+  return vae
+
+
+def save_sample_grids(config, model, plan, ema_params, step, run: rundir.RunDir, class_names,
+                      vae=None):
+  """EMA samples at sampling.resolutions (pixels; a latent run samples latents and decodes them
+  with its VAE)."""
   num_classes, per_class = model.num_classes, config.sampling.num_per_class
   labels = np.repeat(np.arange(num_classes), per_class).astype(np.int32)
+  factor = 1 if vae is None else vae.config.downsampling
   for height, width in config.sampling.resolutions:
     generated = sampler.sample_jit(model, ema_params, jax.random.key(config.seed), labels,
-                                   height=height, width=width, plan=plan)
+                                   height=height // factor, width=width // factor, plan=plan)
     if jax.process_index() == 0:
+      if vae is not None:
+        decoder = inference.Run(config=config, model=model, params=None, step=step,
+                                checkpoint=None, vae=vae)
+        generated = inference.decode(decoder, jax.device_get(generated), devices=jax.devices()[:1])
       images.save_grid(run.sample_grid(step, height, width), images.to_uint8(generated),
                        rows=num_classes, row_labels=class_names)
 
@@ -103,7 +135,7 @@ def save_sample_grids(config, model, plan, ema_params, step, run: rundir.RunDir,
 def train(config, workdir) -> training.TrainState:
   """Runs (or resumes) training to config.total_steps and returns the final state."""
   run = rundir.RunDir(workdir)
-  built, saved_config, init_dir = preflight(config, run)
+  built, saved_config, init_dir, vae = preflight(config, run)
   mesh = training.make_mesh(config.mesh.fsdp)
   trainer = training.Trainer(built.model, built.training, mesh)
   iterator = data.make_iterator(config.data, split='train', seed=config.seed,
@@ -191,7 +223,7 @@ def train(config, workdir) -> training.TrainState:
         break
       if sample_now:
         save_sample_grids(config, built.model, built.sampling, state.ema_params, step, run,
-                          class_names)
+                          class_names, vae)
   finally:
     progress.close()
     preemption.restore()

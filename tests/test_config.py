@@ -18,7 +18,8 @@ def test_imagenet_config_argument_errors():
     config_lib.load(str(CONFIGS[0].parent / 'imagenet.py:B,384,rpe2d'))
 
 
-IMAGENET_ARGS = [f'{s},{r},{p}' for s in ('B', 'XL') for r in (256, 512) for p in ('rpe2d', 'grid')]
+IMAGENET_ARGS = [f'{s},{r},{p}{space}' for s in ('B', 'XL') for r in (256, 512)
+                 for p in ('rpe2d', 'grid') for space in ('', ',pixels')]
 CONFIG_SPECS = [str(p) for p in CONFIGS] + [
     str(CONFIGS[0].parent / f'imagenet.py:{arg}') for arg in IMAGENET_ARGS]
 
@@ -26,6 +27,11 @@ CONFIG_SPECS = [str(p) for p in CONFIGS] + [
 @pytest.mark.parametrize('path', CONFIG_SPECS, ids=lambda p: p.rsplit('/', 1)[-1])
 def test_every_config_validates_and_builds(path):
   config = config_lib.load(path)
+  if config.data.name == 'latents':  # the user's extraction; refused when missing
+    with pytest.raises(ValueError, match="data.name='latents' needs data.latent_dir"):
+      config_lib.validate(config)
+    config.data.latent_dir = 'latents/imagenet'
+    assert config.data.channels == 4 and config.data.image_size * 8 == config.data.source_image_size
   config_lib.validate(config)
   model = config_lib.build_model(config)
   assert model.train_grid == config_lib.train_grid(config)

@@ -167,9 +167,10 @@ FIELDS = (  # the data section of the config schema (rpe2d.config)
   checks.Field('data.source_name', None, 'latent runs: the data set of the images', value_type=str),
   checks.Field('data.source_image_size', None, 'latent runs: its image size in pixels',
                value_type=int),
-  checks.Field('data.latent_mean', None, "latents with latent_scaling='manifest': the extraction's "
-               'per-channel mean (recorded when the run starts)', value_type=tuple),
-  checks.Field('data.latent_std', None, '... and per-channel std', value_type=tuple),
+  checks.Field('data.latent_mean', None, 'latent runs: the model sees (z - latent_mean) / '
+               'latent_std, per channel (recorded when the run starts)', value_type=tuple),
+  checks.Field('data.latent_std', None, '... the same, for decoding its samples',
+               value_type=tuple),
 )
 
 
@@ -300,7 +301,7 @@ def latent_scale_shift(scaling: str, channels: int, *, scaling_factor: float,
           np.full(channels, shift_factor or 0.0, np.float32))
 
 
-def _manifest_scale_shift(opts: 'DataOptions', manifest) -> tuple[np.ndarray, np.ndarray]:
+def manifest_scale_shift(opts: 'DataOptions', manifest) -> tuple[np.ndarray, np.ndarray]:
   return latent_scale_shift(
       opts.latent_scaling, manifest.latent_shape[-1],
       scaling_factor=manifest.vae['scaling_factor'], shift_factor=manifest.vae['shift_factor'],
@@ -656,7 +657,7 @@ def make_dataset(data_config: Any, *, split: str, seed: int, global_batch_size: 
       raise ValueError(f'split={split!r} was not extracted to {opts.latent_dir}; it has '
                        f'{sorted(manifest.splits)}')
     source = _latents().LatentSource(opts.latent_dir, split)
-    scale_shift = _manifest_scale_shift(opts, manifest)
+    scale_shift = manifest_scale_shift(opts, manifest)
     train_transform = LatentTrainTransform(opts, *scale_shift)
     eval_transform = LatentEvalTransform(opts, *scale_shift)
   else:

@@ -73,6 +73,13 @@ def load_vae(config, vae=None) -> autoencoder_weights.Loaded:
     raise ValueError(f"{path} is not the VAE of this run: the run's latents were made by "
                      f'{expected}; {path} is {digest}')
   loaded = autoencoder_weights.load(path)
+  recorded = config.data.get('latent_std')
+  if config.data.get('latent_scaling') == 'vae' and recorded:
+    trained = 1.0 / recorded[0]
+    if abs(loaded.config.scaling_factor - trained) > 1e-6 * trained:
+      raise ValueError(f'{path} has scaling_factor {loaded.config.scaling_factor}; the run trained '
+                       f'on latents scaled by {trained:.6g} (the extraction manifest\'s): another '
+                       "VAE config.json than the run's")
   if loaded.config.latent_channels != config.data.channels:
     raise ValueError(f'{path} has {loaded.config.latent_channels} latent channels; the run was '
                      f'trained on data.channels={config.data.channels}')
@@ -222,9 +229,11 @@ def decode(run: Run, samples, *, tile: int = 0, devices=None) -> np.ndarray:
   devices = jax.local_devices() if devices is None else devices
   # Latents are small: on the host they slice into even chunks for the sharded decoder.
   d, vae = run.config.data, run.vae.config
-  scale, shift = data.latent_scale_shift(
-      d.latent_scaling, d.channels, scaling_factor=vae.scaling_factor,
-      shift_factor=vae.shift_factor, channel_mean=d.latent_mean, channel_std=d.latent_std)
+  if d.latent_std is not None:  # what the run trained with (train_loop.record_latents)
+    scale, shift = 1.0 / np.asarray(d.latent_std, np.float32), np.asarray(d.latent_mean, np.float32)
+  else:
+    scale, shift = data.latent_scale_shift('vae', d.channels, scaling_factor=vae.scaling_factor,
+                                           shift_factor=vae.shift_factor)
   latents = np.asarray(samples, np.float32) / scale + shift
   batch, h, w, _ = latents.shape
   if batch % len(devices) or not batch:

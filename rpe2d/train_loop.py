@@ -103,9 +103,14 @@ def record_latents(config):
   d.source_name = manifest.source['name']
   d.source_image_size = int(manifest.source['image_size'])
   d.image_dir = manifest.source['image_dir']
-  if d.latent_scaling == 'manifest':
-    d.latent_mean, d.latent_std = tuple(manifest.channel_mean), tuple(manifest.channel_std)
   vae = inference.load_vae(config)
+  factors = (vae.config.scaling_factor, vae.config.shift_factor)
+  if factors != (manifest.vae['scaling_factor'], manifest.vae['shift_factor']):
+    raise ValueError(f'the VAE {d.vae_path} has (scaling_factor, shift_factor) = {factors}; the '
+                     f"extraction {d.latent_dir} was made with "
+                     f"{(manifest.vae['scaling_factor'], manifest.vae['shift_factor'])}")
+  scale, shift = data.manifest_scale_shift(data.parse_config(d), manifest)
+  d.latent_mean, d.latent_std = tuple(map(float, shift)), tuple(float(1 / v) for v in scale)
   patch = model_lib.parse_variant(config.model.variant)[3]
   for i, (height, width) in enumerate(config.sampling.resolutions):
     inference.check_size(height, width, patch, vae.config.downsampling,

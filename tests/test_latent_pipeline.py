@@ -186,3 +186,22 @@ def test_sampling_a_latent_run_without_its_vae_or_with_another(extracted, tmp_pa
   (workdir / 'config.json').write_text(json.dumps(config))
   with pytest.raises(FileNotFoundError, match=r"the run's VAE \(data.vae_path\) .* does not exist"):
     inference.load_run(workdir)
+
+
+def test_a_vae_whose_scaling_disagrees_with_the_extraction_is_refused(extracted, tmp_path):
+  images, latent_dir, _ = extracted
+  other = tmp_path / 'sdxl_scaled'  # the same weights (so the same sha256), another config.json
+  shutil.copytree(VAE_DIR, other)
+  settings = json.loads((other / 'config.json').read_text())
+  settings['scaling_factor'] = 0.13025
+  (other / 'config.json').write_text(json.dumps(settings))
+  config = latent_config(images, latent_dir, data__vae_path=str(other / VAE_FILE.name))
+  with pytest.raises(ValueError, match=r'has \(scaling_factor, shift_factor\) = \(0.13025, None\); '
+                                       r'the extraction .* was made with \(0.18215, None\)'):
+    train_loop.train(config, tmp_path / 'run')
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
+  workdir = tmp_path / 'good'
+  train_loop.train(latent_config(images, latent_dir, total_steps=1), workdir)
+  with pytest.raises(ValueError, match=r'has scaling_factor 0.13025; the run trained on latents '
+                                       r'scaled by 0.18215'):
+    inference.load_run(workdir, vae=other)

@@ -97,7 +97,8 @@ def record_latents(config):
   the latents are gone): the VAE's path and sha256, the source images, the channel statistics.
   Returns the VAE, checked by sha256, which decodes the sample grids."""
   d = config.data
-  manifest = data.latent_manifest(data.parse_config(d))
+  opts = data.parse_config(d)
+  manifest = data.latent_manifest(opts)
   d.vae_path = d.vae_path or manifest.vae['path']
   d.vae_sha256 = manifest.vae['sha256']
   d.source_name = manifest.source['name']
@@ -109,7 +110,7 @@ def record_latents(config):
     raise ValueError(f'the VAE {d.vae_path} has (scaling_factor, shift_factor) = {factors}; the '
                      f"extraction {d.latent_dir} was made with "
                      f"{(manifest.vae['scaling_factor'], manifest.vae['shift_factor'])}")
-  scale, shift = data.manifest_scale_shift(data.parse_config(d), manifest)
+  scale, shift = data.manifest_scale_shift(opts, manifest)
   d.latent_mean, d.latent_std = tuple(map(float, shift)), tuple(float(1 / v) for v in scale)
   patch = model_lib.parse_variant(config.model.variant)[3]
   for i, (height, width) in enumerate(config.sampling.resolutions):

@@ -240,7 +240,7 @@ class Loaded:
 
 
 def load(path, config: autoencoder.Config | str | None = None, expected: str | None = None,
-         known: Mapping[str, KnownFile] = KNOWN_FILES) -> Loaded:
+         known: Mapping[str, KnownFile] = KNOWN_FILES, digest: str | None = None) -> Loaded:
   """Reads AutoencoderKL weights from a diffusers safetensors file (or the folder holding it).
 
   Args:
@@ -250,6 +250,7 @@ def load(path, config: autoencoder.Config | str | None = None, expected: str | N
     expected: the name of a KNOWN_FILES entry ('sd-vae-ft-mse', 'sdxl-vae', ...) that the file
       must be (by sha256).
     known: the table of known files (KNOWN_FILES).
+    digest: the file's sha256 when the caller has just computed it (it is not hashed again).
 
   Raises:
     ValueError: a pickle or non-safetensors file; a file other than `expected`; an invalid
@@ -261,7 +262,7 @@ def load(path, config: autoencoder.Config | str | None = None, expected: str | N
   if not path.is_file():
     raise FileNotFoundError(f'{path}: no such file')
   _refuse_pickles(path)
-  digest = sha256(path)
+  digest = digest or sha256(path)
   entry = known.get(digest)
   if expected is not None:
     names = sorted(k.name for k in known.values())

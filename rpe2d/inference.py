@@ -49,11 +49,6 @@ def is_latent(config) -> bool:
 
 
 
-def reference_data_config(config):
-  """The data config whose images a run's samples are compared with (data.source_data_config)."""
-  return data.source_data_config(config.data)
-
-
 def load_vae(config, vae=None) -> autoencoder_weights.Loaded:
   """The VAE of a latent run: `vae` (a file or its folder) if given, else data.vae_path; refused
   unless its sha256 is the one the run recorded (data.vae_sha256)."""
@@ -72,7 +67,7 @@ def load_vae(config, vae=None) -> autoencoder_weights.Loaded:
   if expected and digest != expected:
     raise ValueError(f"{path} is not the VAE of this run: the run's latents were made by "
                      f'{expected}; {path} is {digest}')
-  loaded = autoencoder_weights.load(path)
+  loaded = autoencoder_weights.load(path, digest=digest)
   recorded = config.data.get('latent_std')
   if config.data.get('latent_scaling') == 'vae' and recorded:
     trained = 1.0 / recorded[0]

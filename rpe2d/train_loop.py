@@ -27,7 +27,7 @@ def preflight(config, run: rundir.RunDir):
   config, the workdir's saved config (None for a new run), init_from's step directory and a
   latent run's VAE."""
   built = config_lib.validate(config)
-  vae = record_latents(config) if config.data.name == 'latents' else None
+  vae = record_latents(config) if inference.is_latent(config) else None
   devices = jax.device_count()
   if config.batch_size % devices:
     raise ValueError(f'batch_size={config.batch_size} is not divisible by the {devices} devices; '
@@ -126,13 +126,13 @@ def save_sample_grids(config, model, plan, ema_params, step, run: rundir.RunDir,
   num_classes, per_class = model.num_classes, config.sampling.num_per_class
   labels = np.repeat(np.arange(num_classes), per_class).astype(np.int32)
   factor = 1 if vae is None else vae.config.downsampling
+  decoder = None if vae is None else inference.Run(config=config, model=model, params=None,
+                                                   step=step, checkpoint=None, vae=vae)
   for height, width in config.sampling.resolutions:
     generated = sampler.sample_jit(model, ema_params, jax.random.key(config.seed), labels,
                                    height=height // factor, width=width // factor, plan=plan)
     if jax.process_index() == 0:
-      if vae is not None:
-        decoder = inference.Run(config=config, model=model, params=None, step=step,
-                                checkpoint=None, vae=vae)
+      if decoder is not None:
         generated = inference.decode(decoder, jax.device_get(generated), devices=jax.devices()[:1])
       images.save_grid(run.sample_grid(step, height, width), images.to_uint8(generated),
                        rows=num_classes, row_labels=class_names)

@@ -16,7 +16,8 @@ from PIL import Image
 from safetensors.numpy import save_file
 
 from conftest import REPO, CompileCounter, perturb, subprocess_env, tiny_config
-from rpe2d import autoencoder, autoencoder_weights, checkpoints, config as config_lib, inference
+from rpe2d import autoencoder, autoencoder_weights, checkpoints, config as config_lib, data
+from rpe2d import inference
 from rpe2d import rundir, training
 from rpe2d.evaluation import metrics, sweep
 
@@ -96,7 +97,7 @@ def test_load_run_loads_the_vae(run, vae):
   assert inference.is_latent(run.config) and run.vae.sha256 == vae.sha256
   assert inference.downsampling(run) == 8 and inference.model_size(run, 32, 48) == (4, 6)
   pixel = tiny_config(None)
-  assert not inference.is_latent(pixel) and inference.reference_data_config(pixel) is pixel.data
+  assert not inference.is_latent(pixel) and data.source_data_config(pixel.data) is pixel.data
 
 
 def test_generate_decodes_whole_and_tiled(run):
@@ -141,13 +142,13 @@ def test_load_run_refuses_another_or_a_missing_vae(run_dir, other_vae, tmp_path)
     inference.load_run(pixel_run, vae=VAE_FILE)
 
 
-def test_reference_data_config_is_the_source(run):
-  source = inference.reference_data_config(run.config)
+def test_source_data_config_is_the_source(run):
+  source = data.source_data_config(run.config.data)
   assert (source.name, source.image_size, source.channels) == ('animal_mnist', 64, 3)
   assert run.config.data.name == 'latents'  # a copy: the run's config is unchanged
   unknown = latent_config(data__source_name=None)
   with pytest.raises(ValueError, match='data.source_name=None'):
-    inference.reference_data_config(unknown)
+    data.source_data_config(unknown.data)
 
 
 def test_sweep_cells_on_a_latent_run(run, tmp_path):

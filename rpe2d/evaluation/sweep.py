@@ -385,7 +385,7 @@ def run(runs, names, resolutions, cells, *, outdir, feature_fn, num_samples: int
     if resolution in npz_references:
       return npz_references[resolution]
     # A latent run is compared with the real images its latents were made from.
-    data_config = inference.reference_data_config(run.config)
+    data_config = data.source_data_config(run.config.data)
     key = (data_config.name, data_config.image_size, resolution)
     if key not in references:
       print(f'reference: {split} split of {key[0]} at {resolution[0]}x{resolution[1]} '
@@ -396,7 +396,7 @@ def run(runs, names, resolutions, cells, *, outdir, feature_fn, num_samples: int
     return references[key]
 
   by_name = dict(zip(names, runs))
-  class_names = {name: data.class_names(inference.reference_data_config(run.config))
+  class_names = {name: data.class_names(data.source_data_config(run.config.data))
                  for name, run in by_name.items()}
   notes = sorted({note for name in names for resolution in resolutions
                   for note in sample_size_warnings(num_samples,
@@ -438,7 +438,7 @@ def run(runs, names, resolutions, cells, *, outdir, feature_fn, num_samples: int
   if real_split:
     for resolution in resolutions:
       real = split_reference(
-          inference.reference_data_config(runs[0].config), real_split, *resolution,
+          data.source_data_config(runs[0].config.data), real_split, *resolution,
           resize_filter=resize_filter, limit=num_samples, cache_dir=outdir / 'reference',
           feature_fn=feature_fn)
       rows.append(dict(run='real', method=f'{real_split} split', height=resolution[0],

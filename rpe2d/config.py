@@ -20,7 +20,7 @@ from absl import flags
 import ml_collections
 from ml_collections import config_dict, config_flags
 
-from rpe2d import checks, data, flow, model as model_lib, positions, rope, sampler, training
+from rpe2d import attention, checks, data, flow, model as model_lib, positions, rope, sampler, training
 from rpe2d.checks import Field, non_negative_int, number, positive_int
 
 AUTO = data.AUTO
@@ -56,7 +56,7 @@ SCHEMA = (
           '(unset: on exactly when data.augment is rpe2d_crop)', value_type=bool),
     Field('model.mlp_ratio', 4.0, 'MLP width / model width', check=number(0.0, low_open=True)),
     Field('model.attention_implementation', 'xla', 'attention kernel',
-          allowed=model_lib.ATTENTION_IMPLEMENTATIONS),
+          allowed=tuple(attention.KERNELS)),
     Field('model.dtype', 'float32', 'compute dtype (parameters stay float32)',
           allowed=tuple(model_lib.DTYPES)),
     Field('model.remat', False, 'recompute each block in the backward pass (saves memory)'),

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rpe2d import rope
+from rpe2d import attention, rope
 
 # name -> (width, depth, heads). The paper sizes plus small ones for tests and CPU training.
 VARIANTS = {
@@ -27,7 +27,6 @@ VARIANTS = {
     'XL': (1152, 28, 16),
 }
 POSITION_EMBEDDINGS = ('rope', 'sincos')
-ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
@@ -91,8 +90,8 @@ class Attention(nn.Module):
     if rotation is not None:
       # One rotation for q and k together: XLA fuses the table's cos/sin into each rotation.
       q, k = jnp.split(rope.apply_rope(jnp.concatenate([q, k], axis=2), rotation), 2, axis=2)
-    out = jax.nn.dot_product_attention(
-        q, k, v, scale=logit_scale / math.sqrt(head_dim), implementation=self.implementation)
+    out = attention.attend(q, k, v, scale=logit_scale / math.sqrt(head_dim),
+                           kernel=self.implementation)
     return dense(width, name='proj')(out.reshape(batch, tokens, width))
 
 

@@ -1,23 +1,286 @@
-"""Attention kernels: one registry of interchangeable implementations, read by config and model.
+"""Attention kernels: one registry of interchangeable implementations, read by config and model
+(docs/methods.md#attention-kernels).
 
-Every kernel takes q, k, v of shape (batch, tokens, heads, head_dim) and a logit scale, and
-returns (batch, tokens, heads, head_dim).
+Every kernel takes q, k, v of shape (batch, tokens, heads, head_dim) (the layout of
+`jax.nn.dot_product_attention`) and a logit scale, and returns (batch, tokens, heads, head_dim) in
+q's dtype. `KERNELS` maps each `model.attention_implementation` name to a `Kernel`, which is
+callable as `fn(q, k, v, *, scale)` and knows the platforms it runs on; `check_kernel` turns a
+name the platform lacks into a one-line error.
 """
 
+import dataclasses
+import functools
+from collections.abc import Callable
+
 import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Default block sizes of the chunked kernel: a (q_chunk x kv_chunk) f32 score block per head is
+# the largest intermediate, 2 MiB per head at 512 x 1024.
+Q_CHUNK = 512
+KV_CHUNK = 1024
+# Splash attention: tokens are padded to a multiple of SPLASH_MIN_BLOCK (the TPU lane width) and
+# the block is the largest of SPLASH_BLOCKS that divides the padded count.
+SPLASH_MIN_BLOCK = 128
+SPLASH_BLOCKS = (512, 256, 128)
+
+# What check_kernel says a platform is, in the words of an error message.
+PLATFORM_NEEDS = {'cpu': 'a CPU', 'cuda': 'an NVIDIA GPU', 'rocm': 'an AMD GPU', 'tpu': 'a TPU'}
 
 
-def _xla(q, k, v, *, scale):
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+  """One attention implementation: `fn(q, k, v, *, scale)` and the platforms it runs on
+  (names from `current_platform`)."""
+  fn: Callable
+  platforms: tuple[str, ...]
+
+  def __call__(self, q, k, v, *, scale):
+    return self.fn(q, k, v, scale=scale)
+
+
+def current_platform() -> str:
+  """The default backend as 'cpu', 'cuda', 'rocm' or 'tpu' (jax calls both GPU kinds 'gpu')."""
+  device = jax.devices()[0]
+  if device.platform != 'gpu':
+    return device.platform
+  return 'rocm' if 'rocm' in device.client.platform_version.lower() else 'cuda'
+
+
+# --- xla ------------------------------------------------------------------------------------------
+
+def xla(q, k, v, *, scale):
+  """`jax.nn.dot_product_attention(implementation='xla')`: the full (tokens x tokens) scores.
+
+  For bfloat16 inputs jax already forms the logits with float32 accumulation
+  (`preferred_element_type=float32`) and takes the softmax in float32, casting the probabilities
+  to bfloat16 only for the product with v; tests/test_attention.py pins that down on the jaxpr.
+  """
   return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation='xla')
 
 
-def _cudnn(q, k, v, *, scale):
+# --- cudnn ----------------------------------------------------------------------------------------
+
+def cudnn(q, k, v, *, scale):
+  """cuDNN flash attention through `jax.nn.dot_product_attention(implementation='cudnn')`."""
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"attention kernel 'cudnn' takes bfloat16 or float16 q, k, v; got {q.dtype} "
+                     "(set model.dtype='bfloat16' or choose xla or chunked)")
   return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation='cudnn')
 
 
-KERNELS = {'xla': _xla, 'cudnn': _cudnn}
+# --- splash ---------------------------------------------------------------------------------------
+
+def splash(q, k, v, *, scale, interpret: bool = False):
+  """TPU splash attention (Pallas), full non-causal mask, one kernel call per example (vmap).
+
+  Tokens are zero-padded to a multiple of `SPLASH_MIN_BLOCK`; the padding gets segment id 1 and
+  the real tokens id 0, so no real query sees a padded key. `interpret=True` runs the same kernel
+  in the Pallas interpreter on any backend (slow; for tests).
+  """
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa  # TPU-only module; lazy
+  batch, tokens, heads, head_dim = q.shape
+  if k.shape[1] != tokens:
+    raise ValueError(f"attention kernel 'splash' is self-attention only: {tokens} query tokens vs "
+                     f"{k.shape[1]} key tokens")
+  padded = -(-tokens // SPLASH_MIN_BLOCK) * SPLASH_MIN_BLOCK
+  block = next(b for b in SPLASH_BLOCKS if padded % b == 0)
+  blocks = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                         block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                         block_q_dq=block, block_kv_dq=block)
+  mask = sa.MultiHeadMask([sa.FullMask((padded, padded))] * heads)
+  kernel = sa.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
+                              interpret=interpret)
+
+  def heads_major(x):  # (batch, tokens, heads, d) -> (batch, heads, padded, d)
+    x = jnp.pad(x, ((0, 0), (0, padded - tokens), (0, 0), (0, 0)))
+    return x.transpose(0, 2, 1, 3)
+
+  # The kernel has no logit scale: fold it into q (in float32, then back to q's dtype).
+  q_scaled = (q.astype(jnp.float32) * scale).astype(q.dtype)
+  segments = None
+  if padded != tokens:
+    ids = (jnp.arange(padded) >= tokens).astype(jnp.int32)
+    segments = sa.SegmentIds(q=ids, kv=ids)
+  out = jax.vmap(kernel, in_axes=(0, 0, 0, None))(
+      heads_major(q_scaled), heads_major(k), heads_major(v), segments)
+  return out.transpose(0, 2, 1, 3)[:, :tokens].astype(q.dtype)
+
+
+# --- chunked --------------------------------------------------------------------------------------
+
+def chunked(q, k, v, *, scale, q_chunk: int = Q_CHUNK, kv_chunk: int = KV_CHUNK):
+  """Blockwise attention in pure JAX whose memory is O(tokens * chunk), never O(tokens^2).
+
+  Queries go in blocks of `q_chunk` (`lax.map`), keys in blocks of `kv_chunk` (`lax.scan`) with
+  an online softmax in float32 (running max, normaliser and weighted sum). The gradient is a
+  `jax.custom_vjp` with the flash-attention backward: it saves only the output and the per-query
+  log-sum-exp and recomputes each score block. Token counts that the chunks do not divide are
+  zero-padded and the padded keys masked out. See docs/methods.md#attention-kernels.
+  """
+  for name, size in (('q_chunk', q_chunk), ('kv_chunk', kv_chunk)):
+    if not isinstance(size, int) or size < 1:
+      raise ValueError(f'chunked attention {name} must be a positive integer, got {size!r}')
+  try:
+    scale = float(scale)
+  except TypeError:  # a traced scale: fold it into q so autodiff sees it, keep the kernel static
+    q, scale = (q * scale).astype(q.dtype), 1.0
+  q_chunk, kv_chunk = min(q_chunk, q.shape[1]), min(kv_chunk, k.shape[1])
+  return _chunked_attention(q, k, v, scale, q_chunk, kv_chunk)
+
+
+def _to_blocks(x, size: int):
+  """(batch, n, ...) -> (n_blocks, batch, size, ...), zero-padded to a multiple of size."""
+  pad = -x.shape[1] % size
+  x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+  return x.reshape(x.shape[0], -1, size, *x.shape[2:]).swapaxes(0, 1)
+
+
+def _from_blocks(x, n: int):
+  """(n_blocks, batch, size, ...) -> (batch, n, ...), dropping the padding."""
+  x = x.swapaxes(0, 1)
+  return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :n]
+
+
+def _logits(q_blk, k_blk, scale, start, key_tokens):
+  """Scaled float32 scores (batch, heads, q, k) of one block pair; padded keys get -inf."""
+  s = jnp.einsum('bqhd,bkhd->bhqk', q_blk, k_blk, preferred_element_type=jnp.float32) * scale
+  if key_tokens % k_blk.shape[1]:  # only a count the chunk does not divide has padded keys
+    valid = start + jnp.arange(k_blk.shape[1]) < key_tokens
+    s = jnp.where(valid, s, -jnp.inf)
+  return s
+
+
+def _chunked_forward(q, k, v, scale, q_chunk, kv_chunk):
+  """(out, lse): out like q, lse (batch, heads, q_tokens) float32."""
+  key_tokens = k.shape[1]
+  k_blocks, v_blocks = _to_blocks(k, kv_chunk), _to_blocks(v, kv_chunk)
+  starts = jnp.arange(k_blocks.shape[0]) * kv_chunk
+
+  def query_block(q_blk):
+    batch, size, heads, head_dim = q_blk.shape
+
+    def key_step(carry, xs):
+      m, l, acc = carry
+      k_blk, v_blk, start = xs
+      s = _logits(q_blk, k_blk, scale, start, key_tokens)
+      # Block 0 always holds key 0, so m is finite from the first step and exp never sees inf-inf.
+      m_new = jnp.maximum(m, s.max(-1))
+      p = jnp.exp(s - m_new[..., None])
+      correction = jnp.exp(m - m_new)
+      l = l * correction + p.sum(-1)
+      acc = acc * correction[..., None] + jnp.einsum(
+          'bhqk,bkhd->bhqd', p.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32)
+      return (m_new, l, acc), None
+
+    init = (jnp.full((batch, heads, size), -jnp.inf, jnp.float32),
+            jnp.zeros((batch, heads, size), jnp.float32),
+            jnp.zeros((batch, heads, size, head_dim), jnp.float32))
+    (m, l, acc), _ = lax.scan(key_step, init, (k_blocks, v_blocks, starts))
+    out = (acc / l[..., None]).transpose(0, 2, 1, 3).astype(q.dtype)
+    return out, m + jnp.log(l)
+
+  out, lse = lax.map(query_block, _to_blocks(q, q_chunk))
+  return _from_blocks(out, q.shape[1]), _from_blocks(lse.swapaxes(2, 3), q.shape[1]).swapaxes(1, 2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _chunked_attention(q, k, v, scale, q_chunk, kv_chunk):
+  return _chunked_forward(q, k, v, scale, q_chunk, kv_chunk)[0]
+
+
+def _chunked_attention_fwd(q, k, v, scale, q_chunk, kv_chunk):
+  out, lse = _chunked_forward(q, k, v, scale, q_chunk, kv_chunk)
+  return out, (q, k, v, out, lse)
+
+
+def _chunked_attention_bwd(scale, q_chunk, kv_chunk, residuals, g):
+  """Flash-attention backward: with P = exp(S - lse), dV = P^T dO, dS = P * (dO V^T - delta) where
+  delta = rowsum(dO * O), dQ = scale dS K, dK = scale dS^T Q. Two passes, each recomputing P one
+  block at a time: dQ with queries outer, dK and dV with keys outer."""
+  q, k, v, out, lse = residuals
+  key_tokens = k.shape[1]
+  delta = jnp.einsum('bqhd,bqhd->bhq', g.astype(jnp.float32), out.astype(jnp.float32))
+
+  def per_query(x):  # (batch, heads, n) -> (n_blocks, batch, heads, q_chunk)
+    return _to_blocks(x.swapaxes(1, 2), q_chunk).swapaxes(2, 3)
+
+  q_blocks, g_blocks = _to_blocks(q, q_chunk), _to_blocks(g.astype(q.dtype), q_chunk)
+  lse_blocks, delta_blocks = per_query(lse), per_query(delta)
+  k_blocks, v_blocks = _to_blocks(k, kv_chunk), _to_blocks(v, kv_chunk)
+  starts = jnp.arange(k_blocks.shape[0]) * kv_chunk
+
+  def block_grads(q_blk, g_blk, lse_blk, delta_blk, k_blk, v_blk, start):
+    p = jnp.exp(_logits(q_blk, k_blk, scale, start, key_tokens) - lse_blk[..., None])
+    dp = jnp.einsum('bqhd,bkhd->bhqk', g_blk, v_blk, preferred_element_type=jnp.float32)
+    return p, p * (dp - delta_blk[..., None])
+
+  def dq_block(xs):
+    q_blk, g_blk, lse_blk, delta_blk = xs
+
+    def key_step(dq, kv):
+      k_blk, v_blk, start = kv
+      _, ds = block_grads(q_blk, g_blk, lse_blk, delta_blk, k_blk, v_blk, start)
+      return dq + jnp.einsum('bhqk,bkhd->bqhd', ds.astype(k_blk.dtype), k_blk,
+                             preferred_element_type=jnp.float32), None
+
+    dq, _ = lax.scan(key_step, jnp.zeros(q_blk.shape, jnp.float32), (k_blocks, v_blocks, starts))
+    return dq * scale
+
+  def dkv_block(xs):
+    k_blk, v_blk, start = xs
+
+    def query_step(carry, qs):
+      dk, dv = carry
+      q_blk, g_blk, lse_blk, delta_blk = qs
+      p, ds = block_grads(q_blk, g_blk, lse_blk, delta_blk, k_blk, v_blk, start)
+      dv = dv + jnp.einsum('bhqk,bqhd->bkhd', p.astype(g_blk.dtype), g_blk,
+                           preferred_element_type=jnp.float32)
+      dk = dk + jnp.einsum('bhqk,bqhd->bkhd', ds.astype(q_blk.dtype), q_blk,
+                           preferred_element_type=jnp.float32)
+      return (dk, dv), None
+
+    zeros = jnp.zeros(k_blk.shape, jnp.float32)
+    (dk, dv), _ = lax.scan(query_step, (zeros, zeros),
+                           (q_blocks, g_blocks, lse_blocks, delta_blocks))
+    return dk * scale, dv
+
+  dq = _from_blocks(lax.map(dq_block, (q_blocks, g_blocks, lse_blocks, delta_blocks)), q.shape[1])
+  dk, dv = lax.map(dkv_block, (k_blocks, v_blocks, starts))
+  return (dq.astype(q.dtype), _from_blocks(dk, key_tokens).astype(k.dtype),
+          _from_blocks(dv, key_tokens).astype(v.dtype))
+
+
+_chunked_attention.defvjp(_chunked_attention_fwd, _chunked_attention_bwd)
+
+
+# --- registry -------------------------------------------------------------------------------------
+
+KERNELS = {
+    'xla': Kernel(xla, ('cpu', 'cuda', 'rocm', 'tpu')),
+    'cudnn': Kernel(cudnn, ('cuda',)),
+    'splash': Kernel(splash, ('tpu',)),
+    'chunked': Kernel(chunked, ('cpu', 'cuda', 'rocm', 'tpu')),
+}
+
+
+def check_kernel(kernel: str, platform: str | None = None) -> Kernel:
+  """The registry entry for `kernel`, or a one-line ValueError when the name is unknown or the
+  platform (default: this process's, from `current_platform`) lacks it."""
+  if kernel not in KERNELS:
+    raise ValueError(f'unknown model.attention_implementation={kernel!r}; choose one of: '
+                     f'{", ".join(KERNELS)}')
+  platform = current_platform() if platform is None else platform
+  entry = KERNELS[kernel]
+  if platform not in entry.platforms:
+    needs = ' or '.join(PLATFORM_NEEDS.get(p, p) for p in entry.platforms)
+    usable = ', '.join(name for name, e in KERNELS.items() if platform in e.platforms)
+    raise ValueError(f'model.attention_implementation={kernel!r} needs {needs}; this process has '
+                     f'{platform} devices; choose one of: {usable}')
+  return entry
 
 
 def attend(q, k, v, *, scale, kernel: str = 'xla'):
-  """softmax(scale * q k^T) v with the named kernel."""
-  return KERNELS[kernel](q, k, v, scale=scale)
+  """softmax(scale * q k^T) v with the named kernel (checked once, when traced)."""
+  return check_kernel(kernel)(q, k, v, scale=scale)

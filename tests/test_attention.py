@@ -1,0 +1,187 @@
+"""The attention-kernel registry: every kernel this CPU runs against a float64 reference (values)
+and autodiff of a plain einsum-softmax (gradients), the chunked kernel's memory bound, and the
+one-line refusals."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rpe2d import attention, positions
+from rpe2d import config as config_lib
+
+HEADS, HEAD_DIM, SCALE = 3, 16, 0.3
+# Small chunks so a few hundred tokens span several query and key blocks: 192 is a multiple of
+# both, 200 of neither (padded queries and masked keys).
+Q_CHUNK, KV_CHUNK = 64, 48
+CPU_KERNELS = {
+    'xla': attention.xla,
+    'chunked': functools.partial(attention.chunked, q_chunk=Q_CHUNK, kv_chunk=KV_CHUNK),
+    'chunked_default': attention.chunked,  # one block: the chunks clip to the token count
+    'splash': functools.partial(attention.splash, interpret=True),  # Pallas interpreter
+}
+# splash pads to a multiple of 128 tokens: 128 needs none, 200 does.
+TOKEN_COUNTS = {'xla': (200,), 'chunked': (192, 200), 'chunked_default': (200,),
+                'splash': (128, 200)}
+CASES = [(name, n) for name, counts in TOKEN_COUNTS.items() for n in counts]
+
+
+def qkv(tokens, dtype=jnp.float32, batch=2, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  shape = (batch, tokens, HEADS, HEAD_DIM)
+  q, k, v, weights = (jax.random.normal(key, shape, jnp.float32) for key in keys)
+  return q.astype(dtype), k.astype(dtype), v.astype(dtype), weights
+
+
+def reference_f64(q, k, v, scale):
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  s = np.einsum('bqhd,bkhd->bhqk', q, k) * scale
+  p = np.exp(s - s.max(-1, keepdims=True))
+  return np.einsum('bhqk,bkhd->bqhd', p / p.sum(-1, keepdims=True), v)
+
+
+def reference(q, k, v, scale):
+  s = jnp.einsum('bqhd,bkhd->bhqk', q, k, precision='highest') * scale
+  return jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(s, -1), v, precision='highest')
+
+
+def grads(fn, q, k, v, weights):
+  """d/d(q, k, v) of the random linear functional sum(weights * out)."""
+  def functional(q, k, v):
+    return jnp.sum(weights * fn(q, k, v, scale=SCALE).astype(jnp.float32))
+  return jax.grad(functional, argnums=(0, 1, 2))(q, k, v)
+
+
+@pytest.mark.parametrize('name,tokens', CASES)
+def test_kernel_matches_reference(name, tokens):
+  fn = CPU_KERNELS[name]
+  q, k, v, weights = qkv(tokens)
+  out = fn(q, k, v, scale=SCALE)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  np.testing.assert_allclose(out, reference_f64(q, k, v, SCALE), atol=2e-6, rtol=0)
+  for got, want in zip(grads(fn, q, k, v, weights), grads(reference, q, k, v, weights)):
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+
+
+# bfloat16 holds 8 significant bits: inputs are rounded by the test, the probabilities are rounded
+# before the product with v, and the output is rounded, so values agree to about 2^-7 of their
+# range; the gradients (sums of a few hundred rounded products) to 2% of their largest entry.
+BF16_VALUE_ATOL = 2e-2
+BF16_GRAD_RTOL = 2e-2
+
+
+@pytest.mark.parametrize('name', ['xla', 'chunked', 'splash'])
+def test_kernel_bfloat16(name):
+  fn = CPU_KERNELS[name]
+  q, k, v, weights = qkv(200, jnp.bfloat16)
+  out = fn(q, k, v, scale=SCALE)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(out.astype(np.float32), reference_f64(q, k, v, SCALE),
+                             atol=BF16_VALUE_ATOL, rtol=0)
+  f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+  for got, want in zip(grads(fn, q, k, v, weights), grads(reference, *f32, weights)):
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(got.astype(np.float32), want,
+                               atol=BF16_GRAD_RTOL * float(jnp.abs(want).max()), rtol=0)
+
+
+def test_xla_bfloat16_softmax_in_float32():
+  """jax's xla path forms bf16 logits with float32 accumulation and exponentiates in float32; the
+  docstring of attention.xla relies on it."""
+  q, k, v, _ = qkv(16, jnp.bfloat16, batch=1)
+  jaxpr = jax.make_jaxpr(functools.partial(attention.xla, scale=SCALE))(q, k, v)
+  eqns = [e for e in jaxpr.jaxpr.eqns]
+  while any(e.primitive.name in ('pjit', 'jit') for e in eqns):  # look inside nested jits
+    eqns = [inner for e in eqns for inner in
+            (e.params['jaxpr'].jaxpr.eqns if e.primitive.name in ('pjit', 'jit') else [e])]
+  logits = next(e for e in eqns if e.primitive.name == 'dot_general')
+  assert logits.outvars[0].aval.dtype == jnp.float32
+  exps = [e for e in eqns if e.primitive.name == 'exp']
+  assert exps and all(e.outvars[0].aval.dtype == jnp.float32 for e in exps)
+
+
+def test_chunked_traced_scale():
+  """A scale that is a traced value (not a Python float) folds into q; its gradient is right."""
+  q, k, v, weights = qkv(100, batch=1)
+
+  def functional(fn, scale):
+    return jnp.sum(weights * fn(q, k, v, scale=scale))
+
+  chunked = CPU_KERNELS['chunked']
+  got = jax.jit(jax.value_and_grad(functools.partial(functional, chunked)))(SCALE)
+  want = jax.value_and_grad(functools.partial(functional, reference))(SCALE)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_chunked_gradient_memory_is_bounded():
+  """At 4096 tokens the xla gradient holds N x N scores per head; the chunked one holds blocks."""
+  tokens, heads = 4096, 2
+  spec = jax.ShapeDtypeStruct((1, tokens, heads, HEAD_DIM), jnp.float32)
+  scores_bytes = tokens * tokens * heads * 4
+
+  def temp_bytes(fn):
+    loss = lambda q, k, v: jnp.sum(fn(q, k, v, scale=SCALE) ** 2)
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    return grad.lower(spec, spec, spec).compile().memory_analysis().temp_size_in_bytes
+
+  assert temp_bytes(attention.xla) >= scores_bytes  # the check can tell the two apart
+  assert temp_bytes(attention.chunked) < scores_bytes / 4
+
+
+def test_chunked_model_matches_xla(micro_model, micro_params):
+  """The DiT with attention_implementation='chunked' is the same function as with 'xla'."""
+  x = jax.random.normal(jax.random.key(3), (2, 12, 16, 1))
+  inputs = (x, jnp.array([0.3, 0.8]), jnp.array([1, 2]), positions.grid(6, 8, 2))
+  want = micro_model.apply(micro_params, *inputs)
+  got = micro_model.clone(attention_implementation='chunked').apply(micro_params, *inputs)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(attention.current_platform() != 'cuda', reason='needs an NVIDIA GPU')
+def test_cudnn_matches_reference():
+  q, k, v, _ = qkv(256, jnp.bfloat16)
+  out = attention.KERNELS['cudnn'](q, k, v, scale=SCALE)
+  np.testing.assert_allclose(out.astype(np.float32), reference_f64(q, k, v, SCALE),
+                             atol=BF16_VALUE_ATOL, rtol=0)
+
+
+def test_cudnn_refuses_float32():
+  q, k, v, _ = qkv(8)
+  with pytest.raises(ValueError, match=r"'cudnn' takes bfloat16 or float16 .* got float32"):
+    attention.cudnn(q, k, v, scale=SCALE)
+
+
+def test_registry_names_and_config():
+  assert set(attention.KERNELS) == {'xla', 'cudnn', 'splash', 'chunked'}
+  assert all(callable(fn) for fn in attention.KERNELS.values())
+  assert tuple(config_lib.FIELDS['model.attention_implementation'].allowed) == tuple(attention.KERNELS)
+
+
+@pytest.mark.parametrize('kernel,platform,message', [
+    ('cudnn', 'cpu', "model.attention_implementation='cudnn' needs an NVIDIA GPU; this process has "
+                     "cpu devices; choose one of: xla, chunked"),
+    ('splash', 'cpu', "model.attention_implementation='splash' needs a TPU; this process has cpu "
+                      "devices; choose one of: xla, chunked"),
+    ('cudnn', 'tpu', "model.attention_implementation='cudnn' needs an NVIDIA GPU; this process has "
+                     "tpu devices; choose one of: xla, splash, chunked"),
+    ('flash', None, "unknown model.attention_implementation='flash'; choose one of: xla, cudnn, "
+                    "splash, chunked"),
+])
+def test_check_kernel_refuses(kernel, platform, message):
+  with pytest.raises(ValueError) as error:
+    attention.check_kernel(kernel, platform)
+  assert str(error.value) == message
+
+
+def test_check_kernel_accepts():
+  assert attention.check_kernel('cudnn', 'cuda') is attention.KERNELS['cudnn']
+  assert attention.check_kernel('splash', 'tpu') is attention.KERNELS['splash']
+  assert attention.check_kernel('chunked') is attention.KERNELS['chunked']  # this process: cpu
+
+
+def test_attend_refuses_before_tracing_the_kernel():
+  q, k, v, _ = qkv(8, jnp.bfloat16)
+  with pytest.raises(ValueError, match="'cudnn' needs an NVIDIA GPU; this process has cpu"):
+    jax.jit(functools.partial(attention.attend, scale=SCALE, kernel='cudnn'))(q, k, v)

@@ -1,4 +1,5 @@
-"""What the chunked attention kernel costs and what it makes possible (docs/methods.md#attention-kernels).
+"""What the chunked attention kernel costs and what it makes possible
+(docs/methods.md#attention-kernels).
 
   python benchmarks/chunked_attention.py                         # both parts, CPU-sized
   python benchmarks/chunked_attention.py --tokens=1024,4096 --pixels=256
@@ -78,7 +79,18 @@ def one_step(pixels: int, kernel: str):
   assert out.shape == x.shape and bool(jnp.isfinite(out).all())
   print(json.dumps({'compile_s': compile_s, 'run_s': run_s,
                     'temp_bytes': compiled.memory_analysis().temp_size_in_bytes,
-                    'peak_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                    'peak_rss_bytes': peak_rss_bytes()}))
+
+
+def peak_rss_bytes() -> int:
+  """This process's peak resident memory. Linux's VmHWM starts afresh at exec; getrusage's
+  ru_maxrss does not (a child started by a big parent reports at least the parent's size)."""
+  try:
+    with open('/proc/self/status') as status:
+      line = next(line for line in status if line.startswith('VmHWM:'))
+    return int(line.split()[1]) * 1024
+  except (OSError, StopIteration):
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def largest_grid(sizes, timeout_s):
@@ -98,7 +110,8 @@ def largest_grid(sizes, timeout_s):
       print(row + f'did not finish within the benchmark budget ({timeout_s:.0f} s in all)')
       break
     except subprocess.CalledProcessError as error:
-      print(row + f'failed: {error.stderr.strip().splitlines()[-1]}')
+      last = (error.stderr.strip().splitlines() or [f'exit status {error.returncode}'])[-1]
+      print(row + f'failed: {last}')
       break
     r = json.loads(done.stdout.strip().splitlines()[-1])
     print(row + f'{r["compile_s"]:>10.1f} {r["run_s"]:>8.1f} {r["temp_bytes"] / 2**20:>9.0f} '

@@ -156,7 +156,8 @@ def test_cudnn_refuses_float32():
 def test_registry_names_and_config():
   assert set(attention.KERNELS) == {'xla', 'cudnn', 'splash', 'chunked'}
   assert all(callable(fn) for fn in attention.KERNELS.values())
-  assert tuple(config_lib.FIELDS['model.attention_implementation'].allowed) == tuple(attention.KERNELS)
+  allowed = config_lib.FIELDS['model.attention_implementation'].allowed
+  assert tuple(allowed) == tuple(attention.KERNELS)
 
 
 @pytest.mark.parametrize('kernel,platform,message', [

@@ -60,6 +60,10 @@ SCHEMA = (
     Field('model.dtype', 'float32', 'compute dtype (parameters stay float32)',
           allowed=tuple(model_lib.DTYPES)),
     Field('model.remat', False, 'recompute each block in the backward pass (saves memory)'),
+    Field('model.remat_policy', 'nothing', 'with remat: what a block keeps from its forward pass',
+          allowed=tuple(model_lib.REMAT_POLICIES)),
+    Field('model.scan_layers', False, 'run the blocks under nn.scan: compile time independent of '
+          'depth (checkpoints load either way)'),
 
     Field('positions.train', 'grid', 'training positions; rpe2d also turns on the crop',
           allowed=positions.TRAIN_RULES),
@@ -318,4 +322,5 @@ def build_model(config) -> model_lib.DiT:
       train_grid=train_grid(config), position_range=position_range(config),
       position_embedding=m.position_embedding, rope_base=float(m.rope_base), qk_norm=m.qk_norm,
       micro_conditioning=bool(m.micro_conditioning), mlp_ratio=m.mlp_ratio,
-      attention_implementation=m.attention_implementation, dtype=m.dtype, remat=m.remat)
+      attention_implementation=m.attention_implementation, dtype=m.dtype, remat=m.remat,
+      remat_policy=m.remat_policy, scan_layers=m.scan_layers)

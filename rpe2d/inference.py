@@ -141,11 +141,14 @@ def load_run(workdir, checkpoint=None, *, use_ema: bool = True, vae=None) -> Run
   loaded = load_vae(config, vae) if is_latent(config) or vae else None
   model = config_lib.build_model(config)
   replicated = NamedSharding(training.make_mesh(1, devices=jax.local_devices()), P())
+  saved_layout = jax.eval_shape(lambda key: model_lib.unstack_blocks(training.init_params(model, key)),
+                                jax.random.key(0))
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                          jax.eval_shape(functools.partial(training.init_params, model),
-                                         jax.random.key(0)))
+                          saved_layout)
   name = 'ema_params' if use_ema else 'params'
   params = checkpoints.restore_weights(path, abstract, names=(name,))[name]
+  if model.scan_layers:
+    params = model_lib.stack_blocks(params)
   if loaded is not None:
     loaded = dataclasses.replace(loaded, params=jax.device_put(loaded.params, replicated))
   return Run(config=config, model=model, params=params, step=int(path.name), checkpoint=path,

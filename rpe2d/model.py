@@ -27,6 +27,11 @@ VARIANTS = {
     'XL': (1152, 28, 16),
 }
 POSITION_EMBEDDINGS = ('rope', 'sincos')
+# What a rematerialised block keeps from its forward pass: nothing (recompute all), or the results
+# of its matrix multiplies (recompute only the cheap elementwise work).
+REMAT_POLICIES = {'nothing': jax.checkpoint_policies.nothing_saveable,
+                  'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+SCANNED_BLOCKS = 'blocks'
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
@@ -48,6 +53,45 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0):
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
+@jax.custom_vjp
+def _matmul(x, kernel):
+  return jnp.matmul(x, kernel)
+
+
+def _matmul_fwd(x, kernel):
+  return _matmul(x, kernel), (x, kernel)
+
+
+def _matmul_bwd(residuals, grad):
+  x, kernel = residuals
+  rows = grad.reshape(-1, grad.shape[-1])                     # (batch * tokens, out)
+  d_x = (rows @ kernel.T).reshape(x.shape)
+  # XLA:CPU runs a dot whose left operand contracts its leading dimension (x^T dy, every weight
+  # gradient) on a slow generic path; materialising x^T first keeps the dot on its fast kernels.
+  d_kernel = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T) @ rows
+  return d_x, d_kernel.astype(kernel.dtype)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _cpu_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """lax.dot_general, with the fast-backward matmul for a Dense layer's x @ kernel."""
+  (lhs_contract, rhs_contract), (lhs_batch, _) = dimension_numbers
+  if (tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,) and rhs.ndim == 2
+      and not lhs_batch and preferred_element_type is None):
+    return _matmul(lhs, rhs)
+  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision,
+                             preferred_element_type=preferred_element_type)
+
+
+def dense(features: int, **kwargs) -> nn.Dense:
+  """nn.Dense; on CPU with a weight gradient XLA:CPU computes at full speed."""
+  if jax.default_backend() == 'cpu':
+    kwargs.setdefault('dot_general', _cpu_dot_general)
+  return nn.Dense(features, **kwargs)
+
+
 def modulate(x, shift, scale):
   return x * (1 + scale[:, None]) + shift[:, None]
 
@@ -64,10 +108,10 @@ class ScalarEmbedder(nn.Module):
     per_scalar = self.frequency_dim // scalars.shape[-1]
     features = jnp.concatenate(
         [timestep_embedding(scalars[:, i], per_scalar) for i in range(scalars.shape[-1])], -1)
-    x = nn.Dense(self.width, dtype=self.dtype, kernel_init=nn.initializers.normal(0.02))(features)
+    x = dense(self.width, dtype=self.dtype, kernel_init=nn.initializers.normal(0.02))(features)
     x = nn.silu(x)
     out_init = nn.initializers.zeros if self.zero_output else nn.initializers.normal(0.02)
-    return nn.Dense(self.width, dtype=self.dtype, kernel_init=out_init)(x)
+    return dense(self.width, dtype=self.dtype, kernel_init=out_init)(x)
 
 
 class Attention(nn.Module):
@@ -80,19 +124,18 @@ class Attention(nn.Module):
   def __call__(self, x, rotation, logit_scale):
     batch, tokens, width = x.shape
     head_dim = width // self.heads
-    dense = functools.partial(nn.Dense, dtype=self.dtype,
-                              kernel_init=nn.initializers.xavier_uniform())
-    qkv = dense(3 * width, name='qkv')(x).reshape(batch, tokens, 3, self.heads, head_dim)
+    linear = functools.partial(dense, dtype=self.dtype,
+                               kernel_init=nn.initializers.xavier_uniform())
+    qkv = linear(3 * width, name='qkv')(x).reshape(batch, tokens, 3, self.heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if self.qk_norm:
       q = nn.RMSNorm(dtype=self.dtype, name='q_norm')(q)
       k = nn.RMSNorm(dtype=self.dtype, name='k_norm')(k)
     if rotation is not None:
-      # One rotation for q and k together: XLA fuses the table's cos/sin into each rotation.
-      q, k = jnp.split(rope.apply_rope(jnp.concatenate([q, k], axis=2), rotation), 2, axis=2)
+      q, k = rope.apply_rope(q, rotation), rope.apply_rope(k, rotation)
     out = attention.attend(q, k, v, scale=logit_scale / math.sqrt(head_dim),
                            kernel=self.implementation)
-    return dense(width, name='proj')(out.reshape(batch, tokens, width))
+    return linear(width, name='proj')(out.reshape(batch, tokens, width))
 
 
 class DiTBlock(nn.Module):
@@ -103,24 +146,25 @@ class DiTBlock(nn.Module):
   qk_norm: bool = False
   attention_implementation: str = 'xla'
   dtype: jnp.dtype = jnp.float32
+  logit_scale: float = 1.0
 
   @nn.compact
-  def __call__(self, x, c, rotation, logit_scale):
+  def __call__(self, x, c, rotation):
     width = x.shape[-1]
-    modulation = nn.Dense(6 * width, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+    modulation = dense(6 * width, dtype=self.dtype, kernel_init=nn.initializers.zeros,
                           name='adaLN')(nn.silu(c))
     shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(modulation, 6, axis=-1)
     norm = functools.partial(nn.LayerNorm, use_bias=False, use_scale=False, epsilon=1e-6,
                              dtype=self.dtype)
     h = modulate(norm()(x), shift_a, scale_a)
     h = Attention(self.heads, self.qk_norm, self.attention_implementation, self.dtype)(
-        h, rotation, logit_scale)
+        h, rotation, self.logit_scale)
     x = x + gate_a[:, None] * h
     h = modulate(norm()(x), shift_m, scale_m)
-    dense = functools.partial(nn.Dense, dtype=self.dtype,
-                              kernel_init=nn.initializers.xavier_uniform())
-    h = dense(int(width * self.mlp_ratio))(h)
-    h = dense(width)(nn.gelu(h, approximate=True))
+    linear = functools.partial(dense, dtype=self.dtype,
+                               kernel_init=nn.initializers.xavier_uniform())
+    h = linear(int(width * self.mlp_ratio))(h)
+    h = linear(width)(nn.gelu(h, approximate=True))
     return x + gate_m[:, None] * h
 
 
@@ -136,6 +180,11 @@ class DiT(nn.Module):
       grid-trained models, (H_max, W_max) for RPE-2D models.
     position_embedding: 'rope' (2D axial, on q and k) or 'sincos' (absolute, added to tokens).
     micro_conditioning: embed the crop window (top, left, height, width) into the conditioning.
+    remat, remat_policy: recompute each block in the backward pass, saving what the policy names
+      (REMAT_POLICIES).
+    scan_layers: run the blocks under nn.scan (parameters stacked under 'blocks'): compile time and
+      program size stop growing with depth. Checkpoints always hold the per-block layout
+      (unstack_blocks), so either setting loads any run.
   """
   variant: str = 'S/2'
   channels: int = 3
@@ -150,6 +199,8 @@ class DiT(nn.Module):
   attention_implementation: str = 'xla'
   dtype: str = 'float32'
   remat: bool = False
+  remat_policy: str = 'nothing'
+  scan_layers: bool = False
 
   @property
   def patch_size(self) -> int:
@@ -194,20 +245,65 @@ class DiT(nn.Module):
         crop = jnp.broadcast_to(jnp.array([0.0, 0.0, 1.0, 1.0], jnp.float32), (batch, 4))
       c = c + ScalarEmbedder(width, zero_output=True, dtype=dtype, name='crop_embed')(crop)
 
-    block = nn.remat(DiTBlock, static_argnums=(4,)) if self.remat else DiTBlock
-    for i in range(depth):
-      tokens = block(heads, self.mlp_ratio, self.qk_norm, self.attention_implementation, dtype,
-                     name=f'block_{i}')(tokens, c, rotation, logit_scale)
+    block = DiTBlock
+    if self.remat:
+      # Inside a scan, common-subexpression elimination cannot merge the recomputation away.
+      block = nn.remat(DiTBlock, policy=REMAT_POLICIES[self.remat_policy],
+                       prevent_cse=not self.scan_layers)
+    block = functools.partial(block, heads, self.mlp_ratio, self.qk_norm,
+                              self.attention_implementation, dtype, logit_scale)
+    if self.scan_layers:
+      # One block traced and compiled once, its parameters stacked along a leading depth axis.
+      scan = nn.scan(lambda module, x, c, rotation: (module(x, c, rotation), None),
+                     variable_axes={'params': 0}, split_rngs={'params': True},
+                     in_axes=(nn.broadcast, nn.broadcast), length=depth)
+      tokens, _ = scan(block(name=SCANNED_BLOCKS), tokens, c, rotation)     # (batch, N, width)
+    else:
+      for i in range(depth):
+        tokens = block(name=f'block_{i}')(tokens, c, rotation)              # (batch, N, width)
 
-    modulation = nn.Dense(2 * width, dtype=dtype, kernel_init=nn.initializers.zeros,
+    modulation = dense(2 * width, dtype=dtype, kernel_init=nn.initializers.zeros,
                           name='final_adaLN')(nn.silu(c))
     shift, scale = jnp.split(modulation, 2, axis=-1)
     tokens = modulate(nn.LayerNorm(use_bias=False, use_scale=False, epsilon=1e-6, dtype=dtype)(
         tokens), shift, scale)
-    out = nn.Dense(patch * patch * channels, dtype=dtype, kernel_init=nn.initializers.zeros,
+    out = dense(patch * patch * channels, dtype=dtype, kernel_init=nn.initializers.zeros,
                    name='final_proj')(tokens)
     out = out.reshape(batch, h, w, patch, patch, channels).transpose(0, 1, 3, 2, 4, 5)
     return out.reshape(batch, height, img_width, channels).astype(jnp.float32)
+
+
+def _holds_blocks(x) -> bool:
+  """Whether x is the dict that holds the blocks (params['params'], and its copies in EMA and
+  optimizer moments)."""
+  return isinstance(x, dict) and (SCANNED_BLOCKS in x or 'block_0' in x)
+
+
+def stack_blocks(tree):
+  """Per-block parameters ('block_0', 'block_1', ...) -> the scanned layout ('blocks', stacked on a
+  leading depth axis), wherever they occur in tree (params, EMA, optimizer state)."""
+  def stack(holder):
+    if SCANNED_BLOCKS in holder:
+      return holder
+    names = sorted((k for k in holder if k.startswith('block_')), key=lambda k: int(k[6:]))
+    rest = {k: v for k, v in holder.items() if not k.startswith('block_')}
+    return {**rest, SCANNED_BLOCKS: jax.tree.map(lambda *xs: jnp.stack(xs),
+                                                 *(holder[k] for k in names))}
+  return jax.tree.map(lambda x: stack(x) if _holds_blocks(x) else x, tree, is_leaf=_holds_blocks)
+
+
+def unstack_blocks(tree):
+  """The inverse of stack_blocks; per-block trees pass unchanged."""
+  def unstack(holder):
+    if SCANNED_BLOCKS not in holder:
+      return holder
+    stacked = holder[SCANNED_BLOCKS]
+    depth = jax.tree.leaves(stacked)[0].shape[0]
+    rest = {k: v for k, v in holder.items() if k != SCANNED_BLOCKS}
+    return {**rest, **{f'block_{i}': jax.tree.map(lambda a, i=i: a[i], stacked)
+                       for i in range(depth)}}
+  return jax.tree.map(lambda x: unstack(x) if _holds_blocks(x) else x, tree,
+                      is_leaf=_holds_blocks)
 
 
 def check_resolution(height: int, width: int, patch: int, what='resolution'):

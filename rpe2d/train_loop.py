@@ -151,7 +151,7 @@ def train(config, workdir) -> training.TrainState:
 
   latest = manager.latest_step()
   if latest is not None:
-    state = checkpoints.restore(manager, latest, abstract_state, iterator)
+    state = trainer.from_saved(checkpoints.restore(manager, latest, abstract_state, iterator))
     changes = rundir.changed_keys(saved_config, config) if saved_config is not None else []
     print(f'Resuming from step {latest} ({run.checkpoints / str(latest)})'
           + (f'; config changes: {", ".join(changes)}' if changes else ''), flush=True)
@@ -159,7 +159,7 @@ def train(config, workdir) -> training.TrainState:
     state = trainer.init_state()
     if init_dir is not None:
       weights = checkpoints.restore_weights(init_dir, abstract_state.params)
-      state = state.replace(**weights)
+      state = state.replace(**trainer.from_saved(weights))
       print(f'Starting from the weights in {config.init_from} (fresh optimizer, step 0)',
             flush=True)
   run.truncate_logs(int(state.step))
@@ -221,7 +221,7 @@ def train(config, workdir) -> training.TrainState:
 
       if save_now:
         checkpoints.wait(manager, saved_step)  # a failed earlier save is reported as its own
-        checkpoints.save(manager, step, state, iterator, config, force=True)
+        checkpoints.save(manager, step, trainer.to_saved(state), iterator, config, force=True)
         saved_step = step
       if preempted:
         checkpoints.wait(manager, step)

@@ -183,14 +183,28 @@ class Trainer:
     self.step = jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding),
                         out_shardings=(self.state_sharding, replicated), donate_argnums=0)
     self._init = jax.jit(new_state, out_shardings=self.state_sharding)
+    # Checkpoints hold the per-block layout whatever model.scan_layers is, so a run can change it.
+    self.abstract_saved_state = jax.eval_shape(model_lib.unstack_blocks, self.abstract_state)
+    self.saved_sharding = state_sharding(self.abstract_saved_state, mesh)
+    self._to_saved = jax.jit(model_lib.unstack_blocks, out_shardings=self.saved_sharding)
+    self._from_saved = jax.jit(model_lib.stack_blocks, out_shardings=self.state_sharding)
 
   def init_state(self) -> TrainState:
     return self._init(jax.random.key(self.plan.seed))
 
   def abstract_sharded_state(self) -> TrainState:
-    """The state as jax.ShapeDtypeStruct leaves with this mesh's shardings, for restoring."""
+    """The state as a checkpoint holds it (per-block layout), as jax.ShapeDtypeStruct leaves with
+    this mesh's shardings, for restoring."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        self.abstract_state, self.state_sharding)
+                        self.abstract_saved_state, self.saved_sharding)
+
+  def to_saved(self, state: TrainState) -> TrainState:
+    """The state in the checkpoint layout (a copy when the model scans its blocks)."""
+    return self._to_saved(state) if self.model.scan_layers else state
+
+  def from_saved(self, state: TrainState) -> TrainState:
+    """A restored state (or weights) in this model's layout."""
+    return self._from_saved(state) if self.model.scan_layers else state
 
   def device_batch(self, local_batch):
     """Process-local numpy batch -> global arrays sharded over the batch axes."""

@@ -2,6 +2,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from conftest import perturb
@@ -74,6 +75,37 @@ def test_remat_matches(micro_model, micro_params):
   value_r, grads_r = jax.value_and_grad(loss(micro_model.clone(remat=True)))(micro_params)
   np.testing.assert_allclose(value, value_r, rtol=1e-5)
   chex.assert_trees_all_close(grads, grads_r, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('remat, policy', [(False, 'nothing'), (True, 'nothing'), (True, 'dots')])
+def test_scanned_blocks_match_the_loop(micro_model, micro_params, remat, policy):
+  """nn.scan over the blocks computes what the loop computes, values and gradients, with the
+  parameters moved between layouts by stack_blocks / unstack_blocks."""
+  x, t, labels, pos = _inputs(8, 8)
+  scanned = micro_model.clone(scan_layers=True, remat=remat, remat_policy=policy)
+  stacked = model_lib.stack_blocks(micro_params)
+  fresh = scanned.init(jax.random.key(0), x, t, labels, pos)
+  chex.assert_trees_all_equal_shapes_and_dtypes(stacked, fresh)
+  assert stacked['params']['blocks']['adaLN']['kernel'].shape[0] == 2  # micro: depth 2
+  chex.assert_trees_all_equal(model_lib.unstack_blocks(stacked), micro_params)
+
+  loss = lambda m: lambda p: jnp.sum(m.apply(p, x, t, labels, pos) ** 2)
+  value, grads = jax.value_and_grad(loss(micro_model))(micro_params)
+  value_s, grads_s = jax.value_and_grad(loss(scanned))(stacked)
+  assert float(value) > 1e-3
+  np.testing.assert_allclose(value_s, value, rtol=1e-5)
+  chex.assert_trees_all_close(model_lib.unstack_blocks(grads_s), grads, rtol=1e-4, atol=1e-6)
+
+
+def test_block_layouts_convert_inside_optimizer_state(micro_params):
+  """stack/unstack reach every copy of the blocks: EMA and the optimizer's moments too."""
+  optimizer = optax.adamw(1e-3)
+  state = {'params': micro_params, 'opt': optimizer.init(micro_params)}
+  stacked = model_lib.stack_blocks(state)
+  mu = stacked['opt'][0].mu['params']
+  assert 'blocks' in mu and not any(k.startswith('block_') for k in mu)
+  chex.assert_trees_all_equal(model_lib.unstack_blocks(stacked), state)
+  chex.assert_trees_all_equal(model_lib.stack_blocks(stacked), stacked)  # already stacked
 
 
 def test_qk_norm_and_micro_conditioning(micro_model):

@@ -223,6 +223,8 @@ def parse_args(argv=None):
   parser.add_argument('--rounds', type=int, default=3, help='interleaved runs per framework')
   parser.add_argument('--steps', type=int, default=5, help='timed steps per run')
   parser.add_argument('--batch', type=int, default=0, help='override every work\'s batch (0: no)')
+  parser.add_argument('--variant', default='',
+                      help='override every work\'s model variant, e.g. micro/4 (empty: no)')
   parser.add_argument('--torch_python', default=sys.executable,
                       help='a python that imports torch (e.g. /work/venv-ref/bin/python)')
   parser.add_argument('--timeout', type=float, default=1800, help='seconds per worker run')
@@ -251,6 +253,12 @@ def parse_args(argv=None):
       parser.error(f'--{flag}={getattr(args, flag)} must be a positive integer')
   if args.batch < 0:
     parser.error(f'--batch={args.batch} must be >= 0')
+  if args.variant:
+    from rpe2d import model as model_lib  # pylint: disable=g-import-not-at-top
+    try:
+      model_lib.parse_variant(args.variant)
+    except ValueError as e:
+      parser.error(f'--variant: {e}')
   return args
 
 
@@ -272,7 +280,8 @@ def main(argv=None):
   else:
     print(f'torch is not importable by {args.torch_python}: rpe2d numbers only '
           '(--torch_python=/path/to/python with torch)')
-  works = {n: dict(WORKS[n], batch=args.batch or WORKS[n]['batch']) for n in args.works}
+  works = {n: dict(WORKS[n], batch=args.batch or WORKS[n]['batch'],
+                  variant=args.variant or WORKS[n]['variant']) for n in args.works}
   print(f'{args.rounds} interleaved rounds x {args.steps} timed steps (after {WARMUP_STEPS} '
         f'warm-up) per worker; medians; threads = pinned cores', flush=True)
   results = {}  # (work, threads, framework) -> [worker results]
@@ -310,8 +319,8 @@ def main(argv=None):
   print('|---|---|---|---|---|')
   for name, work in works.items():
     first = results[(name, args.threads[0], 'rpe2d')][0]
-    print(f'| {describe(work)} | {first["xla_flops"] / 1e9:.2f} | '
-          f'{first["analytic_flops"] / 1e9:.2f} | '
+    print(f'| {describe(work)} | {first["xla_flops"] / 1e9:.4g} | '
+          f'{first["analytic_flops"] / 1e9:.4g} | '
           f'{first["xla_flops"] / first["analytic_flops"]:.3f} | {first["compile_s"]:.1f} |')
   print('(analytic: 3 x forward_flops per image x batch for a train step, 1 x for a forward)')
 

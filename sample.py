@@ -19,7 +19,8 @@ import sys
 from absl import app, flags, logging
 import numpy as np
 
-from rpe2d import checkpoints, config as config_lib, data, inference, positions, rope, sampler
+from rpe2d import attention, checkpoints, config as config_lib, data, inference, positions, rope
+from rpe2d import sampler
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training run directory.', required=True)
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A step directory; default: the newest.')
@@ -60,6 +61,9 @@ _SAMPLER = flags.DEFINE_enum('sampler', None, list(sampler.SAMPLERS), 'ODE solve
 _STEPS = flags.DEFINE_integer('steps', None, 'Solver steps.')
 _CFG_SCALE = flags.DEFINE_float('cfg_scale', None, 'Classifier-free guidance scale (1: none).')
 _CFG_INTERVAL = flags.DEFINE_string('cfg_interval', None, 'low,high: guide only for t inside.')
+_ATTENTION = flags.DEFINE_enum('attention', None, list(attention.KERNELS),
+                               "Attention kernel (default: the run's); chunked for grids whose "
+                               'full attention matrix does not fit in memory.')
 
 
 def plan_from_flags(run) -> sampler.SamplingPlan:
@@ -146,7 +150,7 @@ def main(argv):
     if _DECODE_TILE.value is not None and _DECODE_TILE.value < 0:
       raise ValueError(f'--decode_tile={_DECODE_TILE.value} must be >= 0 (0: decode whole)')
     run = inference.load_run(_WORKDIR.value, _CHECKPOINT.value, use_ema=not _NOEMA.value,
-                             vae=_VAE.value)
+                             vae=_VAE.value, attention=_ATTENTION.value)
     config = run.config
     patch, factor = run.model.patch_size, inference.downsampling(run)
     text = _RESOLUTION.value or default_resolution(run)

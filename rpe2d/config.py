@@ -262,6 +262,7 @@ def validate(config) -> Built:
   resolve(config)
   checks.check(SCHEMA, config)
   model_lib.validate_shape(config.model.variant, config.model.position_embedding)
+  attention.check_kernel(config.model.attention_implementation)  # this platform has it
   if config.data.augment == 'rpe2d_crop' and not config.model.micro_conditioning:
     raise ValueError("data.augment='rpe2d_crop' with model.micro_conditioning=False: the model "
                      'would see crops without being told the window; set '

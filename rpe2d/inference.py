@@ -22,8 +22,9 @@ import numpy as np
 import tqdm
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rpe2d import autoencoder, autoencoder_weights, checkpoints, config as config_lib, data, files
-from rpe2d import images as images_lib, model as model_lib, rope, rundir, sampler, training
+from rpe2d import attention as attention_lib, autoencoder, autoencoder_weights, checkpoints
+from rpe2d import config as config_lib, data, files, images as images_lib, model as model_lib, rope
+from rpe2d import rundir, sampler, training
 
 # Latent runs decode whole up to this many latent pixels per image (128x128: 1024x1024 pixels
 # with the SD VAE, ~4 GiB on CPU, benchmarks/vae_decode_sizes.py); beyond, in tiles.
@@ -128,9 +129,14 @@ def checkpoint_dir(workdir, checkpoint=None) -> pathlib.Path:
   return checkpoints.find_step_dir(directory)
 
 
-def load_run(workdir, checkpoint=None, *, use_ema: bool = True, vae=None) -> Run:
+def load_run(workdir, checkpoint=None, *, use_ema: bool = True, vae=None,
+             attention: str | None = None) -> Run:
   """Reads the run's config and restores its EMA (or raw) weights, replicated on the local
   devices. Only those weights are read: no optimizer state, no training state is built.
+
+  `attention` picks the attention kernel (default: the run's own; a kernel this platform lacks,
+  e.g. a GPU run's cudnn on a CPU, becomes xla, with a note). Kernels compute the same thing, so
+  any serves any run.
 
   A latent run also gets its VAE (`load_vae`: `vae` if given, else data.vae_path), checked before
   the weights are read."""
@@ -140,6 +146,14 @@ def load_run(workdir, checkpoint=None, *, use_ema: bool = True, vae=None) -> Run
   path = checkpoint_dir(workdir, checkpoint)
   loaded = load_vae(config, vae) if is_latent(config) or vae else None
   model = config_lib.build_model(config)
+  if attention is not None:
+    attention_lib.check_kernel(attention)
+    model = model.clone(attention_implementation=attention)
+  elif attention_lib.current_platform() not in \
+      attention_lib.KERNELS[model.attention_implementation].platforms:
+    print(f'note: the run was trained with attention kernel {model.attention_implementation!r}, '
+          f'which {attention_lib.current_platform()} lacks; using xla', flush=True)
+    model = model.clone(attention_implementation='xla')
   replicated = NamedSharding(training.make_mesh(1, devices=jax.local_devices()), P())
   saved_layout = jax.eval_shape(lambda key: model_lib.unstack_blocks(training.init_params(model, key)),
                                 jax.random.key(0))

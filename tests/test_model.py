@@ -68,6 +68,22 @@ def test_bfloat16_matches_float32(micro_model, micro_params):
   np.testing.assert_allclose(bf16, f32, atol=0.05 * scale)
 
 
+def test_bfloat16_gradients_match_float32(micro_model, micro_params):
+  """bf16 compute keeps float32 parameters and float32 gradients, within 3% of float32's (measured
+  about 0.5%: bf16 keeps 8 mantissa bits; softmax, RoPE and the loss run in float32)."""
+  x, t, labels, pos = _inputs(8, 8)
+  bf16 = micro_model.clone(dtype='bfloat16')
+  fresh = bf16.init(jax.random.key(0), x, t, labels, pos)
+  assert {a.dtype for a in jax.tree.leaves(fresh)} == {jnp.dtype('float32')}
+  loss = lambda m: lambda p: jnp.mean(m.apply(p, x, t, labels, pos) ** 2)
+  value, grads = jax.value_and_grad(loss(micro_model))(micro_params)
+  value_b, grads_b = jax.value_and_grad(loss(bf16))(micro_params)
+  assert {a.dtype for a in jax.tree.leaves(grads_b)} == {jnp.dtype('float32')}
+  np.testing.assert_allclose(value_b, value, rtol=0.03)
+  flat, flat_b = (jnp.concatenate([a.ravel() for a in jax.tree.leaves(g)]) for g in (grads, grads_b))
+  assert float(jnp.linalg.norm(flat_b - flat) / jnp.linalg.norm(flat)) < 0.03
+
+
 def test_remat_matches(micro_model, micro_params):
   x, t, labels, pos = _inputs(8, 8)
   loss = lambda m: lambda p: jnp.sum(m.apply(p, x, t, labels, pos) ** 2)

@@ -13,7 +13,7 @@ import sys
 
 from absl import app, flags, logging
 
-from rpe2d import config as config_lib, data, latents
+from rpe2d import config as config_lib, data, distributed, latents
 
 _HERE = pathlib.Path(__file__).resolve().parent
 _CONFIG = flags.DEFINE_string(
@@ -43,6 +43,7 @@ def main(argv):
       sys.exit(2)
   logging.set_verbosity(logging.WARNING)  # tfds logs every file it touches at INFO
   try:
+    distributed.initialize_from_flags()  # before any other JAX call
     config = config_lib.load(_CONFIG.value, overrides)
     images = data.source_data_config(config.data)
   except ValueError as e:

@@ -31,6 +31,7 @@ _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Images per encoder call, o
                                    'devices; shard_size must be a multiple of it.')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'VAE compute dtype.')
 _PROGRESS = flags.DEFINE_bool('progress', True, 'Show a progress bar.')
+flags.adopt_module_key_flags(distributed)  # --help lists the multi-host flags
 
 
 def main(argv):

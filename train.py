@@ -20,6 +20,7 @@ _CONFIG = flags.DEFINE_string(
     'config', str(_HERE / 'configs' / 'default.py'),
     'Config file (file.py, or file.py:args); override any field with --config.<key>=<value>.')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/default', 'Checkpoints, logs and samples go here.')
+flags.adopt_module_key_flags(distributed)  # --help lists the multi-host flags
 
 
 def main(argv):

@@ -13,7 +13,7 @@ import sys
 
 from absl import app, flags, logging
 
-from rpe2d import config as config_lib, data, latents
+from rpe2d import config as config_lib, data, distributed, latents
 
 _HERE = pathlib.Path(__file__).resolve().parent
 _CONFIG = flags.DEFINE_string(
@@ -31,6 +31,7 @@ _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Images per encoder call, o
                                    'devices; shard_size must be a multiple of it.')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'VAE compute dtype.')
 _PROGRESS = flags.DEFINE_bool('progress', True, 'Show a progress bar.')
+flags.adopt_module_key_flags(distributed)  # --help lists the multi-host flags
 
 
 def main(argv):
@@ -43,6 +44,7 @@ def main(argv):
       sys.exit(2)
   logging.set_verbosity(logging.WARNING)  # tfds logs every file it touches at INFO
   try:
+    distributed.initialize_from_flags()  # before any other JAX call
     config = config_lib.load(_CONFIG.value, overrides)
     images = data.source_data_config(config.data)
   except ValueError as e:

@@ -3,6 +3,8 @@
   python train.py                                              # the embedded default
   python train.py --config=configs/animals_grid.py --workdir=runs/grid
   python train.py --config.total_steps=5000 --config.batch_size=128
+  python train.py --workdir=runs/mh --coordinator_address=localhost:12345 --num_processes=2 \
+      --process_id=0    # and --process_id=1 in a second shell (README.md, Multi-host)
 """
 
 import pathlib
@@ -11,13 +13,14 @@ import sys
 
 from absl import app, flags, logging
 
-from rpe2d import checkpoints, config as config_lib, train_loop
+from rpe2d import checkpoints, config as config_lib, distributed, train_loop
 
 _HERE = pathlib.Path(__file__).resolve().parent
 _CONFIG = flags.DEFINE_string(
     'config', str(_HERE / 'configs' / 'default.py'),
     'Config file (file.py, or file.py:args); override any field with --config.<key>=<value>.')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/default', 'Checkpoints, logs and samples go here.')
+flags.adopt_module_key_flags(distributed)  # --help lists the multi-host flags
 
 
 def main(argv):
@@ -26,6 +29,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {extra}')
   logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file they touch at INFO
   try:
+    distributed.initialize_from_flags()  # before any other JAX call
     config = config_lib.load(_CONFIG.value, overrides)
     train_loop.train(config, _WORKDIR.value)
   except (ValueError, OSError, FloatingPointError, checkpoints.CheckpointError,

@@ -1,7 +1,8 @@
 """Orbax checkpoints of a run: <workdir>/checkpoints/<step>/{state, data, config, manifest}.
 
 `state` is the TrainState (params, optimizer state, EMA params, step), `data` the grain iterator
-state of this process, `config` the run's config as JSON. Where a workdir keeps what is
+state of each process (one file per process; the same state on all of them, so another process
+count can resume it), `config` the run's config as JSON. Where a workdir keeps what is
 rpe2d.rundir; the config also sits in <workdir>/config.json so tools can read a run without orbax.
 
 `rpe2d_manifest.json` holds the checkpoint format version and the size and sha256 of every file.
@@ -96,17 +97,54 @@ def _save_error(mngr, step, error) -> CheckpointError:
 
 
 def restore(mngr, step: int, abstract_state, data_iterator):
-  """Restores state (with the shardings in abstract_state) and, in place, the data iterator."""
-  args = ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      data=grain.checkpoint.CheckpointRestore(data_iterator),
-  )
+  """Restores state (with the shardings in abstract_state) and, in place, the data iterator.
+
+  The iterator state of a checkpoint written by another number of processes is used when every
+  process saved the same one (rpe2d.data's global order: it counts global steps); else the
+  restore is refused, naming the process count that can resume it.
+  """
+  step_dir = pathlib.Path(mngr.directory) / str(step)
+  own_data = step_dir / 'data' / _data_file(jax.process_index(), jax.process_count())
+  args = {'state': ocp.args.StandardRestore(abstract_state)}
+  if own_data.is_file():
+    args['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+  else:
+    data_state = _shared_data_state(step_dir / 'data')
   try:
-    return mngr.restore(step, args=args).state
+    state = mngr.restore(step, args=ocp.args.Composite(**args)).state
   except Exception as e:
-    step_dir = pathlib.Path(mngr.directory) / str(step)
     raise CheckpointError(f'could not restore the checkpoint {step_dir}: {type(e).__name__}: '
                           f'{e}') from e
+  if not own_data.is_file():
+    data_iterator.set_state(data_state)
+    if hasattr(data_iterator, 'start_prefetch'):  # as grain's CheckpointHandler.restore does
+      data_iterator.start_prefetch()
+  return state
+
+
+def _data_file(process_index: int, process_count: int) -> str:
+  return f'process_{process_index}-of-{process_count}.json'  # grain's CheckpointHandler names
+
+
+def _shared_data_state(data_dir) -> dict:
+  """The one data iterator state every process of another process count saved."""
+  counts = {int(p.stem.rsplit('-of-', 1)[1]) for p in data_dir.glob('process_*-of-*.json')}
+  if len(counts) != 1:
+    raise CheckpointError(f'{data_dir} holds no data iterator state of one process count '
+                          f'({sorted(counts) or "none"}); cannot resume its data order')
+  (count,) = counts
+  states = []
+  for i in range(count):
+    path = data_dir / _data_file(i, count)
+    if not path.is_file():
+      raise CheckpointError(f'{path} is missing; cannot resume the data order of {data_dir}')
+    states.append(json.loads(path.read_text()))
+  if any(state != states[0] for state in states):
+    raise CheckpointError(
+        f'{data_dir} was written by {count} processes whose data iterators are at different '
+        f'positions, so their order cannot be split over {jax.process_count()}; resume it with '
+        f'{count} processes')
+  return states[0]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,16 +17,21 @@ Batches are dicts of numpy arrays (b = global_batch_size // process_count):
   index  int64   (b,)    record index of the example in the split (global, not per process)
   skipped int32  (b,)    unusable records skipped to reach it (0 unless bad_records='skip')
 
-Pipeline (train): source (checked records, see below) -> this process's shard (records
-`process_index::process_count`) -> `shuffle` -> `repeat(num_epochs)` -> `random_map`
-(decode, resize, augmentation) -> `batch(drop_remainder=True)` -> float conversion. Grain's
+Pipeline (train): source (checked records, see below) -> `shuffle` -> `repeat(num_epochs)` ->
+`random_map` (decode, resize, augmentation) -> `batch(b, drop_remainder=True)` -> this process's
+batches `[process_index::process_count]` -> float conversion. The order is GLOBAL: shuffle and
+augmentation seeds derive from the run seed alone, and global batch k (B = global_batch_size
+examples) is examples [kB, (k+1)B) of the one augmented stream; process p of P reads only its rows
+[p*b, (p+1)*b) of it (the chunk k*P + p of size b), lazily. So P processes x D devices see exactly
+the batches of one process x P*D devices, a process count of one gives the pipeline of before
+multi-host support, and an iterator's state (`next_index`: batches this process has read) is the
+global step on every process: a checkpoint resumes on any process count. Grain's
 `MapDataset.shuffle` reseeds with the epoch number (seed + epoch), and `repeat` only extends the
-index range, so every epoch is a fresh permutation of the shard; `random_map` seeds a numpy
+index range, so every epoch is a fresh permutation of the whole split; `random_map` seeds a numpy
 generator from (seed, position in the repeated stream), so augmentation differs between epochs and
-is reproduced exactly on resume. Batches may straddle epoch boundaries. Seeds for shuffle and
-augmentation are derived from (seed, process_index), so processes do not share augmentation noise.
-Eval (`train=False`): no shuffle, no random augmentation, one pass (or `num_epochs`), the last
-partial batch is kept. Shards differ in length by at most one record, so in eval the processes can
+is reproduced exactly on resume. Batches may straddle epoch boundaries.
+Eval (`train=False`): records `process_index::process_count`, no shuffle, no random augmentation,
+one pass (or `num_epochs`), the last partial batch is kept. Shards differ in length by at most one record, so in eval the processes can
 get different numbers of batches (a process can even get none); callers must handle that.
 
 Images and crops (S = data_config.image_size):
@@ -615,8 +620,10 @@ def _process_layout(process_index: int | None, process_count: int | None) -> tup
   return int(process_index), int(process_count)
 
 
-def _derive_seed(seed: int, process_index: int, stream: int) -> int:
-  return int(np.random.SeedSequence([seed, process_index, stream]).generate_state(1)[0])
+def _derive_seed(seed: int, stream: int) -> int:
+  # The 0 stood for the process index before the order became global; kept so that one-process
+  # runs (and their checkpoints) read the same data as before.
+  return int(np.random.SeedSequence([seed, 0, stream]).generate_state(1)[0])
 
 
 def _allow_unparsed_absl_flags() -> None:
@@ -672,16 +679,17 @@ def make_dataset(data_config: Any, *, split: str, seed: int, global_batch_size: 
   num_records = len(source)
 
   ds = grain.MapDataset.source(Records(source, opts, f'{opts.name}[{split}]'))
-  ds = ds[process_index::process_count]
   if train:
     if len(ds) == 0:
-      raise ValueError(f'process {process_index} of {process_count} gets no records of '
-                       f'{opts.name}[{split}] ({num_records} records)')
-    ds = ds.shuffle(seed=_derive_seed(seed, process_index, 0))
+      raise ValueError(f'{opts.name}[{split}] has no records')
+    ds = ds.shuffle(seed=_derive_seed(seed, 0))
     ds = ds.repeat(num_epochs)
-    ds = ds.random_map(train_transform, seed=_derive_seed(seed, process_index, 1))
+    ds = ds.random_map(train_transform, seed=_derive_seed(seed, 1))
     ds = ds.batch(batch_size, drop_remainder=True)
+    if process_count > 1:  # whole global batches only, then this process's chunk of each
+      ds = ds[:len(ds) // process_count * process_count][process_index::process_count]
   else:
+    ds = ds[process_index::process_count]
     if num_epochs not in (None, 1):
       ds = ds.repeat(num_epochs)
     ds = ds.map(eval_transform)

@@ -37,9 +37,33 @@ def preflight(config, run: rundir.RunDir):
   run.check_writable()
   saved_config = rundir.check_compatible(run, config)
   init_dir = checkpoints.check_init_from(config.init_from, config) if config.init_from else None
-  data.prepare(config.data)
+  _prepare_data_once(config.data)
   checkpoints.recover(run.root)
   return built, saved_config, init_dir, vae
+
+
+def _prepare_data_once(data_config):
+  """data.prepare on process 0 first: several processes building one TFDS data set in a shared
+  directory would race; the others then find it prepared."""
+  if jax.process_index() == 0:
+    data.prepare(data_config)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('rpe2d.train_loop.prepare')
+    if jax.process_index() != 0:
+      data.prepare(data_config)
+
+
+def _global_rows(local):
+  """A process-local array -> the rows of every process, in global batch order."""
+  if jax.process_count() == 1:
+    return np.asarray(local)
+  return np.asarray(multihost_utils.process_allgather(local, tiled=True))
+
+
+def _global_sum(local: int) -> int:
+  if jax.process_count() == 1:
+    return int(local)
+  return int(np.sum(multihost_utils.process_allgather(np.int64(local))))
 
 
 class Preemption:
@@ -176,6 +200,7 @@ def train(config, workdir) -> training.TrainState:
   examples_log = None
   if config.log_example_indices and jax.process_index() == 0:
     examples_log = open(run.examples, 'a', encoding='utf-8')
+  log_examples = config.log_example_indices  # every process: the indices are gathered
   preemption = Preemption()
   peak = training.peak_flops_per_device()
   flops_per_image = trainer.flops_per_image()
@@ -192,9 +217,11 @@ def train(config, workdir) -> training.TrainState:
       step += 1
       unchecked.append((step, metrics))
       bad_records += int(local_batch['skipped'].sum())
-      if examples_log:
-        examples_log.write(json.dumps({'step': step, 'index': local_batch['index'].tolist()}) + '\n')
-        examples_log.flush()
+      if log_examples:
+        indices = _global_rows(local_batch['index'])
+        if examples_log:
+          examples_log.write(json.dumps({'step': step, 'index': indices.tolist()}) + '\n')
+          examples_log.flush()
       window_steps += 1
       progress.update(1)
 
@@ -213,7 +240,7 @@ def train(config, workdir) -> training.TrainState:
         tflops = images_per_second * flops_per_image / 1e12
         scalars = dict(metrics, images_per_second=images_per_second, tflops=tflops,
                        mfu=tflops * 1e12 / (peak * jax.device_count()) if peak else None,
-                       skipped_steps=skipped_steps, bad_records=bad_records)
+                       skipped_steps=skipped_steps, bad_records=_global_sum(bad_records))
         writer.write(step, scalars)
         progress.set_postfix(loss=f'{metrics["loss"]:.4f}', img_s=f'{images_per_second:.0f}')
         window_start, window_steps = time.perf_counter(), 0

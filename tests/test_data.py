@@ -250,12 +250,15 @@ def test_process_shards_are_disjoint_and_cover(animal_dir):
     assert per_process[p] == list(range(p, N_TRAIN, 3))
   allidx = sum(per_process, [])
   assert len(allidx) == len(set(allidx)) == N_TRAIN
-  # Train: the first epoch of each process is a permutation of its own shard.
+  # Train: one global order; process p reads rows [2p, 2p + 2) of every global batch of 6.
+  one = _take(data.make_iterator(cfg, split='train', seed=5, global_batch_size=6,
+                                 process_index=0, process_count=1), 30)
   for p in range(3):
     it = data.make_iterator(cfg, split='train', seed=5, global_batch_size=6, process_index=p,
                             process_count=3)
-    first = np.concatenate([b['index'] for b in _take(it, 30)]).tolist()  # 60 = shard size
-    assert sorted(first) == list(range(p, N_TRAIN, 3))
+    for mine, whole in zip(_take(it, 30), one):
+      assert mine['index'].tolist() == whole['index'][2 * p:2 * p + 2].tolist()
+      np.testing.assert_array_equal(mine['image'], whole['image'][2 * p:2 * p + 2])
 
 
 def test_each_epoch_is_a_fresh_permutation(animal_dir):

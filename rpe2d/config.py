@@ -36,8 +36,10 @@ SCHEMA = (
           check=positive_int),
     Field('sample_every_steps', 400, 'EMA sample grids every N steps (and at the end)',
           check=positive_int),
-    Field('keep_checkpoints', 3, 'keep the last N checkpoints ...', check=positive_int),
-    Field('keep_every_steps', 0, '... plus every K-th step (0: none)', check=non_negative_int),
+    Field('keep_checkpoints', 3, 'keep the last N >= 1 checkpoints (the newest is never '
+          'deleted) ...', check=positive_int),
+    Field('keep_every_steps', 0, '... plus every K-th step, a multiple of '
+          'checkpoint_every_steps (0: none)', check=non_negative_int),
     Field('init_from', '', 'a run or checkpoint to take the weights from (fresh optimizer, '
           'step 0)'),
     Field('log_example_indices', False, "append each step's example ids to examples.jsonl"),

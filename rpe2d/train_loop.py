@@ -27,6 +27,7 @@ def preflight(config, run: rundir.RunDir):
   config, the workdir's saved config (None for a new run), init_from's step directory and a
   latent run's VAE."""
   built = config_lib.validate(config)
+  checkpoints.check_retention(config)
   vae = record_latents(config) if inference.is_latent(config) else None
   devices = jax.device_count()
   if config.batch_size % devices:

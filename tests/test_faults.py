@@ -1,0 +1,104 @@
+"""Faults a careless user meets: retention that would delete the run, two trainers on one workdir,
+config files that are not configs, out-of-range hyper-parameters, non-finite sampling settings and
+samples, evaluation inputs that cannot give a metric, a missing config.json, Ctrl-C, failures after
+work started, and grain workers left behind by a killed run.
+
+As in test_reliability.py, everything a user would meet is real: train.py, sample.py and
+evaluate.py in subprocesses with tiny configs, real orbax checkpoints, real signals.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import (REPO, TRAIN_PY, flag_args, host, read_jsonl, step_dirs, subprocess_env,
+                      tiny_config)
+from rpe2d import checkpoints, config as config_lib, rundir, train_loop
+
+pytestmark = pytest.mark.usefixtures('eight_devices', 'compilation_cache')
+
+SAMPLE_PY, EVALUATE_PY = REPO / 'sample.py', REPO / 'evaluate.py'
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, data_dir):
+  """A tiny run of 4 steps with checkpoints at 2 and 4."""
+  workdir = tmp_path_factory.mktemp('trained') / 'run'
+  train_loop.train(tiny_config(data_dir, total_steps=4, checkpoint_every_steps=2), workdir)
+  assert step_dirs(workdir) == [2, 4]
+  return workdir
+
+
+def copy_run(run, tmp_path, name='run') -> pathlib.Path:
+  workdir = tmp_path / name
+  shutil.copytree(run, workdir)
+  return workdir
+
+
+def command(script, *args, cache, timeout=180) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=REPO,
+                        env=subprocess_env(cache), capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def one_error_line(result, status=None) -> str:
+  """The single `error: ...` line of a failed command (no traceback)."""
+  assert result.returncode != 0, result.stdout[-2000:]
+  if status is not None:
+    assert result.returncode == status, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1, result.stderr[-3000:]
+  return errors[0]
+
+
+def snapshot(workdir) -> dict[str, bytes]:
+  workdir = pathlib.Path(workdir)
+  return {p.relative_to(workdir).as_posix(): p.read_bytes() for p in workdir.rglob('*')
+          if p.is_file()}
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Retention never deletes the newest checkpoint.
+
+
+@pytest.mark.parametrize('overrides, match', [
+    (dict(keep_checkpoints=0), r'keep_checkpoints=0 must be a positive integer'),
+    (dict(keep_checkpoints=-1), r'keep_checkpoints=-1 must be a positive integer'),
+    (dict(keep_every_steps=-2), r'keep_every_steps=-2 must be an integer >= 0'),
+    (dict(checkpoint_every_steps=0), r'checkpoint_every_steps=0 must be a positive integer'),
+    (dict(keep_every_steps=3), r'keep_every_steps=3 is not a multiple of checkpoint_every_steps=2'),
+])
+def test_retention_that_would_delete_checkpoints_is_refused(trained, data_dir, tmp_path,
+                                                            compilation_cache, overrides, match):
+  workdir = copy_run(trained, tmp_path)
+  before = snapshot(workdir)
+  result = command(TRAIN_PY, f'--workdir={workdir}',
+                   *flag_args(data_dir, **{'total_steps': 6, 'checkpoint_every_steps': 2, **overrides}),
+                   cache=compilation_cache, timeout=120)
+  assert re.search(match, one_error_line(result, 1))
+  assert snapshot(workdir) == before  # nothing deleted, nothing written
+
+
+def test_keep_one_checkpoint_on_resume_keeps_the_newest(trained, data_dir, tmp_path, capsys):
+  workdir = copy_run(trained, tmp_path)
+  train_loop.train(tiny_config(data_dir, total_steps=6, checkpoint_every_steps=2,
+                               keep_checkpoints=1), workdir)
+  assert step_dirs(workdir) == [6]
+  capsys.readouterr()
+  state = train_loop.train(tiny_config(data_dir, total_steps=7, checkpoint_every_steps=2,
+                                       keep_checkpoints=1, keep_every_steps=4), workdir)
+  assert 'Resuming from step 6' in capsys.readouterr().out
+  assert int(state.step) == 7 and step_dirs(workdir) == [7]

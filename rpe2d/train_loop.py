@@ -36,6 +36,7 @@ def preflight(config, run: rundir.RunDir):
   if devices % config.mesh.fsdp:
     raise ValueError(f'mesh.fsdp={config.mesh.fsdp} must divide the {devices} devices')
   run.check_writable()
+  run.lock()  # before anything in the workdir changes; train() gives it back
   saved_config = rundir.check_compatible(run, config)
   init_dir = checkpoints.check_init_from(config.init_from, config) if config.init_from else None
   data.prepare(config.data)
@@ -140,8 +141,16 @@ def save_sample_grids(config, model, plan, ema_params, step, run: rundir.RunDir,
 
 
 def train(config, workdir) -> training.TrainState:
-  """Runs (or resumes) training to config.total_steps and returns the final state."""
+  """Runs (or resumes) training to config.total_steps and returns the final state. A workdir
+  another live process trains in is refused (rundir.RunDir.lock)."""
   run = rundir.RunDir(workdir)
+  try:
+    return _train(config, run)
+  finally:
+    run.unlock()
+
+
+def _train(config, run: rundir.RunDir) -> training.TrainState:
   built, saved_config, init_dir, vae = preflight(config, run)
   mesh = training.make_mesh(config.mesh.fsdp)
   trainer = training.Trainer(built.model, built.training, mesh)

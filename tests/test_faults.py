@@ -102,3 +102,54 @@ def test_keep_one_checkpoint_on_resume_keeps_the_newest(trained, data_dir, tmp_p
                                        keep_checkpoints=1, keep_every_steps=4), workdir)
   assert 'Resuming from step 6' in capsys.readouterr().out
   assert int(state.step) == 7 and step_dirs(workdir) == [7]
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. One train.py per workdir; readers are welcome; a killed holder leaves no stuck lock.
+
+
+def start_training(workdir, data_dir, cache, tmp_path, name='a', **overrides):
+  """train.py in the background; returns (process, stdout path, stderr path)."""
+  out, err = tmp_path / f'{name}.out', tmp_path / f'{name}.err'
+  with open(out, 'w') as stdout, open(err, 'w') as stderr:
+    process = subprocess.Popen(
+        [sys.executable, str(TRAIN_PY), f'--workdir={workdir}', *flag_args(data_dir, **overrides)],
+        cwd=REPO, env=subprocess_env(cache), stdout=stdout, stderr=stderr)
+  return process, out, err
+
+
+def wait_for(condition, process, err, what, timeout=180):
+  deadline = time.monotonic() + timeout
+  while not condition():
+    assert process.poll() is None, f'train.py exited early:\n{err.read_text()[-3000:]}'
+    assert time.monotonic() < deadline, f'no {what} after {timeout} s'
+    time.sleep(0.1)
+
+
+def test_a_second_trainer_on_a_live_workdir_is_refused(data_dir, tmp_path, compilation_cache):
+  workdir = tmp_path / 'run'
+  process, _, err = start_training(workdir, data_dir, compilation_cache, tmp_path,
+                                   total_steps=100_000, checkpoint_every_steps=2)
+  try:
+    wait_for(lambda: checkpoints.steps(workdir / 'checkpoints'), process, err, 'checkpoint')
+    second = command(TRAIN_PY, f'--workdir={workdir}', *flag_args(data_dir, total_steps=3),
+                     cache=compilation_cache, timeout=120)
+    line = one_error_line(second, 1)
+    assert str(workdir) in line and f'pid {process.pid}' in line, line
+    assert process.poll() is None  # the first one trains on
+
+    # Readers only read: sampling the live run works.
+    sampled = command(SAMPLE_PY, f'--workdir={workdir}', '--resolution=16x16', '--num_samples=2',
+                      f'--output={tmp_path / "live.png"}', cache=compilation_cache)
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    assert (tmp_path / 'live.png').is_file()
+  finally:
+    process.kill()  # SIGKILL: the kernel releases the lock
+    process.wait()
+  newest = checkpoints.recover(workdir)
+  resumed = command(TRAIN_PY, f'--workdir={workdir}', *flag_args(data_dir, total_steps=newest + 1),
+                    cache=compilation_cache)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f'Resuming from step {newest}' in resumed.stdout
+  logged = [r['step'] for r in read_jsonl(workdir / 'metrics.jsonl')]
+  assert logged == sorted(set(logged)), 'a step was logged twice'

@@ -13,6 +13,7 @@ micro-conditioning that tells the model about the crop
 """
 
 import dataclasses
+import importlib.util
 import os
 import re
 
@@ -172,6 +173,7 @@ def load(path: str, overrides=()) -> ml_collections.ConfigDict:
   file = str(path).split(':', 1)[0]
   if not os.path.isfile(file):
     raise ValueError(f'--config={path}: no such file {file!r}')
+  _check_config_module(file)
   argv = ['rpe2d', f'--config={path}', *overrides]
   flag_values = flags.FlagValues()
   config_flags.DEFINE_config_file('config', path, flag_values=flag_values, lock_config=True,
@@ -179,18 +181,50 @@ def load(path: str, overrides=()) -> ml_collections.ConfigDict:
   try:
     flag_values(argv)
     config = flag_values.config
-    if not isinstance(config, ml_collections.ConfigDict):  # a file that failed to load
-      config.to_dict()  # raises its error
   except flags.Error as e:  # absl wraps the config file's own error; show it as what it is
-    raise ValueError(str(e)) from e
+    text = str(e)
+    if 'Traceback' in text:  # get_config itself failed: its last line says how
+      raise ValueError(f'get_config() in {file} raised {_one_line(text.strip().splitlines()[-1])}'
+                       ) from None
+    raise ValueError(_one_line(text)) from e
   except (KeyError, AttributeError) as e:  # ml_collections' words for a field that does not exist
+    if not overrides:  # then the file itself raised it
+      raise ValueError(f'get_config() in {file} raised {type(e).__name__}: {_one_line(e)}'
+                       ) from None
     hint = re.search(r'Did you mean "([^"]+)"', str(e))
     raise ValueError(f'{_unknown_field(path, overrides)}: the config has no such field'
                      + (f' (did you mean {hint.group(1)!r}?)' if hint else '')) from None
   except OSError as e:
     raise ValueError(f'--config={path}: {e}') from None
+  except Exception as e:  # pylint: disable=broad-except  # get_config's own error, in one line
+    raise ValueError(f'get_config() in {file} raised {type(e).__name__}: {_one_line(e)}'
+                       ) from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ValueError(f'get_config() in {file} returned {type(config).__name__}; it must return an '
+                     'ml_collections.ConfigDict (start from rpe2d.config.base())')
   resolve(config)
   return config
+
+
+def _one_line(error, limit: int = 300) -> str:
+  """An error's message as one line of at most `limit` characters."""
+  lines = str(error).strip().splitlines() or ['']
+  text = lines[0] + (' ...' if len(lines) > 1 else '')
+  return text if len(text) <= limit else text[:limit] + ' ...'
+
+
+def _check_config_module(file: str) -> None:
+  """Refuses, in one line, a config file that does not import or has no get_config()."""
+  spec = importlib.util.spec_from_file_location('rpe2d_config_check', file)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:  # pylint: disable=broad-except  # the file's own error, named
+    raise ValueError(f'{file} could not be loaded: {type(e).__name__}: {_one_line(e)}'
+                     ) from None
+  if not callable(getattr(module, 'get_config', None)):
+    raise ValueError(f'{file} has no get_config(); a config file defines get_config() returning '
+                     'an ml_collections.ConfigDict (e.g. configs/default.py)')
 
 
 def complete(saved: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -153,3 +153,43 @@ def test_a_second_trainer_on_a_live_workdir_is_refused(data_dir, tmp_path, compi
   assert f'Resuming from step {newest}' in resumed.stdout
   logged = [r['step'] for r in read_jsonl(workdir / 'metrics.jsonl')]
   assert logged == sorted(set(logged)), 'a step was logged twice'
+
+
+# ------------------------------------------------------------------------------------------------
+# 9. Config files that are not configs: one line, no recursion.
+
+BAD_CONFIG_FILES = {
+    'no_get_config.py': ('x = 1\n', r'no_get_config.py has no get_config\(\)'),
+    'not_callable.py': ('get_config = 3\n', r'not_callable.py has no get_config\(\)'),
+    'returns_dict.py': ('def get_config():\n  return {"seed": 1}\n',
+                        r'get_config\(\) in .*returns_dict.py returned dict; it must return an '
+                        r'ml_collections.ConfigDict'),
+    'returns_none.py': ('def get_config():\n  pass\n', r'returned NoneType'),
+    'raises.py': ('def get_config():\n  raise RuntimeError("no data here")\n',
+                  r'get_config\(\) in .*raises.py raised RuntimeError: no data here'),
+    'locked.py': ('from rpe2d import config\ndef get_config():\n  c = config.base()\n  c.lock()\n'
+                  '  c.nosuch = 1\n  return c\n', r'raised AttributeError: .*nosuch'),
+    'syntax.py': ('def get_config(:\n', r'syntax.py could not be loaded: SyntaxError'),
+    'takes_no_args.py:XL': ('def get_config():\n  return None\n',
+                            r'raised TypeError: get_config\(\) takes 0 positional arguments'),
+}
+
+
+@pytest.mark.parametrize('name', sorted(BAD_CONFIG_FILES))
+def test_config_files_that_are_not_configs_fail_in_one_line(tmp_path, name):
+  text, match = BAD_CONFIG_FILES[name]
+  (tmp_path / name.split(':')[0]).write_text(text)
+  with pytest.raises(ValueError, match=match) as raised:
+    config_lib.load(str(tmp_path / name))
+  assert '\n' not in str(raised.value) and len(str(raised.value)) < 600
+
+
+def test_command_line_config_file_without_get_config(tmp_path, compilation_cache):
+  for name in ('no_get_config.py', 'returns_dict.py'):
+    text, match = BAD_CONFIG_FILES[name]
+    (tmp_path / name).write_text(text)
+    result = command(TRAIN_PY, f'--config={tmp_path / name}', f'--workdir={tmp_path / "run"}',
+                     '--config.seed=1', cache=compilation_cache, timeout=120)
+    assert re.search(match, one_error_line(result, 1))
+    assert len(result.stderr.splitlines()) < 5, result.stderr[-2000:]
+  assert not (tmp_path / 'run').exists()

@@ -193,3 +193,78 @@ def test_command_line_config_file_without_get_config(tmp_path, compilation_cache
     assert re.search(match, one_error_line(result, 1))
     assert len(result.stderr.splitlines()) < 5, result.stderr[-2000:]
   assert not (tmp_path / 'run').exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Every numeric field of the schema has a range; NaN and Inf are refused everywhere.
+
+
+def _numeric(field) -> bool:
+  return _kind(field) in (int, float)
+
+
+def _kind(field):
+  return type(field.default) if field.default is not None else field.value_type
+
+
+# data.source_image_size is recorded from the latent extraction's manifest, never read from a user.
+NUMERIC_FIELDS = [f for f in config_lib.SCHEMA if _numeric(f) and f.key != 'data.source_image_size']
+TUPLE_KEYS = {'positions.max_grid': (math.nan, 8), 'sampling.cfg_interval': (0.0, math.inf),
+              'sampling.resolutions': ((16, math.nan),)}
+
+
+def _refused(data_dir, key, value):
+  config = tiny_config(data_dir)
+  config.unlock()
+  *sections, name = key.split('.')
+  node = config
+  for section in sections:
+    node = node[section]
+  node[name] = value
+  with pytest.raises(ValueError) as raised:
+    config_lib.validate(config)
+  message = str(raised.value)
+  assert message.startswith(key) and '\n' not in message, message
+  return message
+
+
+def test_every_numeric_field_has_a_range(data_dir):
+  assert len(NUMERIC_FIELDS) > 25  # the schema's numbers, data.* included
+  for field in NUMERIC_FIELDS:
+    # An int field takes only ints (ml_collections refuses a float, as train.py's flags do).
+    values = (-1,) if _kind(field) is int else (math.nan, math.inf, -math.inf, -1e300)
+    for value in values:
+      _refused(data_dir, field.key, value)
+  for key, value in TUPLE_KEYS.items():
+    _refused(data_dir, key, value)
+
+
+@pytest.mark.parametrize('key, value, allowed', [
+    ('optim.learning_rate', 0.0, '(0.0, inf)'),
+    ('optim.b1', 1.0, '[0.0, 1.0)'),
+    ('optim.b2', -0.1, '[0.0, 1.0)'),
+    ('optim.weight_decay', -1e-4, '[0.0, inf)'),
+    ('optim.grad_clip', 0.0, '(0.0, inf)'),
+    ('optim.warmup_steps', -1, 'integer >= 0'),
+    ('optim.ema_decay', 1.5, '[0.0, 1.0)'),
+    ('flow.class_dropout', 1.0, '[0.0, 1.0)'),
+    ('flow.time_std', 0.0, '(0.0, inf)'),
+    ('flow.time_shift', -2.0, '(0.0, inf)'),
+    ('sampling.time_shift', 0.0, '(0.0, inf)'),
+    ('encoding.dype_lambda_t', -1.0, '[0.0, inf)'),
+    ('sampling.cfg_interval', (0.8, 0.2), 'low <= high'),
+    ('data.crop_prob', 1.5, '[0.0, 1.0]'),
+])
+def test_hyper_parameters_out_of_range_are_named(data_dir, key, value, allowed):
+  assert allowed in _refused(data_dir, key, value)
+
+
+def test_command_line_nan_learning_rate_fails_before_compiling(data_dir, tmp_path,
+                                                               compilation_cache):
+  began = time.monotonic()
+  result = command(TRAIN_PY, f'--workdir={tmp_path / "run"}',
+                   *flag_args(data_dir, **{'optim.learning_rate': 'nan'}),
+                   cache=compilation_cache, timeout=120)
+  assert 'optim.learning_rate=nan must be a finite number in (0.0, inf)' in one_error_line(result, 1)
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
+  assert time.monotonic() - began < 60

@@ -268,3 +268,99 @@ def test_command_line_nan_learning_rate_fails_before_compiling(data_dir, tmp_pat
   assert 'optim.learning_rate=nan must be a finite number in (0.0, inf)' in one_error_line(result, 1)
   assert not (tmp_path / 'run' / 'checkpoints').exists()
   assert time.monotonic() - began < 60
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Non-finite sampling settings are refused; non-finite samples are never written or measured.
+
+
+def test_sample_refuses_non_finite_flags_before_loading(trained, tmp_path, compilation_cache):
+  for flag, allowed in (('--cfg_scale=nan', 'must be a finite number in [0.0, 100.0]'),
+                        ('--time_shift=inf', 'must be a finite number in (0.0, inf)'),
+                        ('--dype_lambda_t=-inf', 'must be a finite number in [0.0, inf)')):
+    result = command(SAMPLE_PY, f'--workdir={trained}', '--resolution=16x16', flag,
+                     f'--output={tmp_path / "out" / "s.png"}', cache=compilation_cache)
+    line = one_error_line(result, 2)
+    assert line == f'error: {flag} {allowed}', line
+  assert not (tmp_path / 'out').exists()
+
+
+def nan_run(workdir):
+  import jax  # pylint: disable=g-import-not-at-top
+  from rpe2d import inference  # pylint: disable=g-import-not-at-top
+  run = inference.load_run(workdir)
+  run.params = jax.tree.map(lambda p: p * np.nan, run.params)
+  return run
+
+
+def test_non_finite_samples_are_never_written(trained, tmp_path):
+  from rpe2d import inference  # pylint: disable=g-import-not-at-top
+  run = nan_run(trained)
+  plan = config_lib.sampling_plan(run.config, steps=2)
+  paths = [tmp_path / 's_16x16.npz', tmp_path / 's_32x32.npz']
+  with pytest.raises(inference.NonFiniteSamplesError) as raised:
+    inference.write_samples(run, plan, [(16, 16), (32, 32)], paths, np.arange(3), batch_size=8)
+  message = str(raised.value)
+  assert message.startswith('3 of samples 0..2 at 16x16 are not finite'), message
+  assert 'none of the 2 files was written' in message
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluation_caches_no_metric_of_non_finite_samples(trained, tmp_path):
+  from rpe2d import inference  # pylint: disable=g-import-not-at-top
+  from rpe2d.evaluation import sweep  # pylint: disable=g-import-not-at-top
+  run = nan_run(trained)
+  dim = 8
+  reference = sweep.Reference(dict(kind='test'), np.zeros(dim), np.eye(dim))
+  features = lambda images: np.asarray(images, np.float64).reshape(len(images), -1)[:, :dim]
+  cells = sweep.plan_cells([run], ['nan'], [(16, 16)], ['none'], dict(steps=2))
+  with pytest.raises(inference.SamplingError, match=r'nan none at 16x16: 4 of samples 0..3 at '
+                     r'16x16 are not finite.*no number is kept for it. The 0 cells computed'):
+    sweep.run([run], ['nan'], [(16, 16)], cells, outdir=tmp_path, feature_fn=features,
+              num_samples=4, real_split='', npz_references={(16, 16): reference})
+  assert not list((tmp_path / 'cells').glob('*.json')) if (tmp_path / 'cells').exists() else True
+  # Non-finite features never give a cached number either.
+  record_dir = tmp_path / 'cells2'
+  good = inference.load_run(trained)
+  plan = cells[0][3]
+  with pytest.raises(inference.SamplingError, match='Inception features of 4 samples'):
+    sweep.evaluate_cell(good, plan, 16, 16, num_samples=4, seed=0, reference=reference,
+                        cell_dir=record_dir, feature_fn=lambda images: features(images) * np.inf)
+  assert not record_dir.exists() or not list(record_dir.iterdir())
+
+
+# A command under a file size limit: writing past it fails with EFBIG, as a full disk fails with
+# ENOSPC (Python ignores SIGXFSZ), and it needs no root.
+_LIMITED = ('import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_FSIZE, ({0}, {0})); '
+            'sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")')
+
+
+def test_sample_write_failure_names_what_was_kept(trained, tmp_path, compilation_cache):
+  env = {k: v for k, v in subprocess_env(compilation_cache).items()
+         if not k.startswith('JAX_COMPILATION_CACHE') and not k.startswith('JAX_PERSISTENT')}
+  output = tmp_path / 'out' / 's.npz'
+  result = subprocess.run(
+      [sys.executable, '-c', _LIMITED.format(30_000), str(SAMPLE_PY), f'--workdir={trained}',
+       '--resolution=16x16,64x64', '--num_samples=20', '--steps=1', f'--output={output}'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  line = one_error_line(result, 1)
+  small, large = tmp_path / 'out' / 's_16x16.npz', tmp_path / 'out' / 's_64x64.npz'
+  assert re.fullmatch(rf'error: writing {re.escape(str(large))} failed \(File too large.*\); 1 of 2 '
+                      rf'files were written \({re.escape(str(small))}\)', line), line
+  with np.load(small) as kept:
+    assert kept['arr_0'].shape == (20, 16, 16, 1)
+  assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['s_16x16.npz']
+
+
+def test_sample_refuses_an_unwritable_output_and_more_memory_than_there_is(trained, tmp_path,
+                                                                           compilation_cache):
+  (tmp_path / 'a_file').write_text('')
+  result = command(SAMPLE_PY, f'--workdir={trained}', '--resolution=16x16',
+                   f'--output={tmp_path / "a_file" / "s.png"}', cache=compilation_cache)
+  assert 'error: --output directory' in one_error_line(result, 2)
+  result = command(SAMPLE_PY, f'--workdir={trained}', '--resolution=2048x2048',
+                   '--num_samples=100000', f'--output={tmp_path / "big.npz"}',
+                   cache=compilation_cache)
+  assert re.search(r'100000 images at 2048x2048 need at least [\d.]+ GiB of memory and [\d.]+ GiB '
+                   r'is available', one_error_line(result, 2))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['a_file']

@@ -203,12 +203,29 @@ def changed_keys(saved, config) -> list[str]:
           if a.get(k) != b.get(k)]
 
 
+def checkpoint_config(run: RunDir) -> tuple[ml_collections.ConfigDict | None, int | None]:
+  """(the config saved in the newest intact checkpoint, its step); (None, None) without one.
+  Every checkpoint carries the run's config, so a lost config.json loses nothing."""
+  from rpe2d import checkpoints  # pylint: disable=g-import-not-at-top  # it imports this module
+  for step in reversed(checkpoints.steps(run.checkpoints)):
+    step_dir = run.checkpoints / str(step)
+    if checkpoints.damage(step_dir) is None:
+      saved = read_config(step_dir / 'config' / 'metadata')
+      if saved is not None:
+        return config_lib.complete(saved), step
+  return None, None
+
+
 def check_compatible(run: RunDir, config) -> ml_collections.ConfigDict | None:
   """The run's saved config (None for a new run); refuses one of another model or data order,
   before anything is compiled."""
   saved = run.read_config()
   if saved is None:
-    return None
+    saved, step = checkpoint_config(run)
+    if saved is None:
+      return None
+    print(f'workdir {run.root} has no config.json: checking the config against the one saved '
+          f'in its newest checkpoint, step {step}', flush=True)
   differences = differing_keys(saved, config, INCOMPATIBLE_KEYS + DATA_ORDER_KEYS)
   if differences:
     raise ValueError(f'workdir {run.root} holds a run of an incompatible model or data order; '

@@ -65,9 +65,10 @@ def one_error_line(result, status=None) -> str:
 
 
 def snapshot(workdir) -> dict[str, bytes]:
+  """Every file of a workdir but the lock (rewritten by each train.py that takes it)."""
   workdir = pathlib.Path(workdir)
   return {p.relative_to(workdir).as_posix(): p.read_bytes() for p in workdir.rglob('*')
-          if p.is_file()}
+          if p.is_file() and p.name != 'train.lock'}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -364,3 +365,28 @@ def test_sample_refuses_an_unwritable_output_and_more_memory_than_there_is(train
   assert re.search(r'100000 images at 2048x2048 need at least [\d.]+ GiB of memory and [\d.]+ GiB '
                    r'is available', one_error_line(result, 2))
   assert sorted(p.name for p in tmp_path.iterdir()) == ['a_file']
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. A workdir without config.json is checked against its newest checkpoint's config.
+
+
+def test_resume_without_config_json_checks_the_checkpoint_config(trained, data_dir, tmp_path,
+                                                                 compilation_cache):
+  workdir = copy_run(trained, tmp_path)
+  (workdir / 'config.json').unlink()
+  before = snapshot(workdir)
+  other_model = command(TRAIN_PY, f'--workdir={workdir}',
+                        *flag_args(data_dir, total_steps=6, **{'model.variant': 'micro/2'}),
+                        cache=compilation_cache, timeout=120)
+  assert 'holds a run of an incompatible model' in other_model.stderr
+  assert "model.variant: saved 'micro/4', now 'micro/2'" in other_model.stderr
+  assert ('has no config.json: checking the config against the one saved in its newest '
+          'checkpoint, step 4') in other_model.stdout
+  assert snapshot(workdir) == before
+
+  resumed = command(TRAIN_PY, f'--workdir={workdir}', *flag_args(data_dir, total_steps=5),
+                    cache=compilation_cache)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'Resuming from step 4' in resumed.stdout
+  assert rundir.RunDir(workdir).read_config().total_steps == 5  # config.json written again

@@ -7,7 +7,10 @@ save and sample steps (no per-step sync), and a non-finite step is never applied
 """
 
 import json
+import os
 import signal
+import sys
+import threading
 import time
 
 from absl import logging
@@ -44,38 +47,102 @@ def preflight(config, run: rundir.RunDir):
   return built, saved_config, init_dir, vae
 
 
-class Preemption:
-  """Turns SIGTERM (TPU preemption, scheduler kills) into 'save now and exit cleanly'.
+class Interrupted(InterruptedError):
+  """Training stopped by SIGINT (Ctrl-C) after saving; the message names the checkpoint."""
 
-  One process: our own SIGTERM handler. Several: JAX's preemption service (started by
-  jax.distributed.initialize) catches the signal on any host and agrees on one step for all of
-  them, so every host saves the same step; a handler of ours would replace the service's.
+
+class Preemption:
+  """Turns SIGTERM (TPU preemption, scheduler kills) and SIGINT (Ctrl-C) into 'save now and exit
+  cleanly'.
+
+  One process: our own handlers for both. Before the first step has run (preflight, restoring,
+  the first compile) there is nothing to save, and the signal ends the process at once: a
+  watchdog thread learns of it through `signal.set_wakeup_fd`, which the C-level handler writes
+  even while the main thread is inside a long XLA compile (Python handlers only run between
+  bytecodes of the main thread). What a kill leaves in the workdir is undone by the next run, so
+  this is as safe as SIGKILL. After that, the loop saves at the current step. A second signal
+  exits at once (an unfinished save is removed by the next run). SIGTERM exits 0, SIGINT 1.
+
+  Several processes: JAX's preemption service (started by jax.distributed.initialize) catches
+  SIGTERM on any host and agrees on one step for all of them, so every host saves the same step;
+  a handler of ours would replace the service's, and SIGINT keeps Python's default.
   """
 
+  SIGNALS = {signal.SIGTERM: ('SIGTERM', 0), signal.SIGINT: ('SIGINT', 1)}
+
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.requested = None  # the name of the signal asking to stop
+    self.started = False  # set after the first step: from then on there is something to save
+    self._previous, self._wakeup = {}, None
     self._sync_point = jax.process_count() > 1
     if not self._sync_point:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      if threading.current_thread() is threading.main_thread():
+        for signum in self.SIGNALS:
+          self._previous[signum] = signal.signal(signum, self._handle)
+        self._watch()
+      else:
+        logging.warning('train() runs outside the main thread: SIGTERM and SIGINT keep their '
+                        'handlers (no checkpoint on a signal)')
     elif not jax.config.jax_enable_preemption_service:
       self._sync_point = False
       logging.warning('jax_enable_preemption_service is off: SIGTERM stops this run without a '
                       'checkpoint (one process saving alone would leave the others hanging)')
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    self.requested = self.requested or self.SIGNALS[signum][0]
+
+  def _watch(self):
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    self._wakeup = (write, signal.set_wakeup_fd(write, warn_on_full_buffer=False))
+    threading.Thread(target=self._watchdog, args=(read,), daemon=True,
+                     name='rpe2d-signals').start()
+
+  def _watchdog(self, read):
+    try:
+      self._watch_signals(read)
+    finally:
+      os.close(read)
+
+  def _watch_signals(self, read):
+    seen = 0
+    while True:
+      try:
+        received = os.read(read, 64)
+      except OSError:
+        return
+      if not received:  # restore() closed the pipe
+        return
+      for signum in received:
+        if signum not in self.SIGNALS:
+          continue
+        name, status = self.SIGNALS[signum]
+        seen += 1
+        self.requested = self.requested or name
+        if not self.started or seen > 1:
+          why = ('before the first step: nothing to save' if not self.started and seen == 1 else
+                 'again: exiting without waiting for the save (the next run removes an '
+                 'unfinished one)')
+          print(('error: ' if status else '') + f'{name} {why}', file=sys.stderr if status else
+                sys.stdout, flush=True)
+          os._exit(status)  # pylint: disable=protected-access
 
   def reached(self, step: int) -> bool:
     """Whether to save at `step` and stop; call it after every step."""
     if self._sync_point:
       return multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
+    return self.requested is not None
 
   def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
+    if self._wakeup is not None:
+      write, previous_fd = self._wakeup
+      signal.set_wakeup_fd(previous_fd)
+      os.close(write)  # the watchdog reads end-of-file, closes its end and returns
+      self._wakeup = None
 
 
 def check_finite(window, policy: str, saved_step, run: rundir.RunDir):
@@ -144,13 +211,15 @@ def train(config, workdir) -> training.TrainState:
   """Runs (or resumes) training to config.total_steps and returns the final state. A workdir
   another live process trains in is refused (rundir.RunDir.lock)."""
   run = rundir.RunDir(workdir)
+  preemption = Preemption()  # first: a signal during preflight or the first compile is handled
   try:
-    return _train(config, run)
+    return _train(config, run, preemption)
   finally:
+    preemption.restore()
     run.unlock()
 
 
-def _train(config, run: rundir.RunDir) -> training.TrainState:
+def _train(config, run: rundir.RunDir, preemption: Preemption) -> training.TrainState:
   built, saved_config, init_dir, vae = preflight(config, run)
   mesh = training.make_mesh(config.mesh.fsdp)
   trainer = training.Trainer(built.model, built.training, mesh)
@@ -186,7 +255,6 @@ def _train(config, run: rundir.RunDir) -> training.TrainState:
   examples_log = None
   if config.log_example_indices and jax.process_index() == 0:
     examples_log = open(run.examples, 'a', encoding='utf-8')
-  preemption = Preemption()
   peak = training.peak_flops_per_device()
   flops_per_image = trainer.flops_per_image()
   progress = tqdm.tqdm(total=config.total_steps, initial=step, disable=jax.process_index() != 0,
@@ -199,6 +267,7 @@ def _train(config, run: rundir.RunDir) -> training.TrainState:
     while step < config.total_steps:
       local_batch = next(iterator)
       state, metrics = trainer.step(state, trainer.device_batch(local_batch))
+      preemption.started = True  # compiled and dispatched: a signal now saves this step
       step += 1
       unchecked.append((step, metrics))
       bad_records += int(local_batch['skipped'].sum())
@@ -235,6 +304,9 @@ def _train(config, run: rundir.RunDir) -> training.TrainState:
         saved_step = step
       if preempted:
         checkpoints.wait(manager, step)
+        if preemption.requested == 'SIGINT':
+          raise Interrupted(f'interrupted (SIGINT) at step {step}: saved the checkpoint '
+                            f'{run.checkpoints / str(step)}; run the same command to resume')
         print(f'SIGTERM: saved the checkpoint at step {step}; exiting', flush=True)
         break
       if sample_now:
@@ -242,7 +314,6 @@ def _train(config, run: rundir.RunDir) -> training.TrainState:
                           class_names, vae)
   finally:
     progress.close()
-    preemption.restore()
     try:
       checkpoints.close(manager, saved_step)  # waits for the save in flight
     finally:

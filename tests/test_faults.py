@@ -390,3 +390,69 @@ def test_resume_without_config_json_checks_the_checkpoint_config(trained, data_d
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'Resuming from step 4' in resumed.stdout
   assert rundir.RunDir(workdir).read_config().total_steps == 5  # config.json written again
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Ctrl-C: like SIGTERM (save where there is something to save), exit 1 with one error line.
+
+
+def _interrupt(process, err, timeout=30):
+  process.send_signal(signal.SIGINT)
+  signalled = time.monotonic()
+  returncode = process.wait(timeout=timeout)
+  return returncode, time.monotonic() - signalled, err.read_text()
+
+
+def test_sigint_during_the_first_compile_exits_at_once(data_dir, tmp_path, compilation_cache):
+  # No compilation cache: the first step compiles for seconds, and the signal lands inside.
+  env = {k: v for k, v in subprocess_env(compilation_cache).items()
+         if not k.startswith('JAX_COMPILATION_CACHE') and not k.startswith('JAX_PERSISTENT')}
+  workdir, err = tmp_path / 'run', tmp_path / 'err.txt'
+  with open(err, 'w') as stderr:
+    process = subprocess.Popen(
+        [sys.executable, str(TRAIN_PY), f'--workdir={workdir}',
+         *flag_args(data_dir, total_steps=100_000)],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+  try:
+    wait_for(lambda: 'train:' in err.read_text(), process, err, 'progress bar')  # in the loop
+    assert not (workdir / 'metrics.jsonl').is_file() or not read_jsonl(workdir / 'metrics.jsonl')
+    returncode, seconds, stderr_text = _interrupt(process, err)
+  finally:
+    if process.poll() is None:
+      process.kill()
+      process.wait()
+  errors = [line for line in stderr_text.splitlines() if line.startswith('error: ')]
+  assert returncode == 1 and len(errors) == 1 and 'Traceback' not in stderr_text, stderr_text[-3000:]
+  print(errors[0], f'{seconds:.1f} s')
+  if errors[0] == 'error: SIGINT before the first step: nothing to save':
+    assert seconds < 5, f'{seconds:.1f} s from SIGINT to exit: it waited for the compile'
+    assert step_dirs(workdir) == []
+  else:  # the compile ended before the signal: the first step was saved
+    found = re.fullmatch(r'error: interrupted \(SIGINT\) at step (\d+): saved the checkpoint .*',
+                         errors[0])
+    assert found, errors[0]
+    assert step_dirs(workdir) == [int(found.group(1))]
+
+
+def test_sigint_after_a_checkpoint_saves_the_current_step(data_dir, tmp_path, compilation_cache):
+  workdir = tmp_path / 'run'
+  process, _, err = start_training(workdir, data_dir, compilation_cache, tmp_path,
+                                   total_steps=100_000, checkpoint_every_steps=2)
+  try:
+    wait_for(lambda: checkpoints.steps(workdir / 'checkpoints'), process, err, 'checkpoint')
+    returncode, seconds, stderr_text = _interrupt(process, err)
+  finally:
+    if process.poll() is None:
+      process.kill()
+      process.wait()
+  errors = [line for line in stderr_text.splitlines() if line.startswith('error: ')]
+  assert returncode == 1 and len(errors) == 1 and 'Traceback' not in stderr_text, stderr_text[-3000:]
+  found = re.fullmatch(rf'error: interrupted \(SIGINT\) at step (\d+): saved the checkpoint '
+                       rf'{re.escape(str(workdir))}/checkpoints/(\d+); run the same command to '
+                       r'resume', errors[0])
+  assert found and found.group(1) == found.group(2), errors[0]
+  step = int(found.group(1))
+  assert step == step_dirs(workdir)[-1] and checkpoints.damage(workdir / 'checkpoints' / str(step)) \
+      is None
+  assert max(r['step'] for r in read_jsonl(workdir / 'metrics.jsonl')) == step
+  assert seconds < 30

@@ -19,8 +19,8 @@ from jax.experimental import multihost_utils
 import numpy as np
 import tqdm
 
-from rpe2d import checkpoints, config as config_lib, data, images, inference, model as model_lib
-from rpe2d import rundir, sampler, training
+from rpe2d import checkpoints, cli, config as config_lib, data, images, inference
+from rpe2d import model as model_lib, rundir, sampler, training
 from rpe2d.metric_writer import MetricWriter
 
 
@@ -49,6 +49,11 @@ def preflight(config, run: rundir.RunDir):
 
 class Interrupted(InterruptedError):
   """Training stopped by SIGINT (Ctrl-C) after saving; the message names the checkpoint."""
+
+
+class TrainingFailed(checkpoints.CheckpointError):
+  """A failure after training started (memory, disk, the device); the message names what failed
+  and the checkpoint that is kept (train.py prints it as one error line)."""
 
 
 class Preemption:
@@ -263,6 +268,7 @@ def _train(config, run: rundir.RunDir, preemption: Preemption) -> training.Train
   saved_step = latest  # the newest checkpoint (None: none yet)
   unchecked = []  # (step, metrics on the device) not yet checked for NaN/Inf: no per-step sync
   skipped_steps = bad_records = 0  # since the last log line
+  doing = 'the train step'  # what a failure in the loop was doing, for its one error line
   try:
     while step < config.total_steps:
       local_batch = next(iterator)
@@ -287,6 +293,7 @@ def _train(config, run: rundir.RunDir, preemption: Preemption) -> training.Train
                                         run)
         unchecked, skipped_steps = [], skipped_steps + skipped
       if log_now:
+        doing = 'writing the metrics'
         seconds = time.perf_counter() - window_start
         images_per_second = window_steps * config.batch_size / seconds
         tflops = images_per_second * flops_per_image / 1e12
@@ -310,8 +317,17 @@ def _train(config, run: rundir.RunDir, preemption: Preemption) -> training.Train
         print(f'SIGTERM: saved the checkpoint at step {step}; exiting', flush=True)
         break
       if sample_now:
+        doing = 'writing the sample grids'
         save_sample_grids(config, built.model, built.sampling, state.ema_params, step, run,
                           class_names, vae)
+      doing = 'the train step'
+  except (OSError, MemoryError, RuntimeError) as e:
+    if isinstance(e, (checkpoints.CheckpointError, Interrupted)):  # they name their checkpoint
+      raise
+    kept = (f'the newest checkpoint, step {saved_step}, is kept' if saved_step is not None
+            else 'no checkpoint was saved yet')
+    raise TrainingFailed(f'step {step}: {doing} failed ({cli.reason(e)}); {kept} in '
+                         f'{run.checkpoints}: fix the cause and run again to resume') from e
   finally:
     progress.close()
     try:

@@ -456,3 +456,23 @@ def test_sigint_after_a_checkpoint_saves_the_current_step(data_dir, tmp_path, co
       is None
   assert max(r['step'] for r in read_jsonl(workdir / 'metrics.jsonl')) == step
   assert seconds < 30
+
+
+# ------------------------------------------------------------------------------------------------
+# 10. A failure after work started: one error line naming what failed and what was kept.
+
+
+def test_train_failure_after_work_started_names_the_kept_checkpoint(trained, data_dir, tmp_path,
+                                                                    compilation_cache):
+  workdir = copy_run(trained, tmp_path)
+  shutil.rmtree(workdir / 'samples')
+  (workdir / 'samples').write_text('a file where the sample grids go')
+  result = command(TRAIN_PY, f'--workdir={workdir}',
+                   *flag_args(data_dir, total_steps=6, checkpoint_every_steps=2,
+                              sample_every_steps=2), cache=compilation_cache)
+  line = one_error_line(result, 1)
+  assert re.fullmatch(r'error: step 6: writing the sample grids failed \(File exists: .*samples\); '
+                      rf'the newest checkpoint, step 6, is kept in {re.escape(str(workdir))}/'
+                      r'checkpoints: fix the cause and run again to resume', line), line
+  assert step_dirs(workdir) == [2, 4, 6]
+  assert checkpoints.damage(workdir / 'checkpoints' / '6') is None

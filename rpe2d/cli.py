@@ -3,12 +3,21 @@
 Bad input (found before any work) exits with status 2; a failure after work started (a disk that
 fills, memory that runs out, samples that are not finite) exits with status 1, naming what failed
 and what was kept. Neither prints a traceback.
+
+Worker processes die with their command: grain's data workers are `multiprocessing` spawn
+children, which import the command's modules (this one among them) before they run; importing it
+in such a child starts a thread that ends the child when its parent is gone (os.getppid()
+changes when the kernel reparents an orphan). A command killed with SIGKILL runs no code of its
+own, so its children must notice by themselves.
 """
 
 import contextlib
+import multiprocessing
 import os
 import pathlib
 import sys
+import threading
+import time
 
 BAD_INPUT, FAILED = 2, 1
 
@@ -63,3 +72,33 @@ def available_memory() -> int | None:
 
 def gib(size: float) -> str:
   return f'{size / 2**30:.1f} GiB'
+
+
+PARENT_POLL_SECONDS = 0.5
+_watching = []
+
+
+def die_with_parent() -> None:
+  """In a multiprocessing child: exit as soon as the parent process is gone (idempotent)."""
+  if _watching:
+    return
+  parent = os.getppid()
+  _watching.append(parent)
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(PARENT_POLL_SECONDS)
+    os._exit(1)  # pylint: disable=protected-access  # nothing of ours to clean up in a worker
+
+  threading.Thread(target=watch, daemon=True, name='rpe2d-die-with-parent').start()
+
+
+def _is_multiprocessing_child() -> bool:
+  # `_inheriting` is set while a spawn child imports its parent's main module (parent_process()
+  # is only known after that).
+  current = multiprocessing.current_process()
+  return multiprocessing.parent_process() is not None or getattr(current, '_inheriting', False)
+
+
+if _is_multiprocessing_child():
+  die_with_parent()

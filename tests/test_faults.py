@@ -476,3 +476,51 @@ def test_train_failure_after_work_started_names_the_kept_checkpoint(trained, dat
                       r'checkpoints: fix the cause and run again to resume', line), line
   assert step_dirs(workdir) == [2, 4, 6]
   assert checkpoints.damage(workdir / 'checkpoints' / '6') is None
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. grain's worker processes die with a killed train.py.
+
+
+def descendants(pid) -> set[int]:
+  found, todo = set(), [pid]
+  while todo:
+    for task in pathlib.Path(f'/proc/{todo.pop()}/task').glob('*'):
+      try:
+        children = {int(c) for c in (task / 'children').read_text().split()}
+      except OSError:
+        continue
+      todo.extend(children - found)
+      found |= children
+  return found
+
+
+def alive(pid) -> bool:
+  try:
+    state = pathlib.Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0]
+  except OSError:
+    return False
+  return state != 'Z'  # a zombie has exited; only its parent's wait() is missing
+
+
+def test_sigkill_leaves_no_data_worker_running(data_dir, tmp_path, compilation_cache):
+  workdir = tmp_path / 'run'
+  process, _, err = start_training(workdir, data_dir, compilation_cache, tmp_path,
+                                   total_steps=100_000, **{'data.num_workers': 2})
+  try:
+    wait_for(lambda: (workdir / 'metrics.jsonl').is_file()
+             and read_jsonl(workdir / 'metrics.jsonl'), process, err, 'metrics')
+    children = descendants(process.pid)
+    workers = {c for c in children if b'spawn_main' in pathlib.Path(f'/proc/{c}/cmdline')
+               .read_bytes()}
+    assert len(workers) >= 2, children
+  finally:
+    process.kill()
+    process.wait()
+  deadline = time.monotonic() + 10
+  while any(alive(c) for c in children) and time.monotonic() < deadline:
+    time.sleep(0.2)
+  survivors = [c for c in children if alive(c)]
+  for pid in survivors:  # do not leave them to the next test
+    os.kill(pid, signal.SIGKILL)
+  assert not survivors, f'{len(survivors)} processes outlived the killed train.py'

@@ -423,7 +423,6 @@ def test_sigint_during_the_first_compile_exits_at_once(data_dir, tmp_path, compi
       process.wait()
   errors = [line for line in stderr_text.splitlines() if line.startswith('error: ')]
   assert returncode == 1 and len(errors) == 1 and 'Traceback' not in stderr_text, stderr_text[-3000:]
-  print(errors[0], f'{seconds:.1f} s')
   if errors[0] == 'error: SIGINT before the first step: nothing to save':
     assert seconds < 5, f'{seconds:.1f} s from SIGINT to exit: it waited for the compile'
     assert step_dirs(workdir) == []

@@ -129,8 +129,9 @@ class Preemption:
           why = ('before the first step: nothing to save' if not self.started and seen == 1 else
                  'again: exiting without waiting for the save (the next run removes an '
                  'unfinished one)')
-          print(('error: ' if status else '') + f'{name} {why}', file=sys.stderr if status else
-                sys.stdout, flush=True)
+          # On a line of its own: the progress bar may be half drawn on stderr.
+          print(('\nerror: ' if status else '\n') + f'{name} {why}',
+                file=sys.stderr if status else sys.stdout, flush=True)
           os._exit(status)  # pylint: disable=protected-access
 
   def reached(self, step: int) -> bool:

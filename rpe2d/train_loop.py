@@ -39,9 +39,9 @@ def preflight(config, run: rundir.RunDir):
   if devices % config.mesh.fsdp:
     raise ValueError(f'mesh.fsdp={config.mesh.fsdp} must divide the {devices} devices')
   run.check_writable()
-  run.lock()  # before anything in the workdir changes; train() gives it back
   saved_config = rundir.check_compatible(run, config)
   init_dir = checkpoints.check_init_from(config.init_from, config) if config.init_from else None
+  run.lock()  # after the read-only checks, before anything in the workdir changes
   data.prepare(config.data)
   checkpoints.recover(run.root)
   return built, saved_config, init_dir, vae

@@ -56,9 +56,10 @@ def check_retention(config) -> None:
     raise ValueError(f'keep_every_steps={keep!r} must be an integer >= 0 (0: keep only the last '
                      'keep_checkpoints)')
   if keep and keep % every:
+    kept = keep * every // math.gcd(keep, every)
     raise ValueError(f'keep_every_steps={keep} is not a multiple of checkpoint_every_steps='
-                     f'{every}: only every {keep * every // math.gcd(keep, every)}-th step would be '
-                     f'kept; use a multiple of {every}, e.g. {(keep // every + 1) * every}')
+                     f'{every}: only every {kept}-th step would be kept; use a multiple of '
+                     f'{every}, e.g. {(keep // every + 1) * every}')
 
 
 def manager(workdir, config, *, read_only: bool = False) -> ocp.CheckpointManager:

@@ -87,7 +87,8 @@ def test_retention_that_would_delete_checkpoints_is_refused(trained, data_dir, t
   workdir = copy_run(trained, tmp_path)
   before = snapshot(workdir)
   result = command(TRAIN_PY, f'--workdir={workdir}',
-                   *flag_args(data_dir, **{'total_steps': 6, 'checkpoint_every_steps': 2, **overrides}),
+                   *flag_args(data_dir,
+                              **{'total_steps': 6, 'checkpoint_every_steps': 2, **overrides}),
                    cache=compilation_cache, timeout=120)
   assert re.search(match, one_error_line(result, 1))
   assert snapshot(workdir) == before  # nothing deleted, nothing written
@@ -266,7 +267,8 @@ def test_command_line_nan_learning_rate_fails_before_compiling(data_dir, tmp_pat
   result = command(TRAIN_PY, f'--workdir={tmp_path / "run"}',
                    *flag_args(data_dir, **{'optim.learning_rate': 'nan'}),
                    cache=compilation_cache, timeout=120)
-  assert 'optim.learning_rate=nan must be a finite number in (0.0, inf)' in one_error_line(result, 1)
+  line = one_error_line(result, 1)
+  assert 'optim.learning_rate=nan must be a finite number in (0.0, inf)' in line
   assert not (tmp_path / 'run' / 'checkpoints').exists()
   assert time.monotonic() - began < 60
 
@@ -346,8 +348,8 @@ def test_sample_write_failure_names_what_was_kept(trained, tmp_path, compilation
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   line = one_error_line(result, 1)
   small, large = tmp_path / 'out' / 's_16x16.npz', tmp_path / 'out' / 's_64x64.npz'
-  assert re.fullmatch(rf'error: writing {re.escape(str(large))} failed \(File too large.*\); 1 of 2 '
-                      rf'files were written \({re.escape(str(small))}\)', line), line
+  assert re.fullmatch(rf'error: writing {re.escape(str(large))} failed \(File too large.*\); '
+                      rf'1 of 2 files were written \({re.escape(str(small))}\)', line), line
   with np.load(small) as kept:
     assert kept['arr_0'].shape == (20, 16, 16, 1)
   assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['s_16x16.npz']
@@ -422,7 +424,8 @@ def test_sigint_during_the_first_compile_exits_at_once(data_dir, tmp_path, compi
       process.kill()
       process.wait()
   errors = [line for line in stderr_text.splitlines() if line.startswith('error: ')]
-  assert returncode == 1 and len(errors) == 1 and 'Traceback' not in stderr_text, stderr_text[-3000:]
+  assert returncode == 1 and len(errors) == 1, stderr_text[-3000:]
+  assert 'Traceback' not in stderr_text, stderr_text[-3000:]
   if errors[0] == 'error: SIGINT before the first step: nothing to save':
     assert seconds < 5, f'{seconds:.1f} s from SIGINT to exit: it waited for the compile'
     assert step_dirs(workdir) == []
@@ -445,14 +448,15 @@ def test_sigint_after_a_checkpoint_saves_the_current_step(data_dir, tmp_path, co
       process.kill()
       process.wait()
   errors = [line for line in stderr_text.splitlines() if line.startswith('error: ')]
-  assert returncode == 1 and len(errors) == 1 and 'Traceback' not in stderr_text, stderr_text[-3000:]
+  assert returncode == 1 and len(errors) == 1, stderr_text[-3000:]
+  assert 'Traceback' not in stderr_text, stderr_text[-3000:]
   found = re.fullmatch(rf'error: interrupted \(SIGINT\) at step (\d+): saved the checkpoint '
                        rf'{re.escape(str(workdir))}/checkpoints/(\d+); run the same command to '
                        r'resume', errors[0])
   assert found and found.group(1) == found.group(2), errors[0]
   step = int(found.group(1))
-  assert step == step_dirs(workdir)[-1] and checkpoints.damage(workdir / 'checkpoints' / str(step)) \
-      is None
+  assert step == step_dirs(workdir)[-1]
+  assert checkpoints.damage(workdir / 'checkpoints' / str(step)) is None
   assert max(r['step'] for r in read_jsonl(workdir / 'metrics.jsonl')) == step
   assert seconds < 30
 

@@ -12,11 +12,10 @@ images against it, the floor a model can reach at this N. Cells already computed
 """
 
 import pathlib
-import sys
 
 from absl import app, flags, logging
 
-from rpe2d import inference, sampler
+from rpe2d import checks, cli, config as config_lib, inference, sampler
 from rpe2d.evaluation import inception, sweep
 
 _RUNS = flags.DEFINE_list('runs', None, 'Training run directories.', required=True)
@@ -48,10 +47,13 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
   try:
-    if _NUM_SAMPLES.value < 2:
-      raise ValueError(f'--num_samples={_NUM_SAMPLES.value} must be >= 2 (a covariance)')
-    if _NUM_REFERENCE.value < 0:
-      raise ValueError(f'--num_reference={_NUM_REFERENCE.value} must be >= 0')
+    for flag, check in ((_SEED, checks.non_negative_int), (_BATCH_SIZE, checks.positive_int),
+                        (_INCEPTION_BATCH_SIZE, checks.positive_int),
+                        (_NUM_REFERENCE, checks.non_negative_int),
+                        (_STEPS, config_lib.FIELDS['sampling.steps'].check),
+                        (_CFG_SCALE, config_lib.FIELDS['sampling.cfg_scale'].check)):
+      if flag.value is not None:
+        check(f'--{flag.name}', flag.value)
     for method in _METHODS.value:
       sweep.parse_method(method)
     names = [pathlib.Path(r).name for r in _RUNS.value]
@@ -64,15 +66,20 @@ def main(argv):
     overrides = {k: v for k, v in (('steps', _STEPS.value), ('cfg_scale', _CFG_SCALE.value),
                                    ('sampler', _SAMPLER.value)) if v is not None}
     cells = sweep.plan_cells(runs, names, resolutions, _METHODS.value, overrides)
+    sweep.check_inputs(runs, resolutions, num_samples=_NUM_SAMPLES.value,
+                       num_reference=_NUM_REFERENCE.value or None, split=_SPLIT.value,
+                       real_split=_REAL_SPLIT.value, npz_references=npz_references)
     network = inception.InceptionV3(batch_size=_INCEPTION_BATCH_SIZE.value)
+    cli.check_writable_dir(_OUTDIR.value, '--outdir')  # last: it may create it
   except (ValueError, FileNotFoundError, inception.WeightsUnavailableError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(str(e), cli.BAD_INPUT)
 
-  sweep.run(runs, names, resolutions, cells, outdir=_OUTDIR.value, feature_fn=network,
-            num_samples=_NUM_SAMPLES.value, num_reference=_NUM_REFERENCE.value or None,
-            split=_SPLIT.value, real_split=_REAL_SPLIT.value, resize_filter=_RESIZE_FILTER.value,
-            npz_references=npz_references, seed=_SEED.value, batch_size=_BATCH_SIZE.value)
+  with cli.exit_on(cli.FAILED, inference.SamplingError, OSError):
+    sweep.run(runs, names, resolutions, cells, outdir=_OUTDIR.value, feature_fn=network,
+              num_samples=_NUM_SAMPLES.value, num_reference=_NUM_REFERENCE.value or None,
+              split=_SPLIT.value, real_split=_REAL_SPLIT.value,
+              resize_filter=_RESIZE_FILTER.value, npz_references=npz_references, seed=_SEED.value,
+              batch_size=_BATCH_SIZE.value)
 
 
 if __name__ == '__main__':

@@ -14,13 +14,12 @@ different file is refused by sha256).
 """
 
 import pathlib
-import sys
 
 from absl import app, flags, logging
 import numpy as np
 
-from rpe2d import attention, checkpoints, config as config_lib, data, inference, positions, rope
-from rpe2d import sampler
+from rpe2d import attention, checks, checkpoints, cli, config as config_lib, data, inference
+from rpe2d import positions, rope, sampler
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training run directory.', required=True)
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A step directory; default: the newest.')
@@ -64,6 +63,23 @@ _CFG_INTERVAL = flags.DEFINE_string('cfg_interval', None, 'low,high: guide only 
 _ATTENTION = flags.DEFINE_enum('attention', None, list(attention.KERNELS),
                                "Attention kernel (default: the run's); chunked for grids whose "
                                'full attention matrix does not fit in memory.')
+
+
+# Numeric flags and the config fields whose ranges they share.
+_FLAG_FIELDS = ((_TIME_SHIFT, 'sampling.time_shift'), (_CFG_SCALE, 'sampling.cfg_scale'),
+                (_STEPS, 'sampling.steps'), (_DYPE_LAMBDA_S, 'encoding.dype_lambda_s'),
+                (_DYPE_LAMBDA_T, 'encoding.dype_lambda_t'))
+
+
+def check_flags() -> None:
+  """Every numeric flag in its range (NaN and Inf refused), before anything is loaded."""
+  for flag, key in _FLAG_FIELDS:
+    if flag.value is not None:
+      config_lib.FIELDS[key].check(f'--{flag.name}', flag.value)
+  for flag, check in ((_SEED, checks.non_negative_int), (_BATCH_SIZE, checks.positive_int),
+                      (_DECODE_TILE, checks.non_negative_int)):
+    if flag.value is not None:
+      check(f'--{flag.name}', flag.value)
 
 
 def plan_from_flags(run) -> sampler.SamplingPlan:
@@ -147,8 +163,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
   try:
-    if _DECODE_TILE.value is not None and _DECODE_TILE.value < 0:
-      raise ValueError(f'--decode_tile={_DECODE_TILE.value} must be >= 0 (0: decode whole)')
+    check_flags()
     run = inference.load_run(_WORKDIR.value, _CHECKPOINT.value, use_ema=not _NOEMA.value,
                              vae=_VAE.value, attention=_ATTENTION.value)
     config = run.config
@@ -158,19 +173,26 @@ def main(argv):
     plan = plan_from_flags(run)
     labels = labels_from_flags(run.model.num_classes, _SEED.value)
     paths = output_paths(_OUTPUT.value, resolutions)
+    available = cli.available_memory()
     for height, width in resolutions:
       sampler.check_resolution(run.model, plan, *inference.model_size(run, height, width))
+      needed = inference.memory_estimate(run, height, width, len(labels), _BATCH_SIZE.value)
+      if available is not None and needed > available:
+        raise ValueError(f'{len(labels)} images at {height}x{width} need at least '
+                         f'{cli.gib(needed)} of memory and {cli.gib(available)} is available; '
+                         'use a smaller --num_samples or --batch_size')
+    cli.check_writable_dir(paths[0].parent, '--output directory')  # last: it may create it
   except (ValueError, FileNotFoundError, checkpoints.CheckpointError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(str(e), cli.BAD_INPUT)
 
   print(f'{_WORKDIR.value}: step {run.step}, {"raw" if _NOEMA.value else "EMA"} weights; '
         f'positions={plan.positions}, extrapolation={plan.encoding.extrapolation}, '
         f'dype={plan.encoding.dype}, sampler={plan.sampler}x{plan.steps}'
         + (f'; decoded by the VAE {run.vae.sha256[:12]}' if run.vae else ''), flush=True)
-  inference.write_samples(run, plan, resolutions, paths, labels, seed=_SEED.value,
-                          batch_size=_BATCH_SIZE.value, class_names=class_names(config),
-                          decode_tile=_DECODE_TILE.value)
+  with cli.exit_on(cli.FAILED, inference.SamplingError):
+    inference.write_samples(run, plan, resolutions, paths, labels, seed=_SEED.value,
+                            batch_size=_BATCH_SIZE.value, class_names=class_names(config),
+                            decode_tile=_DECODE_TILE.value)
 
 
 if __name__ == '__main__':

@@ -15,6 +15,7 @@ without a manifest (written before it existed) get the structural checks only.
 import functools
 import hashlib
 import json
+import math
 import pathlib
 import shutil
 
@@ -42,9 +43,31 @@ class NewerFormatError(ValueError):
   """A checkpoint written by a newer rpe2d, in a format this version cannot read."""
 
 
+def check_retention(config) -> None:
+  """Refuses retention settings that would delete what they are meant to keep: keep_checkpoints
+  below 1 (the newest checkpoint must survive every save), and keep_every_steps that no
+  checkpoint step is a multiple of (orbax keeps a step only when K divides it)."""
+  for key in ('keep_checkpoints', 'checkpoint_every_steps'):
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f'{key}={value!r} must be an integer >= 1 (the newest checkpoint is always '
+                       'kept)')
+  every, keep = config.checkpoint_every_steps, config.keep_every_steps
+  if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+    raise ValueError(f'keep_every_steps={keep!r} must be an integer >= 0 (0: keep only the last '
+                     'keep_checkpoints)')
+  if keep and keep % every:
+    kept = keep * every // math.gcd(keep, every)
+    raise ValueError(f'keep_every_steps={keep} is not a multiple of checkpoint_every_steps='
+                     f'{every}: only every {kept}-th step would be kept; use a multiple of '
+                     f'{every}, e.g. {(keep // every + 1) * every}')
+
+
 def manager(workdir, config, *, read_only: bool = False) -> ocp.CheckpointManager:
   """read_only: for inspecting a run (it never creates, saves or deletes anything)."""
   directory = rundir.RunDir(workdir).checkpoints
+  if not read_only:
+    check_retention(config)
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.keep_checkpoints,
       keep_period=config.keep_every_steps or None,

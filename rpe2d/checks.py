@@ -26,14 +26,38 @@ def number(low=-math.inf, high=math.inf, *, low_open=False, high_open=False):
     ok = ok and (value > low if low_open else value >= low)
     ok = ok and (value < high if high_open else value <= high)
     if not ok:
-      bounds = f'{"(" if low_open else "["}{low}, {high}{")" if high_open else "]"}'
+      bounds = (f'{"(" if low_open or low == -math.inf else "["}{low}, '
+                f'{high}{")" if high_open or high == math.inf else "]"}')
       raise ValueError(f'{key}={value!r} must be a finite number in {bounds}')
   return check
 
 
+def optional(inner):
+  """`inner`, or None (unset: the default behaviour)."""
+  def check(key, value):
+    if value is not None:
+      inner(key, value)
+  return check
+
+
+def unit_interval(key, value):
+  """A pair (low, high) of finite numbers with 0 <= low <= high <= 1."""
+  try:
+    low, high = value
+  except (TypeError, ValueError):
+    raise ValueError(f'{key}={value!r} must be a pair (low, high) with 0 <= low <= high <= 1'
+                     ) from None
+  for item in (low, high):
+    number(0.0, 1.0)(key, item)
+  if low > high:
+    raise ValueError(f'{key}={value!r} must be a pair (low, high) with low <= high')
+
+
 def resolution(key, value):
   try:
-    height, width = (int(v) for v in value)
+    height, width = value
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (height, width)):
+      raise TypeError
   except (TypeError, ValueError):
     raise ValueError(f'{key}={value!r} must be a pair (height, width) of integers') from None
   if height <= 0 or width <= 0:

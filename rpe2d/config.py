@@ -13,6 +13,7 @@ micro-conditioning that tells the model about the crop
 """
 
 import dataclasses
+import importlib.util
 import os
 import re
 
@@ -36,8 +37,10 @@ SCHEMA = (
           check=positive_int),
     Field('sample_every_steps', 400, 'EMA sample grids every N steps (and at the end)',
           check=positive_int),
-    Field('keep_checkpoints', 3, 'keep the last N checkpoints ...', check=positive_int),
-    Field('keep_every_steps', 0, '... plus every K-th step (0: none)', check=non_negative_int),
+    Field('keep_checkpoints', 3, 'keep the last N >= 1 checkpoints (the newest is never '
+          'deleted) ...', check=positive_int),
+    Field('keep_every_steps', 0, '... plus every K-th step, a multiple of '
+          'checkpoint_every_steps (0: none)', check=non_negative_int),
     Field('init_from', '', 'a run or checkpoint to take the weights from (fresh optimizer, '
           'step 0)'),
     Field('log_example_indices', False, "append each step's example ids to examples.jsonl"),
@@ -86,9 +89,9 @@ SCHEMA = (
           allowed=rope.ATTENTION_SCALES),
     Field('encoding.dype', False, 'make the extrapolation follow the diffusion time (DyPE)'),
     Field('encoding.dype_lambda_s', None, 'DyPE kappa(t) = lambda_s t^lambda_t (unset: the '
-          "method's default)", value_type=float),
+          "method's default)", value_type=float, check=checks.optional(number(0.0))),
     Field('encoding.dype_lambda_t', None, 'DyPE exponent lambda_t (unset: the default)',
-          value_type=float),
+          value_type=float, check=checks.optional(number(0.0))),
     Field('encoding.dype_variant', 'scaled', 'DY-YaRN thresholds x kappa (scaled) or ^ kappa',
           allowed=rope.DYPE_VARIANTS),
     Field('encoding.tasr_form', 'continuous', "Lumina-Next's TASR: continuous in t, or a switch",
@@ -96,16 +99,19 @@ SCHEMA = (
 
     Field('flow.time_sampling', 'logit_normal', 'training times t',
           allowed=flow.TIME_SAMPLINGS),
-    Field('flow.time_mean', 0.0, 'logit-normal mean', check=number()),
+    Field('flow.time_mean', 0.0, 'logit-normal mean (beyond +-10 every t is 0 or 1)',
+          check=number(-10.0, 10.0)),
     Field('flow.time_std', 1.0, 'logit-normal std', check=number(0.0, low_open=True)),
     Field('flow.time_shift', 1.0, 'training time shift a', check=number(0.0, low_open=True)),
     Field('flow.class_dropout', 0.1, 'label dropout for classifier-free guidance',
-          check=number(0.0, 1.0)),
+          check=number(0.0, 1.0, high_open=True)),
 
     Field('sampling.sampler', 'euler', 'ODE solver', allowed=sampler.SAMPLERS),
     Field('sampling.steps', 32, 'solver steps', check=positive_int),
-    Field('sampling.cfg_scale', 3.0, 'classifier-free guidance scale (1: none)', check=number()),
-    Field('sampling.cfg_interval', (0.0, 1.0), 'guide only for t inside [low, high]'),
+    Field('sampling.cfg_scale', 3.0, 'classifier-free guidance scale (1: none, 0: unconditional)',
+          check=number(0.0, 100.0)),
+    Field('sampling.cfg_interval', (0.0, 1.0), 'guide only for t inside [low, high]',
+          check=checks.unit_interval),
     Field('sampling.time_shift', 1.0, 'sampling time shift a (1: none)',
           check=number(0.0, low_open=True)),
     Field('sampling.time_shift_by_resolution', False, 'multiply the shift by sqrt(N_test/N_train)'),
@@ -113,7 +119,8 @@ SCHEMA = (
           'the sizes of the sample grids written during training', check=checks.resolutions),
     Field('sampling.num_per_class', 2, 'images per class in those grids', check=positive_int),
 
-    Field('optim.learning_rate', 1e-3, 'AdamW peak learning rate', check=number(0.0)),
+    Field('optim.learning_rate', 1e-3, 'AdamW peak learning rate',
+          check=number(0.0, low_open=True)),
     Field('optim.warmup_steps', 100, 'linear warmup from 0', check=non_negative_int),
     Field('optim.weight_decay', 0.0, 'AdamW weight decay', check=number(0.0)),
     Field('optim.b1', 0.9, 'Adam beta1', check=number(0.0, 1.0, high_open=True)),
@@ -174,6 +181,7 @@ def load(path: str, overrides=()) -> ml_collections.ConfigDict:
   file = str(path).split(':', 1)[0]
   if not os.path.isfile(file):
     raise ValueError(f'--config={path}: no such file {file!r}')
+  _check_config_module(file)
   argv = ['rpe2d', f'--config={path}', *overrides]
   flag_values = flags.FlagValues()
   config_flags.DEFINE_config_file('config', path, flag_values=flag_values, lock_config=True,
@@ -181,18 +189,50 @@ def load(path: str, overrides=()) -> ml_collections.ConfigDict:
   try:
     flag_values(argv)
     config = flag_values.config
-    if not isinstance(config, ml_collections.ConfigDict):  # a file that failed to load
-      config.to_dict()  # raises its error
   except flags.Error as e:  # absl wraps the config file's own error; show it as what it is
-    raise ValueError(str(e)) from e
+    text = str(e)
+    if 'Traceback' in text:  # get_config itself failed: its last line says how
+      raise ValueError(f'get_config() in {file} raised {_one_line(text.strip().splitlines()[-1])}'
+                       ) from None
+    raise ValueError(_one_line(text)) from e
   except (KeyError, AttributeError) as e:  # ml_collections' words for a field that does not exist
+    if not overrides:  # then the file itself raised it
+      raise ValueError(f'get_config() in {file} raised {type(e).__name__}: {_one_line(e)}'
+                       ) from None
     hint = re.search(r'Did you mean "([^"]+)"', str(e))
     raise ValueError(f'{_unknown_field(path, overrides)}: the config has no such field'
                      + (f' (did you mean {hint.group(1)!r}?)' if hint else '')) from None
   except OSError as e:
     raise ValueError(f'--config={path}: {e}') from None
+  except Exception as e:  # pylint: disable=broad-except  # get_config's own error, in one line
+    raise ValueError(f'get_config() in {file} raised {type(e).__name__}: {_one_line(e)}'
+                       ) from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ValueError(f'get_config() in {file} returned {type(config).__name__}; it must return an '
+                     'ml_collections.ConfigDict (start from rpe2d.config.base())')
   resolve(config)
   return config
+
+
+def _one_line(error, limit: int = 300) -> str:
+  """An error's message as one line of at most `limit` characters."""
+  lines = str(error).strip().splitlines() or ['']
+  text = lines[0] + (' ...' if len(lines) > 1 else '')
+  return text if len(text) <= limit else text[:limit] + ' ...'
+
+
+def _check_config_module(file: str) -> None:
+  """Refuses, in one line, a config file that does not import or has no get_config()."""
+  spec = importlib.util.spec_from_file_location('rpe2d_config_check', file)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:  # pylint: disable=broad-except  # the file's own error, named
+    raise ValueError(f'{file} could not be loaded: {type(e).__name__}: {_one_line(e)}'
+                     ) from None
+  if not callable(getattr(module, 'get_config', None)):
+    raise ValueError(f'{file} has no get_config(); a config file defines get_config() returning '
+                     'an ml_collections.ConfigDict (e.g. configs/default.py)')
 
 
 def complete(saved: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

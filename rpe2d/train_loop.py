@@ -7,7 +7,10 @@ save and sample steps (no per-step sync), and a non-finite step is never applied
 """
 
 import json
+import os
 import signal
+import sys
+import threading
 import time
 
 from absl import logging
@@ -16,8 +19,8 @@ from jax.experimental import multihost_utils
 import numpy as np
 import tqdm
 
-from rpe2d import checkpoints, config as config_lib, data, images, inference, model as model_lib
-from rpe2d import rundir, sampler, training
+from rpe2d import checkpoints, cli, config as config_lib, data, images, inference
+from rpe2d import model as model_lib, rundir, sampler, training
 from rpe2d.metric_writer import MetricWriter
 
 
@@ -27,6 +30,7 @@ def preflight(config, run: rundir.RunDir):
   config, the workdir's saved config (None for a new run), init_from's step directory and a
   latent run's VAE."""
   built = config_lib.validate(config)
+  checkpoints.check_retention(config)
   vae = record_latents(config) if inference.is_latent(config) else None
   devices = jax.device_count()
   if config.batch_size % devices:
@@ -37,6 +41,7 @@ def preflight(config, run: rundir.RunDir):
   run.check_writable()
   saved_config = rundir.check_compatible(run, config)
   init_dir = checkpoints.check_init_from(config.init_from, config) if config.init_from else None
+  run.lock()  # after the read-only checks, before anything in the workdir changes
   _prepare_data_once(config.data)
   checkpoints.recover(run.root)
   return built, saved_config, init_dir, vae
@@ -66,38 +71,108 @@ def _global_sum(local: int) -> int:
   return int(np.sum(multihost_utils.process_allgather(np.int64(local))))
 
 
-class Preemption:
-  """Turns SIGTERM (TPU preemption, scheduler kills) into 'save now and exit cleanly'.
+class Interrupted(InterruptedError):
+  """Training stopped by SIGINT (Ctrl-C) after saving; the message names the checkpoint."""
 
-  One process: our own SIGTERM handler. Several: JAX's preemption service (started by
-  jax.distributed.initialize) catches the signal on any host and agrees on one step for all of
-  them, so every host saves the same step; a handler of ours would replace the service's.
+
+class TrainingFailed(checkpoints.CheckpointError):
+  """A failure after training started (memory, disk, the device); the message names what failed
+  and the checkpoint that is kept (train.py prints it as one error line)."""
+
+
+class Preemption:
+  """Turns SIGTERM (TPU preemption, scheduler kills) and SIGINT (Ctrl-C) into 'save now and exit
+  cleanly'.
+
+  One process: our own handlers for both. Before the first step has run (preflight, restoring,
+  the first compile) there is nothing to save, and the signal ends the process at once: a
+  watchdog thread learns of it through `signal.set_wakeup_fd`, which the C-level handler writes
+  even while the main thread is inside a long XLA compile (Python handlers only run between
+  bytecodes of the main thread). What a kill leaves in the workdir is undone by the next run, so
+  this is as safe as SIGKILL. After that, the loop saves at the current step. A second signal
+  exits at once (an unfinished save is removed by the next run). SIGTERM exits 0, SIGINT 1.
+
+  Several processes: JAX's preemption service (started by jax.distributed.initialize) catches
+  SIGTERM on any host and agrees on one step for all of them, so every host saves the same step;
+  a handler of ours would replace the service's, and SIGINT keeps Python's default.
   """
 
+  SIGNALS = {signal.SIGTERM: ('SIGTERM', 0), signal.SIGINT: ('SIGINT', 1)}
+
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.requested = None  # the name of the signal asking to stop
+    self.started = False  # set after the first step: from then on there is something to save
+    self._previous, self._wakeup = {}, None
     self._sync_point = jax.process_count() > 1
     if not self._sync_point:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      if threading.current_thread() is threading.main_thread():
+        for signum in self.SIGNALS:
+          self._previous[signum] = signal.signal(signum, self._handle)
+        self._watch()
+      else:
+        logging.warning('train() runs outside the main thread: SIGTERM and SIGINT keep their '
+                        'handlers (no checkpoint on a signal)')
     elif not jax.config.jax_enable_preemption_service:
       self._sync_point = False
       logging.warning('jax_enable_preemption_service is off: SIGTERM stops this run without a '
                       'checkpoint (one process saving alone would leave the others hanging)')
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    self.requested = self.requested or self.SIGNALS[signum][0]
+
+  def _watch(self):
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    self._wakeup = (write, signal.set_wakeup_fd(write, warn_on_full_buffer=False))
+    threading.Thread(target=self._watchdog, args=(read,), daemon=True,
+                     name='rpe2d-signals').start()
+
+  def _watchdog(self, read):
+    try:
+      self._watch_signals(read)
+    finally:
+      os.close(read)
+
+  def _watch_signals(self, read):
+    seen = 0
+    while True:
+      try:
+        received = os.read(read, 64)
+      except OSError:
+        return
+      if not received:  # restore() closed the pipe
+        return
+      for signum in received:
+        if signum not in self.SIGNALS:
+          continue
+        name, status = self.SIGNALS[signum]
+        seen += 1
+        self.requested = self.requested or name
+        if not self.started or seen > 1:
+          why = ('before the first step: nothing to save' if not self.started and seen == 1 else
+                 'again: exiting without waiting for the save (the next run removes an '
+                 'unfinished one)')
+          # On a line of its own: the progress bar may be half drawn on stderr.
+          print(('\nerror: ' if status else '\n') + f'{name} {why}',
+                file=sys.stderr if status else sys.stdout, flush=True)
+          os._exit(status)  # pylint: disable=protected-access
 
   def reached(self, step: int) -> bool:
     """Whether to save at `step` and stop; call it after every step."""
     if self._sync_point:
       return multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
+    return self.requested is not None
 
   def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
+    if self._wakeup is not None:
+      write, previous_fd = self._wakeup
+      signal.set_wakeup_fd(previous_fd)
+      os.close(write)  # the watchdog reads end-of-file, closes its end and returns
+      self._wakeup = None
 
 
 def check_finite(window, policy: str, saved_step, run: rundir.RunDir):
@@ -163,8 +238,18 @@ def save_sample_grids(config, model, plan, ema_params, step, run: rundir.RunDir,
 
 
 def train(config, workdir) -> training.TrainState:
-  """Runs (or resumes) training to config.total_steps and returns the final state."""
+  """Runs (or resumes) training to config.total_steps and returns the final state. A workdir
+  another live process trains in is refused (rundir.RunDir.lock)."""
   run = rundir.RunDir(workdir)
+  preemption = Preemption()  # first: a signal during preflight or the first compile is handled
+  try:
+    return _train(config, run, preemption)
+  finally:
+    preemption.restore()
+    run.unlock()
+
+
+def _train(config, run: rundir.RunDir, preemption: Preemption) -> training.TrainState:
   built, saved_config, init_dir, vae = preflight(config, run)
   mesh = training.make_mesh(config.mesh.fsdp)
   trainer = training.Trainer(built.model, built.training, mesh)
@@ -201,7 +286,6 @@ def train(config, workdir) -> training.TrainState:
   if config.log_example_indices and jax.process_index() == 0:
     examples_log = open(run.examples, 'a', encoding='utf-8')
   log_examples = config.log_example_indices  # every process: the indices are gathered
-  preemption = Preemption()
   peak = training.peak_flops_per_device()
   flops_per_image = trainer.flops_per_image()
   progress = tqdm.tqdm(total=config.total_steps, initial=step, disable=jax.process_index() != 0,
@@ -210,10 +294,12 @@ def train(config, workdir) -> training.TrainState:
   saved_step = latest  # the newest checkpoint (None: none yet)
   unchecked = []  # (step, metrics on the device) not yet checked for NaN/Inf: no per-step sync
   skipped_steps = bad_records = 0  # since the last log line
+  doing = 'the train step'  # what a failure in the loop was doing, for its one error line
   try:
     while step < config.total_steps:
       local_batch = next(iterator)
       state, metrics = trainer.step(state, trainer.device_batch(local_batch))
+      preemption.started = True  # compiled and dispatched: a signal now saves this step
       step += 1
       unchecked.append((step, metrics))
       bad_records += int(local_batch['skipped'].sum())
@@ -235,6 +321,7 @@ def train(config, workdir) -> training.TrainState:
                                         run)
         unchecked, skipped_steps = [], skipped_steps + skipped
       if log_now:
+        doing = 'writing the metrics'
         seconds = time.perf_counter() - window_start
         images_per_second = window_steps * config.batch_size / seconds
         tflops = images_per_second * flops_per_image / 1e12
@@ -252,14 +339,25 @@ def train(config, workdir) -> training.TrainState:
         saved_step = step
       if preempted:
         checkpoints.wait(manager, step)
+        if preemption.requested == 'SIGINT':
+          raise Interrupted(f'interrupted (SIGINT) at step {step}: saved the checkpoint '
+                            f'{run.checkpoints / str(step)}; run the same command to resume')
         print(f'SIGTERM: saved the checkpoint at step {step}; exiting', flush=True)
         break
       if sample_now:
+        doing = 'writing the sample grids'
         save_sample_grids(config, built.model, built.sampling, state.ema_params, step, run,
                           class_names, vae)
+      doing = 'the train step'
+  except (OSError, MemoryError, RuntimeError) as e:
+    if isinstance(e, (checkpoints.CheckpointError, Interrupted)):  # they name their checkpoint
+      raise
+    kept = (f'the newest checkpoint, step {saved_step}, is kept' if saved_step is not None
+            else 'no checkpoint was saved yet')
+    raise TrainingFailed(f'step {step}: {doing} failed ({cli.reason(e)}); {kept} in '
+                         f'{run.checkpoints}: fix the cause and run again to resume') from e
   finally:
     progress.close()
-    preemption.restore()
     try:
       checkpoints.close(manager, saved_step)  # waits for the save in flight
     finally:

@@ -83,7 +83,7 @@ def _base(**changes):
      'choose one of: xla, chunked'),
     (dict(model__remat_policy='everything'), "model.remat_policy='everything' is not allowed"),
     (dict(flow__time_sampling='beta'), "flow.time_sampling='beta' is not allowed"),
-    (dict(flow__class_dropout=1.5), r'flow.class_dropout=1.5 must be a finite number in \[0.0, 1.0\]'),
+    (dict(flow__class_dropout=1.5), r'flow.class_dropout=1.5 must be a finite number in \[0.0, 1.0\)'),
     (dict(sampling__sampler='ddim'), "sampling.sampler='ddim' is not allowed; choose one of: euler"),
     (dict(sampling__steps=0), 'sampling.steps=0 must be a positive integer'),
     (dict(sampling__time_shift=-2.0), r'sampling.time_shift=-2.0 must be a finite number in \(0.0'),

@@ -165,12 +165,28 @@ def test_sweep_writes_every_report_and_reuses_cells(runs, tmp_path):
      "no method in --methods=uniform,random applies to these runs"),
     (['--resolutions=18'], 'not divisible by the patch size 4'),
     (['--reference_npz=16x16:{bad_npz}'], "key 'mu' has shape (10,), expected (2048,)"),
-    (['--num_samples=1'], '--num_samples=1 must be >= 2'),
+    (['--num_samples=1'], '--num_samples=1 must be >= 4'),
+    # tests/test_faults.py: what could once fail only after the sampling, or give a false number
+    (['--num_samples=3'], '--num_samples=3 must be >= 4 (precision and recall use the k = 3'),
+    (['--num_reference=2'], '--num_reference=2 must be 0 (the whole split) or >= 4'),
+    (['--real_split=nosuch'], "--real_split=nosuch: split='nosuch' is not readable"),
+    (['--split=nosuch'], "--split=nosuch: split='nosuch' is not readable"),
+    (['--cfg_scale=nan'], '--cfg_scale=nan must be a finite number in [0.0, 100.0]'),
+    (['--steps=0'], '--steps=0 must be a positive integer'),
+    (['--seed=-1'], '--seed=-1 must be an integer >= 0'),
+    (['--batch_size=0'], '--batch_size=0 must be a positive integer'),
+    (['--reference_npz=16x16:{negative_npz}'], "is not a covariance: it has a negative eigenvalue"),
+    (['--reference_npz=16x16:{asymmetric_npz}'], 'is not a covariance: it is not symmetric'),
 ])
 def test_bad_input_exits_2_before_any_work(runs, tmp_path, args, message):
   bad_npz = tmp_path / 'bad.npz'
   np.savez(bad_npz, mu=np.zeros(10), sigma=np.eye(10))
   values = dict(missing=tmp_path / 'missing', grid=runs / 'grid', bad_npz=bad_npz)
+  for name, sigma in (('negative_npz', lambda: -np.eye(2048)),
+                      ('asymmetric_npz', lambda: np.eye(2048) + np.triu(np.ones((2048, 2048))))):
+    if '{' + name + '}' in ' '.join(args):
+      values[name] = tmp_path / f'{name}.npz'
+      np.savez(values[name], mu=np.zeros(2048), sigma=sigma())
   args = [a.format(**values) for a in args]
   if not any(a.startswith('--runs') for a in args):
     args.append(f'--runs={runs / "rpe"}')

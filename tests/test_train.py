@@ -273,10 +273,10 @@ def test_command_line_bad_batch_size_exits_with_the_message(data_dir, tmp_path,
 
 def test_init_from_takes_the_weights_and_starts_at_step_zero(run_a, data_dir, tmp_path, capsys):
   workdir_a, _, state_a = run_a
-  # Another resolution (32 vs 16) keeps every parameter shape. learning_rate 0 makes B's one step
-  # leave its params exactly where init_from put them.
+  # Another resolution (32 vs 16) keeps every parameter shape. The warmup's first step has
+  # learning rate 0, so B's one step leaves its params exactly where init_from put them.
   config = tiny_config(data_dir, init_from=str(workdir_a), data__image_size=32, total_steps=1,
-                       optim__learning_rate=0.0)
+                       optim__warmup_steps=10)
 
   trainer = training.Trainer(config_lib.build_model(config), config_lib.training_plan(config),
                              training.make_mesh(1))

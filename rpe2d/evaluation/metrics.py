@@ -38,6 +38,7 @@ import scipy.linalg
 from rpe2d import files
 
 FEATURE_DIM = 2048
+PR_K = 3  # precision / recall: the k-th nearest neighbour radius
 
 
 def _features(features, name: str = 'features') -> np.ndarray:
@@ -235,7 +236,7 @@ def _coverage(queries: np.ndarray, ref: np.ndarray, radii: np.ndarray, block: in
   return inside / q.shape[0]
 
 
-def precision_recall(real_features, fake_features, k: int = 3, *,
+def precision_recall(real_features, fake_features, k: int = PR_K, *,
                      block: int | None = None) -> tuple[float, float]:
   """(precision, recall) of Kynkaanniemi et al. 2019 with k-NN manifolds.
 
@@ -287,7 +288,22 @@ def load_reference_npz(path: str | os.PathLike[str],
       if not np.all(np.isfinite(value)):
         raise ValueError(f'{path}: key {key!r} contains NaN or inf')
       out.append(value)
+  check_covariance(out[1], f'{path}: key \'sigma\'')
   return out[0], out[1]
+
+
+def check_covariance(sigma: np.ndarray, what: str, *, tolerance: float = 1e-6) -> None:
+  """Raises ValueError unless `sigma` is a covariance: finite, symmetric and positive
+  semi-definite, both up to `tolerance` relative to its largest entry (round-off allowed)."""
+  scale = max(float(np.max(np.abs(sigma))), np.finfo(np.float64).tiny)
+  asymmetry = float(np.max(np.abs(sigma - sigma.T)))
+  if asymmetry > tolerance * scale:
+    raise ValueError(f'{what} is not a covariance: it is not symmetric (max |sigma - sigma^T| = '
+                     f'{asymmetry:.3g}, largest entry {scale:.3g})')
+  lowest = float(scipy.linalg.eigh((sigma + sigma.T) / 2, eigvals_only=True, driver='evd')[0])
+  if lowest < -tolerance * scale * len(sigma):
+    raise ValueError(f'{what} is not a covariance: it has a negative eigenvalue {lowest:.3g} '
+                     f'(largest entry {scale:.3g}); it must be positive semi-definite')
 
 
 def save_reference_npz(path: str | os.PathLike[str], mu, sigma, **extra: np.ndarray) -> None:

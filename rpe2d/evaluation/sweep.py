@@ -173,11 +173,41 @@ def sample_size_warnings(num_samples: int, reference: Reference) -> list[str]:
 
 
 def image_metrics(features: np.ndarray, reference: Reference) -> dict:
+  """FID (and with reference features KID, precision, recall); raises ValueError rather than
+  return a value that is not finite, so no such number is ever cached."""
   result = dict(fid=metrics.fid(features, (reference.mu, reference.sigma)))
   if reference.features is not None:
     result['kid'] = metrics.kid(features, reference.features)
     result['precision'], result['recall'] = metrics.precision_recall(reference.features, features)
+  bad = {k: v for k, v in result.items() if not np.isfinite(v)}
+  if bad:
+    raise ValueError(f'metrics {bad} are not finite')
   return result
+
+
+def check_inputs(runs, resolutions, *, num_samples: int, num_reference: int | None, split: str,
+                 real_split: str, npz_references) -> None:
+  """Everything about the sweep's inputs that can fail, before any sampling: the sample counts
+  the metrics need, and the splits the references and the 'real' row read."""
+  needs_features = any(r not in npz_references for r in resolutions)
+  least = metrics.PR_K + 1 if needs_features else 2
+  if num_samples < least:
+    raise ValueError(f'--num_samples={num_samples} must be >= {least}'
+                     + (f' (precision and recall use the k = {metrics.PR_K} nearest other samples)'
+                        if needs_features else ' (a covariance)'))
+  if num_reference is not None and num_reference < metrics.PR_K + 1:
+    raise ValueError(f'--num_reference={num_reference} must be 0 (the whole split) or >= '
+                     f'{metrics.PR_K + 1} (precision and recall use k = {metrics.PR_K})')
+  for data_config in {id(c): c for c in (data.source_data_config(run.config.data)
+                                          for run in runs)}.values():
+    for flag, name in (('--split', split if needs_features else ''),
+                       ('--real_split', real_split)):
+      if name:
+        try:
+          data.make_dataset(data_config, split=name, seed=0, global_batch_size=1,
+                            process_index=0, process_count=1, train=False, num_epochs=1)
+        except ValueError as e:
+          raise ValueError(f'{flag}={name}: {e}') from None
 
 
 def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
@@ -209,7 +239,15 @@ def evaluate_cell(run, plan, height, width, *, num_samples, seed, reference, cel
   generate_seconds = time.perf_counter() - began
   began = time.perf_counter()
   features = feature_fn(generated)
-  record = dict(key=key, description=description, **image_metrics(features, reference),
+  if not np.all(np.isfinite(features)):
+    raise inference.SamplingError(f'the Inception features of {num_samples} samples at '
+                                  f'{height}x{width} are not finite')
+  try:
+    measured = image_metrics(features, reference)
+  except ValueError as e:
+    raise inference.SamplingError(f'measuring {num_samples} samples at {height}x{width}: {e}') \
+        from e
+  record = dict(key=key, description=description, **measured,
                 images_per_second=stats['images_per_second'],
                 compile_seconds=stats['compile_seconds'], generate_seconds=generate_seconds,
                 feature_seconds=time.perf_counter() - began)
@@ -346,6 +384,13 @@ def parse_reference_npz(entries) -> dict:
   return references
 
 
+def _reason(error) -> str:
+  if isinstance(error, inference.SamplingError):
+    return str(error)
+  from rpe2d import cli  # pylint: disable=g-import-not-at-top
+  return cli.reason(error)
+
+
 def plan_cells(runs, names, resolutions, methods, overrides):
   """[(run name, method, (h, w), plan or None, note)] for every requested cell, before any work."""
   cells = []
@@ -419,10 +464,17 @@ def run(runs, names, resolutions, cells, *, outdir, feature_fn, num_samples: int
       continue
     first = first_method.setdefault((name, (height, width), plan), method)
     row['same_as'] = None if first == method else first
-    record = evaluate_cell(
-        by_name[name], plan, height, width, num_samples=num_samples, seed=seed,
-        reference=reference_for(by_name[name], (height, width)), cell_dir=outdir / 'cells',
-        feature_fn=feature_fn, batch_size=batch_size, class_names=class_names[name])
+    try:
+      record = evaluate_cell(
+          by_name[name], plan, height, width, num_samples=num_samples, seed=seed,
+          reference=reference_for(by_name[name], (height, width)), cell_dir=outdir / 'cells',
+          feature_fn=feature_fn, batch_size=batch_size, class_names=class_names[name])
+    except (inference.SamplingError, MemoryError, RuntimeError, OSError) as e:
+      done = sum(1 for r in rows if r.get('key'))
+      raise inference.SamplingError(
+          f'{name} {method} at {height}x{width}: {_reason(e)}; no number is kept for it. The '
+          f'{done} cells computed before it are kept in {outdir / "cells"}: rerun the command '
+          'to compute only the rest') from e
     row.update({k: record.get(k) for k in ('fid', 'kid', 'precision', 'recall', 'key')})
     grid = outdir / 'grids' / name / f'{height}x{width}_{method.replace("@", "_at_")}.png'
     grid.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@
 
 Runs benchmarks/throughput.py on configs/imagenet.py:XL,256,rpe2d (32x32x4 latents, 256 tokens)
 with synthetic batches, once per case: float32 and bfloat16, attention xla and cudnn (GPU only),
-and scan_layers off and on where the config has that field. Each case is its own process with a
+and scan_layers off and on. Each case is its own process with a
 time cap, so a case that runs out of memory or fails takes only itself down; one that runs out of
 memory is retried once at half the batch. Writes a markdown table (img/s, TFLOP/s, MFU, compile
 time, peak memory) to stdout and to --output.
@@ -46,16 +46,11 @@ def backend() -> str:
   return probe.stdout.strip().splitlines()[-1]
 
 
-def has_scan_field() -> bool:
-  from rpe2d import config as config_lib  # pylint: disable=g-import-not-at-top  # no device use
-  return 'model.scan_layers' in config_lib.FIELDS
-
-
-def cases(on_gpu: bool, scan: bool) -> list[dict]:
+def cases(on_gpu: bool) -> list[dict]:
   """Most informative first, so a tight time budget drops the least useful cases."""
   kernels = ('cudnn', 'xla') if on_gpu else ('xla',)
   out = []
-  for scan_layers in ((False, True) if scan else (None,)):
+  for scan_layers in (False, True):
     for dtype in ('bfloat16', 'float32'):
       for kernel in kernels:
         out.append(dict(dtype=dtype, attention=kernel, scan_layers=scan_layers))
@@ -63,8 +58,7 @@ def cases(on_gpu: bool, scan: bool) -> list[dict]:
 
 
 def case_name(case: dict) -> str:
-  name = f"{case['dtype']}, {case['attention']}"
-  return name if case['scan_layers'] is None else name + f", scan {case['scan_layers']}"
+  return f"{case['dtype']}, {case['attention']}, scan {case['scan_layers']}"
 
 
 def last_error(text: str) -> str:
@@ -80,9 +74,8 @@ def run_case(case: dict, batch: int, args, timeout: float, workdir: pathlib.Path
   command = [sys.executable, str(HERE / 'throughput.py'), f'--config={CONFIG}',
              f'--config.batch_size={batch}', f"--config.model.dtype={case['dtype']}",
              f"--config.model.attention_implementation={case['attention']}",
+             f"--config.model.scan_layers={case['scan_layers']}",
              f'--steps={args.steps}', f'--warmup={args.warmup}', f'--results_json={results}']
-  if case['scan_layers'] is not None:
-    command.append(f"--config.model.scan_layers={case['scan_layers']}")
   if args.smoke:
     command.append(f'--config.model.variant={SMOKE_VARIANT}')
   if args.sample:
@@ -162,12 +155,10 @@ def main(argv=None):
   accelerator = platform in ('gpu', 'cuda', 'rocm', 'tpu')
   batch = args.batch or (2 if args.smoke else 256 if accelerator else 8)
   args.steps = args.steps or (1 if args.smoke else 10)
-  scan = has_scan_field()
-  todo = cases(platform in ('gpu', 'cuda'), scan)
+  todo = cases(platform in ('gpu', 'cuda'))
   print(f'{platform}: {len(todo)} cases of {SMOKE_VARIANT if args.smoke else "XL/2"} at 32x32x4, '
         f'batch {batch}, {args.steps} steps; cap {args.case_timeout:.0f} s each, '
-        f'{args.budget:.0f} s in all' + ('' if scan else '; no model.scan_layers field: no scan '
-                                         'cases'), flush=True)
+        f'{args.budget:.0f} s in all', flush=True)
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     for case in todo:

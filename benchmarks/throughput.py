@@ -108,13 +108,11 @@ def measure(config, steps: int, warmup: int, sample: bool, sample_steps: int, sa
   out = dict(device_kind=kind, device_count=count, variant=config.model.variant,
              image_size=config.data.image_size, channels=config.data.channels, batch=batch,
              dtype=config.model.dtype, attention=config.model.attention_implementation,
-             scan_layers=config.model.get('scan_layers'))
+             scan_layers=config.model.scan_layers)
   print(f'devices: {count} x {kind} ({jax.default_backend()})')
   print(f'model: {config.model.variant} on {config.data.image_size}x{config.data.image_size}x'
         f'{config.data.channels}, batch {batch}, {config.model.dtype}, attention '
-        f'{config.model.attention_implementation}'
-        + (f', scan_layers {out["scan_layers"]}' if out['scan_layers'] is not None else ''),
-        flush=True)
+        f'{config.model.attention_implementation}, scan_layers {config.model.scan_layers}', flush=True)
 
   trainer = training.Trainer(built.model, built.training, training.make_mesh(config.mesh.fsdp))
   state = trainer.init_state()

@@ -180,15 +180,17 @@ def check_finite(window, policy: str, saved_step, run: rundir.RunDir):
   check; with nonfinite='error' the first non-finite step raises FloatingPointError naming it."""
   bad = [(step, m) for step, m in window if not m['finite']]
   for step, m in bad:
+    what = f'the loss is {m["loss"]} and the gradient norm {m["grad_norm"]}'
+    if not m['update_finite']:
+      what += '; the update would make the parameters non-finite'
     if policy == 'error':
       kept = (f'the newest checkpoint, step {saved_step}, is untouched' if saved_step is not None
               else 'no checkpoint was saved')
       raise FloatingPointError(
-          f'step {step}: the loss is {m["loss"]} and the gradient norm {m["grad_norm"]}; stopped '
-          f'({kept} in {run.checkpoints}). --config.nonfinite=skip skips such steps.')
-    logging.warning('step %d: the loss is %s and the gradient norm %s; update skipped '
-                    '(nonfinite=skip)', step, m['loss'], m['grad_norm'])
-  return {k: v for k, v in window[-1][1].items() if k != 'finite'}, len(bad)
+          f'step {step}: {what}; stopped ({kept} in {run.checkpoints}). '
+          '--config.nonfinite=skip skips such steps.')
+    logging.warning('step %d: %s; update skipped (nonfinite=skip)', step, what)
+  return {k: v for k, v in window[-1][1].items() if k not in ('finite', 'update_finite')}, len(bad)
 
 
 def record_latents(config):

@@ -139,8 +139,9 @@ def train_positions(model, plan: TrainingPlan, key, batch: int):
 def train_step(state: TrainState, batch, *, model, optimizer, plan: TrainingPlan):
   """One optimizer step. Randomness derives from (seed, step): a resumed run repeats it exactly.
 
-  metrics['finite'] says whether the loss and the gradient were finite; a step where they were
-  not changes nothing but the step counter (config.nonfinite decides whether training goes on).
+  metrics['finite'] says whether the loss, the gradient and the updated parameters were finite; a
+  step where they were not changes nothing but the step counter (config.nonfinite decides whether
+  training goes on).
   """
   key = jax.random.fold_in(jax.random.key(plan.seed), state.step)
   key_positions, key_loss = jax.random.split(key)
@@ -158,8 +159,13 @@ def train_step(state: TrainState, batch, *, model, optimizer, plan: TrainingPlan
   decay = plan.ema_decay
   ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
   grad_norm = optax.tree.norm(grads)  # NaN or Inf if any gradient is
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # What is saved must be finite too: a finite gradient can still make NaN parameters (a NaN or
+  # huge learning rate, an optimizer state gone bad).
+  update_finite = jax.tree.reduce(jnp.logical_and,
+                                  jax.tree.map(lambda p: jnp.isfinite(p).all(), params))
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & update_finite
   metrics = {'loss': loss, 'grad_norm': grad_norm, 'finite': finite,
+             'update_finite': update_finite,
              'learning_rate': learning_rate_schedule(plan)(state.step)}
   new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                          ema_params=ema_params)

@@ -8,6 +8,7 @@ README's "Bad input" table names the test behind each row.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import os
@@ -366,6 +367,31 @@ def test_nonfinite_steps_can_be_skipped_counted_and_logged(data_dir, tmp_path, c
   for name in ('params', 'ema_params', 'opt_state'):
     chex.assert_trees_all_equal(getattr(state, name), getattr(at_2, name))
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state.params))
+
+
+def test_a_finite_gradient_that_makes_nan_parameters_is_not_applied(data_dir):
+  """The check covers what would be saved: a NaN learning rate (refused by the config, but a plan
+  can be built by hand) gives a finite loss and gradient and NaN parameters; the step is refused
+  and the state keeps its parameters."""
+  config = tiny_config(data_dir)
+  plan = dataclasses.replace(config_lib.training_plan(config), learning_rate=float('nan'))
+  trainer = training.Trainer(config_lib.build_model(config), plan, training.make_mesh(1))
+  state = trainer.init_state()
+  before = host(state)
+  rng = np.random.default_rng(0)
+  size = config.data.image_size
+  batch = {'image': rng.uniform(-1, 1, (8, size, size, 1)).astype(np.float32),
+           'label': rng.integers(0, 10, 8).astype(np.int32),
+           'crop': np.tile(np.array([0.0, 0.0, 1.0, 1.0], np.float32), (8, 1))}
+  state, metrics = host(trainer.step(state, trainer.device_batch(batch)))
+  assert np.isfinite(metrics['loss']) and np.isfinite(metrics['grad_norm'])
+  assert not metrics['update_finite'] and not metrics['finite']
+  assert int(state.step) == 1
+  for name in ('params', 'ema_params', 'opt_state'):
+    chex.assert_trees_all_equal(getattr(state, name), getattr(before, name))
+  with pytest.raises(FloatingPointError, match='step 1: the loss is .*; the update would make the '
+                     'parameters non-finite; stopped'):
+    train_loop.check_finite([(1, metrics)], 'error', None, rundir.RunDir(data_dir))
 
 
 # ------------------------------------------------------------------------------------------------

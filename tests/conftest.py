@@ -1,11 +1,8 @@
 """Shared fixtures and helpers. Eight CPU devices so sharding tests run on real (CPU) devices."""
 
-import gzip
 import json
 import os
 import pathlib
-import pickle
-import zipfile
 
 if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
@@ -54,19 +51,7 @@ def micro_params(micro_model):
 @pytest.fixture(scope='session')
 def synthetic_animals(tmp_path_factory):
   """animal_mnist (180 train / 20 test records) prepared by its builder from a synthetic wheel."""
-  root = tmp_path_factory.mktemp('tfds')
-  rng = np.random.default_rng(0)
-  labels = np.repeat(np.arange(10, dtype=np.int64), 20)
-  pictures = rng.integers(0, 256, size=(200, 28, 28), dtype=np.uint8)
-  wheel = root / 'synthetic.whl'
-  with zipfile.ZipFile(wheel, 'w') as zf:
-    zf.writestr('animal_mnist/__init__.py', '')
-    zf.writestr('animal_mnist/data/__init__.py', '')
-    zf.writestr(animal_mnist.DATA_MEMBER, gzip.compress(pickle.dumps(pictures, protocol=4)))
-    zf.writestr(animal_mnist.LABEL_MEMBER, gzip.compress(pickle.dumps(labels, protocol=4)))
-  animal_mnist.AnimalMnist(data_dir=str(root), wheel_fetcher=lambda dest: wheel
-                          ).download_and_prepare()
-  return str(root)
+  return animal_mnist.prepare_synthetic(tmp_path_factory.mktemp('tfds'))
 
 
 @pytest.fixture(scope='session')

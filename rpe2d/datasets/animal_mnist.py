@@ -19,8 +19,12 @@ with `tfds.data_source('animal_mnist', data_dir=...)` without TensorFlow.
 
 from __future__ import annotations
 
+import gzip
 import pathlib
+import pickle
+import zipfile
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from rpe2d.datasets import _common
@@ -70,3 +74,23 @@ class AnimalMnist(_common.WheelImageBuilder):
                                                    salt=SPLIT_SALT)
     return {'train': (images[train_idx], labels[train_idx]),
             'test': (images[test_idx], labels[test_idx])}
+
+
+def prepare_synthetic(root: pathlib.Path | str, *, per_class: int = 20, seed: int = 0) -> str:
+  """animal_mnist prepared in `root` by its builder from a wheel of random pictures laid out as the
+  real one (per_class records of each class before the split; no network): the data of tests and
+  benchmarks. Returns the data_dir."""
+  root = pathlib.Path(root)
+  root.mkdir(parents=True, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  labels = np.repeat(np.arange(len(CLASS_NAMES), dtype=np.int64), per_class)
+  pictures = rng.integers(0, 256, size=(len(labels), 28, 28), dtype=np.uint8)
+  wheel = root / 'synthetic.whl'
+  with zipfile.ZipFile(wheel, 'w') as zf:
+    zf.writestr('animal_mnist/__init__.py', '')
+    zf.writestr('animal_mnist/data/__init__.py', '')
+    # Written with pickle because the real wheel is; read back by the numpy-only unpickler.
+    zf.writestr(DATA_MEMBER, gzip.compress(pickle.dumps(pictures, protocol=4)))
+    zf.writestr(LABEL_MEMBER, gzip.compress(pickle.dumps(labels, protocol=4)))
+  AnimalMnist(data_dir=str(root), wheel_fetcher=lambda dest: wheel).download_and_prepare()
+  return str(root)

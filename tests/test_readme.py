@@ -1,4 +1,4 @@
-"""The README's shell commands run as written, in the order given, on a fresh copy of the repository.
+"""The README's shell commands run as written, in order, on a fresh copy of the repository.
 
 Every fenced ```bash block of README.md is cut into commands (a trailing backslash joins lines,
 `&&` separates commands, a `# ...` comment after the command is dropped). Each one is either run or
@@ -8,8 +8,8 @@ The cheap ones run in order, in a temporary copy of the code (so `runs/` starts 
 clone), with flags appended that only shrink the work (TINY: the last value of a flag wins):
 training runs 2 steps of a micro/4 model at batch 8 on the synthetic animal_mnist of conftest.py
 (`--config.data.data_dir`: no download of the real wheel), sampling 2 solver steps and at most 10
-images, evaluation 6 images per cell against 5 reference images. About 4 minutes on 2 CPU cores,
-most of it the Inception network of the two `evaluate.py` commands.
+images, evaluation 6 images per cell against 5 reference images. About 8 minutes on 2 shared CPU cores,
+over half of it the two `evaluate.py` commands (sampling and Inception at 128x128).
 """
 
 import pathlib
@@ -18,6 +18,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -134,8 +135,8 @@ def tiny_command(command: str, data_dir: str) -> list[str]:
   words = shlex.split(command)
   script = words[1]
   args = [w for w in words[2:]]
-  if script == 'sample.py' and flag(args, 'num_samples'):
-    args.append(f'--num_samples={min(int(flag(args, "num_samples")), SAMPLES_AT_MOST)}')
+  if script == 'sample.py':  # the default is 2 per class: 20
+    args.append(f'--num_samples={min(int(flag(args, "num_samples", 20)), SAMPLES_AT_MOST)}')
   args += [a.format(data_dir=data_dir) for a in TINY[script]]
   return [sys.executable, script, *args]
 
@@ -152,12 +153,14 @@ def test_the_cheap_commands_run_in_order_on_a_fresh_copy(fresh_copy, data_dir, c
     if skip_reason(command) is not None:
       continue
     argv = tiny_command(command, data_dir)
+    began = time.perf_counter()
     result = subprocess.run(argv, cwd=fresh_copy, env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, (f'{command}\n-> {shlex.join(argv[1:])}\n'
                                     f'{result.stdout[-2000:]}\n{result.stderr[-3000:]}')
     assert 'Traceback' not in result.stderr, result.stderr[-3000:]
     ran.append((command, result))
+    print(f'{time.perf_counter() - began:6.1f} s  {command}', flush=True)  # pytest -s shows it
   scripts = [shlex.split(c)[1] for c, _ in ran]
   assert scripts.count('train.py') >= 4 and scripts.count('sample.py') >= 4
   assert scripts.count('evaluate.py') >= 2

@@ -8,8 +8,8 @@ The cheap ones run in order, in a temporary copy of the code (so `runs/` starts 
 clone), with flags appended that only shrink the work (TINY: the last value of a flag wins):
 training runs 2 steps of a micro/4 model at batch 8 on the synthetic animal_mnist of conftest.py
 (`--config.data.data_dir`: no download of the real wheel), sampling 2 solver steps and at most 10
-images, evaluation 6 images per cell against 5 reference images. About 8 minutes on 2 shared CPU cores,
-over half of it the two `evaluate.py` commands (sampling and Inception at 128x128).
+images, evaluation 6 images per cell against 5 reference images. About 8 minutes on 2 shared CPU
+cores, over half of it the two `evaluate.py` commands (sampling and Inception at 128x128).
 """
 
 import pathlib

@@ -1,8 +1,8 @@
 """FID, KID, precision and recall of trained runs across resolutions and position methods.
 
-  python evaluate.py --runs=runs/grid,runs/rpe2d --resolutions=16,32,64,96 --outdir=runs/eval
-  python evaluate.py --runs=runs/rpe2d --resolutions=64x128 --methods=uniform,yarn,dy-yarn
-  python evaluate.py --runs=runs/in256 --resolutions=256 \
+  python evaluate.py --runs=runs/grid,runs/default --resolutions=16,32,64,96 --outdir=runs/eval
+  python evaluate.py --runs=runs/default --resolutions=64x128 --methods=uniform,yarn,dy-yarn
+  python evaluate.py --runs=runs/in256_xl_rpe2d --resolutions=256 \
       --reference_npz=256x256:VIRTUAL_imagenet256_labeled.npz
 
 Writes <outdir>/results.{json,csv,md}, fid_vs_resolution.png and grids/<run>/<HxW>_<method>.png.
@@ -69,6 +69,7 @@ def main(argv):
     sweep.check_inputs(runs, resolutions, num_samples=_NUM_SAMPLES.value,
                        num_reference=_NUM_REFERENCE.value or None, split=_SPLIT.value,
                        real_split=_REAL_SPLIT.value, npz_references=npz_references)
+    print(f'{len(runs)} runs loaded; the Inception network (FID features) ...', flush=True)
     network = inception.InceptionV3(batch_size=_INCEPTION_BATCH_SIZE.value)
     cli.check_writable_dir(_OUTDIR.value, '--outdir')  # last: it may create it
   except (ValueError, FileNotFoundError, inception.WeightsUnavailableError) as e:

@@ -1,11 +1,14 @@
 """Samples a trained run at any resolution and aspect ratio, with any position method.
 
-  python sample.py --workdir=runs/default --resolution=64x64 --output=samples.png
-  python sample.py --workdir=runs/default --resolution=32x32,64x64,64x128 --extrapolation=yarn --dype
-  python sample.py --workdir=runs/default --resolution=96x96 --num_samples=1000 --output=eval.npz
+  python sample.py --workdir=runs/default --resolution=64x64
+  python sample.py --workdir=runs/default --resolution=128x128,64x128 --extrapolation=yarn --dype
+  python sample.py --workdir=runs/default --resolution=96x96 --num_samples=1000 \
+      --output=runs/default/eval.npz
 
 Defaults (position rule, encoding, sampler, steps, CFG) come from the run's saved config; flags
-override them. With several resolutions the output name gets a _<H>x<W> suffix per resolution.
+override them. Without --output the grids go to <workdir>/samples/sample_<step>_<H>x<W>.png; with
+several resolutions an --output name gets a _<H>x<W> suffix per resolution. A method that changes
+nothing at a size (its tokens lie inside the trained range) is named in a note.
 
 A latent run (one trained on VAE latents) writes decoded images: resolutions are pixels (multiples
 of the VAE's factor, 8, times the patch size), the default is the size of the images its latents
@@ -28,7 +31,8 @@ _RESOLUTION = flags.DEFINE_string('resolution', None,
                                   'HxW, or a comma list; default: the training resolution.')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', None,
                                     'Images per resolution; default: 2 per label.')
-_OUTPUT = flags.DEFINE_string('output', 'samples.png', 'A .png grid or an .npz batch.')
+_OUTPUT = flags.DEFINE_string('output', None, 'A .png grid or an .npz batch; default: '
+                              '<workdir>/samples/sample_<step>_<H>x<W>.png.')
 _LABELS = flags.DEFINE_string('labels', None,
                               "Comma list of class ids, or 'random'; default: every class.")
 _SEED = flags.DEFINE_integer('seed', 0, 'Images depend on the seed and their index only.')
@@ -130,7 +134,14 @@ def labels_from_flags(num_classes: int, seed: int) -> np.ndarray:
   return np.resize(np.sort(labels), count) if count != len(labels) else labels
 
 
-def output_paths(output: str, resolutions) -> list[pathlib.Path]:
+def default_output(run, height: int, width: int) -> pathlib.Path:
+  """Beside the run's training-time grids (samples/step_<step>_<H>x<W>.png), never the cwd."""
+  return pathlib.Path(_WORKDIR.value) / 'samples' / f'sample_{run.step:07d}_{height}x{width}.png'
+
+
+def output_paths(output: str | None, resolutions, run=None) -> list[pathlib.Path]:
+  if output is None:
+    return [default_output(run, h, w) for h, w in resolutions]
   path = pathlib.Path(output)
   if path.suffix not in ('.png', '.npz'):
     raise ValueError(f'--output={output} must end in .png (a grid) or .npz (an evaluation batch)')
@@ -172,7 +183,7 @@ def main(argv):
     resolutions = [inference.parse_resolution(r, patch, factor) for r in text.split(',')]
     plan = plan_from_flags(run)
     labels = labels_from_flags(run.model.num_classes, _SEED.value)
-    paths = output_paths(_OUTPUT.value, resolutions)
+    paths = output_paths(_OUTPUT.value, resolutions, run)
     available = cli.available_memory()
     for height, width in resolutions:
       sampler.check_resolution(run.model, plan, *inference.model_size(run, height, width))

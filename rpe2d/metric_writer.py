@@ -1,4 +1,5 @@
-"""Scalars to <workdir>/metrics.jsonl and TensorBoard event files (tensorboardX, no TensorFlow)."""
+"""Scalars to <workdir>/metrics.jsonl and TensorBoard event files (tensorboardX, no TensorFlow);
+the sample grids as TensorBoard images too."""
 
 import json
 
@@ -25,6 +26,12 @@ class MetricWriter:
     self._jsonl.flush()
     for name, value in scalars.items():
       self._tensorboard.add_scalar(name, value, step)
+
+  def write_image(self, name: str, step: int, image) -> None:
+    """One (H, W, 3) uint8 picture, e.g. a sample grid, under `name` in TensorBoard's Images tab."""
+    if self.active:
+      self._tensorboard.add_image(name, image, step, dataformats='HWC')
+      self._tensorboard.flush()
 
   def close(self) -> None:
     if self.active:

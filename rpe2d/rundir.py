@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import pathlib
+import shutil
 import socket
 
 import jax
@@ -83,8 +84,15 @@ class RunDir:
   def sample_grid(self, step: int, height: int, width: int) -> pathlib.Path:
     return self.root / 'samples' / f'step_{step:07d}_{height}x{width}.png'
 
-  def check_writable(self) -> None:
-    """Raises ValueError naming the workdir when it, or its checkpoints/, cannot be written."""
+  def check_writable(self) -> pathlib.Path | None:
+    """Raises ValueError naming the workdir when it, or its checkpoints/, cannot be written.
+    Returns the outermost directory this call created (None: the workdir existed), which
+    `discard` removes when the run is refused after all."""
+    created = None
+    for directory in (self.root, *self.root.parents):
+      if directory.exists():
+        break
+      created = directory
     try:
       self.root.mkdir(parents=True, exist_ok=True)
       for directory in (self.root, self.checkpoints):
@@ -95,6 +103,18 @@ class RunDir:
     except OSError as e:
       raise ValueError(f'workdir {self.root} is not writable ({e.strerror or e}: {e.filename}); '
                        'choose another --workdir') from None
+    return created
+
+  def discard(self, created: pathlib.Path | None) -> None:
+    """Removes `created` (what check_writable made) when it holds nothing but this process's
+    train.lock: a run refused by its preflight leaves no new directory behind."""
+    self.unlock()
+    if created is None or not created.is_dir():
+      return
+    left = [p for p in created.rglob('*') if not p.is_dir() and p != self.lock_path]
+    if left:
+      return  # something else wrote there meanwhile: not ours to delete
+    shutil.rmtree(created, ignore_errors=True)
 
   @property
   def lock_path(self) -> pathlib.Path:

@@ -6,7 +6,9 @@ anything compiles. A step's loss and gradient are checked for NaN/Inf on the hos
 save and sample steps (no per-step sync), and a non-finite step is never applied.
 """
 
+import collections
 import json
+import math
 import os
 import signal
 import sys
@@ -19,7 +21,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 import tqdm
 
-from rpe2d import checkpoints, cli, config as config_lib, data, images, inference
+from rpe2d import checkpoints, cli, config as config_lib, data, files, images, inference
 from rpe2d import model as model_lib, rundir, sampler, training
 from rpe2d.metric_writer import MetricWriter
 
@@ -38,11 +40,15 @@ def preflight(config, run: rundir.RunDir):
                      f'use a multiple of {devices}')
   if devices % config.mesh.fsdp:
     raise ValueError(f'mesh.fsdp={config.mesh.fsdp} must divide the {devices} devices')
-  run.check_writable()
-  saved_config = rundir.check_compatible(run, config)
-  init_dir = checkpoints.check_init_from(config.init_from, config) if config.init_from else None
-  run.lock()  # after the read-only checks, before anything in the workdir changes
-  _prepare_data_once(config.data)
+  created = run.check_writable()
+  try:
+    saved_config = rundir.check_compatible(run, config)
+    init_dir = checkpoints.check_init_from(config.init_from, config) if config.init_from else None
+    run.lock()  # after the read-only checks, before anything in the workdir changes
+    _prepare_data_once(config.data)
+  except BaseException:
+    run.discard(created)  # a refused run leaves no empty workdir behind
+    raise
   checkpoints.recover(run.root)
   return built, saved_config, init_dir, vae
 
@@ -221,9 +227,9 @@ def record_latents(config):
 
 
 def save_sample_grids(config, model, plan, ema_params, step, run: rundir.RunDir, class_names,
-                      vae=None):
+                      vae=None, writer=None):
   """EMA samples at sampling.resolutions (pixels; a latent run samples latents and decodes them
-  with its VAE)."""
+  with its VAE), as PNG grids and, given a MetricWriter, as TensorBoard images."""
   num_classes, per_class = model.num_classes, config.sampling.num_per_class
   labels = np.repeat(np.arange(num_classes), per_class).astype(np.int32)
   factor = 1 if vae is None else vae.config.downsampling
@@ -235,8 +241,88 @@ def save_sample_grids(config, model, plan, ema_params, step, run: rundir.RunDir,
     if jax.process_index() == 0:
       if decoder is not None:
         generated = inference.decode(decoder, jax.device_get(generated), devices=jax.devices()[:1])
-      images.save_grid(run.sample_grid(step, height, width), images.to_uint8(generated),
-                       rows=num_classes, row_labels=class_names)
+      picture = images.grid(images.to_uint8(generated), rows=num_classes, row_labels=class_names)
+      with files.atomic_path(run.sample_grid(step, height, width)) as tmp:
+        picture.save(tmp, format='PNG')
+      if writer is not None:
+        writer.write_image(f'samples/{height}x{width}', step, np.asarray(picture))
+
+
+class StepProgress:
+  """A progress bar over the steps the device has finished, not the ones dispatched.
+
+  JAX dispatches a step and returns at once, so a bar advanced at dispatch races ahead of the
+  device and then stalls wherever the host waits (the log steps), with a meaningless ETA. Here each
+  dispatched step's loss is queued; steps whose loss `is_ready()` advance the bar, and when more
+  than `in_flight` steps are queued the host blocks on the oldest. Blocking on the step dispatched
+  `in_flight` steps ago (not the newest) leaves that many steps queued on the device, so it never
+  idles while the host prepares the next batch, and the bar is at most `in_flight` steps behind
+  the device. The NaN/Inf check still reads the values only at log, save and sample steps.
+  """
+
+  def __init__(self, bar, in_flight: int = 2):
+    self.bar, self.in_flight = bar, in_flight
+    self.pending = collections.deque()  # (step, a device array of that step), oldest first
+
+  def dispatched(self, step: int, marker: jax.Array) -> None:
+    self.pending.append((step, marker))
+    while self.pending and (len(self.pending) > self.in_flight or self.pending[0][1].is_ready()):
+      self._complete(self.pending.popleft())
+
+  def finish(self) -> None:
+    """Waits for every queued step (the values are needed anyway: a log, save or the end)."""
+    while self.pending:
+      self._complete(self.pending.popleft())
+
+  def _complete(self, entry) -> None:
+    step, marker = entry
+    marker.block_until_ready()
+    self.bar.update(step - self.bar.n)
+
+
+def describe(config, built, trainer, run: rundir.RunDir, step: int) -> str:
+  """The block printed before training: what is trained, on what, where, for how long."""
+  params = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(
+      trainer.abstract_sharded_state().params))
+  model = built.model
+  devices = jax.devices()
+  kinds = sorted({d.device_kind for d in devices})
+  d = config.data
+  size = f'{d.image_size}x{d.image_size}x{d.channels}'
+  grid = 'x'.join(map(str, model.train_grid))
+  lines = [
+      f'model     {config.model.variant} DiT, {params / 1e6:.2f} M parameters, positions '
+      f'{config.positions.train} ({grid} tokens, range {"x".join(map(str, model.position_range))})',
+      f'data      {d.name}{" (" + d.latent_dir + ")" if d.name == "latents" else ""}, {size}, '
+      f'{d.num_classes} classes, in {d.data_dir or "~/tensorflow_datasets"}',
+      f'devices   {len(devices)} x {", ".join(kinds)} ({jax.default_backend()}'
+      + (f', {jax.process_count()} processes' if jax.process_count() > 1 else '')
+      + f'; mesh data x fsdp = {len(devices) // config.mesh.fsdp} x {config.mesh.fsdp})',
+      f'workdir   {run.root}',
+      f'training  batch {config.batch_size}, steps {step} -> {config.total_steps}; logs every '
+      f'{config.log_every_steps}, checkpoints every {config.checkpoint_every_steps}, sample grids '
+      f'every {config.sample_every_steps} steps and at the end',
+  ]
+  return '\n'.join(lines)
+
+
+def _sizes(config) -> str:
+  return ', '.join(f'{h}x{w}' for h, w in config.sampling.resolutions)
+
+
+def describe_results(config, run: rundir.RunDir, saved_step) -> str:
+  """Where the results of a finished (or stopped) run are."""
+  lines = [f'results in {run.root}:']
+  if saved_step is not None:
+    lines.append(f'  checkpoint    {run.checkpoints / str(saved_step)}')
+  samples = [run.sample_grid(saved_step, h, w) for h, w in config.sampling.resolutions
+             ] if saved_step is not None else []
+  samples = [p for p in samples if p.exists()]
+  if samples:
+    lines.append(f'  samples       {samples[0].parent}/ ({", ".join(p.name for p in samples)})')
+  lines.append(f'  metrics       {run.metrics}, {run.tensorboard}/ '
+               f'(tensorboard --logdir={run.tensorboard})')
+  return '\n'.join(lines)
 
 
 def train(config, workdir) -> training.TrainState:
@@ -277,6 +363,8 @@ def _train(config, run: rundir.RunDir, preemption: Preemption) -> training.Train
   run.write_config(config)
 
   step = int(state.step)
+  if jax.process_index() == 0:
+    print(describe(config, built, trainer, run, step), flush=True)
   if step >= config.total_steps:
     print(f'Nothing to do: step {step} >= total_steps {config.total_steps}', flush=True)
     manager.close()
@@ -290,8 +378,9 @@ def _train(config, run: rundir.RunDir, preemption: Preemption) -> training.Train
   log_examples = config.log_example_indices  # every process: the indices are gathered
   peak = training.peak_flops_per_device()
   flops_per_image = trainer.flops_per_image()
-  progress = tqdm.tqdm(total=config.total_steps, initial=step, disable=jax.process_index() != 0,
-                       dynamic_ncols=True, desc='train')
+  bar = tqdm.tqdm(total=config.total_steps, initial=step, disable=jax.process_index() != 0,
+                  dynamic_ncols=True, desc='train', unit='step')
+  progress = StepProgress(bar)
   window_start, window_steps = time.perf_counter(), 0
   saved_step = latest  # the newest checkpoint (None: none yet)
   unchecked = []  # (step, metrics on the device) not yet checked for NaN/Inf: no per-step sync
@@ -311,7 +400,7 @@ def _train(config, run: rundir.RunDir, preemption: Preemption) -> training.Train
           examples_log.write(json.dumps({'step': step, 'index': indices.tolist()}) + '\n')
           examples_log.flush()
       window_steps += 1
-      progress.update(1)
+      progress.dispatched(step, metrics['loss'])
 
       preempted = preemption.reached(step)  # read once: the signal may arrive at any moment
       log_now = step % config.log_every_steps == 0 or step == config.total_steps
@@ -319,6 +408,7 @@ def _train(config, run: rundir.RunDir, preemption: Preemption) -> training.Train
           or preempted
       sample_now = step % config.sample_every_steps == 0 or step == config.total_steps
       if log_now or save_now or sample_now:  # nothing is logged, saved or sampled past a NaN
+        progress.finish()
         metrics, skipped = check_finite(jax.device_get(unchecked), config.nonfinite, saved_step,
                                         run)
         unchecked, skipped_steps = [], skipped_steps + skipped
@@ -331,10 +421,14 @@ def _train(config, run: rundir.RunDir, preemption: Preemption) -> training.Train
                        mfu=tflops * 1e12 / (peak * jax.device_count()) if peak else None,
                        skipped_steps=skipped_steps, bad_records=_global_sum(bad_records))
         writer.write(step, scalars)
-        progress.set_postfix(loss=f'{metrics["loss"]:.4f}', img_s=f'{images_per_second:.0f}')
+        bar.set_postfix(loss=f'{metrics["loss"]:.4f}', img_s=f'{images_per_second:.0f}')
         window_start, window_steps = time.perf_counter(), 0
         skipped_steps = bad_records = 0
 
+      if step == config.total_steps and jax.process_index() == 0:
+        bar.close()  # the bar is done; what follows is said, not left to a still bar
+        print(f'step {step}: saving the checkpoint in {run.checkpoints / str(step)} and '
+              f'sampling grids at {_sizes(config)} (EMA weights) ...', flush=True)
       if save_now:
         checkpoints.wait(manager, saved_step)  # a failed earlier save is reported as its own
         checkpoints.save(manager, step, trainer.to_saved(state), iterator, config, force=True)
@@ -349,7 +443,7 @@ def _train(config, run: rundir.RunDir, preemption: Preemption) -> training.Train
       if sample_now:
         doing = 'writing the sample grids'
         save_sample_grids(config, built.model, built.sampling, state.ema_params, step, run,
-                          class_names, vae)
+                          class_names, vae, writer)
       doing = 'the train step'
   except (OSError, MemoryError, RuntimeError) as e:
     if isinstance(e, (checkpoints.CheckpointError, Interrupted)):  # they name their checkpoint
@@ -359,11 +453,13 @@ def _train(config, run: rundir.RunDir, preemption: Preemption) -> training.Train
     raise TrainingFailed(f'step {step}: {doing} failed ({cli.reason(e)}); {kept} in '
                          f'{run.checkpoints}: fix the cause and run again to resume') from e
   finally:
-    progress.close()
+    bar.close()
     try:
       checkpoints.close(manager, saved_step)  # waits for the save in flight
     finally:
       writer.close()
       if examples_log:
         examples_log.close()
+  if jax.process_index() == 0:
+    print(describe_results(config, run, saved_step), flush=True)
   return state

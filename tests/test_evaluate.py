@@ -121,7 +121,13 @@ def test_sweep_writes_every_report_and_reuses_cells(runs, tmp_path):
           '--steps=2', '--inception_batch_size=6', f'--outdir={tmp_path / "out"}']
   first = evaluate(*args)
   assert first.returncode == 0, first.stderr[-3000:]
-  assert 'num_samples=6 is larger than the reference (5 images at 16x16)' in first.stderr
+  assert first.stderr.count('num_samples=6 is larger than the reference (5 images at 16x16)') == 1
+  assert first.stderr.count('FID on 5 < 2048 images is biased upward') == 1
+  # Progress per cell: what is sampled, then measured, before its numbers.
+  for line in ('[1/16] rpe 16x16 none: sampling 6 images at 16x16 (positions=',
+               '[1/16] rpe 16x16 none: Inception features of the 6 samples',
+               '[1/16] rpe 16x16 none: FID ', '[16/16] grid 48x48 dy-yarn: FID '):
+    assert line in first.stdout, (line, first.stdout[-3000:])
   out = tmp_path / 'out'
   with open(out / 'results.csv', encoding='utf-8') as f:
     rows = {(r['run'], r['method'], r['height']): r for r in csv.DictReader(f)}

@@ -100,6 +100,22 @@ def test_cli_png_and_npz(run_dir, tmp_path):
     assert batch['labels'].shape == (5,) and batch['labels'].max() < 10
 
 
+def test_cli_writes_into_the_run_and_names_a_method_that_changes_nothing(run_dir, tmp_path):
+  """No --output: the grids go to <workdir>/samples (never the cwd), and the command says where.
+  A method whose tokens lie inside the trained range (16x16: 4x4 tokens of 8x8) is named as a
+  no-op there, and not at a size it changes (40x40: 10x10 tokens)."""
+  result = cli(f'--workdir={run_dir}', '--resolution=16x16,40x40', '--steps=1',
+               '--extrapolation=yarn', '--dype', cwd=tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert list(tmp_path.iterdir()) == []
+  for size in ('16x16', '40x40'):
+    path = run_dir / 'samples' / f'sample_0000002_{size}.png'
+    assert path.is_file() and f'-> {path}' in result.stdout, result.stdout
+  notes = [line for line in result.stdout.splitlines() if 'changes nothing' in line]
+  assert notes == ['note: at 16x16 the 4x4 tokens lie inside the trained range 8x8: '
+                   'extrapolation=yarn with dype changes nothing at this size'], result.stdout
+
+
 @pytest.fixture(scope='module')
 def grid_run_dir(run_dir, tmp_path_factory):
   """The same weights presented as a grid-trained run (positions do not change weight shapes)."""

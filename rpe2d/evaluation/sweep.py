@@ -142,6 +142,8 @@ def split_reference(data_config, split: str, height: int, width: int, *, resize_
       features = cached['features']
   else:
     pixels, _ = split_images(data_config, split, limit)
+    print(f'  {len(pixels)} {split} images -> {height}x{width} ({resize_filter}) -> Inception '
+          'features (compiled once per size)', flush=True)
     features = feature_fn(resize(pixels, height, width, resize_filter))
     mu, sigma = metrics.feature_statistics(features)
     metrics.save_reference_npz(path, mu, sigma, features=features)
@@ -221,8 +223,9 @@ def cell_description(run, plan, height, width, num_samples, seed, reference) -> 
 
 
 def evaluate_cell(run, plan, height, width, *, num_samples, seed, reference, cell_dir,
-                  feature_fn, batch_size=64, class_names=None) -> dict:
-  """Generates, measures and stores one cell (or reads it back); returns its record."""
+                  feature_fn, batch_size=64, class_names=None, label=None) -> dict:
+  """Generates, measures and stores one cell (or reads it back); returns its record. With a
+  `label`, says what it samples and measures as it goes (a bar over the sampling batches)."""
   description = cell_description(run, plan, height, width, num_samples, seed, reference)
   key = _key(description)
   path = pathlib.Path(cell_dir) / f'{key}.json'
@@ -233,10 +236,18 @@ def evaluate_cell(run, plan, height, width, *, num_samples, seed, reference, cel
       return record
   labels = balanced_labels(num_samples, run.model.num_classes)
   stats = {}
+  if label:
+    print(f'{label}: sampling {num_samples} images at {height}x{width} (positions='
+          f'{plan.positions}, extrapolation={plan.encoding.extrapolation}'
+          f'{", dype" if plan.encoding.dype else ""}, {plan.sampler}x{plan.steps}, cfg '
+          f'{plan.cfg_scale})', flush=True)
   began = time.perf_counter()
   generated = inference.generate(run, height=height, width=width, labels=labels, seed=seed,
-                                 plan=plan, batch_size=batch_size, stats=stats)
+                                 plan=plan, batch_size=batch_size, stats=stats,
+                                 progress=bool(label))
   generate_seconds = time.perf_counter() - began
+  if label:
+    print(f'{label}: Inception features of the {num_samples} samples, FID/KID/P/R', flush=True)
   began = time.perf_counter()
   features = feature_fn(generated)
   if not np.all(np.isfinite(features)):
@@ -448,18 +459,18 @@ def run(runs, names, resolutions, cells, *, outdir, feature_fn, num_samples: int
                                                    reference_for(by_name[name], resolution))})
   notes += sorted({f'{name}: {note}' for name, _, _, plan, _ in cells if plan is not None
                    for note in rope.legacy_notes(plan.encoding)})
-  for note in notes:
-    logging.warning('%s', note)
+  for note in notes:  # once, on stderr (absl's logging.warning would print it a second time)
     print(f'warning: {note}', file=sys.stderr, flush=True)
 
   rows, first_method = [], {}
   unique = len({(n, r, p) for n, _, r, p, _ in cells if p is not None})
   print(f'{len(cells)} cells, {unique} distinct samplings of {num_samples} images', flush=True)
-  for name, method, (height, width), plan, note in cells:
+  for index, (name, method, (height, width), plan, note) in enumerate(cells, 1):
+    label = f'[{index}/{len(cells)}] {name} {height}x{width} {method}'
     row = dict(run=name, method=method, height=height, width=width, num_samples=num_samples,
                same_as=None, note=note)
     if plan is None:
-      print(f'{name} {height}x{width} {method}: n/a ({note})', flush=True)
+      print(f'{label}: n/a ({note})', flush=True)
       rows.append(row)
       continue
     first = first_method.setdefault((name, (height, width), plan), method)
@@ -468,7 +479,8 @@ def run(runs, names, resolutions, cells, *, outdir, feature_fn, num_samples: int
       record = evaluate_cell(
           by_name[name], plan, height, width, num_samples=num_samples, seed=seed,
           reference=reference_for(by_name[name], (height, width)), cell_dir=outdir / 'cells',
-          feature_fn=feature_fn, batch_size=batch_size, class_names=class_names[name])
+          feature_fn=feature_fn, batch_size=batch_size, class_names=class_names[name],
+          label=label)
     except (inference.SamplingError, MemoryError, RuntimeError, OSError) as e:
       done = sum(1 for r in rows if r.get('key'))
       raise inference.SamplingError(
@@ -482,13 +494,15 @@ def run(runs, names, resolutions, cells, *, outdir, feature_fn, num_samples: int
     row['grid'] = str(grid.relative_to(outdir))
     rows.append(row)
     how = 'reused' if record['reused'] else f'{record["images_per_second"]:.2f} images/s'
-    print(f'{name} {height}x{width} {method}: FID {format_number(row["fid"], 1, 2)}'
+    print(f'{label}: FID {format_number(row["fid"], 1, 2)}'
           f'  KID {format_number(row["kid"], 1, 4)}'
           f'  P {format_number(row["precision"], 1, 2)}'
           f'  R {format_number(row["recall"], 1, 2)}  ({how})', flush=True)
 
   if real_split:
     for resolution in resolutions:
+      print(f"real: {real_split} split at {resolution[0]}x{resolution[1]} against the reference "
+            '(the floor at this N)', flush=True)
       real = split_reference(
           data.source_data_config(runs[0].config.data), real_split, *resolution,
           resize_filter=resize_filter, limit=num_samples, cache_dir=outdir / 'reference',

@@ -56,6 +56,8 @@ SKIPPED = (
      'batches and an accelerator-sized budget', IMAGENET_INPUTS),
     (r'--coordinator_address', 'two cooperating processes; tests/test_multihost.py runs this '
      'layout', ()),
+    (r'benchmarks/', 'a measurement of minutes; tests/test_benchmarks.py runs every benchmark '
+     'script with its smallest settings', ()),
     (r'/path/to/photos', 'a folder of your own images; tests/test_image_folder.py trains on one',
      ('photos/cat/*.jpg',)),
 )

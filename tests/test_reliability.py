@@ -61,8 +61,10 @@ def copy_run(run, tmp_path, name='run') -> pathlib.Path:
 
 
 def file_contents(path) -> dict[str, bytes]:
+  """Every file of a run but its lock, which names whoever holds the workdir now."""
   path = pathlib.Path(path)
-  return {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob('*') if p.is_file()}
+  return {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob('*')
+          if p.is_file() and p.name != rundir.RunDir(path).lock_path.name}
 
 
 def assert_same_state(a, b):

@@ -399,10 +399,21 @@ def test_resume_without_config_json_checks_the_checkpoint_config(trained, data_d
 
 
 def _interrupt(process, err, timeout=30):
-  process.send_signal(signal.SIGINT)
-  signalled = time.monotonic()
-  returncode = process.wait(timeout=timeout)
-  return returncode, time.monotonic() - signalled, err.read_text()
+  """SIGINT to a running train.py -> (its one error line, seconds to exit); it must exit 1 with
+  exactly one error line and no traceback."""
+  try:
+    process.send_signal(signal.SIGINT)
+    signalled = time.monotonic()
+    returncode = process.wait(timeout=timeout)
+    seconds, stderr_text = time.monotonic() - signalled, err.read_text()
+  finally:
+    if process.poll() is None:
+      process.kill()
+      process.wait()
+  errors = [line for line in stderr_text.splitlines() if line.startswith('error: ')]
+  assert returncode == 1 and len(errors) == 1, stderr_text[-3000:]
+  assert 'Traceback' not in stderr_text, stderr_text[-3000:]
+  return errors[0], seconds
 
 
 def test_sigint_during_the_first_compile_exits_at_once(data_dir, tmp_path, compilation_cache):
@@ -418,21 +429,18 @@ def test_sigint_during_the_first_compile_exits_at_once(data_dir, tmp_path, compi
   try:
     wait_for(lambda: 'train:' in err.read_text(), process, err, 'progress bar')  # in the loop
     assert not (workdir / 'metrics.jsonl').is_file() or not read_jsonl(workdir / 'metrics.jsonl')
-    returncode, seconds, stderr_text = _interrupt(process, err)
-  finally:
-    if process.poll() is None:
-      process.kill()
-      process.wait()
-  errors = [line for line in stderr_text.splitlines() if line.startswith('error: ')]
-  assert returncode == 1 and len(errors) == 1, stderr_text[-3000:]
-  assert 'Traceback' not in stderr_text, stderr_text[-3000:]
-  if errors[0] == 'error: SIGINT before the first step: nothing to save':
+  except BaseException:
+    process.kill()
+    process.wait()
+    raise
+  error, seconds = _interrupt(process, err)
+  if error == 'error: SIGINT before the first step: nothing to save':
     assert seconds < 5, f'{seconds:.1f} s from SIGINT to exit: it waited for the compile'
     assert step_dirs(workdir) == []
   else:  # the compile ended before the signal: the first step was saved
     found = re.fullmatch(r'error: interrupted \(SIGINT\) at step (\d+): saved the checkpoint .*',
-                         errors[0])
-    assert found, errors[0]
+                         error)
+    assert found, error
     assert step_dirs(workdir) == [int(found.group(1))]
 
 
@@ -442,18 +450,15 @@ def test_sigint_after_a_checkpoint_saves_the_current_step(data_dir, tmp_path, co
                                    total_steps=100_000, checkpoint_every_steps=2)
   try:
     wait_for(lambda: checkpoints.steps(workdir / 'checkpoints'), process, err, 'checkpoint')
-    returncode, seconds, stderr_text = _interrupt(process, err)
-  finally:
-    if process.poll() is None:
-      process.kill()
-      process.wait()
-  errors = [line for line in stderr_text.splitlines() if line.startswith('error: ')]
-  assert returncode == 1 and len(errors) == 1, stderr_text[-3000:]
-  assert 'Traceback' not in stderr_text, stderr_text[-3000:]
+  except BaseException:
+    process.kill()
+    process.wait()
+    raise
+  error, seconds = _interrupt(process, err)
   found = re.fullmatch(rf'error: interrupted \(SIGINT\) at step (\d+): saved the checkpoint '
                        rf'{re.escape(str(workdir))}/checkpoints/(\d+); run the same command to '
-                       r'resume', errors[0])
-  assert found and found.group(1) == found.group(2), errors[0]
+                       r'resume', error)
+  assert found and found.group(1) == found.group(2), error
   step = int(found.group(1))
   assert step == step_dirs(workdir)[-1]
   assert checkpoints.damage(workdir / 'checkpoints' / str(step)) is None

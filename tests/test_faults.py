@@ -121,11 +121,17 @@ def start_training(workdir, data_dir, cache, tmp_path, name='a', **overrides):
 
 
 def wait_for(condition, process, err, what, timeout=180):
+  """Polls condition() while train.py runs; a failure kills the process (no stray trainers)."""
   deadline = time.monotonic() + timeout
-  while not condition():
-    assert process.poll() is None, f'train.py exited early:\n{err.read_text()[-3000:]}'
-    assert time.monotonic() < deadline, f'no {what} after {timeout} s'
-    time.sleep(0.1)
+  try:
+    while not condition():
+      assert process.poll() is None, f'train.py exited early:\n{err.read_text()[-3000:]}'
+      assert time.monotonic() < deadline, f'no {what} after {timeout} s'
+      time.sleep(0.1)
+  except BaseException:
+    process.kill()
+    process.wait()
+    raise
 
 
 def test_a_second_trainer_on_a_live_workdir_is_refused(data_dir, tmp_path, compilation_cache):
@@ -426,13 +432,10 @@ def test_sigint_during_the_first_compile_exits_at_once(data_dir, tmp_path, compi
         [sys.executable, str(TRAIN_PY), f'--workdir={workdir}',
          *flag_args(data_dir, total_steps=100_000)],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
-  try:
-    wait_for(lambda: 'train:' in err.read_text(), process, err, 'progress bar')  # in the loop
-    assert not (workdir / 'metrics.jsonl').is_file() or not read_jsonl(workdir / 'metrics.jsonl')
-  except BaseException:
-    process.kill()
-    process.wait()
-    raise
+  # In the loop (the bar is drawn) and nothing logged yet: no step has finished.
+  wait_for(lambda: 'train:' in err.read_text(), process, err, 'progress bar')
+  wait_for(lambda: not (workdir / 'metrics.jsonl').is_file()
+           or not read_jsonl(workdir / 'metrics.jsonl'), process, err, 'empty log', timeout=0)
   error, seconds = _interrupt(process, err)
   if error == 'error: SIGINT before the first step: nothing to save':
     assert seconds < 5, f'{seconds:.1f} s from SIGINT to exit: it waited for the compile'
@@ -448,12 +451,7 @@ def test_sigint_after_a_checkpoint_saves_the_current_step(data_dir, tmp_path, co
   workdir = tmp_path / 'run'
   process, _, err = start_training(workdir, data_dir, compilation_cache, tmp_path,
                                    total_steps=100_000, checkpoint_every_steps=2)
-  try:
-    wait_for(lambda: checkpoints.steps(workdir / 'checkpoints'), process, err, 'checkpoint')
-  except BaseException:
-    process.kill()
-    process.wait()
-    raise
+  wait_for(lambda: checkpoints.steps(workdir / 'checkpoints'), process, err, 'checkpoint')
   error, seconds = _interrupt(process, err)
   found = re.fullmatch(rf'error: interrupted \(SIGINT\) at step (\d+): saved the checkpoint '
                        rf'{re.escape(str(workdir))}/checkpoints/(\d+); run the same command to '

@@ -122,6 +122,9 @@ SCHEMA = (
     Field('optim.learning_rate', 1e-3, 'AdamW peak learning rate',
           check=number(0.0, low_open=True)),
     Field('optim.warmup_steps', 100, 'linear warmup from 0', check=non_negative_int),
+    Field('optim.schedule', 'constant', 'the learning rate after warmup: constant, or cosine '
+          'decay to 0 at total_steps (resuming with more total_steps stretches the decay)',
+          allowed=tuple(training.SCHEDULES)),
     Field('optim.weight_decay', 0.0, 'AdamW weight decay', check=number(0.0)),
     Field('optim.b1', 0.9, 'Adam beta1', check=number(0.0, 1.0, high_open=True)),
     Field('optim.b2', 0.999, 'Adam beta2', check=number(0.0, 1.0, high_open=True)),
@@ -352,7 +355,8 @@ def training_plan(config) -> training.TrainingPlan:
       continuous=bool(config.positions.continuous), time_sampling=f.time_sampling,
       time_mean=float(f.time_mean), time_std=float(f.time_std), time_shift=float(f.time_shift),
       class_dropout=float(f.class_dropout), learning_rate=float(o.learning_rate),
-      warmup_steps=int(o.warmup_steps), weight_decay=float(o.weight_decay), b1=float(o.b1),
+      warmup_steps=int(o.warmup_steps), schedule=o.schedule, total_steps=int(config.total_steps),
+      weight_decay=float(o.weight_decay), b1=float(o.b1),
       b2=float(o.b2), grad_clip=float(o.grad_clip), ema_decay=float(o.ema_decay))
 
 

@@ -47,6 +47,8 @@ class TrainingPlan:
   class_dropout: float = 0.1
   learning_rate: float = 1e-3
   warmup_steps: int = 0
+  schedule: str = 'constant'            # SCHEDULES: the learning rate after warmup
+  total_steps: int = 0                  # where a decaying schedule reaches 0
   weight_decay: float = 0.0
   b1: float = 0.9
   b2: float = 0.999
@@ -94,10 +96,23 @@ def state_sharding(abstract_state, mesh):
                       abstract_state)
 
 
+def _constant(plan: TrainingPlan) -> optax.Schedule:
+  return optax.constant_schedule(plan.learning_rate)
+
+
+def _cosine(plan: TrainingPlan) -> optax.Schedule:
+  # Short runs end better with the rate annealed to 0 than cut off at its peak.
+  return optax.cosine_decay_schedule(plan.learning_rate,
+                                     max(plan.total_steps - plan.warmup_steps, 1))
+
+
+# name -> the learning rate after warmup, from the end of warmup on.
+SCHEDULES = {'constant': _constant, 'cosine': _cosine}
+
+
 def learning_rate_schedule(plan: TrainingPlan) -> optax.Schedule:
   warmup = optax.linear_schedule(0.0, plan.learning_rate, max(plan.warmup_steps, 1))
-  return optax.join_schedules([warmup, optax.constant_schedule(plan.learning_rate)],
-                              [plan.warmup_steps])
+  return optax.join_schedules([warmup, SCHEDULES[plan.schedule](plan)], [plan.warmup_steps])
 
 
 def make_optimizer(plan: TrainingPlan) -> optax.GradientTransformation:

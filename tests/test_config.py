@@ -164,3 +164,16 @@ def test_train_py_help_lists_the_config_fields():
   assert result.returncode == 0, result.stderr[-2000:]
   assert '--workdir' in result.stdout and '--config.data.augment=' in result.stdout
   assert "--config.positions.train='grid'  [grid | rpe2d]" in result.stdout
+
+
+@pytest.mark.parametrize('schedule', ['constant', 'cosine'])
+def test_learning_rate_schedules(schedule):
+  from rpe2d import training  # pylint: disable=g-import-not-at-top
+  config = config_lib.base()
+  config.optim.update(schedule=schedule, learning_rate=1e-3, warmup_steps=10)
+  config.total_steps = 110
+  rate = training.learning_rate_schedule(config_lib.validate(config).training)
+  assert float(rate(0)) == 0.0 and float(rate(5)) == pytest.approx(5e-4)
+  assert float(rate(10)) == pytest.approx(1e-3)
+  middle, end = (1e-3, 1e-3) if schedule == 'constant' else (5e-4, 0.0)
+  assert float(rate(60)) == pytest.approx(middle) and float(rate(110)) == pytest.approx(end)

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import forked
 from conftest import REPO, tiny_config
 from rpe2d import config as config_lib, rope, sampler, train_loop
 from rpe2d.evaluation import metrics, sweep
@@ -164,6 +166,14 @@ def test_sweep_writes_every_report_and_reuses_cells(runs, tmp_path):
   assert {p: p.stat().st_mtime_ns for p in (out / 'cells').glob('*.json')} == cells
 
 
+@pytest.fixture(scope='module')
+def forked_scripts():
+  """evaluate.py's imports paid once for the 16 refusals below (each is still its own process)."""
+  with forked.Scripts(['rpe2d.inference', 'rpe2d.evaluation.sweep', 'rpe2d.evaluation.inception',
+                       'rpe2d.cli', 'absl.app'], dict(os.environ)) as scripts:
+    yield scripts
+
+
 @pytest.mark.parametrize('args,message', [
     (['--runs={missing}'], 'has no config.json: not a training run'),
     (['--methods=none,linear'], "unknown method 'linear'"),
@@ -184,7 +194,7 @@ def test_sweep_writes_every_report_and_reuses_cells(runs, tmp_path):
     (['--reference_npz=16x16:{negative_npz}'], "is not a covariance: it has a negative eigenvalue"),
     (['--reference_npz=16x16:{asymmetric_npz}'], 'is not a covariance: it is not symmetric'),
 ])
-def test_bad_input_exits_2_before_any_work(runs, tmp_path, args, message):
+def test_bad_input_exits_2_before_any_work(runs, forked_scripts, tmp_path, args, message):
   bad_npz = tmp_path / 'bad.npz'
   np.savez(bad_npz, mu=np.zeros(10), sigma=np.eye(10))
   values = dict(missing=tmp_path / 'missing', grid=runs / 'grid', bad_npz=bad_npz)
@@ -198,7 +208,8 @@ def test_bad_input_exits_2_before_any_work(runs, tmp_path, args, message):
     args.append(f'--runs={runs / "rpe"}')
   if not any(a.startswith('--resolutions') for a in args):
     args.append('--resolutions=16')
-  result = evaluate(*args, f'--outdir={tmp_path / "out"}')
+  result = forked_scripts.run([REPO / 'evaluate.py', *args, f'--outdir={tmp_path / "out"}'],
+                              cwd=REPO)
   assert result.returncode == 2, result.stderr[-2000:]
   assert message in result.stderr, result.stderr[-2000:]
   assert not (tmp_path / 'out').exists()

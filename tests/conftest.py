@@ -187,3 +187,47 @@ class CompileCounter:
 
   def __exit__(self, *exc):
     jax.monitoring.unregister_event_duration_listener(self._listener)
+
+
+# ------------------------------------------------------------------------------------------------
+# `pytest -n 2` (xdist, `--dist=loadgroup` in pyproject.toml): which worker runs what, and when.
+
+# The longest work first (a test id or a module), so that neither worker is left with it at the
+# end; the rest keep their order. Seconds on the 2-core CI machine, measured with --durations.
+LONGEST_FIRST = (
+    'tests/test_readme.py::test_the_cheap_commands_run_in_order_on_a_fresh_copy',  # ~4 min
+    'tests/test_evaluate.py',
+    'tests/test_multihost.py',
+    'tests/test_faults.py',
+    'tests/test_reliability.py',
+    'tests/test_latent_pipeline.py',
+)
+
+
+def _uses_a_module_fixture_of_its_own(item) -> bool:
+  defs = getattr(item, '_fixtureinfo', None)
+  if defs is None:
+    return False
+  module = item.nodeid.split('::')[0]
+  return any(d.scope == 'module' and d.baseid == module
+             for fixture_defs in defs.name2fixturedefs.values() for d in fixture_defs)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+  """Tests that share a module-scoped fixture of their module (a trained run, a multi-process
+  reference, extracted latents) form one xdist group, so that one worker builds it once; plain
+  `--dist=load` would split the module over both workers and build it on each. Every other test
+  is a unit of its own. Then the longest work moves to the front (a stable sort)."""
+  del config
+  for item in items:
+    if _uses_a_module_fixture_of_its_own(item):
+      item.add_marker(pytest.mark.xdist_group(item.nodeid.split('::')[0]))
+
+  def rank(item):
+    for i, prefix in enumerate(LONGEST_FIRST):
+      if item.nodeid == prefix or item.nodeid.startswith(prefix + '::'):
+        return i
+    return len(LONGEST_FIRST)
+
+  items.sort(key=rank)

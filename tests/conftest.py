@@ -21,6 +21,8 @@ from jax.experimental.compilation_cache import compilation_cache as jax_compilat
 from rpe2d import config as config_lib, model as model_lib, positions  # noqa: E402
 from rpe2d.datasets import animal_mnist  # noqa: E402
 
+import forked  # noqa: E402
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO / 'train.py'
 NUM_DEVICES = 8
@@ -143,6 +145,17 @@ def subprocess_env(cache_dir):
   for name, value in _CACHE_OPTIONS.items():
     env[name.upper()] = str(cache_dir if value is None else value)
   return env
+
+
+@pytest.fixture(scope='session')
+def warm_scripts(jax_cache_dir):
+  """train.py, sample.py and evaluate.py as children forked from one interpreter that imported
+  their modules once (tests/forked.py), in subprocess_env's environment: for the tests that start
+  many short commands, each still its own process."""
+  with forked.Scripts(['absl.app', 'rpe2d.cli', 'rpe2d.checkpoints', 'rpe2d.distributed',
+                       'rpe2d.train_loop', 'rpe2d.inference', 'rpe2d.evaluation.sweep',
+                       'rpe2d.evaluation.inception'], subprocess_env(jax_cache_dir)) as scripts:
+    yield scripts
 
 
 def host(tree):

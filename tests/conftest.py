@@ -21,6 +21,8 @@ from jax.experimental.compilation_cache import compilation_cache as jax_compilat
 from rpe2d import config as config_lib, model as model_lib, positions  # noqa: E402
 from rpe2d.datasets import animal_mnist  # noqa: E402
 
+import forked  # noqa: E402
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO / 'train.py'
 NUM_DEVICES = 8
@@ -145,6 +147,17 @@ def subprocess_env(cache_dir):
   return env
 
 
+@pytest.fixture(scope='session')
+def warm_scripts(jax_cache_dir):
+  """train.py, sample.py and evaluate.py as children forked from one interpreter that imported
+  their modules once (tests/forked.py), in subprocess_env's environment: for the tests that start
+  many short commands, each still its own process."""
+  with forked.Scripts(['absl.app', 'rpe2d.cli', 'rpe2d.checkpoints', 'rpe2d.distributed',
+                       'rpe2d.train_loop', 'rpe2d.inference', 'rpe2d.evaluation.sweep',
+                       'rpe2d.evaluation.inception'], subprocess_env(jax_cache_dir)) as scripts:
+    yield scripts
+
+
 def host(tree):
   return jax.device_get(tree)
 
@@ -187,3 +200,50 @@ class CompileCounter:
 
   def __exit__(self, *exc):
     jax.monitoring.unregister_event_duration_listener(self._listener)
+
+
+# ------------------------------------------------------------------------------------------------
+# `pytest -n 2` (xdist, `--dist=loadgroup` in pyproject.toml): which worker runs what, and when.
+
+# The longest work first (a test id or a module), so that neither worker is left with it at the
+# end; the rest keep their order. Minutes per file with `--durations` on a loaded 2-core machine:
+# readme 11, faults 7.5, evaluate 9, sample 9, multihost 2.5, latent pipeline 2.3 (reliability, not
+# timed, trains 14 runs).
+LONGEST_FIRST = (
+    'tests/test_readme.py::test_the_cheap_commands_run_in_order_on_a_fresh_copy',
+    'tests/test_faults.py',
+    'tests/test_evaluate.py',
+    'tests/test_sample.py',
+    'tests/test_reliability.py',
+    'tests/test_multihost.py',
+    'tests/test_latent_pipeline.py',
+)
+
+
+def _uses_a_module_fixture_of_its_own(item) -> bool:
+  defs = getattr(item, '_fixtureinfo', None)
+  if defs is None:
+    return False
+  module = item.nodeid.split('::')[0]
+  return any(d.scope == 'module' and d.baseid == module
+             for fixture_defs in defs.name2fixturedefs.values() for d in fixture_defs)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+  """Tests that share a module-scoped fixture of their module (a trained run, a multi-process
+  reference, extracted latents) form one xdist group, so that one worker builds it once; plain
+  `--dist=load` would split the module over both workers and build it on each. Every other test
+  is a unit of its own. Then the longest work moves to the front (a stable sort)."""
+  del config
+  for item in items:
+    if _uses_a_module_fixture_of_its_own(item):
+      item.add_marker(pytest.mark.xdist_group(item.nodeid.split('::')[0]))
+
+  def rank(item):
+    for i, prefix in enumerate(LONGEST_FIRST):
+      if item.nodeid == prefix or item.nodeid.startswith(prefix + '::'):
+        return i
+    return len(LONGEST_FIRST)
+
+  items.sort(key=rank)

@@ -117,15 +117,15 @@ def evaluate(*args, cwd=REPO):
 
 def test_sweep_writes_every_report_and_reuses_cells(runs, tmp_path):
   args = [f'--runs={runs / "rpe"},{runs / "grid"}', '--resolutions=16,48',
-          '--methods=none,yarn,dy-yarn,uniform,random', '--num_samples=6', '--num_reference=5',
-          '--steps=2', '--inception_batch_size=6', f'--outdir={tmp_path / "out"}']
+          '--methods=none,yarn,dy-yarn,uniform,random', '--num_samples=5', '--num_reference=4',
+          '--steps=2', '--inception_batch_size=5', f'--outdir={tmp_path / "out"}']
   first = evaluate(*args)
   assert first.returncode == 0, first.stderr[-3000:]
-  assert first.stderr.count('num_samples=6 is larger than the reference (5 images at 16x16)') == 1
-  assert first.stderr.count('FID on 5 < 2048 images is biased upward') == 1
+  assert first.stderr.count('num_samples=5 is larger than the reference (4 images at 16x16)') == 1
+  assert first.stderr.count('FID on 4 < 2048 images is biased upward') == 1
   # Progress per cell: what is sampled, then measured, before its numbers.
-  for line in ('[1/16] rpe 16x16 none: sampling 6 images at 16x16 (positions=',
-               '[1/16] rpe 16x16 none: Inception features of the 6 samples',
+  for line in ('[1/16] rpe 16x16 none: sampling 5 images at 16x16 (positions=',
+               '[1/16] rpe 16x16 none: Inception features of the 5 samples',
                '[1/16] rpe 16x16 none: FID ', '[16/16] grid 48x48 dy-yarn: FID '):
     assert line in first.stdout, (line, first.stdout[-3000:])
   out = tmp_path / 'out'
@@ -184,7 +184,8 @@ def test_sweep_writes_every_report_and_reuses_cells(runs, tmp_path):
     (['--reference_npz=16x16:{negative_npz}'], "is not a covariance: it has a negative eigenvalue"),
     (['--reference_npz=16x16:{asymmetric_npz}'], 'is not a covariance: it is not symmetric'),
 ])
-def test_bad_input_exits_2_before_any_work(runs, tmp_path, args, message):
+def test_bad_input_exits_2_before_any_work(runs, warm_scripts, tmp_path, args, message):
+  # Each refusal is its own process, forked from conftest's warm_scripts (no re-imports).
   bad_npz = tmp_path / 'bad.npz'
   np.savez(bad_npz, mu=np.zeros(10), sigma=np.eye(10))
   values = dict(missing=tmp_path / 'missing', grid=runs / 'grid', bad_npz=bad_npz)
@@ -198,7 +199,8 @@ def test_bad_input_exits_2_before_any_work(runs, tmp_path, args, message):
     args.append(f'--runs={runs / "rpe"}')
   if not any(a.startswith('--resolutions') for a in args):
     args.append('--resolutions=16')
-  result = evaluate(*args, f'--outdir={tmp_path / "out"}')
+  result = warm_scripts.run([REPO / 'evaluate.py', *args, f'--outdir={tmp_path / "out"}'],
+                            cwd=REPO)
   assert result.returncode == 2, result.stderr[-2000:]
   assert message in result.stderr, result.stderr[-2000:]
   assert not (tmp_path / 'out').exists()

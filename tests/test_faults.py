@@ -47,10 +47,10 @@ def copy_run(run, tmp_path, name='run') -> pathlib.Path:
   return workdir
 
 
-def command(script, *args, cache, timeout=180) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=REPO,
-                        env=subprocess_env(cache), capture_output=True, text=True,
-                        timeout=timeout)
+def command(script, *args, scripts, timeout=180) -> subprocess.CompletedProcess:
+  """`python script args` in REPO, as a child forked by conftest's warm_scripts (tests/forked.py),
+  with subprocess_env's environment."""
+  return scripts.run([script, *args], cwd=REPO, timeout=timeout)
 
 
 def one_error_line(result, status=None) -> str:
@@ -83,13 +83,13 @@ def snapshot(workdir) -> dict[str, bytes]:
     (dict(keep_every_steps=3), r'keep_every_steps=3 is not a multiple of checkpoint_every_steps=2'),
 ])
 def test_retention_that_would_delete_checkpoints_is_refused(trained, data_dir, tmp_path,
-                                                            compilation_cache, overrides, match):
+                                                            warm_scripts, overrides, match):
   workdir = copy_run(trained, tmp_path)
   before = snapshot(workdir)
   result = command(TRAIN_PY, f'--workdir={workdir}',
                    *flag_args(data_dir,
                               **{'total_steps': 6, 'checkpoint_every_steps': 2, **overrides}),
-                   cache=compilation_cache, timeout=120)
+                   scripts=warm_scripts, timeout=120)
   assert re.search(match, one_error_line(result, 1))
   assert snapshot(workdir) == before  # nothing deleted, nothing written
 
@@ -134,21 +134,22 @@ def wait_for(condition, process, err, what, timeout=180):
     raise
 
 
-def test_a_second_trainer_on_a_live_workdir_is_refused(data_dir, tmp_path, compilation_cache):
+def test_a_second_trainer_on_a_live_workdir_is_refused(data_dir, tmp_path, compilation_cache,
+                                                       warm_scripts):
   workdir = tmp_path / 'run'
   process, _, err = start_training(workdir, data_dir, compilation_cache, tmp_path,
                                    total_steps=100_000, checkpoint_every_steps=2)
   try:
     wait_for(lambda: checkpoints.steps(workdir / 'checkpoints'), process, err, 'checkpoint')
     second = command(TRAIN_PY, f'--workdir={workdir}', *flag_args(data_dir, total_steps=3),
-                     cache=compilation_cache, timeout=120)
+                     scripts=warm_scripts, timeout=120)
     line = one_error_line(second, 1)
     assert str(workdir) in line and f'pid {process.pid}' in line, line
     assert process.poll() is None  # the first one trains on
 
     # Readers only read: sampling the live run works.
     sampled = command(SAMPLE_PY, f'--workdir={workdir}', '--resolution=16x16', '--num_samples=2',
-                      f'--output={tmp_path / "live.png"}', cache=compilation_cache)
+                      f'--output={tmp_path / "live.png"}', scripts=warm_scripts)
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     assert (tmp_path / 'live.png').is_file()
   finally:
@@ -156,7 +157,7 @@ def test_a_second_trainer_on_a_live_workdir_is_refused(data_dir, tmp_path, compi
     process.wait()
   newest = checkpoints.recover(workdir)
   resumed = command(TRAIN_PY, f'--workdir={workdir}', *flag_args(data_dir, total_steps=newest + 1),
-                    cache=compilation_cache)
+                    scripts=warm_scripts)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f'Resuming from step {newest}' in resumed.stdout
   logged = [r['step'] for r in read_jsonl(workdir / 'metrics.jsonl')]
@@ -192,12 +193,12 @@ def test_config_files_that_are_not_configs_fail_in_one_line(tmp_path, name):
   assert '\n' not in str(raised.value) and len(str(raised.value)) < 600
 
 
-def test_command_line_config_file_without_get_config(tmp_path, compilation_cache):
+def test_command_line_config_file_without_get_config(tmp_path, warm_scripts):
   for name in ('no_get_config.py', 'returns_dict.py'):
     text, match = BAD_CONFIG_FILES[name]
     (tmp_path / name).write_text(text)
     result = command(TRAIN_PY, f'--config={tmp_path / name}', f'--workdir={tmp_path / "run"}',
-                     '--config.seed=1', cache=compilation_cache, timeout=120)
+                     '--config.seed=1', scripts=warm_scripts, timeout=120)
     assert re.search(match, one_error_line(result, 1))
     assert len(result.stderr.splitlines()) < 5, result.stderr[-2000:]
   assert not (tmp_path / 'run').exists()
@@ -268,11 +269,11 @@ def test_hyper_parameters_out_of_range_are_named(data_dir, key, value, allowed):
 
 
 def test_command_line_nan_learning_rate_fails_before_compiling(data_dir, tmp_path,
-                                                               compilation_cache):
+                                                               warm_scripts):
   began = time.monotonic()
   result = command(TRAIN_PY, f'--workdir={tmp_path / "run"}',
                    *flag_args(data_dir, **{'optim.learning_rate': 'nan'}),
-                   cache=compilation_cache, timeout=120)
+                   scripts=warm_scripts, timeout=120)
   line = one_error_line(result, 1)
   assert 'optim.learning_rate=nan must be a finite number in (0.0, inf)' in line
   assert not (tmp_path / 'run' / 'checkpoints').exists()
@@ -283,12 +284,12 @@ def test_command_line_nan_learning_rate_fails_before_compiling(data_dir, tmp_pat
 # 5. Non-finite sampling settings are refused; non-finite samples are never written or measured.
 
 
-def test_sample_refuses_non_finite_flags_before_loading(trained, tmp_path, compilation_cache):
+def test_sample_refuses_non_finite_flags_before_loading(trained, tmp_path, warm_scripts):
   for flag, allowed in (('--cfg_scale=nan', 'must be a finite number in [0.0, 100.0]'),
                         ('--time_shift=inf', 'must be a finite number in (0.0, inf)'),
                         ('--dype_lambda_t=-inf', 'must be a finite number in [0.0, inf)')):
     result = command(SAMPLE_PY, f'--workdir={trained}', '--resolution=16x16', flag,
-                     f'--output={tmp_path / "out" / "s.png"}', cache=compilation_cache)
+                     f'--output={tmp_path / "out" / "s.png"}', scripts=warm_scripts)
     line = one_error_line(result, 2)
     assert line == f'error: {flag} {allowed}', line
   assert not (tmp_path / 'out').exists()
@@ -362,14 +363,14 @@ def test_sample_write_failure_names_what_was_kept(trained, tmp_path, compilation
 
 
 def test_sample_refuses_an_unwritable_output_and_more_memory_than_there_is(trained, tmp_path,
-                                                                           compilation_cache):
+                                                                           warm_scripts):
   (tmp_path / 'a_file').write_text('')
   result = command(SAMPLE_PY, f'--workdir={trained}', '--resolution=16x16',
-                   f'--output={tmp_path / "a_file" / "s.png"}', cache=compilation_cache)
+                   f'--output={tmp_path / "a_file" / "s.png"}', scripts=warm_scripts)
   assert 'error: --output directory' in one_error_line(result, 2)
   result = command(SAMPLE_PY, f'--workdir={trained}', '--resolution=2048x2048',
                    '--num_samples=100000', f'--output={tmp_path / "big.npz"}',
-                   cache=compilation_cache)
+                   scripts=warm_scripts)
   assert re.search(r'100000 images at 2048x2048 need at least [\d.]+ GiB of memory and [\d.]+ GiB '
                    r'is available', one_error_line(result, 2))
   assert sorted(p.name for p in tmp_path.iterdir()) == ['a_file']
@@ -380,13 +381,13 @@ def test_sample_refuses_an_unwritable_output_and_more_memory_than_there_is(train
 
 
 def test_resume_without_config_json_checks_the_checkpoint_config(trained, data_dir, tmp_path,
-                                                                 compilation_cache):
+                                                                 warm_scripts):
   workdir = copy_run(trained, tmp_path)
   (workdir / 'config.json').unlink()
   before = snapshot(workdir)
   other_model = command(TRAIN_PY, f'--workdir={workdir}',
                         *flag_args(data_dir, total_steps=6, **{'model.variant': 'micro/2'}),
-                        cache=compilation_cache, timeout=120)
+                        scripts=warm_scripts, timeout=120)
   assert 'holds a run of an incompatible model' in other_model.stderr
   assert "model.variant: saved 'micro/4', now 'micro/2'" in other_model.stderr
   assert ('has no config.json: checking the config against the one saved in its newest '
@@ -394,7 +395,7 @@ def test_resume_without_config_json_checks_the_checkpoint_config(trained, data_d
   assert snapshot(workdir) == before
 
   resumed = command(TRAIN_PY, f'--workdir={workdir}', *flag_args(data_dir, total_steps=5),
-                    cache=compilation_cache)
+                    scripts=warm_scripts)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'Resuming from step 4' in resumed.stdout
   assert rundir.RunDir(workdir).read_config().total_steps == 5  # config.json written again
@@ -469,13 +470,13 @@ def test_sigint_after_a_checkpoint_saves_the_current_step(data_dir, tmp_path, co
 
 
 def test_train_failure_after_work_started_names_the_kept_checkpoint(trained, data_dir, tmp_path,
-                                                                    compilation_cache):
+                                                                    warm_scripts):
   workdir = copy_run(trained, tmp_path)
   shutil.rmtree(workdir / 'samples')
   (workdir / 'samples').write_text('a file where the sample grids go')
   result = command(TRAIN_PY, f'--workdir={workdir}',
                    *flag_args(data_dir, total_steps=6, checkpoint_every_steps=2,
-                              sample_every_steps=2), cache=compilation_cache)
+                              sample_every_steps=2), scripts=warm_scripts)
   line = one_error_line(result, 1)
   assert re.fullmatch(r'error: step 6: writing the sample grids failed \(File exists: .*samples\); '
                       rf'the newest checkpoint, step 6, is kept in {re.escape(str(workdir))}/'

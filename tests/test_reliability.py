@@ -459,15 +459,14 @@ def test_malformed_config_overrides_are_named(overrides, message):
   assert message in str(error.value)
 
 
-def test_command_line_malformed_override_and_config_file(tmp_path, compilation_cache):
+def test_command_line_malformed_override_and_config_file(tmp_path, warm_scripts):
   workdir = tmp_path / 'run'
   for args, message in ((['--config.model.patch=2'], 'error: --config.model.patch: the config '
                                                     'has no such field'),
                         (['--config=configs/nope.py'], "error: --config=configs/nope.py: no such "
                                                        "file 'configs/nope.py'")):
-    result = subprocess.run([sys.executable, str(TRAIN_PY), f'--workdir={workdir}', *args],
-                            cwd=REPO, env=subprocess_env(compilation_cache), capture_output=True,
-                            text=True, timeout=120)
+    # train.py forked from conftest's warm_scripts: its own process, without the re-imports.
+    result = warm_scripts.run([TRAIN_PY, f'--workdir={workdir}', *args], cwd=REPO, timeout=120)
     assert result.returncode == 1 and message in result.stderr, result.stderr[-3000:]
     assert 'Traceback' not in result.stderr
     assert not workdir.exists()

@@ -29,7 +29,11 @@ def run(run_dir):
   return inference.load_run(run_dir)
 
 
-def cli(*args, cwd=REPO):
+def cli(*args, cwd=REPO, scripts=None):
+  """`python sample.py args`; with `scripts` (conftest's warm_scripts) forked from its warm
+  interpreter instead, for the refusals (still a process each, without the re-imports)."""
+  if scripts is not None:
+    return scripts.run([REPO / 'sample.py', *args], cwd=cwd, timeout=300)
   return subprocess.run([sys.executable, str(REPO / 'sample.py'), *args], cwd=cwd,
                         capture_output=True, text=True, timeout=300)
 
@@ -140,25 +144,27 @@ def grid_run_dir(run_dir, tmp_path_factory):
     (['--positions=random', '--resolution=40x16'],
      "10x4 tokens do not fit the trained range 8x8; use 'uniform' or 'contiguous' beyond it"),
 ])
-def test_cli_bad_input_exits_nonzero_and_writes_nothing(run_dir, tmp_path, args, message):
+def test_cli_bad_input_exits_nonzero_and_writes_nothing(run_dir, warm_scripts, tmp_path, args,
+                                                        message):
   result = cli(f'--workdir={run_dir}', *args, f'--output={tmp_path / "out.png"}'
-               if not any(a.startswith('--output') for a in args) else '--steps=1', cwd=tmp_path)
+               if not any(a.startswith('--output') for a in args) else '--steps=1', cwd=tmp_path,
+               scripts=warm_scripts)
   assert result.returncode != 0
   assert message in result.stderr, result.stderr[-2000:]
   assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_refuses_workdirs_without_checkpoints_and_positions_on_grid_models(
-    grid_run_dir, tmp_path):
+    grid_run_dir, warm_scripts, tmp_path):
   empty = tmp_path / 'empty'
   empty.mkdir()
-  result = cli(f'--workdir={empty}', f'--output={tmp_path / "a.png"}')
+  result = cli(f'--workdir={empty}', f'--output={tmp_path / "a.png"}', scripts=warm_scripts)
   assert result.returncode != 0 and 'no config.json' in result.stderr
   (empty / 'config.json').write_text((grid_run_dir / 'config.json').read_text())
-  result = cli(f'--workdir={empty}', f'--output={tmp_path / "a.png"}')
+  result = cli(f'--workdir={empty}', f'--output={tmp_path / "a.png"}', scripts=warm_scripts)
   assert result.returncode != 0 and 'holds no checkpoints' in result.stderr
   result = cli(f'--workdir={grid_run_dir}', '--positions=uniform',
-               f'--output={tmp_path / "a.png"}')
+               f'--output={tmp_path / "a.png"}', scripts=warm_scripts)
   assert result.returncode != 0 and "needs an RPE-2D model" in result.stderr
   assert not (tmp_path / 'a.png').exists()
 

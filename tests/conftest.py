@@ -86,6 +86,7 @@ TINY_OVERRIDES = {
     'sampling.resolutions': ((16, 16),),
     'sampling.num_per_class': 1,
     'optim.warmup_steps': 0,  # a non-zero learning rate from the first step
+    'optim.schedule': 'constant',  # as base(): train.py's default.py runs equal tiny_config's
     'data.read_threads': 2,
     'data.prefetch_batches': 2,
 }

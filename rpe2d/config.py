@@ -356,8 +356,8 @@ def training_plan(config) -> training.TrainingPlan:
       time_mean=float(f.time_mean), time_std=float(f.time_std), time_shift=float(f.time_shift),
       class_dropout=float(f.class_dropout), learning_rate=float(o.learning_rate),
       warmup_steps=int(o.warmup_steps), schedule=o.schedule, total_steps=int(config.total_steps),
-      weight_decay=float(o.weight_decay), b1=float(o.b1),
-      b2=float(o.b2), grad_clip=float(o.grad_clip), ema_decay=float(o.ema_decay))
+      weight_decay=float(o.weight_decay), b1=float(o.b1), b2=float(o.b2),
+      grad_clip=float(o.grad_clip), ema_decay=float(o.ema_decay))
 
 
 def build_model(config) -> model_lib.DiT:

@@ -101,7 +101,8 @@ def _constant(plan: TrainingPlan) -> optax.Schedule:
 
 
 def _cosine(plan: TrainingPlan) -> optax.Schedule:
-  # Short runs end better with the rate annealed to 0 than cut off at its peak.
+  # Annealed to 0 at total_steps. On the animals default's budget a constant rate scored better
+  # (docs/default_recipe.md): the EMA already averages the last steps of an unconverged model.
   return optax.cosine_decay_schedule(plan.learning_rate,
                                      max(plan.total_steps - plan.warmup_steps, 1))
 

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from rpe2d import config as config_lib
+from rpe2d import config as config_lib, training
 
 CONFIGS = sorted((pathlib.Path(__file__).parent.parent / 'configs').glob('*.py'))
 
@@ -168,7 +168,6 @@ def test_train_py_help_lists_the_config_fields():
 
 @pytest.mark.parametrize('schedule', ['constant', 'cosine'])
 def test_learning_rate_schedules(schedule):
-  from rpe2d import training  # pylint: disable=g-import-not-at-top
   config = config_lib.base()
   config.optim.update(schedule=schedule, learning_rate=1e-3, warmup_steps=10)
   config.total_steps = 110

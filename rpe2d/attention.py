@@ -51,13 +51,19 @@ def current_platform() -> str:
 # --- xla ------------------------------------------------------------------------------------------
 
 def xla(q, k, v, *, scale):
-  """`jax.nn.dot_product_attention(implementation='xla')`: the full (tokens x tokens) scores.
+  """The full (tokens x tokens) scores in plain XLA ops, heads-major.
 
-  For bfloat16 inputs jax already forms the logits with float32 accumulation
-  (`preferred_element_type=float32`) and takes the softmax in float32, casting the probabilities
-  to bfloat16 only for the product with v; tests/test_attention.py pins that down on the jaxpr.
+  The logits accumulate in float32 (`preferred_element_type`) and the softmax runs in float32, so
+  bfloat16 inputs lose nothing there; the probabilities are cast to v's dtype for the product with
+  v. These are the semantics of `jax.nn.dot_product_attention(implementation='xla')`, written out
+  because its contractions straight from (batch, tokens, heads, d) lead XLA:CPU to copy the N x N
+  probabilities into a transposed layout: 40% of the attention time at 1,024 tokens.
   """
-  return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation='xla')
+  q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))                 # (batch, heads, N, d)
+  logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
+  probs = jax.nn.softmax(logits, axis=-1)                                  # (batch, heads, N, N)
+  out = jnp.einsum('bhqk,bhkd->bhqd', probs.astype(v.dtype), v)
+  return out.transpose(0, 2, 1, 3)                                         # (batch, N, heads, d)
 
 
 # --- cudnn ----------------------------------------------------------------------------------------

@@ -66,9 +66,9 @@ def _matmul_bwd(residuals, grad):
   x, kernel = residuals
   rows = grad.reshape(-1, grad.shape[-1])                     # (batch * tokens, out)
   d_x = (rows @ kernel.T).reshape(x.shape)
-  # XLA:CPU runs a dot whose left operand contracts its leading dimension (x^T dy, every weight
-  # gradient) on a slow generic path; materialising x^T first keeps the dot on its fast kernels.
-  d_kernel = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T) @ rows
+  # x^T dy as one dot contracting the flattened rows, so XLA:CPU neither contracts two dimensions
+  # at once (autodiff's form, on a slow path) nor fuses the producer of x into a transposed copy.
+  d_kernel = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), rows, (((0,), (0,)), ((), ())))
   return d_x, d_kernel.astype(kernel.dtype)
 
 

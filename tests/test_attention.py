@@ -88,8 +88,8 @@ def test_kernel_bfloat16(name):
 
 
 def test_xla_bfloat16_softmax_in_float32():
-  """jax's xla path forms bf16 logits with float32 accumulation and exponentiates in float32; the
-  docstring of attention.xla relies on it."""
+  """The xla kernel forms bf16 logits with float32 accumulation and exponentiates in float32, as
+  its docstring says."""
   q, k, v, _ = qkv(16, jnp.bfloat16, batch=1)
   jaxpr = jax.make_jaxpr(functools.partial(attention.xla, scale=SCALE))(q, k, v)
   eqns = [e for e in jaxpr.jaxpr.eqns]

@@ -1,5 +1,6 @@
 """Shared fixtures and helpers. Eight CPU devices so sharding tests run on real (CPU) devices."""
 
+import contextlib
 import json
 import os
 import pathlib
@@ -43,11 +44,17 @@ def micro_model():
 
 
 @pytest.fixture(scope='session')
-def micro_params(micro_model):
+def micro_init(micro_model):
+  """micro_model's initial parameters (a zero output). Compiled whole: run eagerly, every op of
+  init (and of perturb) compiles on its own, ~20 s on CPU."""
   x = jnp.zeros((1, 8, 8, 1))
-  params = micro_model.init(jax.random.key(0), x, jnp.zeros(1), jnp.zeros(1, jnp.int32),
-                            positions.grid(4, 4, 1))
-  return perturb(params, jax.random.key(1))
+  return jax.jit(micro_model.init)(jax.random.key(0), x, jnp.zeros(1), jnp.zeros(1, jnp.int32),
+                                   positions.grid(4, 4, 1))
+
+
+@pytest.fixture(scope='session')
+def micro_params(micro_init):
+  return jax.jit(perturb)(micro_init, jax.random.key(1))
 
 
 @pytest.fixture(scope='session')
@@ -114,6 +121,21 @@ _CACHE_OPTIONS = {
 }
 
 
+@contextlib.contextmanager
+def persistent_cache(path):
+  """This process's jax compiles through the persistent cache in `path` while active."""
+  previous = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
+  for name, value in _CACHE_OPTIONS.items():
+    jax.config.update(name, path if value is None else value)
+  jax_compilation_cache.reset_cache()
+  try:
+    yield path
+  finally:
+    for name, value in previous.items():
+      jax.config.update(name, value)
+    jax_compilation_cache.reset_cache()
+
+
 @pytest.fixture(scope='module')
 def compilation_cache(jax_cache_dir):
   """A persistent compilation cache for the modules that train the tiny run, in a tmp dir.
@@ -122,15 +144,20 @@ def compilation_cache(jax_cache_dir):
   (run A, both halves of run B, the resume after SIGTERM; ~6 s each on CPU). The cache serves the
   identical executables; the subprocesses share it through the environment (subprocess_env).
   """
-  previous = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
-  path = jax_cache_dir
-  for name, value in _CACHE_OPTIONS.items():
-    jax.config.update(name, path if value is None else value)
-  jax_compilation_cache.reset_cache()
-  yield path
-  for name, value in previous.items():
-    jax.config.update(name, value)
-  jax_compilation_cache.reset_cache()
+  with persistent_cache(jax_cache_dir) as path:
+    yield path
+
+
+@pytest.fixture(scope='session')
+def tiny_run(synthetic_animals, jax_cache_dir, tmp_path_factory):
+  """tiny_config's 2-step run (micro/4 RPE-2D at 16x16, max_grid 8x8: a train grid of 4x4 tokens),
+  trained once per worker for the modules that only sample and evaluate it (test_sample.py,
+  test_evaluate.py), which used to train the same run each. Copy it before writing into it."""
+  from rpe2d import train_loop  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp('tiny_run') / 'run'
+  with persistent_cache(jax_cache_dir):
+    train_loop.train(tiny_config(synthetic_animals), workdir)
+  return workdir
 
 
 def flag_args(data_dir, **overrides) -> list[str]:
@@ -138,11 +165,16 @@ def flag_args(data_dir, **overrides) -> list[str]:
   return [f'--config.{k}={v}' for k, v in values.items()]
 
 
-def subprocess_env(cache_dir):
+def subprocess_env(cache_dir, optimized=False):
+  """The environment of a script run by a test: 8 CPU devices and the compilation cache in
+  `cache_dir`. Most optimisations are off as in this process (compile time dominates a tiny run),
+  unless `optimized`: for the commands whose time is spent running programs, not compiling them
+  (Inception features, sampling 1024 tokens), where the unoptimised programs run ~2x longer than
+  the optimisation takes (evaluate.py of the README: 33 s against 61 s, cache warm)."""
   env = dict(os.environ)
   env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={NUM_DEVICES}'
   env['JAX_PLATFORMS'] = 'cpu'
-  env['JAX_DISABLE_MOST_OPTIMIZATIONS'] = '1'  # as in conftest.py: compile time dominates
+  env['JAX_DISABLE_MOST_OPTIMIZATIONS'] = '0' if optimized else '1'
   for name, value in _CACHE_OPTIONS.items():
     env[name.upper()] = str(cache_dir if value is None else value)
   return env

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_config
-from rpe2d import config as config_lib, rope, sampler, train_loop
+from conftest import REPO, subprocess_env, tiny_config
+from rpe2d import config as config_lib, rope, sampler
 from rpe2d.evaluation import metrics, sweep
 
 
@@ -99,27 +99,30 @@ def test_markdown_table_marks_shared_and_missing_cells():
 
 
 @pytest.fixture(scope='module')
-def runs(synthetic_animals, tmp_path_factory):
-  """A 2-step micro/4 RPE-2D run (16x16, range 8x8 tokens) and the same weights as a grid run."""
+def runs(tiny_run, tmp_path_factory):
+  """conftest's tiny_run (a 2-step micro/4 RPE-2D run, 16x16, range 8x8 tokens) and the same
+  weights as a grid run."""
   root = tmp_path_factory.mktemp('runs')
-  train_loop.train(tiny_config(synthetic_animals), root / 'rpe')
-  shutil.copytree(root / 'rpe', root / 'grid')
+  shutil.copytree(tiny_run, root / 'rpe')
+  shutil.copytree(tiny_run, root / 'grid')
   config = json.loads((root / 'grid' / 'config.json').read_text())
   config['positions']['train'] = 'grid'
   (root / 'grid' / 'config.json').write_text(json.dumps(config))
   return root
 
 
-def evaluate(*args, cwd=REPO):
-  return subprocess.run([sys.executable, str(REPO / 'evaluate.py'), *args], cwd=cwd,
+def evaluate(*args, env, cwd=REPO):
+  return subprocess.run([sys.executable, str(REPO / 'evaluate.py'), *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=900)
 
 
-def test_sweep_writes_every_report_and_reuses_cells(runs, tmp_path):
+def test_sweep_writes_every_report_and_reuses_cells(runs, jax_cache_dir, tmp_path):
+  # XLA's optimisations on: the Inception features of its 18 rows are most of the time.
+  env = subprocess_env(jax_cache_dir, optimized=True)
   args = [f'--runs={runs / "rpe"},{runs / "grid"}', '--resolutions=16,48',
           '--methods=none,yarn,dy-yarn,uniform,random', '--num_samples=5', '--num_reference=4',
           '--steps=2', '--inception_batch_size=5', f'--outdir={tmp_path / "out"}']
-  first = evaluate(*args)
+  first = evaluate(*args, env=env)
   assert first.returncode == 0, first.stderr[-3000:]
   assert first.stderr.count('num_samples=5 is larger than the reference (4 images at 16x16)') == 1
   assert first.stderr.count('FID on 4 < 2048 images is biased upward') == 1
@@ -158,7 +161,7 @@ def test_sweep_writes_every_report_and_reuses_cells(runs, tmp_path):
 
   cells = {p: p.stat().st_mtime_ns for p in (out / 'cells').glob('*.json')}
   assert len(cells) == 5 + 4  # distinct samplings generated: rpe 2 + 3, grid 1 + 3
-  second = evaluate(*args)
+  second = evaluate(*args, env=env)
   assert second.returncode == 0, second.stderr[-3000:]
   assert second.stdout.count('(reused)') == 15 and 'images/s' not in second.stdout
   assert {p: p.stat().st_mtime_ns for p in (out / 'cells').glob('*.json')} == cells

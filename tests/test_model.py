@@ -1,3 +1,5 @@
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -18,9 +20,25 @@ def _inputs(height, width, batch=2, patch=2, seed=0):
   return x, t, labels, pos
 
 
+@functools.cache
+def _compiled_apply(model, encoding):
+  kwargs = {} if encoding is None else dict(encoding=encoding)
+  return jax.jit(functools.partial(model.apply, **kwargs))
+
+
+def forward(model, params, *inputs, encoding=None):
+  """model.apply as one compiled program (per model and encoding): run eagerly, every op of the
+  forward pass is compiled on its own for each new shape, twice the time on CPU."""
+  return _compiled_apply(model, encoding)(params, *inputs)
+
+
+def value_and_grad(loss, params):
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
 @pytest.mark.parametrize('height,width', [(8, 8), (16, 16), (8, 24), (24, 6), (4, 4), (2, 10)])
 def test_output_shape_any_resolution(micro_model, micro_params, height, width):
-  out = micro_model.apply(micro_params, *_inputs(height, width))
+  out = forward(micro_model, micro_params, *_inputs(height, width))
   chex.assert_shape(out, (2, height, width, 1))
   chex.assert_tree_all_finite(out)
 
@@ -28,7 +46,7 @@ def test_output_shape_any_resolution(micro_model, micro_params, height, width):
 def test_output_is_zero_at_init(micro_model):
   x, t, labels, pos = _inputs(8, 12)
   params = micro_model.init(jax.random.key(0), x, t, labels, pos)
-  out = micro_model.apply(params, x, t, labels, pos)
+  out = forward(micro_model, params, x, t, labels, pos)
   assert jnp.all(out == 0.0)
 
 
@@ -37,8 +55,8 @@ def test_same_weights_serve_rope_and_sincos(micro_model, micro_params):
   x, t, labels, pos = _inputs(8, 8)
   chex.assert_trees_all_equal_shapes(
       micro_params, sincos.init(jax.random.key(0), x, t, labels, pos))
-  out_rope = micro_model.apply(micro_params, x, t, labels, pos)
-  out_sincos = sincos.apply(micro_params, x, t, labels, pos)
+  out_rope = forward(micro_model, micro_params, x, t, labels, pos)
+  out_sincos = forward(sincos, micro_params, x, t, labels, pos)
   chex.assert_tree_all_finite(out_sincos)
   assert np.abs(out_rope - out_sincos).max() > 1e-4
 
@@ -46,22 +64,22 @@ def test_same_weights_serve_rope_and_sincos(micro_model, micro_params):
 def test_positions_change_the_output(micro_model, micro_params):
   x, t, labels, pos = _inputs(8, 8)
   spread = positions.rpe2d(jax.random.key(5), 4, 4, 8, 8, 2)
-  a = micro_model.apply(micro_params, x, t, labels, pos)
-  b = micro_model.apply(micro_params, x, t, labels, spread)
+  a = forward(micro_model, micro_params, x, t, labels, pos)
+  b = forward(micro_model, micro_params, x, t, labels, spread)
   assert np.abs(a - b).max() > 1e-4
 
 
 def test_rope_output_is_translation_invariant(micro_model, micro_params):
   x, t, labels, pos = _inputs(8, 8)
-  a = micro_model.apply(micro_params, x, t, labels, pos)
-  b = micro_model.apply(micro_params, x, t, labels, pos + jnp.array([3.0, 5.0]))
+  a = forward(micro_model, micro_params, x, t, labels, pos)
+  b = forward(micro_model, micro_params, x, t, labels, pos + jnp.array([3.0, 5.0]))
   np.testing.assert_allclose(a, b, atol=2e-4)
 
 
 def test_bfloat16_matches_float32(micro_model, micro_params):
   x, t, labels, pos = _inputs(8, 8)
-  f32 = micro_model.apply(micro_params, x, t, labels, pos)
-  bf16 = micro_model.clone(dtype='bfloat16').apply(micro_params, x, t, labels, pos)
+  f32 = forward(micro_model, micro_params, x, t, labels, pos)
+  bf16 = forward(micro_model.clone(dtype='bfloat16'), micro_params, x, t, labels, pos)
   chex.assert_type(bf16, jnp.float32)
   scale = float(jnp.abs(f32).max())
   assert scale > 1e-3
@@ -76,8 +94,8 @@ def test_bfloat16_gradients_match_float32(micro_model, micro_params):
   fresh = bf16.init(jax.random.key(0), x, t, labels, pos)
   assert {a.dtype for a in jax.tree.leaves(fresh)} == {jnp.dtype('float32')}
   loss = lambda m: lambda p: jnp.mean(m.apply(p, x, t, labels, pos) ** 2)
-  value, grads = jax.value_and_grad(loss(micro_model))(micro_params)
-  value_b, grads_b = jax.value_and_grad(loss(bf16))(micro_params)
+  value, grads = value_and_grad(loss(micro_model), micro_params)
+  value_b, grads_b = value_and_grad(loss(bf16), micro_params)
   assert {a.dtype for a in jax.tree.leaves(grads_b)} == {jnp.dtype('float32')}
   np.testing.assert_allclose(value_b, value, rtol=0.03)
   flat, flat_b = (jnp.concatenate([a.ravel() for a in jax.tree.leaves(g)]) for g in (grads, grads_b))
@@ -87,8 +105,8 @@ def test_bfloat16_gradients_match_float32(micro_model, micro_params):
 def test_remat_matches(micro_model, micro_params):
   x, t, labels, pos = _inputs(8, 8)
   loss = lambda m: lambda p: jnp.sum(m.apply(p, x, t, labels, pos) ** 2)
-  value, grads = jax.value_and_grad(loss(micro_model))(micro_params)
-  value_r, grads_r = jax.value_and_grad(loss(micro_model.clone(remat=True)))(micro_params)
+  value, grads = value_and_grad(loss(micro_model), micro_params)
+  value_r, grads_r = value_and_grad(loss(micro_model.clone(remat=True)), micro_params)
   np.testing.assert_allclose(value, value_r, rtol=1e-5)
   chex.assert_trees_all_close(grads, grads_r, rtol=1e-4, atol=1e-6)
 
@@ -106,8 +124,8 @@ def test_scanned_blocks_match_the_loop(micro_model, micro_params, remat, policy)
   chex.assert_trees_all_equal(model_lib.unstack_blocks(stacked), micro_params)
 
   loss = lambda m: lambda p: jnp.sum(m.apply(p, x, t, labels, pos) ** 2)
-  value, grads = jax.value_and_grad(loss(micro_model))(micro_params)
-  value_s, grads_s = jax.value_and_grad(loss(scanned))(stacked)
+  value, grads = value_and_grad(loss(micro_model), micro_params)
+  value_s, grads_s = value_and_grad(loss(scanned), stacked)
   assert float(value) > 1e-3
   np.testing.assert_allclose(value_s, value, rtol=1e-5)
   chex.assert_trees_all_close(model_lib.unstack_blocks(grads_s), grads, rtol=1e-4, atol=1e-6)
@@ -129,17 +147,17 @@ def test_qk_norm_and_micro_conditioning(micro_model):
   x, t, labels, pos = _inputs(8, 8)
   params = perturb(model.init(jax.random.key(0), x, t, labels, pos), jax.random.key(3))
   assert 'q_norm' in params['params']['block_0']['Attention_0']
-  whole = model.apply(params, x, t, labels, pos)
-  default_crop = model.apply(params, x, t, labels, pos, jnp.array([[0.0, 0.0, 1.0, 1.0]] * 2))
-  cropped = model.apply(params, x, t, labels, pos, jnp.array([[0.2, 0.1, 0.5, 0.5]] * 2))
+  whole = forward(model, params, x, t, labels, pos)
+  default_crop = forward(model, params, x, t, labels, pos, jnp.array([[0.0, 0.0, 1.0, 1.0]] * 2))
+  cropped = forward(model, params, x, t, labels, pos, jnp.array([[0.2, 0.1, 0.5, 0.5]] * 2))
   np.testing.assert_array_equal(whole, default_crop)
   assert np.abs(whole - cropped).max() > 1e-4
 
 
 def test_null_class_and_labels(micro_model, micro_params):
   x, t, _, pos = _inputs(8, 8)
-  cond = micro_model.apply(micro_params, x, t, jnp.array([1, 1]), pos)
-  null = micro_model.apply(micro_params, x, t, jnp.array([4, 4]), pos)  # num_classes = 4
+  cond = forward(micro_model, micro_params, x, t, jnp.array([1, 1]), pos)
+  null = forward(micro_model, micro_params, x, t, jnp.array([4, 4]), pos)  # num_classes = 4
   assert np.abs(cond - null).max() > 1e-4
 
 
@@ -152,13 +170,14 @@ def test_null_class_and_labels(micro_model, micro_params):
 def test_methods_are_native_at_the_reference_resolution(micro_model, micro_params, encoding):
   # position_range (8, 8) tokens = 16x16 pixels: scale 1 on both axes.
   x, t, labels, pos = _inputs(16, 16)
-  native = micro_model.apply(micro_params, x, t, labels, pos)
-  np.testing.assert_allclose(micro_model.apply(micro_params, x, t, labels, pos, encoding=encoding),
-                             native, rtol=1e-6, atol=1e-7)
+  native = forward(micro_model, micro_params, x, t, labels, pos)
+  np.testing.assert_allclose(
+      forward(micro_model, micro_params, x, t, labels, pos, encoding=encoding), native, rtol=1e-6,
+      atol=1e-7)
   # Above it, each method changes the output.
   x, t, labels, pos = _inputs(32, 24)
-  native = micro_model.apply(micro_params, x, t, labels, pos)
-  moved = micro_model.apply(micro_params, x, t, labels, pos, encoding=encoding)
+  native = forward(micro_model, micro_params, x, t, labels, pos)
+  moved = forward(micro_model, micro_params, x, t, labels, pos, encoding=encoding)
   assert np.abs(native - moved).max() > 1e-5
 
 

@@ -46,7 +46,7 @@ def test_cfg_formula_and_scale_one_is_conditional(micro_model, micro_params):
   x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
   t = jnp.array([0.1, 0.4, 0.6, 0.9])
   pos = sampler.sampling_positions(micro_model, SamplingPlan(), 8, 8, jnp.arange(4))
-  apply = micro_model.apply
+  apply = jax.jit(micro_model.apply)  # one program; eagerly, each op compiles on its own
   cond = apply(micro_params, x, t, LABELS, pos)
   uncond = apply(micro_params, x, t, jnp.full(4, 4), pos)
   guided = functools.partial(sampler.guided_velocity, apply, micro_params, x, t, LABELS, pos, None,
@@ -67,12 +67,10 @@ def test_cfg_formula_and_scale_one_is_conditional(micro_model, micro_params):
   assert np.abs(guided_images - conditional).max() > 1e-3
 
 
-def test_heun_and_euler_converge_together(micro_model):
+def test_heun_and_euler_converge_together(micro_model, micro_init):
   # Small random weights: large ones make v oscillate fast in t through the time embedding, and
   # then no step count is in the asymptotic regime.
-  x, pos = jnp.zeros((1, 8, 8, 1)), sampler.positions_lib.grid(4, 4, 1)
-  params = perturb(micro_model.init(jax.random.key(0), x, jnp.zeros(1), jnp.zeros(1, jnp.int32),
-                                    pos), jax.random.key(1), scale=0.02)
+  params = jax.jit(perturb, static_argnames='scale')(micro_init, jax.random.key(1), scale=0.02)
   reference = draw(micro_model, params, SamplingPlan(sampler='heun', steps=128))
   error = lambda plan: float(np.abs(draw(micro_model, params, plan) - reference).max())
   euler_8, euler_64 = error(SamplingPlan(steps=8)), error(SamplingPlan(steps=64))
@@ -95,9 +93,10 @@ def test_dype_in_scan_matches_a_python_loop(micro_model, micro_params):
   x = jax.vmap(lambda k: jax.random.normal(k, (32, 24, 1)))(keys)
   pos = sampler.sampling_positions(micro_model, plan, 32, 24, jnp.arange(4))
   times = np.asarray(flow.shift_time(np.linspace(1.0, 0.0, 6), 2.0))
+  velocity = jax.jit(functools.partial(micro_model.apply, encoding=encoding))  # not op by op
   for t_now, t_next in zip(times[:-1], times[1:]):
     t = jnp.full((4,), t_now)
-    v = micro_model.apply(micro_params, x, t, LABELS, pos, encoding=encoding)
+    v = velocity(micro_params, x, t, LABELS, pos)
     x = x + (t_next - t_now) * v
   np.testing.assert_allclose(scanned, x, atol=1e-4)
   # DyPE matters: the static method gives other images.

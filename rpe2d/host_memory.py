@@ -5,7 +5,9 @@ and returns them with `munmap`, so every step touches hundreds of megabytes of n
 page fault the kernel must zero: a quarter of the default model's train step went to the kernel
 (README.md, Performance). With one malloc arena, no `mmap` for allocations and no trimming of the
 heap, a freed buffer is reused by the next step at no cost. The process's memory then stays at its
-peak, which a training process reaches in its first step anyway.
+peak; with several threads the heap also grows now and then over the first tens of steps (a
+buffer one thread frees is not yet free when another allocates) before it settles, so the peak
+can be higher than with the default malloc.
 
 `import rpe2d` applies it (before jax starts its threads: a thread that already owns an arena keeps
 it); set RPE2D_KEEP_FREED_MEMORY=0 to leave malloc as it is.

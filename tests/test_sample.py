@@ -34,8 +34,9 @@ def cli(*args, cwd=REPO, scripts=None, cache=None):
   interpreter instead, for the refusals (still a process each, without the re-imports)."""
   if scripts is not None:
     return scripts.run([REPO / 'sample.py', *args], cwd=cwd, timeout=300)
-  return subprocess.run([sys.executable, str(REPO / 'sample.py'), *args], cwd=cwd,
-                        env=subprocess_env(cache), capture_output=True, text=True, timeout=300)
+  env = subprocess_env(cache) if cache is not None else None
+  return subprocess.run([sys.executable, str(REPO / 'sample.py'), *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize('height,width', [(16, 16), (32, 24), (8, 8), (12, 40)])

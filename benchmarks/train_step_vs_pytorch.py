@@ -12,9 +12,10 @@ machine.
 
 rpe2d side: the real `rpe2d.training.Trainer` step built from `rpe2d.config` (grid positions,
 RoPE, float32, AdamW 1e-4, clip 1.0, EMA 0.9999), in a process where `import rpe2d` has set up
-host memory as it does for every user (rpe2d/host_memory.py); PyTorch side: benchmarks/torch_dit.py, eager, with
-the same objective and optimizer and a fixed sin-cos position embedding. For the rpe2d step the
-script also prints XLA's cost-analysis FLOPs against the project's analytic count.
+host memory as it does for every user (rpe2d/host_memory.py); PyTorch side:
+benchmarks/torch_dit.py, eager, with the same objective and optimizer and a fixed sin-cos position
+embedding. For the rpe2d step the script also prints XLA's cost-analysis FLOPs against the
+project's analytic count.
 """
 
 import argparse

@@ -1,4 +1,5 @@
-"""`import rpe2d` keeps freed host memory: a repeated XLA:CPU computation stops faulting in pages."""
+"""`import rpe2d` keeps freed host memory: a repeated XLA:CPU computation stops faulting in
+pages."""
 
 import json
 import os
@@ -44,7 +45,7 @@ def minor_faults(mode: str, **env) -> int:
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc tuning is Linux-only')
+@pytest.mark.skipif(not host_memory.keep_freed_memory(), reason="needs glibc's mallopt (Linux)")
 def test_importing_rpe2d_stops_page_faults_of_repeated_steps():
   # Without the setting every step faults in ~12k fresh 4 KiB pages; with it, none after the first.
   plain = minor_faults('jax')

@@ -125,12 +125,18 @@ class DiT(nn.Module):
     return torch.einsum('nhwpqc->nchpwq', out).reshape(batch, self.channels, g * p, g * p)
 
 
+def autocast(dtype: torch.dtype):
+  """PyTorch's CPU mixed precision for a compute dtype other than float32; else nothing."""
+  return torch.autocast('cpu', dtype=dtype, enabled=dtype != torch.float32)
+
+
 class Trainer:
   """AdamW on the rectified-flow velocity loss, with gradient clipping and an EMA."""
 
   def __init__(self, model: DiT, *, learning_rate=1e-4, grad_clip=1.0, ema_decay=0.9999,
-               class_dropout=0.1):
+               class_dropout=0.1, compute_dtype=torch.float32):
     self.model, self.grad_clip, self.ema_decay = model, grad_clip, ema_decay
+    self.compute_dtype = compute_dtype
     self.class_dropout = class_dropout
     self.params = [p for p in model.parameters() if p.requires_grad]
     # weight_decay 0 and eps 1e-8: the project's optimizer (optax.adamw with weight_decay=0).
@@ -146,7 +152,9 @@ class Trainer:
     labels = torch.where(drop, torch.full_like(labels, self.model.num_classes), labels)
     t_ = t[:, None, None, None]
     x_t = (1 - t_) * images + t_ * noise
-    return F.mse_loss(self.model(x_t, t, labels), noise - images)
+    with autocast(self.compute_dtype):
+      prediction = self.model(x_t, t, labels)
+    return F.mse_loss(prediction.float(), noise - images)
 
   def step(self, images, labels) -> torch.Tensor:
     self.optimizer.zero_grad(set_to_none=True)

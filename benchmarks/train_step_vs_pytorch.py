@@ -86,7 +86,7 @@ def rpe2d_config(work: dict):
       'model.variant': work['variant'], 'data.image_size': work['image_size'],
       'data.channels': work['channels'], 'data.num_classes': work['num_classes'],
       'batch_size': work['batch'], 'optim.learning_rate': 1e-4, 'optim.warmup_steps': 0,
-      'optim.ema_decay': 0.9999})
+      'optim.ema_decay': 0.9999, 'model.dtype': work['dtype']})
   if work['channels'] not in (1, 3):
     # Latent-shaped inputs: the schema takes 4 channels only for latents; batches are synthetic
     # here, so no extraction is read.
@@ -151,15 +151,18 @@ def torch_worker(work: dict, dims: dict, threads: int, steps: int) -> dict:
   model = torch_dit.DiT(**dims, channels=c, image_size=s, num_classes=work['num_classes'])
   images = torch.randn(batch, c, s, s)
   labels = torch.randint(0, work['num_classes'], (batch,))
+  # PyTorch's mixed precision: float32 parameters, the forward under autocast.
+  compute_dtype = getattr(torch, work['dtype'])
   if work['kind'] == 'train':
-    trainer = torch_dit.Trainer(model, learning_rate=1e-4, grad_clip=1.0, ema_decay=0.9999)
+    trainer = torch_dit.Trainer(model, learning_rate=1e-4, grad_clip=1.0, ema_decay=0.9999,
+                                compute_dtype=compute_dtype)
     step = lambda: trainer.step(images, labels).item()
   else:
     model.eval()
     t = torch.full((batch,), 0.5)
 
     def step():
-      with torch.inference_mode():
+      with torch.inference_mode(), torch_dit.autocast(compute_dtype):
         model(images, t, labels).sum().item()
   for _ in range(WARMUP_STEPS):
     step()
@@ -224,6 +227,9 @@ def parse_args(argv=None):
   parser.add_argument('--threads', default='1,2', help='comma-separated thread (= core) counts')
   parser.add_argument('--rounds', type=int, default=3, help='interleaved runs per framework')
   parser.add_argument('--steps', type=int, default=5, help='timed steps per run')
+  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
+                      help='compute dtype on both sides (parameters stay float32): rpe2d\'s '
+                      'model.dtype, PyTorch\'s autocast')
   parser.add_argument('--batch', type=int, default=0, help='override every work\'s batch (0: no)')
   parser.add_argument('--variant', default='',
                       help='override every work\'s model variant, e.g. micro/4 (empty: no)')
@@ -282,10 +288,11 @@ def main(argv=None):
   else:
     print(f'torch is not importable by {args.torch_python}: rpe2d numbers only '
           '(--torch_python=/path/to/python with torch)')
-  works = {n: dict(WORKS[n], batch=args.batch or WORKS[n]['batch'],
+  works = {n: dict(WORKS[n], batch=args.batch or WORKS[n]['batch'], dtype=args.dtype,
                   variant=args.variant or WORKS[n]['variant']) for n in args.works}
   print(f'{args.rounds} interleaved rounds x {args.steps} timed steps (after {WARMUP_STEPS} '
-        f'warm-up) per worker; medians; threads = pinned cores', flush=True)
+        f'warm-up) per worker; medians; threads = pinned cores; compute in {args.dtype}',
+        flush=True)
   results = {}  # (work, threads, framework) -> [worker results]
   for name, work in works.items():
     for threads in args.threads:

@@ -53,9 +53,16 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0):
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
+def _dot(lhs, rhs, dimension_numbers):
+  # Accumulate and return float32: XLA:CPU runs a bfloat16 dot on its fast (AMX / AVX-512 BF16)
+  # path only when the dot itself returns float32 (bf16 -> bf16 takes a generic path at a sixth
+  # of the speed), and every platform accumulates in float32 anyway.
+  return jax.lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=jnp.float32)
+
+
 @jax.custom_vjp
 def _matmul(x, kernel):
-  return jnp.matmul(x, kernel)
+  return _dot(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
 
 
 def _matmul_fwd(x, kernel):
@@ -64,32 +71,39 @@ def _matmul_fwd(x, kernel):
 
 def _matmul_bwd(residuals, grad):
   x, kernel = residuals
-  rows = grad.reshape(-1, grad.shape[-1])                     # (batch * tokens, out)
-  d_x = (rows @ kernel.T).reshape(x.shape)
-  # x^T dy as one dot contracting the flattened rows, so XLA:CPU neither contracts two dimensions
-  # at once (autodiff's form, on a slow path) nor fuses the producer of x into a transposed copy.
-  d_kernel = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), rows, (((0,), (0,)), ((), ())))
-  return d_x, d_kernel.astype(kernel.dtype)
+  grad = grad.astype(x.dtype)  # the float32 output's gradient, rounded once for both dots
+  d_x = _dot(grad, kernel, (((grad.ndim - 1,), (1,)), ((), ())))             # dy W^T
+  if x.dtype == jnp.float32:
+    # x^T dy as one dot contracting the flattened rows, so XLA:CPU neither contracts two
+    # dimensions at once (a slow path for float32) nor fuses the producer of x into a transposed
+    # copy.
+    x, grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+  # In bfloat16 the opposite holds: contracting (batch, tokens) at once takes the fast path, the
+  # flattened rows a slow one.
+  rows = tuple(range(x.ndim - 1))
+  d_kernel = _dot(x, grad, ((rows, rows), ((), ())))                           # x^T dy
+  return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype)
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def _cpu_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-  """lax.dot_general, with the fast-backward matmul for a Dense layer's x @ kernel."""
+def _float32_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """A Dense layer's dot in its compute dtype, accumulated into and returned as float32; on CPU
+  with a backward whose weight gradient XLA:CPU computes at full speed."""
+  del preferred_element_type  # always float32
   (lhs_contract, rhs_contract), (lhs_batch, _) = dimension_numbers
-  if (tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,) and rhs.ndim == 2
-      and not lhs_batch and preferred_element_type is None):
+  if (jax.default_backend() == 'cpu' and tuple(lhs_contract) == (lhs.ndim - 1,)
+      and tuple(rhs_contract) == (0,) and rhs.ndim == 2 and not lhs_batch):
     return _matmul(lhs, rhs)
   return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision,
-                             preferred_element_type=preferred_element_type)
+                             preferred_element_type=jnp.float32)
 
 
-def dense(features: int, **kwargs) -> nn.Dense:
-  """nn.Dense; on CPU with a weight gradient XLA:CPU computes at full speed."""
-  if jax.default_backend() == 'cpu':
-    kwargs.setdefault('dot_general', _cpu_dot_general)
-  return nn.Dense(features, **kwargs)
+def dense(features: int, dtype=jnp.float32, **kwargs) -> nn.Dense:
+  """nn.Dense whose inputs and kernel are cast to `dtype` for the product, and whose output (the
+  bias added) is float32: only matmul operands are ever bfloat16, as under PyTorch's autocast."""
+  return nn.Dense(features, dtype=dtype, dot_general=_float32_dot_general, **kwargs)
 
 
 def modulate(x, shift, scale):
@@ -101,17 +115,16 @@ class ScalarEmbedder(nn.Module):
   width: int
   frequency_dim: int = 256
   zero_output: bool = False
-  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, scalars):  # (batch, k)
     per_scalar = self.frequency_dim // scalars.shape[-1]
     features = jnp.concatenate(
         [timestep_embedding(scalars[:, i], per_scalar) for i in range(scalars.shape[-1])], -1)
-    x = dense(self.width, dtype=self.dtype, kernel_init=nn.initializers.normal(0.02))(features)
+    x = dense(self.width, kernel_init=nn.initializers.normal(0.02))(features)
     x = nn.silu(x)
     out_init = nn.initializers.zeros if self.zero_output else nn.initializers.normal(0.02)
-    return dense(self.width, dtype=self.dtype, kernel_init=out_init)(x)
+    return dense(self.width, kernel_init=out_init)(x)
 
 
 class Attention(nn.Module):
@@ -127,12 +140,14 @@ class Attention(nn.Module):
     linear = functools.partial(dense, dtype=self.dtype,
                                kernel_init=nn.initializers.xavier_uniform())
     qkv = linear(3 * width, name='qkv')(x).reshape(batch, tokens, 3, self.heads, head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    # split, not indexing: its gradient is one concatenation, not three padded full-size sums
+    q, k, v = (x[:, :, 0] for x in jnp.split(qkv, 3, axis=2))               # float32
     if self.qk_norm:
-      q = nn.RMSNorm(dtype=self.dtype, name='q_norm')(q)
-      k = nn.RMSNorm(dtype=self.dtype, name='k_norm')(k)
+      q = nn.RMSNorm(name='q_norm')(q)
+      k = nn.RMSNorm(name='k_norm')(k)
     if rotation is not None:
       q, k = rope.apply_rope(q, rotation), rope.apply_rope(k, rotation)
+    q, k, v = (x.astype(self.dtype) for x in (q, k, v))
     out = attention.attend(q, k, v, scale=logit_scale / math.sqrt(head_dim),
                            kernel=self.implementation)
     return linear(width, name='proj')(out.reshape(batch, tokens, width))
@@ -151,15 +166,17 @@ class DiTBlock(nn.Module):
   @nn.compact
   def __call__(self, x, c, rotation):
     width = x.shape[-1]
-    modulation = dense(6 * width, dtype=self.dtype, kernel_init=nn.initializers.zeros,
-                          name='adaLN')(nn.silu(c))
+    # Only the token matmuls and attention compute in self.dtype: the residual stream, norms,
+    # modulation and conditioning stay float32, as PyTorch's autocast does. In bfloat16 that also
+    # keeps the backward's sums over tokens (shift, scale, gate) in float32, where XLA:CPU fuses
+    # them; bf16 products summed in float32 became unfused tree reductions (a sixth of the step).
+    modulation = dense(6 * width, kernel_init=nn.initializers.zeros, name='adaLN')(nn.silu(c))
     shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(modulation, 6, axis=-1)
-    norm = functools.partial(nn.LayerNorm, use_bias=False, use_scale=False, epsilon=1e-6,
-                             dtype=self.dtype)
+    norm = functools.partial(nn.LayerNorm, use_bias=False, use_scale=False, epsilon=1e-6)
     h = modulate(norm()(x), shift_a, scale_a)
     h = Attention(self.heads, self.qk_norm, self.attention_implementation, self.dtype)(
         h, rotation, self.logit_scale)
-    x = x + gate_a[:, None] * h
+    x = x + gate_a[:, None] * h                                            # float32
     h = modulate(norm()(x), shift_m, scale_m)
     linear = functools.partial(dense, dtype=self.dtype,
                                kernel_init=nn.initializers.xavier_uniform())
@@ -226,24 +243,24 @@ class DiT(nn.Module):
 
     tokens = nn.Conv(width, (patch, patch), strides=(patch, patch), dtype=dtype,
                      kernel_init=nn.initializers.xavier_uniform(), name='patch_embed')(x)
-    tokens = tokens.reshape(batch, h * w, width)
+    tokens = tokens.reshape(batch, h * w, width).astype(jnp.float32)     # the residual stream
     rotation = None
     if self.position_embedding == 'sincos':
       tokens = tokens + rope.sincos_embedding(
-          positions, t, width=width, geometry=geometry, encoding=encoding).astype(dtype)
+          positions, t, width=width, geometry=geometry, encoding=encoding)
     else:
       angles = rope.angles_2d(positions, t, dim=width // heads // 2, geometry=geometry,
                               encoding=encoding)
       rotation = rope.rotation(angles, rope.rope_temperatures(geometry, encoding))
     logit_scale = rope.logit_multiplier(geometry, encoding, rotary=rotation is not None)
 
-    c = ScalarEmbedder(width, dtype=dtype, name='t_embed')(t[:, None])
+    c = ScalarEmbedder(width, name='t_embed')(t[:, None])                 # float32 (batch, width)
     c = c + nn.Embed(self.num_classes + 1, width, embedding_init=nn.initializers.normal(0.02),
-                     name='label_embed')(labels).astype(dtype)
+                     name='label_embed')(labels)
     if self.micro_conditioning:
       if crop is None:
         crop = jnp.broadcast_to(jnp.array([0.0, 0.0, 1.0, 1.0], jnp.float32), (batch, 4))
-      c = c + ScalarEmbedder(width, zero_output=True, dtype=dtype, name='crop_embed')(crop)
+      c = c + ScalarEmbedder(width, zero_output=True, name='crop_embed')(crop)
 
     block = DiTBlock
     if self.remat:
@@ -262,15 +279,15 @@ class DiT(nn.Module):
       for i in range(depth):
         tokens = block(name=f'block_{i}')(tokens, c, rotation)              # (batch, N, width)
 
-    modulation = dense(2 * width, dtype=dtype, kernel_init=nn.initializers.zeros,
-                          name='final_adaLN')(nn.silu(c))
+    modulation = dense(2 * width, kernel_init=nn.initializers.zeros,
+                       name='final_adaLN')(nn.silu(c))                      # (batch, 2 width)
     shift, scale = jnp.split(modulation, 2, axis=-1)
-    tokens = modulate(nn.LayerNorm(use_bias=False, use_scale=False, epsilon=1e-6, dtype=dtype)(
-        tokens), shift, scale)
+    tokens = modulate(nn.LayerNorm(use_bias=False, use_scale=False, epsilon=1e-6)(tokens), shift,
+                      scale)
     out = dense(patch * patch * channels, dtype=dtype, kernel_init=nn.initializers.zeros,
-                   name='final_proj')(tokens)
+                name='final_proj')(tokens)                                 # float32 (batch, N, p p C)
     out = out.reshape(batch, h, w, patch, patch, channels).transpose(0, 1, 3, 2, 4, 5)
-    return out.reshape(batch, height, img_width, channels).astype(jnp.float32)
+    return out.reshape(batch, height, img_width, channels)
 
 
 def _holds_blocks(x) -> bool:

@@ -65,6 +65,17 @@ def test_kernel_matches_reference(name, tokens):
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
 
 
+def test_xla_per_head_sampling_path_matches_reference():
+  """On CPU an undifferentiated call whose scores exceed CPU_PER_HEAD_ABOVE runs one (example,
+  head) at a time, with the same values."""
+  tokens = 1 + int((attention.CPU_PER_HEAD_ABOVE / (4 * 2 * HEADS)) ** 0.5)  # just above, batch 2
+  q, k, v, weights = qkv(tokens)
+  out = jax.jit(functools.partial(attention.xla, scale=SCALE))(q, k, v)
+  np.testing.assert_allclose(out, reference_f64(q, k, v, SCALE), atol=2e-6, rtol=0)
+  one_head = jax.make_jaxpr(functools.partial(attention.xla, scale=SCALE))(q, k, v)
+  assert 'scan' in str(one_head)  # lax.map: the per-head loop really ran
+
+
 # bfloat16 holds 8 significant bits: inputs are rounded by the test, the probabilities are rounded
 # before the product with v, and the output is rounded, so values agree to about 2^-7 of their
 # range; the gradients (sums of a few hundred rounded products) to 2% of their largest entry.
@@ -93,9 +104,11 @@ def test_xla_bfloat16_softmax_in_float32():
   q, k, v, _ = qkv(16, jnp.bfloat16, batch=1)
   jaxpr = jax.make_jaxpr(functools.partial(attention.xla, scale=SCALE))(q, k, v)
   eqns = [e for e in jaxpr.jaxpr.eqns]
-  while any(e.primitive.name in ('pjit', 'jit') for e in eqns):  # look inside nested jits
+  inner_jaxpr = {'pjit': 'jaxpr', 'jit': 'jaxpr', 'custom_vjp_call': 'call_jaxpr'}
+  while any(e.primitive.name in inner_jaxpr for e in eqns):  # look inside jits and custom_vjps
     eqns = [inner for e in eqns for inner in
-            (e.params['jaxpr'].jaxpr.eqns if e.primitive.name in ('pjit', 'jit') else [e])]
+            (e.params[inner_jaxpr[e.primitive.name]].jaxpr.eqns
+             if e.primitive.name in inner_jaxpr else [e])]
   logits = next(e for e in eqns if e.primitive.name == 'dot_general')
   assert logits.outvars[0].aval.dtype == jnp.float32
   exps = [e for e in eqns if e.primitive.name == 'exp']

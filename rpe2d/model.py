@@ -100,6 +100,11 @@ def _float32_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_
                              preferred_element_type=jnp.float32)
 
 
+def _float32_conv(*args, **kwargs):
+  """lax.conv_general_dilated accumulated into and returned as float32, like `dense`."""
+  return jax.lax.conv_general_dilated(*args, **kwargs, preferred_element_type=jnp.float32)
+
+
 def dense(features: int, dtype=jnp.float32, **kwargs) -> nn.Dense:
   """nn.Dense whose inputs and kernel are cast to `dtype` for the product, and whose output (the
   bias added) is float32: only matmul operands are ever bfloat16, as under PyTorch's autocast."""
@@ -242,7 +247,8 @@ class DiT(nn.Module):
     geometry = self.geometry(height, img_width)
 
     tokens = nn.Conv(width, (patch, patch), strides=(patch, patch), dtype=dtype,
-                     kernel_init=nn.initializers.xavier_uniform(), name='patch_embed')(x)
+                     kernel_init=nn.initializers.xavier_uniform(), name='patch_embed',
+                     conv_general_dilated=_float32_conv)(x)
     tokens = tokens.reshape(batch, h * w, width).astype(jnp.float32)     # the residual stream
     rotation = None
     if self.position_embedding == 'sincos':

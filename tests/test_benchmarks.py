@@ -37,9 +37,10 @@ def table_rows(text, first_cell):
 
 def test_train_step_vs_pytorch_prints_both_tables():
   done = run('train_step_vs_pytorch.py', '--works=train_tiny4', '--variant=micro/4', '--batch=2',
-             '--steps=1', '--rounds=1', '--threads=1')
+             '--steps=1', '--rounds=1', '--threads=1', '--dtype=bfloat16')
   assert done.returncode == 0, done.stderr[-2000:]
   out = done.stdout
+  assert 'compute in bfloat16' in out
   [speed] = table_rows(out, 'train micro/4 32x32x1 (64 tokens) batch 2 | 1 |')
   cells = [c.strip() for c in speed.strip('|').split('|')]
   assert float(cells[3]) > 0 and float(cells[6]) > 0  # rpe2d cpu-s and wall-s

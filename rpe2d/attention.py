@@ -92,7 +92,7 @@ def _weighted_values(probs, v):  # (..., N_q, N_k) x (..., N_k, d) -> (..., N_q,
 
 
 def _per_head_attention(q, k, v, scale):
-  """The same values as `_xla_attention`, one (example, head) at a time (`lax.map`)."""
+  """The same values as `_xla_forward`, one (example, head) at a time (`lax.map`)."""
   batch, tokens, heads, d = q.shape
 
   def one_head(qkv):  # each (N, d)

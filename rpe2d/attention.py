@@ -79,9 +79,8 @@ def _heads_major(x):  # (batch, tokens, heads, d) -> (batch, heads, tokens, d)
   return x.transpose(0, 2, 1, 3)
 
 
-def _probabilities(q, k, scale):
-  """softmax(scale q k^T) in float32, heads-major: (batch, heads, N_q, N_k)."""
-  logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
+def _probabilities(q, k, scale):  # (..., N_q, d) x (..., N_k, d) -> float32 (..., N_q, N_k)
+  logits = jnp.einsum('...qd,...kd->...qk', q, k, preferred_element_type=jnp.float32) * scale
   return jax.nn.softmax(logits, axis=-1)
 
 
@@ -97,7 +96,7 @@ def _per_head_attention(q, k, v, scale):
 
   def one_head(qkv):  # each (N, d)
     q1, k1, v1 = qkv
-    return _weighted_values(_probabilities(q1[None, None], k1[None, None], scale), v1)[0, 0]
+    return _weighted_values(_probabilities(q1, k1, scale), v1)
 
   flat = [_heads_major(x).reshape(batch * heads, -1, d) for x in (q, k, v)]
   out = lax.map(one_head, flat)                                             # (batch*heads, N, d)

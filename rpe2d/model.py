@@ -146,13 +146,13 @@ class Attention(nn.Module):
                                kernel_init=nn.initializers.xavier_uniform())
     qkv = linear(3 * width, name='qkv')(x).reshape(batch, tokens, 3, self.heads, head_dim)
     # split, not indexing: its gradient is one concatenation, not three padded full-size sums
-    q, k, v = (x[:, :, 0] for x in jnp.split(qkv, 3, axis=2))               # float32
+    q, k, v = (part[:, :, 0] for part in jnp.split(qkv, 3, axis=2))         # float32
     if self.qk_norm:
       q = nn.RMSNorm(name='q_norm')(q)
       k = nn.RMSNorm(name='k_norm')(k)
     if rotation is not None:
       q, k = rope.apply_rope(q, rotation), rope.apply_rope(k, rotation)
-    q, k, v = (x.astype(self.dtype) for x in (q, k, v))
+    q, k, v = (part.astype(self.dtype) for part in (q, k, v))
     out = attention.attend(q, k, v, scale=logit_scale / math.sqrt(head_dim),
                            kernel=self.implementation)
     return linear(width, name='proj')(out.reshape(batch, tokens, width))

@@ -37,6 +37,17 @@ def perturb(params, key, scale=0.05):
       treedef, [p + scale * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
 
 
+def jaxpr_equations(jaxpr):
+  """Every equation of a jaxpr, depth first, including those inside nested jits and the primal
+  jaxprs of custom_vjp calls."""
+  for e in jaxpr.eqns:
+    yield e
+    for value in e.params.values():
+      inner = getattr(value, 'jaxpr', value)
+      if hasattr(inner, 'eqns'):
+        yield from jaxpr_equations(inner)
+
+
 @pytest.fixture(scope='session')
 def micro_model():
   return model_lib.DiT(variant='micro/2', channels=1, num_classes=4, train_grid=(4, 4),

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import jaxpr_equations
 from rpe2d import attention, positions
 from rpe2d import config as config_lib
 
@@ -103,12 +104,7 @@ def test_xla_bfloat16_softmax_in_float32():
   its docstring says."""
   q, k, v, _ = qkv(16, jnp.bfloat16, batch=1)
   jaxpr = jax.make_jaxpr(functools.partial(attention.xla, scale=SCALE))(q, k, v)
-  eqns = [e for e in jaxpr.jaxpr.eqns]
-  inner_jaxpr = {'pjit': 'jaxpr', 'jit': 'jaxpr', 'custom_vjp_call': 'call_jaxpr'}
-  while any(e.primitive.name in inner_jaxpr for e in eqns):  # look inside jits and custom_vjps
-    eqns = [inner for e in eqns for inner in
-            (e.params[inner_jaxpr[e.primitive.name]].jaxpr.eqns
-             if e.primitive.name in inner_jaxpr else [e])]
+  eqns = list(jaxpr_equations(jaxpr.jaxpr))
   logits = next(e for e in eqns if e.primitive.name == 'dot_general')
   assert logits.outvars[0].aval.dtype == jnp.float32
   exps = [e for e in eqns if e.primitive.name == 'exp']

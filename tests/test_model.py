@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import perturb
+from conftest import jaxpr_equations, perturb
 from rpe2d import model as model_lib, positions, rope
 
 
@@ -102,16 +102,6 @@ def test_bfloat16_gradients_match_float32(micro_model, micro_params):
   assert float(jnp.linalg.norm(flat_b - flat) / jnp.linalg.norm(flat)) < 0.03
 
 
-def _equations(jaxpr):
-  """Every equation of a jaxpr, inside jits, custom_vjps and their backward jaxprs too."""
-  for e in jaxpr.eqns:
-    yield e
-    for value in e.params.values():
-      inner = getattr(value, 'jaxpr', value)
-      if hasattr(inner, 'eqns'):
-        yield from _equations(inner)
-
-
 def test_bfloat16_mixed_precision_contract(micro_model, micro_params):
   """With model.dtype='bfloat16', the token matmuls and attention take bf16 operands, every dot
   returns float32 (XLA:CPU's fast bf16 path, and float32 accumulation), and the residual stream
@@ -119,7 +109,7 @@ def test_bfloat16_mixed_precision_contract(micro_model, micro_params):
   x, t, labels, pos = _inputs(8, 8)
   bf16 = micro_model.clone(dtype='bfloat16')
   loss = lambda p: jnp.mean(bf16.apply(p, x, t, labels, pos) ** 2)
-  dots = [e for e in _equations(jax.make_jaxpr(jax.grad(loss))(micro_params).jaxpr)
+  dots = [e for e in jaxpr_equations(jax.make_jaxpr(jax.grad(loss))(micro_params).jaxpr)
           if e.primitive.name in ('dot_general', 'conv_general_dilated')]
   assert {e.outvars[0].aval.dtype for e in dots} == {jnp.dtype('float32')}
   bf16_dots = [e for e in dots if all(v.aval.dtype == jnp.bfloat16 for v in e.invars)]

@@ -41,7 +41,8 @@ def test_train_step_vs_pytorch_prints_both_tables():
   assert done.returncode == 0, done.stderr[-2000:]
   out = done.stdout
   assert 'compute in bfloat16' in out
-  [speed] = table_rows(out, 'train micro/4 32x32x1 (64 tokens) batch 2 | 1 |')
+  [speed] = [l for l in table_rows(out, 'train micro/4 32x32x1 (64 tokens) batch 2 | 1 |')
+             if l.count('|') == 10]
   cells = [c.strip() for c in speed.strip('|').split('|')]
   assert float(cells[3]) > 0 and float(cells[6]) > 0  # rpe2d cpu-s and wall-s
   if TORCH:
@@ -49,9 +50,17 @@ def test_train_step_vs_pytorch_prints_both_tables():
   else:
     assert 'rpe2d numbers only' in out and cells[2] == 'n/a'
   [flops] = [l for l in out.splitlines()
-             if l.startswith('| train micro/4') and l.count('|') == 6]
+             if l.startswith('| train micro/4') and l.count('|') == 6 and ' / ' not in l]
   xla, analytic, ratio = (float(c) for c in flops.strip('|').split('|')[1:4])
   assert xla > 0 and analytic > 0 and ratio == pytest.approx(xla / analytic, rel=1e-2)
+  [floor] = [l for l in out.splitlines()
+             if l.startswith('| train micro/4') and l.count('|') == 6 and ' / ' in l]
+  rates, seconds, target = (c.strip() for c in floor.strip('|').split('|')[2:5])
+  torch_rate, rpe2d_rate = rates.split(' / ')
+  assert float(rpe2d_rate) > 0
+  best = max(float(rpe2d_rate), float(torch_rate) if TORCH else 0.0)
+  assert float(seconds) == pytest.approx(analytic / best, abs=1.5e-3)  # rounded to 3 digits
+  assert (float(target) > 0) if TORCH else target == 'n/a'
 
 
 def test_train_step_vs_pytorch_refuses_an_unknown_work():

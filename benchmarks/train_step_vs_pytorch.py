@@ -160,7 +160,7 @@ def rpe2d_worker(work: dict, steps: int) -> dict:
     step()
   cpu, wall = median_steps(step, steps)
   width, _, _, patch = model_lib.parse_variant(work['variant'])
-  rows, width, hidden = mlp_matmul(work, width, patch)
+  rows, _, hidden = mlp_matmul(work, width, patch)
   a = jnp.asarray(rng.standard_normal((rows, width), dtype=np.float32), work['dtype'])
   b = jnp.asarray(rng.standard_normal((width, hidden), dtype=np.float32), work['dtype'])
   matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))

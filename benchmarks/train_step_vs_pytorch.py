@@ -69,30 +69,31 @@ def pin(threads: int):
   os.sched_setaffinity(0, allowed[:threads])
 
 
-def median_steps(step, steps: int) -> tuple[float, float]:
-  """Median (CPU seconds, wall seconds) of one blocking call of `step`."""
+def timed_calls(call, n: int) -> tuple[list[float], list[float]]:
+  """(CPU seconds, wall seconds) of each of n blocking calls."""
   cpu, wall = [], []
-  for _ in range(steps):
+  for _ in range(n):
     c0, w0 = time.process_time(), time.perf_counter()
-    step()
+    call()
     cpu.append(time.process_time() - c0)
     wall.append(time.perf_counter() - w0)
+  return cpu, wall
+
+
+def median_steps(step, steps: int) -> tuple[float, float]:
+  """Median (CPU seconds, wall seconds) of one blocking call of `step`."""
+  cpu, wall = timed_calls(step, steps)
   return statistics.median(cpu), statistics.median(wall)
 
 
-def best_seconds(call, repeats: int = 10) -> float:
+def matmul_gflops(work: dict, width: int, patch: int, make_call) -> float:
+  """GFLOP/s of one framework's matrix multiply at the work's MLP shape, (batch x tokens, width) by
+  (width, 4 width); make_call(lhs_shape, rhs_shape) returns one blocking product. Best of 10."""
+  rows, hidden = work['batch'] * (work['image_size'] // patch) ** 2, 4 * width
+  call = make_call((rows, width), (width, hidden))
   call()
-  times = []
-  for _ in range(repeats):
-    began = time.perf_counter()
-    call()
-    times.append(time.perf_counter() - began)
-  return min(times)
-
-
-def mlp_matmul(work: dict, width: int, patch: int) -> tuple[int, int, int]:
-  """(rows, width, 4 width): the shape of the work's largest matrix multiply."""
-  return work['batch'] * (work['image_size'] // patch) ** 2, width, 4 * width
+  seconds = min(timed_calls(call, 10)[1])
+  return 2 * rows * width * hidden / seconds / 1e9
 
 
 def peak_rss_mib() -> float:
@@ -159,14 +160,16 @@ def rpe2d_worker(work: dict, steps: int) -> dict:
   for _ in range(WARMUP_STEPS):
     step()
   cpu, wall = median_steps(step, steps)
-  width, _, _, patch = model_lib.parse_variant(work['variant'])
-  rows, _, hidden = mlp_matmul(work, width, patch)
-  a = jnp.asarray(rng.standard_normal((rows, width), dtype=np.float32), work['dtype'])
-  b = jnp.asarray(rng.standard_normal((width, hidden), dtype=np.float32), work['dtype'])
   matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-  matmul_s = best_seconds(lambda: jax.block_until_ready(matmul(a, b)))
+
+  def make_matmul(lhs_shape, rhs_shape):
+    a, b = (jnp.asarray(rng.standard_normal(shape, dtype=np.float32), work['dtype'])
+            for shape in (lhs_shape, rhs_shape))
+    return lambda: jax.block_until_ready(matmul(a, b))
+
+  width, _, _, patch = model_lib.parse_variant(work['variant'])
   return dict(cpu_s=cpu, wall_s=wall, rss_mib=peak_rss_mib(), compile_s=compile_s,
-              matmul_gflops=2 * rows * width * hidden / matmul_s / 1e9,
+              matmul_gflops=matmul_gflops(work, width, patch, make_matmul),
               xla_flops=float(cost.get('flops', float('nan'))) if cost else float('nan'),
               analytic_flops=float(analytic), device=jax.devices()[0].device_kind)
 
@@ -210,11 +213,13 @@ def torch_worker(work: dict, dims: dict, threads: int, steps: int) -> dict:
   for _ in range(WARMUP_STEPS):
     step()
   cpu, wall = median_steps(step, steps)
-  rows, width, hidden = mlp_matmul(work, dims['width'], dims['patch'])
-  a, b = torch.randn(rows, width, dtype=compute_dtype), torch.randn(width, hidden, dtype=compute_dtype)
-  matmul_s = best_seconds(lambda: a @ b)  # what autocast runs for a Linear layer
+
+  def make_matmul(lhs_shape, rhs_shape):  # what autocast runs for a Linear layer
+    a, b = (torch.randn(shape, dtype=compute_dtype) for shape in (lhs_shape, rhs_shape))
+    return lambda: a @ b
+
   return dict(cpu_s=cpu, wall_s=wall, rss_mib=peak_rss_mib(), device=f'torch {torch.__version__}',
-              matmul_gflops=2 * rows * width * hidden / matmul_s / 1e9)
+              matmul_gflops=matmul_gflops(work, dims['width'], dims['patch'], make_matmul))
 
 
 def worker_env(threads: int) -> dict:

@@ -4,10 +4,39 @@ import contextlib
 import json
 import os
 import pathlib
+import subprocess
+import sys
+
+NUM_DEVICES = 8
+
+# XLA:CPU's older fusion emitters compile the suite's unoptimised programs in about half the CPU
+# time of the default ones (the tiny DiT's gradient: 1.4 -> 0.7 s; the in-process tests' compiles:
+# 214 -> ~120 s) and run them as fast; with XLA's optimisations on they compile slower, so the
+# optimised commands (subprocess_env(optimized=True)) keep the default. Used only where this
+# jaxlib knows the flag (XLA aborts on an unknown one): probed once, by the first process that
+# imports this file (pytest's controller under xdist), whose environment the workers inherit.
+FAST_COMPILE_FLAG = '--xla_cpu_use_fusion_emitters=false'
+_FAST_COMPILE_ENV = 'RPE2D_TESTS_FAST_COMPILE_FLAG'
+
+
+def _fast_compile_flag() -> str:
+  if _FAST_COMPILE_ENV not in os.environ:
+    probe = subprocess.run([sys.executable, '-c', 'import jax; jax.devices()'],
+                           env=dict(os.environ, XLA_FLAGS=FAST_COMPILE_FLAG, JAX_PLATFORMS='cpu'),
+                           capture_output=True, timeout=300, check=False)
+    os.environ[_FAST_COMPILE_ENV] = FAST_COMPILE_FLAG if probe.returncode == 0 else ''
+  return os.environ[_FAST_COMPILE_ENV]
+
+
+def xla_flags(devices: int = NUM_DEVICES, optimized: bool = False) -> str:
+  """XLA_FLAGS for a process of the tests: `devices` CPU devices, and the fast-compiling
+  emitters unless the process compiles with XLA's optimisations on."""
+  return f'--xla_force_host_platform_device_count={devices}' + (
+      '' if optimized or not _fast_compile_flag() else f' {_fast_compile_flag()}')
+
 
 if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                             ' --xla_force_host_platform_device_count=8').strip()
+  os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {xla_flags()}'.strip()
 
 import jax  # noqa: E402
 
@@ -26,7 +55,6 @@ import forked  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO / 'train.py'
-NUM_DEVICES = 8
 
 
 def perturb(params, key, scale=0.05):
@@ -183,7 +211,7 @@ def subprocess_env(cache_dir, optimized=False):
   (Inception features, sampling 1024 tokens), where the unoptimised programs run ~2x longer than
   the optimisation takes (evaluate.py of the README: 33 s against 61 s, cache warm)."""
   env = dict(os.environ)
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={NUM_DEVICES}'
+  env['XLA_FLAGS'] = xla_flags(optimized=optimized)
   env['JAX_PLATFORMS'] = 'cpu'
   env['JAX_DISABLE_MOST_OPTIMIZATIONS'] = '0' if optimized else '1'
   for name, value in _CACHE_OPTIONS.items():
@@ -191,15 +219,51 @@ def subprocess_env(cache_dir, optimized=False):
   return env
 
 
+# What train.py, sample.py, evaluate.py and extract.py import before their first line of main.
+SCRIPT_MODULES = ('absl.app', 'rpe2d.cli', 'rpe2d.checkpoints', 'rpe2d.distributed',
+                  'rpe2d.train_loop', 'rpe2d.inference', 'rpe2d.evaluation.sweep',
+                  'rpe2d.evaluation.inception', 'rpe2d.latents')
+
+
+class ScriptServers:
+  """One tests/forked.py server per environment, started on first use: the scripts run as
+  processes forked from an interpreter that imported their modules once (~2.5 s of CPU each
+  time otherwise). Servers differ only where an environment differs in what is read at import
+  (PYTHONPATH, JAX_* options); XLA_FLAGS and PYTHONUNBUFFERED are set per process."""
+
+  def __init__(self):
+    self._servers = {}
+
+  def __call__(self, env) -> forked.Scripts:
+    key = tuple(sorted((k, v) for k, v in env.items() if k not in forked.PER_CHILD))
+    if key not in self._servers:
+      self._servers[key] = forked.Scripts(list(SCRIPT_MODULES), env)
+    return self._servers[key]
+
+  def close(self):
+    for server in self._servers.values():
+      server.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
 @pytest.fixture(scope='session')
-def warm_scripts(jax_cache_dir):
-  """train.py, sample.py and evaluate.py as children forked from one interpreter that imported
-  their modules once (tests/forked.py), in subprocess_env's environment: for the tests that start
-  many short commands, each still its own process."""
-  with forked.Scripts(['absl.app', 'rpe2d.cli', 'rpe2d.checkpoints', 'rpe2d.distributed',
-                       'rpe2d.train_loop', 'rpe2d.inference', 'rpe2d.evaluation.sweep',
-                       'rpe2d.evaluation.inception'], subprocess_env(jax_cache_dir)) as scripts:
-    yield scripts
+def script_servers():
+  servers = ScriptServers()
+  yield servers
+  servers.close()
+
+
+@pytest.fixture(scope='session')
+def warm_scripts(script_servers, jax_cache_dir):
+  """train.py, sample.py, evaluate.py and extract.py as children forked from one interpreter
+  that imported their modules once (tests/forked.py), in subprocess_env's environment: each
+  command still its own process, with its own pid, signals, exit status and output files."""
+  return script_servers(subprocess_env(jax_cache_dir))
 
 
 def host(tree):

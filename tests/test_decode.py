@@ -4,8 +4,6 @@ whole decode."""
 
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import grain
 import jax
@@ -15,7 +13,7 @@ import pytest
 from PIL import Image
 from safetensors.numpy import save_file
 
-from conftest import REPO, CompileCounter, perturb, subprocess_env, tiny_config
+from conftest import REPO, CompileCounter, perturb, tiny_config
 from rpe2d import autoencoder, autoencoder_weights, checkpoints, config as config_lib, data
 from rpe2d import inference
 from rpe2d import rundir, training
@@ -79,14 +77,10 @@ def other_vae(tmp_path_factory):
   return folder / autoencoder_weights.WEIGHTS_NAME
 
 
-def cli(*args, cwd, env):
-  return subprocess.run([sys.executable, str(REPO / 'sample.py'), *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=300)
-
-
-@pytest.fixture(scope='module')
-def env(jax_cache_dir):
-  return subprocess_env(jax_cache_dir)
+def cli(*args, cwd, scripts):
+  """`python sample.py args` forked from conftest's warm_scripts (its own process, without the
+  re-imports, in subprocess_env's environment)."""
+  return scripts.run([REPO / 'sample.py', *args], cwd=cwd, timeout=300)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -172,9 +166,9 @@ def test_sweep_cells_on_a_latent_run(run, tmp_path):
 # sample.py.
 
 
-def test_cli_writes_decoded_pngs_and_npz(run_dir, env, tmp_path):
+def test_cli_writes_decoded_pngs_and_npz(run_dir, warm_scripts, tmp_path):
   result = cli(f'--workdir={run_dir}', '--resolution=64x64,32x48', '--labels=0,1',
-               f'--output={tmp_path / "grid.png"}', cwd=tmp_path, env=env)
+               f'--output={tmp_path / "grid.png"}', cwd=tmp_path, scripts=warm_scripts)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'decoded by the VAE' in result.stdout and 'decode' in result.stdout
   for name, (height, width) in (('grid_64x64.png', (64, 64)), ('grid_32x48.png', (32, 48))):
@@ -183,26 +177,27 @@ def test_cli_writes_decoded_pngs_and_npz(run_dir, env, tmp_path):
     # Two titled rows of two images each, 2 px padding, 64 px titles.
     assert picture.size == (64 + 2 + 2 * (width + 2), 2 + 2 * (height + 2))
   result = cli(f'--workdir={run_dir}', '--labels=4', '--num_samples=3', '--decode_tile=4',
-               f'--output={tmp_path / "batch.npz"}', cwd=tmp_path, env=env)
+               f'--output={tmp_path / "batch.npz"}', cwd=tmp_path, scripts=warm_scripts)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'in 4x4-latent tiles' in result.stdout
   with np.load(tmp_path / 'batch.npz') as batch:  # default: the 64x64 source images' size
     assert batch['arr_0'].dtype == np.uint8 and batch['arr_0'].shape == (3, 64, 64, 3)
 
 
-def test_cli_refuses_another_vae_a_missing_one_and_bad_sizes(run_dir, other_vae, env, tmp_path):
+def test_cli_refuses_another_vae_a_missing_one_and_bad_sizes(run_dir, other_vae, warm_scripts,
+                                                              tmp_path):
   out = tmp_path / 'out'
   out.mkdir()
   result = cli(f'--workdir={run_dir}', f'--vae={other_vae}', f'--output={out / "a.png"}',
-               cwd=out, env=env)
+               cwd=out, scripts=warm_scripts)
   assert result.returncode == 2
   assert (f"the run's latents were made by {autoencoder_weights.sha256(VAE_FILE)}; {other_vae} "
           f'is {autoencoder_weights.sha256(other_vae)}') in result.stderr, result.stderr[-2000:]
   result = cli(f'--workdir={run_dir}', f'--vae={tmp_path / "gone"}', f'--output={out / "a.png"}',
-               cwd=out, env=env)
+               cwd=out, scripts=warm_scripts)
   assert result.returncode == 2 and 'gone does not exist; pass --vae=' in result.stderr
   result = cli(f'--workdir={run_dir}', '--resolution=64x60', f'--output={out / "a.png"}',
-               cwd=out, env=env)
+               cwd=out, scripts=warm_scripts)
   assert result.returncode == 2 and "downsampling factor 8" in result.stderr
   assert list(out.iterdir()) == []
 

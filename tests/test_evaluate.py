@@ -4,8 +4,6 @@ import csv
 import json
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -111,18 +109,16 @@ def runs(tiny_run, tmp_path_factory):
   return root
 
 
-def evaluate(*args, env, cwd=REPO):
-  return subprocess.run([sys.executable, str(REPO / 'evaluate.py'), *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=900)
-
-
-def test_sweep_writes_every_report_and_reuses_cells(runs, jax_cache_dir, tmp_path):
-  # XLA's optimisations on: the Inception features of its 18 rows are most of the time.
-  env = subprocess_env(jax_cache_dir, optimized=True)
+def test_sweep_writes_every_report_and_reuses_cells(runs, script_servers, jax_cache_dir,
+                                                    tmp_path):
+  # XLA's optimisations on: the Inception features of its 18 rows are most of the time. Each
+  # command is its own process, forked from a warm interpreter (conftest's script_servers).
+  scripts = script_servers(subprocess_env(jax_cache_dir, optimized=True))
+  evaluate = lambda *args: scripts.run([REPO / 'evaluate.py', *args], cwd=REPO, timeout=900)
   args = [f'--runs={runs / "rpe"},{runs / "grid"}', '--resolutions=16,48',
           '--methods=none,yarn,dy-yarn,uniform,random', '--num_samples=5', '--num_reference=4',
           '--steps=2', '--inception_batch_size=5', f'--outdir={tmp_path / "out"}']
-  first = evaluate(*args, env=env)
+  first = evaluate(*args)
   assert first.returncode == 0, first.stderr[-3000:]
   assert first.stderr.count('num_samples=5 is larger than the reference (4 images at 16x16)') == 1
   assert first.stderr.count('FID on 4 < 2048 images is biased upward') == 1
@@ -161,7 +157,7 @@ def test_sweep_writes_every_report_and_reuses_cells(runs, jax_cache_dir, tmp_pat
 
   cells = {p: p.stat().st_mtime_ns for p in (out / 'cells').glob('*.json')}
   assert len(cells) == 5 + 4  # distinct samplings generated: rpe 2 + 3, grid 1 + 3
-  second = evaluate(*args, env=env)
+  second = evaluate(*args)
   assert second.returncode == 0, second.stderr[-3000:]
   assert second.stdout.count('(reused)') == 15 and 'images/s' not in second.stdout
   assert {p: p.stat().st_mtime_ns for p in (out / 'cells').glob('*.json')} == cells

@@ -110,13 +110,12 @@ def test_keep_one_checkpoint_on_resume_keeps_the_newest(trained, data_dir, tmp_p
 # 2. One train.py per workdir; readers are welcome; a killed holder leaves no stuck lock.
 
 
-def start_training(workdir, data_dir, cache, tmp_path, name='a', **overrides):
-  """train.py in the background; returns (process, stdout path, stderr path)."""
+def start_training(workdir, data_dir, scripts, tmp_path, name='a', **overrides):
+  """train.py in the background, forked from conftest's warm_scripts; returns (process, stdout
+  path, stderr path)."""
   out, err = tmp_path / f'{name}.out', tmp_path / f'{name}.err'
-  with open(out, 'w') as stdout, open(err, 'w') as stderr:
-    process = subprocess.Popen(
-        [sys.executable, str(TRAIN_PY), f'--workdir={workdir}', *flag_args(data_dir, **overrides)],
-        cwd=REPO, env=subprocess_env(cache), stdout=stdout, stderr=stderr)
+  process = scripts.start([TRAIN_PY, f'--workdir={workdir}', *flag_args(data_dir, **overrides)],
+                          cwd=REPO, stdout=out, stderr=err)
   return process, out, err
 
 
@@ -134,10 +133,9 @@ def wait_for(condition, process, err, what, timeout=180):
     raise
 
 
-def test_a_second_trainer_on_a_live_workdir_is_refused(data_dir, tmp_path, compilation_cache,
-                                                       warm_scripts):
+def test_a_second_trainer_on_a_live_workdir_is_refused(data_dir, tmp_path, warm_scripts):
   workdir = tmp_path / 'run'
-  process, _, err = start_training(workdir, data_dir, compilation_cache, tmp_path,
+  process, _, err = start_training(workdir, data_dir, warm_scripts, tmp_path,
                                    total_steps=100_000, checkpoint_every_steps=2)
   try:
     wait_for(lambda: checkpoints.steps(workdir / 'checkpoints'), process, err, 'checkpoint')
@@ -448,9 +446,9 @@ def test_sigint_during_the_first_compile_exits_at_once(data_dir, tmp_path, compi
     assert step_dirs(workdir) == [int(found.group(1))]
 
 
-def test_sigint_after_a_checkpoint_saves_the_current_step(data_dir, tmp_path, compilation_cache):
+def test_sigint_after_a_checkpoint_saves_the_current_step(data_dir, tmp_path, warm_scripts):
   workdir = tmp_path / 'run'
-  process, _, err = start_training(workdir, data_dir, compilation_cache, tmp_path,
+  process, _, err = start_training(workdir, data_dir, warm_scripts, tmp_path,
                                    total_steps=100_000, checkpoint_every_steps=2)
   wait_for(lambda: checkpoints.steps(workdir / 'checkpoints'), process, err, 'checkpoint')
   error, seconds = _interrupt(process, err)
@@ -510,9 +508,9 @@ def alive(pid) -> bool:
   return state != 'Z'  # a zombie has exited; only its parent's wait() is missing
 
 
-def test_sigkill_leaves_no_data_worker_running(data_dir, tmp_path, compilation_cache):
+def test_sigkill_leaves_no_data_worker_running(data_dir, tmp_path, warm_scripts):
   workdir = tmp_path / 'run'
-  process, _, err = start_training(workdir, data_dir, compilation_cache, tmp_path,
+  process, _, err = start_training(workdir, data_dir, warm_scripts, tmp_path,
                                    total_steps=100_000, **{'data.num_workers': 2})
   try:
     wait_for(lambda: (workdir / 'metrics.jsonl').is_file()

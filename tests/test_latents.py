@@ -10,8 +10,6 @@ import pickle
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -19,7 +17,7 @@ import numpy as np
 import pytest
 from safetensors import numpy as safetensors_numpy
 
-from conftest import REPO, subprocess_env, tiny_config
+from conftest import REPO, tiny_config
 from rpe2d import autoencoder, autoencoder_weights, data, latents
 
 pytestmark = pytest.mark.usefixtures('eight_devices', 'compilation_cache')
@@ -233,24 +231,24 @@ def test_bad_input_is_refused_before_any_work(reference, data_dir, tmp_path):
   assert file_contents(done) == before
 
 
-def run_extract(args, env, timeout=120):
-  return subprocess.run([sys.executable, str(EXTRACT_PY), *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+def run_extract(args, scripts, env=None, timeout=120):
+  """`python extract.py args` forked from conftest's warm_scripts (its own process, without the
+  re-imports)."""
+  return scripts.run([EXTRACT_PY, *args], cwd=REPO, env=env, timeout=timeout)
 
 
-def test_command_line_bad_input_exits_2(data_dir, tmp_path, compilation_cache):
+def test_command_line_bad_input_exits_2(data_dir, tmp_path, warm_scripts):
   pickled = tmp_path / 'diffusion_pytorch_model.ckpt'
   pickled.write_bytes(pickle.dumps({'state_dict': {}}))
   out = tmp_path / 'latents'
   result = run_extract([f'--vae={pickled}', f'--output={out}',
-                        f'--config={config_file(tmp_path, data_dir)}'],
-                       subprocess_env(compilation_cache))
+                        f'--config={config_file(tmp_path, data_dir)}'], warm_scripts)
   assert result.returncode == 2, result.stderr[-3000:]
   lines = result.stderr.strip().splitlines()
   assert lines[-1].startswith(f'error: --vae: {pickled}: .ckpt checkpoints are pickles'), lines
   assert 'Traceback' not in result.stderr
   assert not out.exists()
-  result = run_extract(['--help'], subprocess_env(compilation_cache))
+  result = run_extract(['--help'], warm_scripts)
   assert result.returncode == 0 and '--vae: A diffusers' in result.stdout, result.stderr[-3000:]
   assert '--config.data.image_size=32' in result.stdout
 
@@ -284,48 +282,47 @@ def _writing(out: pathlib.Path) -> set[str]:
 
 
 def test_sigkill_at_random_moments_gives_identical_files(reference, data_dir, tmp_path,
-                                                         compilation_cache):
+                                                         warm_scripts):
   seed = int(os.environ.get('RPE2D_KILL_SEED', random.randrange(1 << 30)))
   rng = random.Random(seed)
   out, logs = tmp_path / 'latents', tmp_path / 'logs'
   logs.mkdir()
   args = [f'--config={config_file(tmp_path, data_dir)}', f'--vae={VAE}', f'--output={out}',
           '--flip', f'--shard_size={SHARD_SIZE}', f'--batch_size={BATCH_SIZE}']
-  env = dict(subprocess_env(compilation_cache), PYTHONUNBUFFERED='1')  # a killed run's lines too
+  env = dict(warm_scripts.env, PYTHONUNBUFFERED='1')  # a killed run's lines too
   # Twice while a shard file is being written, once just after a shard is listed as finished,
-  # once at a random time after launch (imports, compilation or encoding).
+  # once at a random time after launch (startup, compilation or encoding).
   plans = ['during_write', 'after_shard', 'during_write', 'after_launch']
   kills = []
   for n, plan in enumerate(plans):
     listed = _listed(out)
-    with open(logs / f'{n}.err', 'w') as err, open(logs / f'{n}.out', 'w') as stdout:
-      process = subprocess.Popen([sys.executable, str(EXTRACT_PY), *args], cwd=REPO, env=env,
-                                 stdout=stdout, stderr=err)
-      launched, delay = time.monotonic(), rng.uniform(0.0, 0.2)
-      launch_delay = rng.uniform(1.0, 8.0)
-      writing = set()
-      try:
-        while process.poll() is None and time.monotonic() < launched + 120:
-          writing = _writing(out)
-          if plan == 'during_write' and writing:
-            break
-          if plan == 'after_shard' and _listed(out) > listed:
-            time.sleep(delay)
-            break
-          if plan == 'after_launch' and time.monotonic() - launched >= launch_delay:
-            break
-          time.sleep(0.001)
-        if process.poll() is not None:  # finished before this kill: no more kills
-          assert process.returncode == 0, (logs / f'{n}.err').read_text()[-3000:]
+    process = warm_scripts.start([EXTRACT_PY, *args], cwd=REPO, stdout=logs / f'{n}.out',
+                                 stderr=logs / f'{n}.err', env=env)
+    launched, delay = time.monotonic(), rng.uniform(0.0, 0.2)
+    launch_delay = rng.uniform(1.0, 8.0)
+    writing = set()
+    try:
+      while process.poll() is None and time.monotonic() < launched + 120:
+        writing = _writing(out)
+        if plan == 'during_write' and writing:
           break
-        process.send_signal(signal.SIGKILL)
+        if plan == 'after_shard' and _listed(out) > listed:
+          time.sleep(delay)
+          break
+        if plan == 'after_launch' and time.monotonic() - launched >= launch_delay:
+          break
+        time.sleep(0.001)
+      if process.poll() is not None:  # finished before this kill: no more kills
+        assert process.returncode == 0, (logs / f'{n}.err').read_text()[-3000:]
+        break
+      process.send_signal(signal.SIGKILL)
+      process.wait()
+    finally:
+      if process.poll() is None:
+        process.kill()
         process.wait()
-      finally:
-        if process.poll() is None:
-          process.kill()
-          process.wait()
     kills.append(dict(plan=plan, listed=_listed(out), cut=sorted(writing & _writing(out))))
-  final = run_extract(args, env)
+  final = run_extract(args, warm_scripts, env)
   assert final.returncode == 0, final.stderr[-3000:]
   print(f'\nsurvived {len(kills)} SIGKILLs (seed {seed}, RPE2D_KILL_SEED repeats it): {kills}')
   assert len(kills) >= 3, f'the extraction finished after {len(kills)} kills; seed {seed}'
@@ -337,7 +334,7 @@ def test_sigkill_at_random_moments_gives_identical_files(reference, data_dir, tm
   stdout = ''.join(p.read_text() for p in sorted(logs.glob('*.out'))) + final.stdout
   assert 'resuming;' in stdout
   assert file_contents(out) == file_contents(reference[0])
-  rerun = run_extract(args, env)
+  rerun = run_extract(args, warm_scripts, env)
   assert rerun.returncode == 0 and 'nothing to do' in rerun.stdout, rerun.stderr[-3000:]
 
 

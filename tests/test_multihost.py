@@ -1,11 +1,13 @@
 """Multi-host training with real processes on localhost: 2 processes x 4 CPU devices against
 1 process x 8, a SIGKILL of one process, and checkpoints resumed on another process count.
 
-Every run is train.py in subprocesses joined by jax's distributed runtime (gloo collectives on
-CPU). The reference is one process with the runtime started (--num_processes=1): its all-reduce is
-gloo's over 8 ranks, as in the 2 x 4 run, so they agree bit for bit. A plain one-process run sums
-in XLA's in-process all-reduce, another order: its parameters differ from these by float32 rounding
-(about 3e-8 after 6 steps of the tiny run), which is why it is not the reference here.
+Every run is train.py in processes joined by jax's distributed runtime (gloo collectives on
+CPU), forked from conftest's warm_scripts (tests/forked.py: real processes, without the
+re-imports). The reference is one process with the runtime started (--num_processes=1): its
+all-reduce is gloo's over 8 ranks, as in the 2 x 4 run, so they agree bit for bit. A plain
+one-process run sums in XLA's in-process all-reduce, another order: its parameters differ from
+these by float32 rounding (about 3e-8 after 6 steps of the tiny run), which is why it is not the
+reference here.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import chex
@@ -25,7 +26,9 @@ import jax
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import (TRAIN_PY, flag_args, read_jsonl, step_dirs, subprocess_env, tiny_config)
+import forked
+from conftest import (REPO, TRAIN_PY, flag_args, read_jsonl, step_dirs, tiny_config,
+                      xla_flags)
 from rpe2d import checkpoints, config as config_lib, distributed, training
 
 pytestmark = pytest.mark.usefixtures('eight_devices')
@@ -41,20 +44,19 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(workdir, processes: int, cache_dir, data_dir) -> list[subprocess.Popen]:
+def launch(workdir, processes: int, scripts, data_dir) -> list[forked.Process]:
   """train.py as `processes` processes of one distributed run on 8 CPU devices in all."""
   port = free_port()
   args = flag_args(data_dir, total_steps=TOTAL_STEPS, checkpoint_every_steps=EVERY,
                    log_example_indices=True)
+  env = dict(scripts.env, XLA_FLAGS=xla_flags(devices=8 // processes))
   procs = []
   for i in range(processes):
-    env = subprocess_env(cache_dir)
-    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={8 // processes}'
-    log = open(pathlib.Path(f'{workdir}.{i}.log'), 'w')
-    procs.append(subprocess.Popen(
-        [sys.executable, str(TRAIN_PY), f'--workdir={workdir}', *args,
-         f'--coordinator_address=localhost:{port}', f'--num_processes={processes}',
-         f'--process_id={i}'], env=env, stdout=log, stderr=subprocess.STDOUT))
+    log = pathlib.Path(f'{workdir}.{i}.log')
+    procs.append(scripts.start(
+        [TRAIN_PY, f'--workdir={workdir}', *args, f'--coordinator_address=localhost:{port}',
+         f'--num_processes={processes}', f'--process_id={i}'], cwd=REPO, stdout=log, stderr=log,
+        env=env))
   return procs
 
 
@@ -73,8 +75,8 @@ def finish(procs, workdir) -> list[str]:
   return outputs
 
 
-def train(workdir, processes, cache_dir, data_dir) -> list[str]:
-  return finish(launch(workdir, processes, cache_dir, data_dir), workdir)
+def train(workdir, processes, scripts, data_dir) -> list[str]:
+  return finish(launch(workdir, processes, scripts, data_dir), workdir)
 
 
 @pytest.fixture(scope='module')
@@ -103,19 +105,19 @@ def assert_same_run(workdir, reference, abstract_state):
 
 
 @pytest.fixture(scope='module')
-def reference(tmp_path_factory, jax_cache_dir, data_dir):
+def reference(tmp_path_factory, warm_scripts, data_dir):
   """One process x 8 devices with the distributed runtime: 6 steps, checkpoints at 2, 4, 6."""
   workdir = tmp_path_factory.mktemp('mh') / 'reference'
-  out = train(workdir, 1, jax_cache_dir, data_dir)
+  out = train(workdir, 1, warm_scripts, data_dir)
   assert 'distributed: process 0 of 1, 8 local of 8 devices (cpu)' in out[0]
   assert step_dirs(workdir) == [2, 4, 6]
   return workdir
 
 
 @pytest.fixture(scope='module')
-def two_process_run(tmp_path_factory, jax_cache_dir, data_dir):
+def two_process_run(tmp_path_factory, warm_scripts, data_dir):
   workdir = tmp_path_factory.mktemp('mh') / 'two'
-  return workdir, train(workdir, 2, jax_cache_dir, data_dir)
+  return workdir, train(workdir, 2, warm_scripts, data_dir)
 
 
 def test_two_processes_train_exactly_like_one(two_process_run, reference, abstract_state):
@@ -150,23 +152,23 @@ def _resumed_steps(output) -> list[int]:
 
 
 def test_a_two_process_checkpoint_resumes_in_one_process(two_process_run, reference,
-                                                         abstract_state, tmp_path, jax_cache_dir,
+                                                         abstract_state, tmp_path, warm_scripts,
                                                          data_dir):
   workdir = tmp_path / 'two_to_one'
   _resume_copy(two_process_run[0], workdir, 2)
-  outputs = train(workdir, 1, jax_cache_dir, data_dir)
+  outputs = train(workdir, 1, warm_scripts, data_dir)
   assert _resumed_steps(outputs[0]) == [2]
   assert_same_run(workdir, reference, abstract_state)
 
 
 def test_one_process_checkpoint_in_two_then_sigkill_of_one_then_restart(
-    tmp_path, reference, abstract_state, jax_cache_dir, data_dir):
+    tmp_path, reference, abstract_state, warm_scripts, data_dir):
   """Elastic resume 1 -> 2 processes, and a SIGKILL of one process while step 4 is being saved:
   both restarted, the run ends bit-identical to the uninterrupted one (one launch does both, to
   keep this file's time down)."""
   workdir = tmp_path / 'killed'
   _resume_copy(reference, workdir, 2)
-  procs = launch(workdir, 2, jax_cache_dir, data_dir)
+  procs = launch(workdir, 2, warm_scripts, data_dir)
   checkpoint_dir = workdir / 'checkpoints'
   deadline = time.monotonic() + TIMEOUT
   # Kill process 1 as the save of step 4 starts writing (or, on a slow tick, soon after).
@@ -184,7 +186,7 @@ def test_one_process_checkpoint_in_two_then_sigkill_of_one_then_restart(
   assert _resumed_steps(first) == [2], first[-2000:]  # the one-process checkpoint, in two
   assert TOTAL_STEPS not in step_dirs(workdir), 'the run finished before the kill'
 
-  outputs = train(workdir, 2, jax_cache_dir, data_dir)
+  outputs = train(workdir, 2, warm_scripts, data_dir)
   assert _resumed_steps(outputs[0]) in ([2], [4]), outputs[0][-2000:]
   assert_same_run(workdir, reference, abstract_state)
 

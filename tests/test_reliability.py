@@ -93,12 +93,10 @@ class Evil:
 # 1. Hard kills.
 
 
-def _start(workdir, args, env, log_dir, n):
-  out = open(log_dir / f'launch{n}.out', 'w')
-  err = open(log_dir / f'launch{n}.err', 'w')
-  process = subprocess.Popen([sys.executable, str(TRAIN_PY), f'--workdir={workdir}', *args],
-                             cwd=REPO, env=env, stdout=out, stderr=err)
-  return process, (out, err)
+def _start(workdir, args, scripts, log_dir, n):
+  """train.py forked from conftest's warm_scripts (a real process, without the re-imports)."""
+  return scripts.start([TRAIN_PY, f'--workdir={workdir}', *args], cwd=REPO,
+                       stdout=log_dir / f'launch{n}.out', stderr=log_dir / f'launch{n}.err')
 
 
 def _unfinished_saves(workdir) -> set[tuple[str, int, int]]:
@@ -120,7 +118,7 @@ def _progress(err_file) -> tuple[int, int] | None:
 
 
 def test_sigkill_at_random_moments_resumes_bit_identically(reference, data_dir, tmp_path,
-                                                           compilation_cache):
+                                                           warm_scripts):
   ref_dir, _, ref_state = reference
   seed = int(os.environ.get('RPE2D_KILL_SEED', random.randrange(1 << 30)))
   rng = random.Random(seed)
@@ -128,17 +126,16 @@ def test_sigkill_at_random_moments_resumes_bit_identically(reference, data_dir, 
   log_dir.mkdir()
   args = flag_args(data_dir, total_steps=STEPS, checkpoint_every_steps=EVERY,
                    log_example_indices=True)
-  env = subprocess_env(compilation_cache)
   # Two kills while orbax writes a checkpoint (its <step>.orbax-checkpoint-tmp exists), one soon
   # after a checkpoint is complete (the steps logged past it must be dropped), one a random number
   # of steps after launch plus a random fraction of a step, one at a random time after launch
-  # (imports, restore or training).
+  # (startup, restore or training).
   plans = ['during_save', 'after_checkpoint', 'during_save', 'after_launch', 'after_steps']
   kills, began = [], time.monotonic()
   for n, plan in enumerate(plans):
     stale = _unfinished_saves(workdir)  # left by an earlier kill; this run removes them
     saved = step_dirs(workdir)
-    process, files = _start(workdir, args, env, log_dir, n)
+    process = _start(workdir, args, warm_scripts, log_dir, n)
     writing = set()
     try:
       launched = time.monotonic()
@@ -169,18 +166,12 @@ def test_sigkill_at_random_moments_resumes_bit_identically(reference, data_dir, 
       if process.poll() is None:
         process.kill()
         process.wait()
-      for f in files:
-        f.close()
     cut = sorted(name for name, *_ in writing & _unfinished_saves(workdir))
     kills.append(dict(plan=plan, progress=_progress(log_dir / f'launch{n}.err'),
                       checkpoints=step_dirs(workdir), cut_save=cut))
 
-  final, files = _start(workdir, args, env, log_dir, len(plans))
-  try:
-    assert final.wait(timeout=300) == 0, (log_dir / f'launch{len(plans)}.err').read_text()[-3000:]
-  finally:
-    for f in files:
-      f.close()
+  final = _start(workdir, args, warm_scripts, log_dir, len(plans))
+  assert final.wait(timeout=300) == 0, (log_dir / f'launch{len(plans)}.err').read_text()[-3000:]
   seconds = time.monotonic() - began
   print(f'\nsurvived {len(kills)} SIGKILLs in {seconds:.0f} s (seed {seed}, RPE2D_KILL_SEED '
         f'repeats it): {kills}')

@@ -3,14 +3,12 @@
 import json
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, subprocess_env
+from conftest import REPO
 from rpe2d import config as config_lib, inference, rope
 
 
@@ -28,15 +26,11 @@ def run(run_dir):
   return inference.load_run(run_dir)
 
 
-def cli(*args, cwd=REPO, scripts=None, cache=None):
-  """`python sample.py args` in subprocess_env(cache) (the shared compilation cache, as the
-  in-process tests compile); with `scripts` (conftest's warm_scripts) forked from its warm
-  interpreter instead, for the refusals (still a process each, without the re-imports)."""
-  if scripts is not None:
-    return scripts.run([REPO / 'sample.py', *args], cwd=cwd, timeout=300)
-  env = subprocess_env(cache) if cache is not None else None
-  return subprocess.run([sys.executable, str(REPO / 'sample.py'), *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=300)
+def cli(*args, scripts, cwd=REPO):
+  """`python sample.py args` forked from conftest's warm_scripts: a process of its own, without
+  the re-imports, in subprocess_env's environment (the compilation cache the in-process tests
+  share)."""
+  return scripts.run([REPO / 'sample.py', *args], cwd=cwd, timeout=300)
 
 
 @pytest.mark.parametrize('height,width', [(16, 16), (32, 24), (8, 8), (12, 40)])
@@ -84,12 +78,12 @@ def test_every_method_runs(run, method, positions):
   assert images.std() > 0
 
 
-def test_cli_png_and_npz(run_dir, jax_cache_dir, tmp_path):
+def test_cli_png_and_npz(run_dir, warm_scripts, tmp_path):
   result = cli(f'--workdir={run_dir}', '--resolution=16x16,24x40', '--steps=2',
                f'--output={tmp_path / "grid.png"}', '--extrapolation=yarn', '--dype',
                '--positions=contiguous', '--attention_scale=log_n', '--sampler=heun',
                '--cfg_scale=2', '--cfg_interval=0.1,0.9', '--time_shift=2', '--labels=1,2,7',
-               cache=jax_cache_dir)
+               scripts=warm_scripts)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'compile' in result.stdout and 'images/s' in result.stdout
   for name, size in (('grid_16x16.png', (16, 16)), ('grid_24x40.png', (24, 40))):
@@ -99,7 +93,7 @@ def test_cli_png_and_npz(run_dir, jax_cache_dir, tmp_path):
 
   result = cli(f'--workdir={run_dir}', '--resolution=8x12', '--steps=2', '--num_samples=5',
                '--labels=random', f'--output={tmp_path / "batch.npz"}', '--noema',
-               cache=jax_cache_dir)
+               scripts=warm_scripts)
   assert result.returncode == 0, result.stderr[-3000:]
   with np.load(tmp_path / 'batch.npz') as batch:
     assert sorted(batch.files) == ['arr_0', 'labels']
@@ -107,13 +101,13 @@ def test_cli_png_and_npz(run_dir, jax_cache_dir, tmp_path):
     assert batch['labels'].shape == (5,) and batch['labels'].max() < 10
 
 
-def test_cli_writes_into_the_run_and_names_a_method_that_changes_nothing(run_dir, jax_cache_dir,
+def test_cli_writes_into_the_run_and_names_a_method_that_changes_nothing(run_dir, warm_scripts,
                                                                           tmp_path):
   """No --output: the grids go to <workdir>/samples (never the cwd), and the command says where.
   A method whose tokens lie inside the trained range (16x16: 4x4 tokens of 8x8) is named as a
   no-op there, and not at a size it changes (40x40: 10x10 tokens)."""
   result = cli(f'--workdir={run_dir}', '--resolution=16x16,40x40', '--steps=1',
-               '--extrapolation=yarn', '--dype', cwd=tmp_path, cache=jax_cache_dir)
+               '--extrapolation=yarn', '--dype', cwd=tmp_path, scripts=warm_scripts)
   assert result.returncode == 0, result.stderr[-3000:]
   assert list(tmp_path.iterdir()) == []
   for size in ('16x16', '40x40'):

@@ -14,8 +14,6 @@ import pathlib
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import chex
@@ -30,7 +28,7 @@ from PIL import Image
 import tqdm
 
 from conftest import (REPO, TRAIN_PY, CompileCounter, flag_args, host, int_leaves, read_jsonl,
-                      step_dirs, subprocess_env, tiny_config)
+                      step_dirs, tiny_config)
 from rpe2d import checkpoints, config as config_lib, images, inference, model as model_lib
 from rpe2d import rundir, train_loop, training
 
@@ -255,14 +253,11 @@ def test_init_from_another_model_fails_fast(run_a, data_dir, tmp_path):
                      r"now 'micro/2'")
 
 
-def test_command_line_bad_batch_size_exits_with_the_message(data_dir, tmp_path,
-                                                            compilation_cache):
+def test_command_line_bad_batch_size_exits_with_the_message(data_dir, tmp_path, warm_scripts):
   workdir = tmp_path / 'run'
   start = time.perf_counter()
-  result = subprocess.run(
-      [sys.executable, str(TRAIN_PY), f'--workdir={workdir}', '--config.batch_size=12',
-       f'--config.data.data_dir={data_dir}'],
-      cwd=REPO, env=subprocess_env(compilation_cache), capture_output=True, text=True, timeout=120)
+  result = warm_scripts.run([TRAIN_PY, f'--workdir={workdir}', '--config.batch_size=12',
+                             f'--config.data.data_dir={data_dir}'], cwd=REPO, timeout=120)
   assert result.returncode == 1, result.stderr[-3000:]
   assert 'error: batch_size=12 is not divisible by the 8 devices' in result.stderr
   assert 'Traceback' not in result.stderr
@@ -316,32 +311,30 @@ def test_init_from_takes_the_weights_and_starts_at_step_zero(run_a, data_dir, tm
 # 5. SIGTERM: save now, exit 0, resume from there.
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path, capsys,
-                                                      compilation_cache):
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path, capsys, warm_scripts):
   workdir = tmp_path / 'run'
   overrides = flag_args(data_dir, total_steps=100_000)
   stdout_path, stderr_path = tmp_path / 'stdout.txt', tmp_path / 'stderr.txt'
-  with open(stdout_path, 'w') as stdout, open(stderr_path, 'w') as stderr:
-    process = subprocess.Popen(
-        [sys.executable, str(TRAIN_PY), f'--workdir={workdir}', *overrides],
-        cwd=REPO, env=subprocess_env(compilation_cache), stdout=stdout, stderr=stderr)
-    try:
-      metrics = workdir / 'metrics.jsonl'
-      deadline = time.monotonic() + 120
-      while not (metrics.is_file() and metrics.read_text().strip()):
-        assert process.poll() is None, f'train.py exited early:\n{stderr_path.read_text()[-3000:]}'
-        assert time.monotonic() < deadline, 'no metrics after 120 s'
-        time.sleep(0.1)
-      process.send_signal(signal.SIGTERM)
-      signalled = time.monotonic()
-      returncode = process.wait(timeout=60)
-      # Bounded: the step in flight, one checkpoint and the shutdown (seconds for this model).
-      exit_seconds = time.monotonic() - signalled
-      assert exit_seconds < 30, f'{exit_seconds:.1f} s from SIGTERM to exit'
-    finally:
-      if process.poll() is None:
-        process.kill()
-        process.wait()
+  # train.py forked from conftest's warm_scripts: its own process, without the re-imports.
+  process = warm_scripts.start([TRAIN_PY, f'--workdir={workdir}', *overrides], cwd=REPO,
+                               stdout=stdout_path, stderr=stderr_path)
+  try:
+    metrics = workdir / 'metrics.jsonl'
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().strip()):
+      assert process.poll() is None, f'train.py exited early:\n{stderr_path.read_text()[-3000:]}'
+      assert time.monotonic() < deadline, 'no metrics after 120 s'
+      time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    returncode = process.wait(timeout=60)
+    # Bounded: the step in flight, one checkpoint and the shutdown (seconds for this model).
+    exit_seconds = time.monotonic() - signalled
+    assert exit_seconds < 30, f'{exit_seconds:.1f} s from SIGTERM to exit'
+  finally:
+    if process.poll() is None:
+      process.kill()
+      process.wait()
   out = stdout_path.read_text()
   assert returncode == 0, stderr_path.read_text()[-3000:]
   found = re.search(r'SIGTERM: saved the checkpoint at step (\d+)', out)

@@ -36,6 +36,11 @@ def value_and_grad(loss, params):
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
+def init(model, *inputs):
+  """model.init compiled whole (run eagerly, each of its ops compiles on its own: seconds)."""
+  return jax.jit(model.init)(jax.random.key(0), *inputs)
+
+
 @pytest.mark.parametrize('height,width', [(8, 8), (16, 16), (8, 24), (24, 6), (4, 4), (2, 10)])
 def test_output_shape_any_resolution(micro_model, micro_params, height, width):
   out = forward(micro_model, micro_params, *_inputs(height, width))
@@ -45,7 +50,7 @@ def test_output_shape_any_resolution(micro_model, micro_params, height, width):
 
 def test_output_is_zero_at_init(micro_model):
   x, t, labels, pos = _inputs(8, 12)
-  params = micro_model.init(jax.random.key(0), x, t, labels, pos)
+  params = init(micro_model, x, t, labels, pos)
   out = forward(micro_model, params, x, t, labels, pos)
   assert jnp.all(out == 0.0)
 
@@ -54,7 +59,7 @@ def test_same_weights_serve_rope_and_sincos(micro_model, micro_params):
   sincos = micro_model.clone(position_embedding='sincos')
   x, t, labels, pos = _inputs(8, 8)
   chex.assert_trees_all_equal_shapes(
-      micro_params, sincos.init(jax.random.key(0), x, t, labels, pos))
+      micro_params, jax.eval_shape(sincos.init, jax.random.key(0), x, t, labels, pos))
   out_rope = forward(micro_model, micro_params, x, t, labels, pos)
   out_sincos = forward(sincos, micro_params, x, t, labels, pos)
   chex.assert_tree_all_finite(out_sincos)
@@ -91,7 +96,7 @@ def test_bfloat16_gradients_match_float32(micro_model, micro_params):
   about 0.5%: bf16 keeps 8 mantissa bits; softmax, RoPE and the loss run in float32)."""
   x, t, labels, pos = _inputs(8, 8)
   bf16 = micro_model.clone(dtype='bfloat16')
-  fresh = bf16.init(jax.random.key(0), x, t, labels, pos)
+  fresh = jax.eval_shape(bf16.init, jax.random.key(0), x, t, labels, pos)
   assert {a.dtype for a in jax.tree.leaves(fresh)} == {jnp.dtype('float32')}
   loss = lambda m: lambda p: jnp.mean(m.apply(p, x, t, labels, pos) ** 2)
   value, grads = value_and_grad(loss(micro_model), micro_params)
@@ -139,7 +144,7 @@ def test_scanned_blocks_match_the_loop(micro_model, micro_params, remat, policy)
   x, t, labels, pos = _inputs(8, 8)
   scanned = micro_model.clone(scan_layers=True, remat=remat, remat_policy=policy)
   stacked = model_lib.stack_blocks(micro_params)
-  fresh = scanned.init(jax.random.key(0), x, t, labels, pos)
+  fresh = jax.eval_shape(scanned.init, jax.random.key(0), x, t, labels, pos)
   chex.assert_trees_all_equal_shapes_and_dtypes(stacked, fresh)
   assert stacked['params']['blocks']['adaLN']['kernel'].shape[0] == 2  # micro: depth 2
   chex.assert_trees_all_equal(model_lib.unstack_blocks(stacked), micro_params)
@@ -155,7 +160,7 @@ def test_scanned_blocks_match_the_loop(micro_model, micro_params, remat, policy)
 def test_block_layouts_convert_inside_optimizer_state(micro_params):
   """stack/unstack reach every copy of the blocks: EMA and the optimizer's moments too."""
   optimizer = optax.adamw(1e-3)
-  state = {'params': micro_params, 'opt': optimizer.init(micro_params)}
+  state = {'params': micro_params, 'opt': jax.jit(optimizer.init)(micro_params)}
   stacked = model_lib.stack_blocks(state)
   mu = stacked['opt'][0].mu['params']
   assert 'blocks' in mu and not any(k.startswith('block_') for k in mu)
@@ -166,7 +171,7 @@ def test_block_layouts_convert_inside_optimizer_state(micro_params):
 def test_qk_norm_and_micro_conditioning(micro_model):
   model = micro_model.clone(qk_norm=True)
   x, t, labels, pos = _inputs(8, 8)
-  params = perturb(model.init(jax.random.key(0), x, t, labels, pos), jax.random.key(3))
+  params = jax.jit(perturb)(init(model, x, t, labels, pos), jax.random.key(3))
   assert 'q_norm' in params['params']['block_0']['Attention_0']
   whole = forward(model, params, x, t, labels, pos)
   default_crop = forward(model, params, x, t, labels, pos, jnp.array([[0.0, 0.0, 1.0, 1.0]] * 2))

@@ -21,8 +21,8 @@ import pathlib
 from absl import app, flags, logging
 import numpy as np
 
-from rpe2d import attention, checks, checkpoints, cli, config as config_lib, data, inference
-from rpe2d import positions, rope, sampler
+from rpe2d import attention, checks, checkpoints, cli, config as config_lib, data, files, inference
+from rpe2d import positions, rope, rundir, sampler
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training run directory.', required=True)
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A step directory; default: the newest.')
@@ -75,15 +75,54 @@ _FLAG_FIELDS = ((_TIME_SHIFT, 'sampling.time_shift'), (_CFG_SCALE, 'sampling.cfg
                 (_DYPE_LAMBDA_T, 'encoding.dype_lambda_t'))
 
 
+# The most images one call samples: example indices are int32.
+MAX_SAMPLES = 2**31 - 1
+
+
 def check_flags() -> None:
-  """Every numeric flag in its range (NaN and Inf refused), before anything is loaded."""
+  """Every flag that can be checked without the run, before anything is loaded: numeric flags in
+  their ranges (NaN and Inf refused), the seed within 64 bits, names that are not empty, and the
+  syntax of --resolution, --labels and --cfg_interval."""
   for flag, key in _FLAG_FIELDS:
     if flag.value is not None:
       config_lib.FIELDS[key].check(f'--{flag.name}', flag.value)
-  for flag, check in ((_SEED, checks.non_negative_int), (_BATCH_SIZE, checks.positive_int),
-                      (_DECODE_TILE, checks.non_negative_int)):
-    if flag.value is not None:
-      check(f'--{flag.name}', flag.value)
+  for flag, check in ((_SEED, checks.seed), (_BATCH_SIZE, checks.positive_int)):
+    check(f'--{flag.name}', flag.value)
+  for note in inference.check_decode_tile('--decode_tile', _DECODE_TILE.value):
+    print(note, flush=True)
+  if _NUM_SAMPLES.value is not None and not 0 < _NUM_SAMPLES.value <= MAX_SAMPLES:
+    raise ValueError(f'--num_samples={_NUM_SAMPLES.value} must be positive and at most '
+                     f'{MAX_SAMPLES}')
+  for flag in (_WORKDIR, _CHECKPOINT, _OUTPUT, _VAE, _RESOLUTION, _LABELS):
+    if flag.value is not None and not flag.value.strip():
+      raise ValueError(f'--{flag.name}= is empty; give a value or leave the flag out')
+  if _RESOLUTION.value is not None:
+    for text in _RESOLUTION.value.split(','):
+      inference.parse_resolution(text, 1)
+  chosen_labels()
+  cfg_interval()
+
+
+def cfg_interval():
+  if _CFG_INTERVAL.value is None:
+    return None
+  try:
+    low, high = (float(v) for v in _CFG_INTERVAL.value.split(','))
+  except ValueError:
+    raise ValueError(f'--cfg_interval={_CFG_INTERVAL.value!r} must be low,high, e.g. 0.1,0.7') \
+        from None
+  return low, high
+
+
+def chosen_labels() -> list[int] | None:
+  """--labels as a list of ints (None: every class, or 'random')."""
+  text = _LABELS.value
+  if not text or text == 'random':
+    return None
+  try:
+    return [int(v) for v in text.split(',')]
+  except ValueError:
+    raise ValueError(f"--labels={text!r} must be a comma list of integers or 'random'") from None
 
 
 def plan_from_flags(run) -> sampler.SamplingPlan:
@@ -106,37 +145,33 @@ def plan_from_flags(run) -> sampler.SamplingPlan:
     if flag.value is not None:
       plan[field] = flag.value
   if _CFG_INTERVAL.value is not None:
-    try:
-      low, high = (float(v) for v in _CFG_INTERVAL.value.split(','))
-    except ValueError:
-      raise ValueError(f'--cfg_interval={_CFG_INTERVAL.value!r} must be low,high, e.g. 0.1,0.7') \
-          from None
-    plan['cfg_interval'] = (low, high)
+    plan['cfg_interval'] = cfg_interval()
   return config_lib.sampling_plan(config, **plan)
 
 
+def label_count(num_classes: int) -> int:
+  """How many images each resolution gets: --num_samples, else 2 per label."""
+  chosen = chosen_labels()
+  return _NUM_SAMPLES.value or 2 * (num_classes if chosen is None else len(chosen))
+
+
 def labels_from_flags(num_classes: int, seed: int) -> np.ndarray:
-  text = _LABELS.value
-  count = _NUM_SAMPLES.value
-  if count is not None and count <= 0:
-    raise ValueError(f'--num_samples={count} must be positive')
-  if text == 'random':
-    return np.random.default_rng(seed).integers(0, num_classes, count or 2 * num_classes)
-  if text:
-    try:
-      chosen = [int(v) for v in text.split(',')]
-    except ValueError:
-      raise ValueError(f"--labels={text!r} must be a comma list of integers or 'random'") from None
-  else:
-    chosen = list(range(num_classes))
-  labels = inference.check_labels(chosen, num_classes)
-  count = count or 2 * len(labels)
+  count = label_count(num_classes)
+  if _LABELS.value == 'random':
+    return np.random.default_rng(seed).integers(0, num_classes, count)
+  chosen = chosen_labels()
+  labels = inference.check_labels(list(range(num_classes)) if chosen is None else chosen,
+                                  num_classes)
   return np.resize(np.sort(labels), count) if count != len(labels) else labels
 
 
 def default_output(run, height: int, width: int) -> pathlib.Path:
-  """Beside the run's training-time grids (samples/step_<step>_<H>x<W>.png), never the cwd."""
-  return pathlib.Path(_WORKDIR.value) / 'samples' / f'sample_{run.step:07d}_{height}x{width}.png'
+  """Beside the run's training-time grids (samples/step_<step>_<H>x<W>.png), never the cwd; a
+  checkpoint of another run (--checkpoint) is named by that run too."""
+  workdir = rundir.RunDir(_WORKDIR.value)
+  owner = run.checkpoint.parent.parent
+  name = '' if run.checkpoint.parent == workdir.checkpoints else f'{owner.name}_'
+  return workdir.root / 'samples' / f'sample_{name}{run.step:07d}_{height}x{width}.png'
 
 
 def output_paths(output: str | None, resolutions, run=None) -> list[pathlib.Path]:
@@ -169,10 +204,23 @@ def class_names(config):
     return None
 
 
+def check_outputs(paths) -> None:
+  """The files the command will write: distinct, not directories, outside any run's checkpoints,
+  names (with the temporary name each is first written under) that the file system allows."""
+  if len(set(paths)) != len(paths):
+    raise ValueError(f'--output gives the same file {paths[0]} to several resolutions')
+  for path in paths:
+    if path.is_dir():
+      raise ValueError(f'--output {path} is a directory; name a .png or .npz file')
+    rundir.check_not_managed(path, '--output')
+    files.check_names_fit(path.parent, [files.tmp_name(path).name], '--output')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
+  log = cli.quiet_libraries('sample.py')
   try:
     check_flags()
     run = inference.load_run(_WORKDIR.value, _CHECKPOINT.value, use_ema=not _NOEMA.value,
@@ -180,23 +228,27 @@ def main(argv):
     config = run.config
     patch, factor = run.model.patch_size, inference.downsampling(run)
     text = _RESOLUTION.value or default_resolution(run)
-    resolutions = [inference.parse_resolution(r, patch, factor) for r in text.split(',')]
+    resolutions = inference.distinct_sizes(
+        [inference.parse_resolution(r, patch, factor) for r in text.split(',')], '--resolution')
     plan = plan_from_flags(run)
-    labels = labels_from_flags(run.model.num_classes, _SEED.value)
-    paths = output_paths(_OUTPUT.value, resolutions, run)
+    count = label_count(run.model.num_classes)
     available = cli.available_memory()
     for height, width in resolutions:
       sampler.check_resolution(run.model, plan, *inference.model_size(run, height, width))
-      needed = inference.memory_estimate(run, height, width, len(labels), _BATCH_SIZE.value)
-      if available is not None and needed > available:
-        raise ValueError(f'{len(labels)} images at {height}x{width} need at least '
-                         f'{cli.gib(needed)} of memory and {cli.gib(available)} is available; '
-                         'use a smaller --num_samples or --batch_size')
+      inference.check_memory(run.model, height, width, num_samples=count,
+                             batch_size=_BATCH_SIZE.value, channels=3 if run.vae else
+                             config.data.channels, factor=factor, available=available,
+                             flags={'num_samples': '--num_samples', 'batch_size': '--batch_size',
+                                    'attention': '--attention'})
+    labels = labels_from_flags(run.model.num_classes, _SEED.value)
+    paths = output_paths(_OUTPUT.value, resolutions, run)
+    check_outputs(paths)
     cli.check_writable_dir(paths[0].parent, '--output directory')  # last: it may create it
+    log.path = paths[0].parent / 'sample.log'
   except (ValueError, FileNotFoundError, checkpoints.CheckpointError) as e:
     cli.fail(str(e), cli.BAD_INPUT)
 
-  print(f'{_WORKDIR.value}: step {run.step}, {"raw" if _NOEMA.value else "EMA"} weights; '
+  print(f'{run.checkpoint}: step {run.step}, {"raw" if _NOEMA.value else "EMA"} weights; '
         f'positions={plan.positions}, extrapolation={plan.encoding.extrapolation}, '
         f'dype={plan.encoding.dype}, sampler={plan.sampler}x{plan.steps}'
         + (f'; decoded by the VAE {run.vae.sha256[:12]}' if run.vae else ''), flush=True)

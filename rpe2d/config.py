@@ -28,8 +28,8 @@ AUTO = data.AUTO
 
 
 SCHEMA = (
-    Field('seed', 0, 'seeds the parameters, the data order, positions and noise',
-          check=non_negative_int),
+    Field('seed', 0, 'seeds the parameters, the data order, positions and noise (64 bits)',
+          check=checks.seed),
     Field('total_steps', 800, 'optimizer steps', check=positive_int),
     Field('batch_size', 64, 'global batch, over all devices and hosts', check=positive_int),
     Field('log_every_steps', 50, 'metrics.jsonl and the progress bar', check=positive_int),
@@ -108,7 +108,7 @@ SCHEMA = (
           check=number(0.0, 1.0, high_open=True)),
 
     Field('sampling.sampler', 'euler', 'ODE solver', allowed=sampler.SAMPLERS),
-    Field('sampling.steps', 32, 'solver steps', check=positive_int),
+    Field('sampling.steps', 32, 'solver steps', check=checks.steps),
     Field('sampling.cfg_scale', 3.0, 'classifier-free guidance scale (1: none, 0: unconditional)',
           check=number(0.0, 100.0)),
     Field('sampling.cfg_interval', (0.0, 1.0), 'guide only for t inside [low, high]',

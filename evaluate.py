@@ -15,7 +15,8 @@ import pathlib
 
 from absl import app, flags, logging
 
-from rpe2d import checks, cli, config as config_lib, inference, sampler
+from rpe2d import attention, checks, checkpoints, cli, config as config_lib, files, inference
+from rpe2d import rundir, sampler
 from rpe2d.evaluation import inception, sweep
 
 _RUNS = flags.DEFINE_list('runs', None, 'Training run directories.', required=True)
@@ -40,39 +41,66 @@ _STEPS = flags.DEFINE_integer('steps', None, "Sampler steps (default: each run's
 _CFG_SCALE = flags.DEFINE_float('cfg_scale', None, "Guidance scale (default: each run's config).")
 _SAMPLER = flags.DEFINE_enum('sampler', None, list(sampler.SAMPLERS), 'ODE solver.')
 _NOEMA = flags.DEFINE_bool('noema', False, 'Use the raw weights instead of the EMA weights.')
+_ATTENTION = flags.DEFINE_enum('attention', None, list(attention.KERNELS),
+                               "Attention kernel (default: each run's); chunked for grids whose "
+                               'full attention matrix does not fit in memory.')
+
+
+def check_flags() -> None:
+  """What can be checked without the runs, before anything is loaded."""
+  for flag, check in ((_SEED, checks.seed), (_BATCH_SIZE, checks.positive_int),
+                      (_INCEPTION_BATCH_SIZE, checks.positive_int),
+                      (_NUM_REFERENCE, checks.non_negative_int),
+                      (_STEPS, config_lib.FIELDS['sampling.steps'].check),
+                      (_CFG_SCALE, config_lib.FIELDS['sampling.cfg_scale'].check)):
+    if flag.value is not None:
+      check(f'--{flag.name}', flag.value)
+  if not 0 < _NUM_SAMPLES.value <= sweep.MAX_SAMPLES:
+    raise ValueError(f'--num_samples={_NUM_SAMPLES.value} must be positive and at most '
+                     f'{sweep.MAX_SAMPLES}')
+  if not _OUTDIR.value.strip():
+    raise ValueError('--outdir= is empty; name a directory, e.g. --outdir=runs/evaluation')
+  for flag in (_RUNS, _RESOLUTIONS, _METHODS):
+    if not flag.value or any(not v.strip() for v in flag.value):
+      raise ValueError(f'--{flag.name}={",".join(flag.value or [])} has an empty entry')
+  rundir.check_not_managed(_OUTDIR.value, '--outdir')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
+  log = cli.quiet_libraries('evaluate.py')
   try:
-    for flag, check in ((_SEED, checks.non_negative_int), (_BATCH_SIZE, checks.positive_int),
-                        (_INCEPTION_BATCH_SIZE, checks.positive_int),
-                        (_NUM_REFERENCE, checks.non_negative_int),
-                        (_STEPS, config_lib.FIELDS['sampling.steps'].check),
-                        (_CFG_SCALE, config_lib.FIELDS['sampling.cfg_scale'].check)):
-      if flag.value is not None:
-        check(f'--{flag.name}', flag.value)
-    for method in _METHODS.value:
-      sweep.parse_method(method)
+    check_flags()
+    methods = sweep.distinct_methods(_METHODS.value)
     names = [pathlib.Path(r).name for r in _RUNS.value]
     if len(set(names)) != len(names):
       raise ValueError(f'--runs={_RUNS.value}: run directories need distinct names')
-    runs = [inference.load_run(r, use_ema=not _NOEMA.value) for r in _RUNS.value]
-    resolutions = sweep.parse_resolutions(
-        _RESOLUTIONS.value, {(run.model.patch_size, inference.downsampling(run)) for run in runs})
-    npz_references = sweep.parse_reference_npz(_REFERENCE_NPZ.value)
+    runs = [inference.load_run(r, use_ema=not _NOEMA.value, attention=_ATTENTION.value)
+            for r in _RUNS.value]
+    resolutions = inference.distinct_sizes(sweep.parse_resolutions(
+        _RESOLUTIONS.value, {(run.model.patch_size, inference.downsampling(run)) for run in runs}),
+        '--resolutions')
+    npz_references = sweep.parse_reference_npz(_REFERENCE_NPZ.value, resolutions)
     overrides = {k: v for k, v in (('steps', _STEPS.value), ('cfg_scale', _CFG_SCALE.value),
                                    ('sampler', _SAMPLER.value)) if v is not None}
-    cells = sweep.plan_cells(runs, names, resolutions, _METHODS.value, overrides)
+    cells = sweep.plan_cells(runs, names, resolutions, methods, overrides)
     sweep.check_inputs(runs, resolutions, num_samples=_NUM_SAMPLES.value,
                        num_reference=_NUM_REFERENCE.value or None, split=_SPLIT.value,
                        real_split=_REAL_SPLIT.value, npz_references=npz_references)
+    sweep.check_memory(runs, resolutions, num_samples=_NUM_SAMPLES.value,
+                       batch_size=_BATCH_SIZE.value, available=cli.available_memory())
+    files.check_names_fit(_OUTDIR.value, sweep.written_names(names, resolutions, methods),
+                          f'--outdir {_OUTDIR.value}')
     print(f'{len(runs)} runs loaded; the Inception network (FID features) ...', flush=True)
     network = inception.InceptionV3(batch_size=_INCEPTION_BATCH_SIZE.value)
-    cli.check_writable_dir(_OUTDIR.value, '--outdir')  # last: it may create it
-  except (ValueError, FileNotFoundError, inception.WeightsUnavailableError) as e:
+    outdir = cli.check_writable_dir(_OUTDIR.value, '--outdir')  # last: it may create it
+    log.path = outdir / 'evaluate.log'
+    files.DirectoryLock(outdir, sweep.LOCK, 'evaluate.py').acquire(
+        f'--outdir {outdir}', 'wait for it to finish or stop it, or choose another --outdir')
+  except (ValueError, FileNotFoundError, checkpoints.CheckpointError,
+          inception.WeightsUnavailableError) as e:
     cli.fail(str(e), cli.BAD_INPUT)
 
   with cli.exit_on(cli.FAILED, inference.SamplingError, OSError):

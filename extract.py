@@ -5,15 +5,15 @@
       --output=latents/imagenet256 --flip --batch_size=256
 
 Bad input (a missing or pickled VAE file, an image size or channel count the VAE cannot encode,
-an --output of other settings or not writable) exits 2 before any encoding.
+an --output of other settings, not writable, inside a run's checkpoints or in use by another
+extract.py) exits 2 before any encoding.
 """
 
 import pathlib
-import sys
 
 from absl import app, flags, logging
 
-from rpe2d import config as config_lib, data, distributed, latents
+from rpe2d import cli, config as config_lib, data, distributed, latents, rundir
 
 _HERE = pathlib.Path(__file__).resolve().parent
 _CONFIG = flags.DEFINE_string(
@@ -38,28 +38,29 @@ def main(argv):
   extra, overrides = config_lib.split_overrides(argv[1:])
   if extra:
     raise app.UsageError(f'unexpected arguments: {extra}')
-  for flag in (_VAE, _OUTPUT):  # not absl's required=: that would break --help
-    if not flag.value:
-      print(f'error: --{flag.name} is required', file=sys.stderr)
-      sys.exit(2)
   logging.set_verbosity(logging.WARNING)  # tfds logs every file it touches at INFO
+  log = cli.quiet_libraries('extract.py')
   try:
+    for flag in (_VAE, _OUTPUT):  # not absl's required=: that would break --help
+      if not flag.value or not flag.value.strip():
+        raise ValueError(f'--{flag.name} is required' + (' (it is empty)' if flag.value else ''))
+    latents.check_arguments(splits=_SPLITS.value, shard_size=_SHARD_SIZE.value,
+                            batch_size=_BATCH_SIZE.value, dtype=_DTYPE.value, prefix='--')
+    rundir.check_not_managed(_OUTPUT.value, '--output')
+    log.path = pathlib.Path(_OUTPUT.value).expanduser().absolute() / 'extract.log'
     distributed.initialize_from_flags()  # before any other JAX call
     config = config_lib.load(_CONFIG.value, overrides)
     images = data.source_data_config(config.data)
   except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(str(e), cli.BAD_INPUT)
   try:
     latents.extract(images, _VAE.value, _OUTPUT.value, splits=_SPLITS.value, flip=_FLIP.value,
                     shard_size=_SHARD_SIZE.value,
                     batch_size=_BATCH_SIZE.value, dtype=_DTYPE.value, progress=_PROGRESS.value)
   except latents.InputError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(str(e), cli.BAD_INPUT)
   except (ValueError, OSError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+    cli.fail(str(e) if not isinstance(e, OSError) else cli.reason(e), cli.FAILED)
 
 
 if __name__ == '__main__':

@@ -77,6 +77,24 @@ class DirectoryLock:
       os.close(fd)  # closing the last descriptor releases the flock
 
 
+@contextlib.contextmanager
+def exclusive(path, what: str):
+  """Holds an exclusive `flock` on the file `path` for the block, waiting (and saying so, naming
+  `what`) while another process holds it: for work two processes must not do at once."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      print(f'waiting for another process preparing {what} ...', flush=True)
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
+  finally:
+    os.close(fd)
+
+
 def _existing(path: pathlib.Path) -> pathlib.Path:
   for candidate in (path, *path.parents):
     if candidate.exists():

@@ -79,7 +79,9 @@ WRITER_OPTIONS = 'group_size:1,uncompressed'
 _SPLIT_NAME = re.compile(r'^[A-Za-z0-9_]+$')
 _PROGRESS_NAME = re.compile(r'^progress-\d{5}\.json$')
 _OWN_FILE = re.compile(r'^((manifest\.json|progress-\d{5}\.json|[A-Za-z0-9_]+-\d{5}\.array_record)'
-                       r'(\.tmp(\.json)?)?|\.write-probe-\d+-\d+)$')
+                       r'(\.tmp(\.json)?|\.damaged)?|\.write-probe-\d+-\d+|extract\.(lock|log))$')
+LOCK = 'extract.lock'  # held (fcntl.flock) by the one extraction writing the directory
+DAMAGED_SUFFIX = '.damaged'  # a manifest or progress file that could not be read, kept
 # What decides the bytes of the shards; a restart with any other value is refused.
 SETTINGS = ('vae.sha256', 'vae.config', 'source.name', 'source.image_dir', 'source.image_size',
             'source.channels', 'latent_shape', 'flip', 'dtype', 'shard_size', 'batch_size')
@@ -198,7 +200,7 @@ def _differing(found: dict, wanted: dict) -> list[str]:
 
 def _read_json(path: pathlib.Path, directory) -> dict:
   try:
-    raw = json.loads(path.read_text())
+    raw = json.loads(path.read_bytes().decode('utf-8'))
   except (OSError, ValueError) as e:
     raise LatentsError(f'latents directory {directory}: cannot read {path.name} ({e})') from None
   if not isinstance(raw, dict) or not isinstance(raw.get('format'), int):
@@ -217,11 +219,19 @@ def read_manifest(directory) -> Manifest:
   if not path.is_file():
     raise LatentsError(f'latents directory {directory}: no {MANIFEST} (not a latents directory, '
                        f'or its extraction never finished: run extract.py again to finish it)')
-  raw = _read_json(path, directory)
+  rebuild = ('run extract.py again with the same flags: it verifies the shards and writes the '
+             'manifest again')
+  try:
+    raw = _read_json(path, directory)
+  except LatentsError as e:
+    if 'newer than this rpe2d' in str(e):
+      raise
+    raise LatentsError(f'{e}; {rebuild}') from None
   try:
     manifest = Manifest.from_dict(raw)
   except (TypeError, ValueError) as e:
-    raise LatentsError(f'latents directory {directory}: {MANIFEST} is malformed ({e})') from None
+    raise LatentsError(f'latents directory {directory}: {MANIFEST} is malformed ({e}); '
+                       f'{rebuild}') from None
   if manifest.complete is not True:
     raise LatentsError(f'latents directory {directory}: {MANIFEST} says the extraction is not '
                        f'complete; run extract.py again to finish it')
@@ -374,21 +384,30 @@ def _positive_int(name: str, value) -> int:
   return int(value)
 
 
-def _plan(data_config, vae_path, out_dir, *, splits, flip, shard_size, batch_size,
-          dtype) -> _Plan:
-  """Checks every input and the output directory; raises InputError, writes nothing."""
-  shard_size = _positive_int('shard_size', shard_size)
-  batch_size = _positive_int('batch_size', batch_size)
+def check_arguments(*, splits, shard_size, batch_size, dtype, prefix: str = '') -> None:
+  """The plain arguments of `extract`, named as the caller knows them: `prefix` '--' names
+  extract.py's flags (--shard_size=...), '' the Python arguments. Raises InputError."""
+  shard_size = _positive_int(f'{prefix}shard_size', shard_size)
+  batch_size = _positive_int(f'{prefix}batch_size', batch_size)
   if shard_size % batch_size:
-    raise InputError(f'shard_size={shard_size} is not a multiple of batch_size={batch_size}; '
-                     f'shards must end on batch boundaries (exact restarts)')
+    raise InputError(f'{prefix}shard_size={shard_size} is not a multiple of {prefix}batch_size='
+                     f'{batch_size}; shards must end on batch boundaries (exact restarts)')
   if dtype not in autoencoder.DTYPES:
-    raise InputError(f'dtype={dtype!r}; allowed: {", ".join(autoencoder.DTYPES)}')
+    raise InputError(f'{prefix}dtype={dtype!r}; allowed: {", ".join(autoencoder.DTYPES)}')
   splits = tuple(splits)
   bad = [s for s in splits if not isinstance(s, str) or not _SPLIT_NAME.match(s)]
   if not splits or bad or len(set(splits)) != len(splits):
-    raise InputError(f'splits={splits!r}; allowed: distinct split names of letters, digits and '
-                     f'_ (e.g. train,test)')
+    shown = ','.join(map(str, splits)) if prefix else repr(splits)
+    raise InputError(f'{prefix}splits={shown}; allowed: distinct split names of letters, digits '
+                     f'and _ (e.g. train,test)')
+
+
+def _plan(data_config, vae_path, out_dir, *, splits, flip, shard_size, batch_size,
+          dtype) -> _Plan:
+  """Checks every input and the output directory; raises InputError, writes nothing but the
+  directory and its lock."""
+  check_arguments(splits=splits, shard_size=shard_size, batch_size=batch_size, dtype=dtype)
+  shard_size, batch_size, splits = int(shard_size), int(batch_size), tuple(splits)
   try:
     opts = data.parse_config(data_config)
   except ValueError as e:
@@ -421,7 +440,13 @@ def _plan(data_config, vae_path, out_dir, *, splits, flip, shard_size, batch_siz
   }
   settings['vae']['config']['block_out_channels'] = list(config.block_out_channels)
   out_dir = pathlib.Path(out_dir).expanduser().absolute()
-  previous = _check_out_dir(out_dir, settings)
+  try:
+    files.check_names_fit(out_dir, [shard_name(split, 99999) + TMP_SUFFIX for split in splits]
+                          + [PROGRESS.format(99999) + '.tmp.json', MANIFEST + DAMAGED_SUFFIX],
+                          f'--output {out_dir}')
+  except ValueError as e:
+    raise InputError(str(e)) from None
+  _check_out_dir(out_dir, settings, repair=False)
   batches = {}
   for split in splits:
     try:
@@ -429,11 +454,20 @@ def _plan(data_config, vae_path, out_dir, *, splits, flip, shard_size, batch_siz
     except (ValueError, OSError) as e:
       raise InputError(f'data: {e}') from None
   _check_writable(out_dir)
+  if jax.process_index() == 0:  # one writer per directory; the checks below read what it wrote
+    try:
+      files.DirectoryLock(out_dir, LOCK, 'extract.py').acquire(
+          f'--output {out_dir}', 'wait for it to finish or stop it, or choose another --output')
+    except files.InUseError as e:
+      raise InputError(str(e)) from None
+  previous = _check_out_dir(out_dir, settings, repair=jax.process_index() == 0)
   return _Plan(out_dir, loaded, settings, splits, batches, previous, opts)
 
 
-def _check_out_dir(out_dir: pathlib.Path, settings: dict) -> Manifest | None:
-  """Refuses a directory of another extraction or with foreign files; the old manifest if any."""
+def _check_out_dir(out_dir: pathlib.Path, settings: dict, *, repair: bool) -> Manifest | None:
+  """Refuses a directory of another extraction or with foreign files; the old manifest if any.
+  A damaged manifest or progress file is skipped, and with `repair` (the writer, holding the
+  lock) set aside as <name>.damaged, with a warning: it is rebuilt."""
   if not out_dir.is_dir():
     return None
   foreign = sorted(p.name for p in out_dir.iterdir() if not _OWN_FILE.match(p.name))
@@ -449,7 +483,14 @@ def _check_out_dir(out_dir: pathlib.Path, settings: dict) -> Manifest | None:
     try:
       raw = _read_json(path, out_dir)
     except LatentsError as e:
-      raise InputError(str(e)) from None
+      if 'newer than this rpe2d' in str(e):
+        raise InputError(str(e)) from None
+      # Our own bookkeeping, damaged (a kill mid-write, a bad disk): set aside, and rebuilt from
+      # the shards (a progress file's shards are verified or encoded again; the manifest is
+      # written again from the progress files).
+      if repair:
+        _set_aside(path, e)
+      continue
     differ = _differing(raw, settings)
     if differ:
       raise InputError(f'--output {out_dir} holds latents of another extraction ({path.name} '
@@ -458,8 +499,15 @@ def _check_out_dir(out_dir: pathlib.Path, settings: dict) -> Manifest | None:
       try:
         previous = read_manifest(out_dir)
       except LatentsError as e:
-        raise InputError(str(e)) from None
+        if repair:
+          _set_aside(path, e)
   return previous
+
+
+def _set_aside(path: pathlib.Path, error: Exception) -> None:
+  aside = path.with_name(path.name + DAMAGED_SUFFIX)
+  path.replace(aside)
+  logging.warning('%s; moved it to %s (kept for inspection) and rebuilding it', error, aside.name)
 
 
 def _check_writable(out_dir: pathlib.Path) -> None:
@@ -699,6 +747,13 @@ def extract(data_config, vae_path, out_dir, *, splits: Sequence[str] = ('train',
   """
   plan = _plan(data_config, vae_path, out_dir, splits=splits, flip=flip, shard_size=shard_size,
                batch_size=batch_size, dtype=dtype)
+  try:
+    return _extract(plan, progress)
+  finally:
+    files.DirectoryLock(plan.out_dir, LOCK, 'extract.py').release()
+
+
+def _extract(plan: _Plan, progress: bool) -> Manifest:
   if plan.previous is not None and all(s in plan.previous.splits for s in plan.splits):
     try:
       check_shards(plan.out_dir, plan.previous, verify_sha256=False)

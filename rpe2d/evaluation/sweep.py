@@ -49,6 +49,9 @@ RESIZE_FILTERS = {'nearest': Image.Resampling.NEAREST, 'box': Image.Resampling.B
 # Below this many images the 2048-d covariance is rank deficient and FID is biased upward.
 STABLE_FID_IMAGES = 2048
 GRID_IMAGES_PER_CLASS = 4
+MAX_SAMPLES = 2**31 - 1  # example indices are int32
+LOCK = 'evaluate.lock'  # held (fcntl.flock) by the one evaluate.py writing an --outdir
+DAMAGED_SUFFIX = '.damaged'  # a cache file that could not be read, kept for inspection
 
 
 def parse_method(text: str) -> tuple[str, str | None]:
@@ -63,6 +66,22 @@ def parse_method(text: str) -> tuple[str, str | None]:
     raise ValueError(f'unknown position rule {rule!r} in method {text!r}; allowed: '
                      f'{", ".join(positions.INFERENCE_RULES)}')
   return name, rule or None
+
+
+def distinct_methods(methods) -> list[str]:
+  """--methods with repeats (and synonyms: 'uniform' is 'none@uniform') dropped, with a note; each
+  is checked by parse_method."""
+  seen, kept = {}, []
+  for method in methods:
+    key = parse_method(method)
+    if key in seen:
+      continue
+    seen[key] = method
+    kept.append(method)
+  if len(kept) != len(methods):
+    print(f'note: --methods lists {",".join(methods)}; each method is evaluated once: '
+          f'{",".join(kept)}', flush=True)
+  return kept
 
 
 def method_plan(config, method: str, **overrides) -> sampler.SamplingPlan:
@@ -136,10 +155,9 @@ def split_reference(data_config, split: str, height: int, width: int, *, resize_
                      resize_filter=resize_filter, limit=limit)
   path = pathlib.Path(cache_dir) / f'{data_config.name}_{split}_{height}x{width}_' \
                                    f'{resize_filter}_{limit or "all"}_{_key(description)}.npz'
-  if path.exists():
-    mu, sigma = metrics.load_reference_npz(path)
-    with np.load(path, allow_pickle=False) as cached:
-      features = cached['features']
+  cached = _read_reference_cache(path) if path.exists() else None
+  if cached is not None:
+    mu, sigma, features = cached
   else:
     pixels, _ = split_images(data_config, split, limit)
     print(f'  {len(pixels)} {split} images -> {height}x{width} ({resize_filter}) -> Inception '
@@ -149,6 +167,34 @@ def split_reference(data_config, split: str, height: int, width: int, *, resize_
     metrics.save_reference_npz(path, mu, sigma, features=features)
   description['size'] = len(features)
   return Reference(description, mu, sigma, features)
+
+
+def _set_aside(path: pathlib.Path, problem: str) -> None:
+  """A damaged cache file is moved to <name>.damaged (kept for inspection), with a warning naming
+  it; what it held is computed again."""
+  aside = path.with_name(path.name + DAMAGED_SUFFIX)
+  path.replace(aside)
+  print(f'warning: the cache file {path} is damaged ({problem}): moved it to {aside.name} and '
+        'computing it again', file=sys.stderr, flush=True)
+
+
+def _read_reference_cache(path: pathlib.Path):
+  """(mu, sigma, features) of a cached reference, or None (set aside) when it is damaged."""
+  try:
+    mu, sigma = metrics.load_reference_npz(path)
+    with np.load(path, allow_pickle=False) as cached:
+      features = np.asarray(cached['features'])
+    if features.ndim != 2 or features.shape[1] != mu.shape[0] or not np.isfinite(features).all():
+      raise ValueError(f'features of shape {features.shape}')
+  except (OSError, ValueError, KeyError, EOFError) as e:
+    _set_aside(path, cli_reason(e))
+    return None
+  return mu, sigma, features
+
+
+def cli_reason(error) -> str:
+  from rpe2d import cli  # pylint: disable=g-import-not-at-top
+  return cli.reason(error)
 
 
 def npz_reference(path) -> Reference:
@@ -204,12 +250,46 @@ def check_inputs(runs, resolutions, *, num_samples: int, num_reference: int | No
                                           for run in runs)}.values():
     for flag, name in (('--split', split if needs_features else ''),
                        ('--real_split', real_split)):
-      if name:
-        try:
-          data.make_dataset(data_config, split=name, seed=0, global_batch_size=1,
-                            process_index=0, process_count=1, train=False, num_epochs=1)
-        except ValueError as e:
-          raise ValueError(f'{flag}={name}: {e}') from None
+      if not name:
+        continue
+      try:
+        size = data.split_size(data_config, name)
+      except ValueError as e:
+        raise ValueError(f'{flag}={name}: {e}') from None
+      if size < metrics.PR_K + 1:
+        raise ValueError(f'{flag}={name}: {data_config.name}[{name}] holds {size} images; the '
+                         f'metrics need at least {metrics.PR_K + 1} (precision and recall use '
+                         f'k = {metrics.PR_K}): use a larger split'
+                         + (', or --real_split= for no real row' if flag == '--real_split' else ''))
+      if flag == '--split' and num_reference is not None and num_reference > size:
+        print(f'note: --num_reference={num_reference} is more than {data_config.name}[{name}] '
+              f'holds; the reference is all its {size} images', flush=True)
+
+
+def check_memory(runs, resolutions, *, num_samples: int, batch_size: int,
+                 available: int | None) -> None:
+  """A cell keeps its samples in memory for the Inception network: refuses, before any work, a
+  sweep whose samples (and one batch's attention) cannot fit (inference.check_memory)."""
+  for run in runs:
+    for height, width in resolutions:
+      inference.check_memory(run.model, height, width, num_samples=num_samples,
+                             batch_size=batch_size, channels=3 if run.vae else
+                             run.config.data.channels, factor=inference.downsampling(run),
+                             available=available,
+                             flags={'num_samples': '--num_samples', 'batch_size': '--batch_size',
+                                    'attention': '--attention'})
+
+
+def written_names(names, resolutions, methods) -> list[str]:
+  """The longest names, relative to --outdir, of the files a sweep writes (temporary names
+  included), so that an --outdir too long for them is refused before any work."""
+  key = '0' * 16
+  out = [f'cells/{key}.json.tmp.json', f'cells/{key}.json{DAMAGED_SUFFIX}', 'results.json.tmp.json',
+         f'reference/{"x" * 64}_{key}.npz.tmp.npz', 'fid_vs_resolution.png.tmp.png', LOCK,
+         'evaluate.log']
+  out += [f'grids/{name}/{h}x{w}_{method.replace("@", "_at_")}.png' for name in names
+          for h, w in resolutions for method in methods]
+  return out
 
 
 def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
@@ -222,6 +302,23 @@ def cell_description(run, plan, height, width, num_samples, seed, reference) -> 
               reference=reference.description)
 
 
+def _read_cell(path: pathlib.Path) -> dict | None:
+  """A cached cell's record, or None (set aside, with its grid) when it or its grid is damaged."""
+  try:
+    record = json.loads(path.read_bytes().decode('utf-8'))
+    if not isinstance(record, dict) or not isinstance(record.get('description'), dict):
+      raise ValueError('not a cell record')
+    for key in ('fid', 'images_per_second', 'compile_seconds'):
+      if not isinstance(record.get(key), (int, float)):
+        raise ValueError(f'no number {key!r}')
+    with Image.open(path.with_suffix('.png')) as grid:
+      grid.verify()
+  except (OSError, ValueError, SyntaxError) as e:  # PIL's verify raises SyntaxError too
+    _set_aside(path, cli_reason(e))
+    return None
+  return record
+
+
 def evaluate_cell(run, plan, height, width, *, num_samples, seed, reference, cell_dir,
                   feature_fn, batch_size=64, class_names=None, label=None) -> dict:
   """Generates, measures and stores one cell (or reads it back); returns its record. With a
@@ -229,11 +326,10 @@ def evaluate_cell(run, plan, height, width, *, num_samples, seed, reference, cel
   description = cell_description(run, plan, height, width, num_samples, seed, reference)
   key = _key(description)
   path = pathlib.Path(cell_dir) / f'{key}.json'
-  if path.exists():
-    record = json.loads(path.read_text())
-    if record['description'] == description:
-      record['reused'] = True
-      return record
+  record = _read_cell(path) if path.exists() else None
+  if record is not None and record['description'] == description:
+    record['reused'] = True
+    return record
   labels = balanced_labels(num_samples, run.model.num_classes)
   stats = {}
   if label:
@@ -303,11 +399,11 @@ def markdown_table(rows: list[dict], resolutions, metric: str, scale=1.0, digits
 
 def write_reports(outdir, rows: list[dict], resolutions, notes: list[str]) -> None:
   outdir = pathlib.Path(outdir)
-  (outdir / 'results.json').write_text(json.dumps(dict(rows=rows, notes=notes), indent=1))
-  with open(outdir / 'results.csv', 'w', encoding='utf-8') as f:
-    f.write(','.join(COLUMNS) + '\n')
-    for row in rows:
-      f.write(','.join('' if row.get(c) is None else str(row[c]) for c in COLUMNS) + '\n')
+  with files.atomic_path(outdir / 'results.json') as tmp:
+    tmp.write_text(json.dumps(dict(rows=rows, notes=notes), indent=1))
+  with files.atomic_path(outdir / 'results.csv') as tmp:
+    tmp.write_text(''.join(','.join('' if row.get(c) is None else str(row[c]) for c in COLUMNS)
+                           + '\n' for row in [dict(zip(COLUMNS, COLUMNS))] + rows))
   sections = [
       '# Resolution sweep', '',
       '† the same sampling as an earlier row of the run (results.csv names it in `same_as`): the '
@@ -322,8 +418,10 @@ def write_reports(outdir, rows: list[dict], resolutions, notes: list[str]) -> No
                    for r in rows if r.get('note')]
   if notes:
     sections += ['## Notes', ''] + [f'- {n}' for n in notes] + ['']
-  (outdir / 'results.md').write_text('\n'.join(sections))
-  plot(outdir / 'fid_vs_resolution.png', rows, resolutions)
+  with files.atomic_path(outdir / 'results.md') as tmp:
+    tmp.write_text('\n'.join(sections))
+  with files.atomic_path(outdir / 'fid_vs_resolution.png') as tmp:
+    plot(tmp, rows, resolutions)
 
 
 def plot(path, rows: list[dict], resolutions) -> None:
@@ -383,14 +481,22 @@ def parse_resolutions(texts, patch_sizes) -> list[tuple[int, int]]:
   return resolutions
 
 
-def parse_reference_npz(entries) -> dict:
-  """['HxW:path.npz', ...] -> {(height, width): Reference}."""
+def parse_reference_npz(entries, resolutions=None) -> dict:
+  """['HxW:path.npz', ...] -> {(height, width): Reference}. Two entries for one size, or (given
+  the evaluated `resolutions`) an entry for a size not evaluated, are refused."""
   references = {}
   for entry in entries:
     size, sep, path = entry.partition(':')
     if not sep:
       raise ValueError(f'--reference_npz entry {entry!r} must be HxW:path.npz')
+    size = size if 'x' in size.lower() else f'{size}x{size}'
     height, width = inference.parse_resolution(size, 1)
+    if (height, width) in references:
+      raise ValueError(f'--reference_npz names two references for {height}x{width}; give one')
+    if resolutions is not None and (height, width) not in resolutions:
+      raise ValueError(f'--reference_npz entry {entry!r} is for {height}x{width}, which is not '
+                       f'evaluated (--resolutions: {", ".join(f"{h}x{w}" for h, w in resolutions)}'
+                       '); add the size to --resolutions or drop the entry')
     references[(height, width)] = npz_reference(path)
   return references
 

@@ -190,8 +190,20 @@ def config_from_diffusers(raw: Mapping[str, Any]) -> autoencoder.Config:
 
 
 def read_config(path) -> autoencoder.Config:
-  with open(path) as f:
-    return config_from_diffusers(json.load(f))
+  """A diffusers config.json; one that is not JSON, or not an AutoencoderKL config, is named."""
+  try:
+    with open(path, 'rb') as f:
+      raw = json.loads(f.read().decode('utf-8'))
+  except (UnicodeDecodeError, ValueError) as e:
+    raise ValueError(f'{path} is damaged: not JSON ({type(e).__name__}: {e}); download the '
+                     "config.json of the VAE's repository again (e.g. stabilityai/sd-vae-ft-ema)"
+                     ) from None
+  if not isinstance(raw, dict):
+    raise ValueError(f'{path} holds a JSON {type(raw).__name__}, not a VAE config')
+  try:
+    return config_from_diffusers(raw)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'{path}: {e}') from None
 
 
 def params_from_tensors(tensors: Mapping[str, np.ndarray], config: autoencoder.Config,
@@ -281,10 +293,16 @@ def load(path, config: autoencoder.Config | str | None = None, expected: str | N
     elif entry is not None:
       config = autoencoder.PRESETS[entry.preset]
     else:
-      raise ValueError(f'{path}: no {CONFIG_NAME} beside it and {identify(digest, known)}; pass '
-                       f'config= (one of {", ".join(autoencoder.PRESETS)}, or a Config)')
-  with safe_open(str(path), framework='np') as f:
-    tensors = {name: f.get_tensor(name) for name in f.keys()}
+      raise ValueError(f'{path}: no {CONFIG_NAME} beside it and {identify(digest, known)}; put '
+                       f'the {CONFIG_NAME} of its diffusers repository beside it (in Python, '
+                       f'load(..., config=) also takes one of {", ".join(autoencoder.PRESETS)})')
+  try:
+    with safe_open(str(path), framework='np') as f:
+      tensors = {name: f.get_tensor(name) for name in f.keys()}
+  except Exception as e:  # pylint: disable=broad-except  # safetensors' own error type
+    raise ValueError(f'{path} is damaged: safetensors cannot read it ({type(e).__name__}: '
+                     f'{str(e).splitlines()[0] if str(e) else ""}; {identify(digest, known)}); '
+                     f'download {WEIGHTS_NAME} again') from None
   params = params_from_tensors(tensors, config, source=f'{path} ({identify(digest, known)})')
   return Loaded(params, config, digest, entry)
 

@@ -6,9 +6,10 @@ and what was kept. Neither prints a traceback.
 
 The libraries a command drives (orbax, tensorstore, grain, jax, TFDS) log their own failures, often
 with tracebacks and from their own threads, and a full disk would bury the one line that says what
-happened under them. `quiet_libraries` sends what they log (warnings and worse, and exceptions that
-end their threads) to a log file beside the command's output, `<command>.log`, created only when
-something is written there; the console keeps rpe2d's own lines, and the error line names the file.
+happened under them. `quiet_libraries` sends their errors (with tracebacks) and the exceptions that
+end their threads to a log file beside the command's output, `<command>.log`, created only when
+something is written there, and the error line names the file; their warnings stay on the console,
+each at most once and without a traceback; rpe2d's own lines are untouched.
 
 Worker processes die with their command (`die_with_parent`, grain's worker_init_fn): a command
 killed with SIGKILL runs no code of its own, so its children must notice by themselves.
@@ -124,7 +125,7 @@ class LibraryLog(logging.Handler):
   Nothing is created until there is something to write."""
 
   def __init__(self, command: str):
-    super().__init__(logging.WARNING)
+    super().__init__(logging.ERROR)
     self.command = command
     self.path: pathlib.Path | None = None
     self.where: pathlib.Path | None = None
@@ -162,9 +163,24 @@ class LibraryLog(logging.Handler):
       pass
 
 
-class _NotLibraries(logging.Filter):
+class _NotLibraryErrors(logging.Filter):
+  """On the console: rpe2d's records, and a library's warnings once each, without traceback."""
+
+  def __init__(self):
+    super().__init__()
+    self.seen = set()
+
   def filter(self, record: logging.LogRecord) -> bool:
-    return _ours(record.pathname)
+    if _ours(record.pathname):
+      return True
+    if record.levelno >= logging.ERROR:
+      return False  # in the LibraryLog
+    key = (record.name, record.pathname, record.lineno)
+    if key in self.seen:
+      return False
+    self.seen.add(key)
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return True
 
 
 class _OnlyLibraries(logging.Filter):
@@ -173,9 +189,10 @@ class _OnlyLibraries(logging.Filter):
 
 
 def quiet_libraries(command: str) -> LibraryLog:
-  """Sends the libraries' log records (WARNING and above) and the exceptions that end library
-  threads to a LibraryLog instead of the console; rpe2d's own records stay on the console.
-  Installed once per process, by a command's main; returns the log (set its `path`)."""
+  """Sends the libraries' errors and the exceptions that end their threads to a LibraryLog instead
+  of the console, and shows each of their warnings once, without traceback; rpe2d's own records
+  are untouched. Installed once per process, by a command's main; returns the log (set its
+  `path` once the command knows where it writes)."""
   if _LIBRARY_LOG:
     return _LIBRARY_LOG[0]
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
@@ -183,8 +200,9 @@ def quiet_libraries(command: str) -> LibraryLog:
   log.addFilter(_OnlyLibraries())
   root = logging.getLogger()
   absl_handler = absl_logging.get_absl_handler()
+  console = _NotLibraryErrors()
   for handler in {*root.handlers, absl_handler}:
-    handler.addFilter(_NotLibraries())
+    handler.addFilter(console)
   root.addHandler(log)
 
   def thread_died(args):

@@ -150,7 +150,7 @@ def test_file_identity_by_sha256(loaded, tmp_path):
   # Without config.json the architecture of an unknown file cannot be guessed.
   path = tmp_path / 'alone.safetensors'
   shutil.copy(FIXTURE / autoencoder_weights.WEIGHTS_NAME, path)
-  with pytest.raises(ValueError, match='no config.json beside it and its sha256 .* pass config='):
+  with pytest.raises(ValueError, match='no config.json beside it and its sha256 .* put the config.json of its diffusers'):
     autoencoder_weights.load(path)
 
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, subprocess_env, tiny_config
+from conftest import REPO, edit_run_config, subprocess_env, tiny_config
 from rpe2d import config as config_lib, rope, sampler
 from rpe2d.evaluation import metrics, sweep
 
@@ -105,9 +105,7 @@ def runs(tiny_run, tmp_path_factory):
   root = tmp_path_factory.mktemp('runs')
   shutil.copytree(tiny_run, root / 'rpe')
   shutil.copytree(tiny_run, root / 'grid')
-  config = json.loads((root / 'grid' / 'config.json').read_text())
-  config['positions']['train'] = 'grid'
-  (root / 'grid' / 'config.json').write_text(json.dumps(config))
+  edit_run_config(root / 'grid', lambda config: config['positions'].update(train='grid'))
   return root
 
 
@@ -182,7 +180,7 @@ def test_sweep_writes_every_report_and_reuses_cells(runs, jax_cache_dir, tmp_pat
     (['--split=nosuch'], "--split=nosuch: split='nosuch' is not readable"),
     (['--cfg_scale=nan'], '--cfg_scale=nan must be a finite number in [0.0, 100.0]'),
     (['--steps=0'], '--steps=0 must be a positive integer'),
-    (['--seed=-1'], '--seed=-1 must be an integer >= 0'),
+    (['--seed=-1'], '--seed=-1 must be an integer in [0, 2**64)'),
     (['--batch_size=0'], '--batch_size=0 must be a positive integer'),
     (['--reference_npz=16x16:{negative_npz}'], "is not a covariance: it has a negative eigenvalue"),
     (['--reference_npz=16x16:{asymmetric_npz}'], 'is not a covariance: it is not symmetric'),

@@ -471,18 +471,25 @@ def test_sigint_after_a_checkpoint_saves_the_current_step(data_dir, tmp_path, co
 
 def test_train_failure_after_work_started_names_the_kept_checkpoint(trained, data_dir, tmp_path,
                                                                     warm_scripts):
+  """A side task (here the sample grid of step 5, whose file name is taken by a directory) fails
+  at a step that is not a checkpoint step: the step is saved first, the error names it, and the
+  same command resumes from it once the cause is gone (issue 24, class 1)."""
   workdir = copy_run(trained, tmp_path)
-  shutil.rmtree(workdir / 'samples')
-  (workdir / 'samples').write_text('a file where the sample grids go')
-  result = command(TRAIN_PY, f'--workdir={workdir}',
-                   *flag_args(data_dir, total_steps=6, checkpoint_every_steps=2,
-                              sample_every_steps=2), scripts=warm_scripts)
+  (workdir / 'samples' / 'step_0000005_16x16.png').mkdir(parents=True)
+  args = flag_args(data_dir, total_steps=6, checkpoint_every_steps=2, sample_every_steps=5)
+  result = command(TRAIN_PY, f'--workdir={workdir}', *args, scripts=warm_scripts)
   line = one_error_line(result, 1)
-  assert re.fullmatch(r'error: step 6: writing the sample grids failed \(File exists: .*samples\); '
-                      rf'the newest checkpoint, step 6, is kept in {re.escape(str(workdir))}/'
-                      r'checkpoints: fix the cause and run again to resume', line), line
-  assert step_dirs(workdir) == [2, 4, 6]
-  assert checkpoints.damage(workdir / 'checkpoints' / '6') is None
+  assert re.fullmatch(r'error: step 5: drawing the sample grids failed \(Is a directory: .*'
+                      r'step_0000005_16x16.png.*\); the step was saved first: the newest checkpoint, '
+                      rf'step 5, is in {re.escape(str(workdir))}/checkpoints: fix the cause and run '
+                      r'the same command to resume', line), line
+  assert step_dirs(workdir) == [2, 4, 5]
+  assert checkpoints.damage(workdir / 'checkpoints' / '5') is None
+  (workdir / 'samples' / 'step_0000005_16x16.png').rmdir()
+  resumed = command(TRAIN_PY, f'--workdir={workdir}', *args, scripts=warm_scripts)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'Resuming from step 5' in resumed.stdout
+  assert [r['step'] for r in read_jsonl(workdir / 'metrics.jsonl')] == [1, 2, 3, 4, 5, 6]
 
 
 # ------------------------------------------------------------------------------------------------

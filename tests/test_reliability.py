@@ -647,7 +647,8 @@ def test_checkpoint_of_a_newer_format_is_refused(reference, data_dir, tmp_path):
 # 7. No pickle is loaded from user-supplied files.
 
 
-def test_crafted_pickles_in_a_checkpoint_are_never_loaded(reference, data_dir, tmp_path, caplog):
+def test_crafted_pickles_in_a_checkpoint_are_never_loaded(reference, data_dir, tmp_path, caplog,
+                                                          capsys):
   marker = tmp_path / 'pwned'
   payload = pickle.dumps(Evil(marker))
   workdir = copy_run(reference[0], tmp_path)
@@ -673,12 +674,19 @@ def test_crafted_pickles_in_a_checkpoint_are_never_loaded(reference, data_dir, t
     train_loop.train(tiny_config(data_dir, total_steps=STEPS + 2), workdir)
   with pytest.raises(checkpoints.CheckpointError, match=r'checkpoints/6: '):  # sample.py
     inference.load_run(workdir)
-  # A pickled config.json.
+  # A pickled config.json: read as JSON only, named as damaged, and the checkpoint's own config
+  # used instead (the crafted checkpoint 6 then fails to restore, as above).
   (workdir / 'config.json').write_bytes(payload)
-  with pytest.raises(ValueError, match=r'config\.json is not a JSON config .* never unpickled'):
+  capsys.readouterr()
+  with pytest.raises(checkpoints.CheckpointError, match=r'checkpoints/6: '):
     inference.load_run(workdir)
-  with pytest.raises(ValueError, match=r'config\.json is not a JSON config'):
+  assert re.search(r'config\.json is not a JSON config .* never unpickled', capsys.readouterr().out)
+  caplog.clear()
+  with caplog.at_level('WARNING'), pytest.raises(checkpoints.CheckpointError,
+                                                 match=r'checkpoints/6: '):
     train_loop.train(tiny_config(data_dir, total_steps=STEPS + 2), workdir)
+  assert re.search(r'config\.json is not a JSON config .* never unpickled', caplog.text)
+  assert (workdir / 'config.json.damaged').read_bytes() == payload  # kept, never loaded
   assert not marker.exists()
 
 

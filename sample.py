@@ -210,10 +210,10 @@ def check_outputs(paths) -> None:
   if len(set(paths)) != len(paths):
     raise ValueError(f'--output gives the same file {paths[0]} to several resolutions')
   for path in paths:
+    files.check_names_fit(path.parent, [files.tmp_name(path).name], '--output')
     if path.is_dir():
       raise ValueError(f'--output {path} is a directory; name a .png or .npz file')
     rundir.check_not_managed(path, '--output')
-    files.check_names_fit(path.parent, [files.tmp_name(path).name], '--output')
 
 
 def main(argv):

@@ -111,12 +111,15 @@ _LIBRARY_LOG = []  # the LibraryLog of this process, once a command installed it
 
 def _ours(pathname: str) -> bool:
   """Whether a log record comes from rpe2d or the command's script (not from a library)."""
+  if not pathname or pathname.startswith('<'):  # code without a file: not ours
+    return False
   try:
     path = pathlib.Path(pathname).resolve()
+    script = pathlib.Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0].endswith('.py') \
+        else None
   except (OSError, ValueError):
     return False
-  script = pathlib.Path(sys.argv[0]).resolve().parent if sys.argv and sys.argv[0] else None
-  return _PACKAGE in path.parents or (script is not None and path.parent == script)
+  return _PACKAGE in path.parents or (script is not None and path.parent == script.parent)
 
 
 class LibraryLog(logging.Handler):
@@ -175,7 +178,7 @@ class _NotLibraryErrors(logging.Filter):
       return True
     if record.levelno >= logging.ERROR:
       return False  # in the LibraryLog
-    key = (record.name, record.pathname, record.lineno)
+    key = (record.name, str(record.msg))  # a message template, whatever its arguments
     if key in self.seen:
       return False
     self.seen.add(key)
@@ -199,6 +202,7 @@ def quiet_libraries(command: str) -> LibraryLog:
   log = LibraryLog(command)
   log.addFilter(_OnlyLibraries())
   root = logging.getLogger()
+  absl_logging.use_absl_handler()  # the console handler (absl.app.run installs it too)
   absl_handler = absl_logging.get_absl_handler()
   console = _NotLibraryErrors()
   for handler in {*root.handlers, absl_handler}:

@@ -552,7 +552,7 @@ class Records:
       else:
         kept = {'image': np.asarray(element['image'])}
     except Exception as e:  # pylint: disable=broad-except  # decoders raise anything on bad bytes
-      return None, ('unreadable', f'unreadable ({type(e).__name__}: {e})')
+      return None, (f'unreadable {type(e).__name__}', f'unreadable ({type(e).__name__}: {e})')
     image = kept.get('image')
     if image is not None and (image.dtype != np.uint8 or image.ndim not in (2, 3)
                               or 0 in image.shape):

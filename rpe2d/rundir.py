@@ -154,6 +154,7 @@ class RunDir:
   def check_layout(self, names=()) -> None:
     """Refuses a workdir whose own paths are of the wrong kind (a file where a directory goes, or
     the reverse), and one too long for the file names the run will write (`names`, relative)."""
+    files.check_names_fit(self.root, names, f'workdir {self.root}')
     for name in MANAGED_DIRS:
       if (self.root / name).exists() and not (self.root / name).is_dir():
         raise ValueError(f'workdir {self.root}: {name} is a file where the run keeps the '
@@ -162,7 +163,6 @@ class RunDir:
       if (self.root / name).is_dir():
         raise ValueError(f'workdir {self.root}: {name} is a directory where the run writes the '
                          f'file {name}; move it away, or choose another --workdir')
-    files.check_names_fit(self.root, names, f'workdir {self.root}')
 
   def check_writable(self) -> pathlib.Path | None:
     """Raises ValueError naming the workdir when it, or its checkpoints/, cannot be written.

@@ -48,8 +48,8 @@ def preflight(config, run: rundir.RunDir):
   if devices % config.mesh.fsdp:
     raise ValueError(f'mesh.fsdp={config.mesh.fsdp} must divide the {devices} devices')
   check_sample_grids(config, built, vae)
-  run.check_not_nested()
   run.check_layout(written_names(config))
+  run.check_not_nested()
   created = run.check_writable()
   try:
     saved_config = rundir.check_compatible(run, config)

@@ -573,7 +573,7 @@ def test_bad_records_raise_a_clear_error_by_default(bad_data, data_dir):
     with pytest.raises(data.BadRecordError, match=rf'^animal_mnist\[train\] record {index}: '
                                                   rf'{expected[kind]}') as error:
       source[index]
-    assert 'Set --config.data.bad_records=skip' in str(error.value)
+    assert '--config.data.bad_records=skip skips them' in str(error.value)
   # Through the whole pipeline (grain's reader threads) the same error arrives.
   iterator = data.make_iterator(config.data, split='train', seed=0, global_batch_size=8,
                                 process_index=0, process_count=1)
@@ -614,12 +614,19 @@ def test_disk_full_while_saving_loses_nothing(reference, data_dir, tmp_path, com
        *flag_args(data_dir, total_steps=STEPS + 2, checkpoint_every_steps=EVERY)],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 1, result.stderr[-3000:]
-  # orbax's and tensorstore's threads log their failures with tracebacks, interleaved with ours.
   for message in (f'error: could not save the checkpoint at step {STEPS + 2} in '
                   f'{workdir}/checkpoints: ', 'File too large',
-                  f'Checkpoints saved before it are untouched (the newest is step {STEPS}); fix '
+                  f'checkpoints saved before it are untouched (the newest is step {STEPS}); fix '
                   'the cause (disk space?) and run again'):
     assert message in result.stderr, result.stderr[-3000:]
+  # orbax's and tensorstore's threads log their failures with tracebacks: those go to train.log,
+  # and the console shows the one error line, which names that file (issue 24, class 6).
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1 and errors[0].endswith(f'tracebacks: {workdir}/train.log)'), errors
+  assert 'Traceback' not in result.stderr and 'Traceback' in (workdir / 'train.log').read_text()
+  noise = [line for line in result.stderr.splitlines() if not line.startswith(('error: ', 'W'))
+           and 'train:' not in line and line.strip()]
+  assert not noise, noise
   assert 'CheckpointError' not in result.stderr  # handled, not a crash
   # Nothing saved before is lost or changed; the failed save never became a checkpoint.
   assert step_dirs(workdir) == [2, 4, 6, 8]

@@ -483,22 +483,23 @@ def parse_resolutions(texts, patch_sizes) -> list[tuple[int, int]]:
 
 def parse_reference_npz(entries, resolutions=None) -> dict:
   """['HxW:path.npz', ...] -> {(height, width): Reference}. Two entries for one size, or (given
-  the evaluated `resolutions`) an entry for a size not evaluated, are refused."""
-  references = {}
+  the evaluated `resolutions`) an entry for a size not evaluated, are refused before any file is
+  read."""
+  paths = {}
   for entry in entries:
     size, sep, path = entry.partition(':')
     if not sep:
       raise ValueError(f'--reference_npz entry {entry!r} must be HxW:path.npz')
     size = size if 'x' in size.lower() else f'{size}x{size}'
     height, width = inference.parse_resolution(size, 1)
-    if (height, width) in references:
+    if (height, width) in paths:
       raise ValueError(f'--reference_npz names two references for {height}x{width}; give one')
     if resolutions is not None and (height, width) not in resolutions:
       raise ValueError(f'--reference_npz entry {entry!r} is for {height}x{width}, which is not '
                        f'evaluated (--resolutions: {", ".join(f"{h}x{w}" for h, w in resolutions)}'
                        '); add the size to --resolutions or drop the entry')
-    references[(height, width)] = npz_reference(path)
-  return references
+    paths[(height, width)] = path
+  return {size: npz_reference(path) for size, path in paths.items()}
 
 
 def _reason(error) -> str:

@@ -137,8 +137,11 @@ def wait_for(condition, process, err, what, timeout=180):
 def test_a_second_trainer_on_a_live_workdir_is_refused(data_dir, tmp_path, compilation_cache,
                                                        warm_scripts):
   workdir = tmp_path / 'run'
+  # A checkpoint every step and retention keeping one: sample.py below reads a checkpoint that
+  # retention would delete mid-read without the reader's lease (issue 24, class 7).
   process, _, err = start_training(workdir, data_dir, compilation_cache, tmp_path,
-                                   total_steps=100_000, checkpoint_every_steps=2)
+                                   total_steps=100_000, checkpoint_every_steps=1,
+                                   keep_checkpoints=1)
   try:
     wait_for(lambda: checkpoints.steps(workdir / 'checkpoints'), process, err, 'checkpoint')
     second = command(TRAIN_PY, f'--workdir={workdir}', *flag_args(data_dir, total_steps=3),
@@ -147,11 +150,13 @@ def test_a_second_trainer_on_a_live_workdir_is_refused(data_dir, tmp_path, compi
     assert str(workdir) in line and f'pid {process.pid}' in line, line
     assert process.poll() is None  # the first one trains on
 
-    # Readers only read: sampling the live run works.
+    # Readers only read: sampling the live run works while its retention deletes (the lease:
+    # test_class7_one_writer_per_directory_leases_and_a_bounded_start).
     sampled = command(SAMPLE_PY, f'--workdir={workdir}', '--resolution=16x16', '--num_samples=2',
                       f'--output={tmp_path / "live.png"}', scripts=warm_scripts)
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     assert (tmp_path / 'live.png').is_file()
+    assert len(checkpoints.steps(workdir / 'checkpoints')) <= 2  # retention ran meanwhile
   finally:
     process.kill()  # SIGKILL: the kernel releases the lock
     process.wait()

@@ -148,6 +148,38 @@ def test_truncated_shard_is_refused_and_encoded_again(reference, data_dir, tmp_p
   assert file_contents(out) == file_contents(reference[0])
 
 
+def test_damaged_manifest_and_progress_files_are_set_aside_and_rebuilt(reference, data_dir,
+                                                                        tmp_path, caplog):
+  """The project's own bookkeeping, cut short (issue 24, class 5): the reader names the manifest
+  and says what rebuilds it; extract.py sets the damaged file aside (kept) and rebuilds it, to
+  the same bytes."""
+  out = tmp_path / 'latents'
+  shutil.copytree(reference[0], out)
+  (out / latents.MANIFEST).write_bytes((out / latents.MANIFEST).read_bytes()[:60])
+  with pytest.raises(latents.LatentsError, match=r'cannot read manifest.json .*; run extract.py '
+                                                 r'again with the same flags: it verifies the '
+                                                 r'shards and writes the manifest again'):
+    latents.LatentSource(out, 'train')
+  with caplog.at_level('WARNING'):
+    assert latents.extract(data_config(data_dir), VAE, out, **SETTINGS) == reference[1]
+  assert 'moved it to manifest.json.damaged (kept for inspection) and rebuilding it' in caplog.text
+  aside = {'manifest.json.damaged'}
+  assert {k: v for k, v in file_contents(out).items() if k not in aside} == \
+      file_contents(reference[0])
+  # An unfinished extraction (no manifest yet) whose progress file is damaged: its shards are
+  # verified against nothing, so encoded again, to the same bytes.
+  (out / latents.MANIFEST).unlink()
+  progress = out / 'progress-00000.json'
+  progress.write_bytes(progress.read_bytes()[:60])
+  caplog.clear()
+  with caplog.at_level('WARNING'):
+    assert latents.extract(data_config(data_dir), VAE, out, **SETTINGS) == reference[1]
+  assert 'moved it to progress-00000.json.damaged' in caplog.text
+  aside.add('progress-00000.json.damaged')
+  assert {k: v for k, v in file_contents(out).items() if k not in aside} == \
+      file_contents(reference[0])
+
+
 def test_unreadable_manifests_are_refused(reference, tmp_path):
   out = tmp_path / 'latents'
   with pytest.raises(latents.LatentsError, match=f'latents directory {out}: no manifest.json'):

@@ -65,7 +65,7 @@ class TensorFile:
   format: str                      # 'safetensors', 'torch_zip' or 'torch_legacy'
   tensors: dict[str, np.ndarray]   # read-only views of the memory-mapped file where possible
   sha256: str                      # of the whole file
-  unwrapped: str | None            # what `unwrap` took ("unwrapped 'ema': 130 tensors ..."), or None
+  unwrapped: str | None            # what `unwrap` took ("unwrapped 'ema': 130 tensors ..."); None
 
 
 def read_safetensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:

@@ -144,7 +144,7 @@ _TORCH_DTYPES = {
     'complex128': np.dtype('<c16'),
 }
 
-_UNTYPED = _Name('torch.storage.UntypedStorage', 'storage', np.dtype('u1'))  # its numel counts bytes
+_UNTYPED = _Name('torch.storage.UntypedStorage', 'storage', np.dtype('u1'))  # numel counts bytes
 _TENSOR_TYPES = {('torch', 'Tensor'), ('torch.nn.parameter', 'Parameter')}
 
 
@@ -584,7 +584,8 @@ def _zip_root(src: _Source) -> tuple[zipfile.ZipFile, str] | None:
   try:
     zf = src.zip()
   except (zipfile.BadZipFile, EOFError, OSError) as e:
-    raise TruncatedFileError(src.name, f'the zip central directory is missing or damaged ({e})') from None
+    raise TruncatedFileError(src.name,
+                             f'the zip central directory is missing or damaged ({e})') from None
   pkls = [n for n in zf.namelist() if n.endswith('/data.pkl') and n.count('/') == 1]
   if len(pkls) != 1:
     zf.close()

@@ -98,17 +98,18 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     if name == '__metadata__':
       continue
     try:
-      dtype = SAFETENSORS_DTYPES[info['dtype']]
+      dtype_name = info['dtype']
       shape = tuple(int(d) for d in info['shape'])
       begin, end = (int(o) for o in info['data_offsets'])
-    except KeyError as e:
-      raise ValueError(f'{path}: tensor {name!r} has dtype {info.get("dtype")!r} or lacks {e}; '
-                       f'allowed dtypes: {", ".join(SAFETENSORS_DTYPES)}') from None
-    except (TypeError, ValueError, AttributeError):
+    except (KeyError, TypeError, ValueError):
       raise ValueError(f'{path}: tensor {name!r} has a malformed header entry {info!r}') from None
+    if not isinstance(dtype_name, str) or dtype_name not in SAFETENSORS_DTYPES:
+      raise ValueError(f'{path}: tensor {name!r} has dtype {dtype_name!r}; allowed: '
+                       f'{", ".join(SAFETENSORS_DTYPES)}')
+    dtype = SAFETENSORS_DTYPES[dtype_name]
     nbytes = math.prod(shape) * dtype.itemsize
     if begin < 0 or end - begin != nbytes or any(d < 0 for d in shape):
-      raise ValueError(f'{path}: tensor {name!r} of shape {shape} and {info["dtype"]} needs '
+      raise ValueError(f'{path}: tensor {name!r} of shape {shape} and {dtype_name} needs '
                        f'{nbytes} bytes, its data_offsets {[begin, end]} span {end - begin}')
     if end > data.size:
       raise TruncatedFileError(str(path), f'tensor {name!r} needs the data section to reach byte '
@@ -141,16 +142,16 @@ def read_tensors(path: str | os.PathLike[str], *, unwrap: str | None = None) -> 
       raise ValueError(f"{path}: unwrap={unwrap!r}, but safetensors files hold one flat set of "
                        "tensors; pass no unwrap (or 'none')")
     tensors, unwrapped = read_safetensors(path), None
-  elif kind in ('torch_zip', 'torch_legacy'):
-    if path.suffix.lower() == '.safetensors':
+  elif kind in ('torch_zip', 'torch_legacy', 'zip'):  # 'zip': read() names what it lacks
+    if path.suffix.lower() == '.safetensors' and kind != 'zip':
       logging.warning('%s is named .safetensors but is a torch %s archive; reading it through '
                       'the allow-listed unpickler', path, kind.removeprefix('torch_'))
     obj = torch_pickle.read(path, extra_globals=torch_pickle.STATE_DICT_GLOBALS)
     tensors, description, key = torch_pickle.split_state_dict(obj, str(path), unwrap)
-    unwrapped = description if key is not None else None
+    kind, unwrapped = 'torch_zip' if kind == 'zip' else kind, (
+        description if key is not None else None)
   else:
-    what = 'a zip but not a torch archive' if kind == 'zip' else 'not a checkpoint file'
-    raise ValueError(f'{path} is neither safetensors nor a torch file ({what}): '
+    raise ValueError(f'{path} is neither safetensors nor a torch file: '
                      f'{torch_pickle.describe_head(path)}; it is not read')
   return TensorFile(path=path, format=kind, tensors=tensors, sha256=sha256_file(path),
                     unwrapped=unwrapped)

@@ -53,6 +53,7 @@ __all__ = [
     'Record',
     'ScriptObject',
     'TorchUnpickler',
+    'NumpyOnlyUnpickler',
     'STATE_DICT_GLOBALS',
     'read',
     'state_dict',
@@ -86,6 +87,10 @@ class TruncatedFileError(ValueError):
 
   def __init__(self, source: str, missing: str):
     super().__init__(f'{source}: {missing}; {INCOMPLETE}')
+
+
+class _FileError(ValueError):
+  """A damaged file, found while unpickling; the message already names the file."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -625,7 +630,7 @@ def describe_head(path: str | os.PathLike[str] | None = None, head: bytes | None
       head = f.read(512)
   shown = ' '.join(f'{b:02x}' for b in head[:8]) or 'none: the file is empty'
   if len(head) >= 262 and head[257:262] == b'ustar':
-    kind = ' (a tar archive: the tar format of torch < 0.1.10? ' + _RESAVE + ')'
+    kind = ' (a tar archive: the format of the first torch releases? ' + _RESAVE + ')'
   elif head[:1] == b'\x80':
     kind = ' (a pickle, not a torch archive; it is never unpickled)'
   elif head[:2] == b'\x1f\x8b':
@@ -650,7 +655,7 @@ def _unpickle(unpickler: pickle.Unpickler, source: str) -> Any:
   except RefusedGlobalError as e:
     e.args = (f'{source}: {e.args[0]}',)
     raise
-  except TruncatedFileError:
+  except (TruncatedFileError, _FileError):
     raise
   except EOFError:
     raise TruncatedFileError(source, 'a pickle ends early') from None
@@ -681,11 +686,11 @@ def _read_zip(src: _Source, *, extra_globals=None, torchscript: bool = False) ->
 
     def member(name: str) -> np.ndarray:
       info = infos.get(name)
-      if info is None:
-        raise ValueError(f'{src.name}: the pickle names {name}, which the archive does not hold')
+      if info is None:  # only storages can be missing: data.pkl was found in the directory
+        raise _FileError(f'{src.name}: the pickle names {name}, which the archive does not hold')
       local = src.span(info.header_offset, 30, f'the local header of {name}')
       if local[:4].tobytes() != b'PK\x03\x04':
-        raise ValueError(f'{src.name}: {name} has no local header at {info.header_offset}')
+        raise _FileError(f'{src.name}: {name} has no local header at {info.header_offset}')
       name_len, extra_len = struct.unpack('<HH', local[26:30].tobytes())
       start = info.header_offset + 30 + name_len + extra_len
       data = src.span(start, info.compress_size, name)
@@ -734,7 +739,7 @@ def _read_legacy(src: _Source, *, extra_globals=None) -> Any:
       dtype, numel = sizes[key]
       (count,) = struct.unpack('<q', src.span(offset, 8, f'storage {key}').tobytes())
       if count != numel:
-        raise ValueError(f'{src.name}: storage {key} holds {count} elements, the pickle says '
+        raise _FileError(f'{src.name}: storage {key} holds {count} elements, the pickle says '
                          f'{numel}')
       storages[key] = _typed(src.span(offset + 8, numel * dtype.itemsize, f'storage {key}'), dtype)
       offset += 8 + numel * dtype.itemsize

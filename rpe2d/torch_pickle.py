@@ -97,8 +97,22 @@ class _FileError(ValueError):
 # Stand-ins for the admitted globals.
 
 
-class _Name:
+class _Sealed:
+  """What `find_class` hands out is shared by every read in the process, so a pickle must not
+  change it: `BUILD` on it (which would set attributes, e.g. a function's `__defaults__`) is
+  refused."""
+  __slots__ = ('qualname',)
+
+  def __setstate__(self, state):
+    raise pickle.UnpicklingError(f'{self.qualname} cannot be given state')
+
+  def __repr__(self):
+    return self.qualname
+
+
+class _Name(_Sealed):
   """A torch global admitted as a name only: a storage type, a dtype or a tensor type (`kind`)."""
+  __slots__ = ('kind', 'dtype')
 
   def __init__(self, qualname: str, kind: str, dtype: np.dtype | None = None):
     self.qualname, self.kind, self.dtype = qualname, kind, dtype
@@ -106,8 +120,16 @@ class _Name:
   def __call__(self, *args, **kwargs):
     raise pickle.UnpicklingError(f'{self.qualname} is admitted as a name only and is never called')
 
-  def __repr__(self):
-    return self.qualname
+
+class _Function(_Sealed):
+  """An admitted global that a pickle may call: rpe2d's own function standing in for it."""
+  __slots__ = ('_function',)
+
+  def __init__(self, qualname: str, function: Callable[..., Any]):
+    self.qualname, self._function = qualname, function
+
+  def __call__(self, *args):
+    return self._function(*args)
 
 
 # Storage types by name (torch/storage.py), as the element dtype they hold.
@@ -279,18 +301,17 @@ def _tensor_or_pending(data, what):
   return data
 
 
-_REBUILD_FUNCTIONS = (_rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter,
-                      _rebuild_parameter_with_state)
+_REBUILD_FUNCTIONS = tuple(
+    _Function(f'torch._utils.{f.__name__}', f) for f in (
+        _rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter,
+        _rebuild_parameter_with_state))
 
 _TORCH_GLOBALS: dict[tuple[str, str], Any] = {
     ('collections', 'OrderedDict'): _StateDict,
-    ('torch', 'Size'): _size,
-    ('torch._utils', '_rebuild_tensor'): _rebuild_tensor,
-    ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor_v2,
-    ('torch._utils', '_rebuild_tensor_v3'): _rebuild_tensor_v3,
-    ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
-    ('torch._utils', '_rebuild_parameter_with_state'): _rebuild_parameter_with_state,
-    ('torch._tensor', '_rebuild_from_type_v2'): _rebuild_from_type_v2,
+    ('torch', 'Size'): _Function('torch.Size', _size),
+    **{tuple(f.qualname.rsplit('.', 1)): f for f in _REBUILD_FUNCTIONS},
+    ('torch._tensor', '_rebuild_from_type_v2'): _Function('torch._tensor._rebuild_from_type_v2',
+                                                          _rebuild_from_type_v2),
     ('torch.storage', 'UntypedStorage'): _UNTYPED,
     ('torch', 'UntypedStorage'): _UNTYPED,
     **{t: _Name('.'.join(t), 'type') for t in _TENSOR_TYPES},
@@ -338,7 +359,7 @@ def _latin1_encode(text, encoding='latin1'):
 # beside its tensors (DiT's and SiT's train.py save their argparse arguments).
 STATE_DICT_GLOBALS: Mapping[tuple[str, str], Any] = {
     ('argparse', 'Namespace'): record_class('argparse', 'Namespace'),
-    ('_codecs', 'encode'): _latin1_encode,
+    ('_codecs', 'encode'): _Function('_codecs.encode', _latin1_encode),
 }
 
 
@@ -368,18 +389,18 @@ def _script_class(module: str, name: str) -> type:
   return type(name, (ScriptObject,), {'qualname': f'{module}.{name}', '__module__': __name__})
 
 
-def _build_list(kind: type):
+def _build_list(name: str, kind: type) -> _Function:
   def build(values):
     if not isinstance(values, list) or not all(isinstance(v, kind) for v in values):
-      raise pickle.UnpicklingError(f'torch.jit._pickle list of {kind.__name__} from {values!r}')
+      raise pickle.UnpicklingError(f'torch.jit._pickle.{name} of {values!r}')
     return list(values)
-  return build
+  return _Function(f'torch.jit._pickle.{name}', build)
 
 
 _TORCHSCRIPT_GLOBALS = {
-    ('torch.jit._pickle', 'build_intlist'): _build_list(int),
-    ('torch.jit._pickle', 'build_doublelist'): _build_list(float),
-    ('torch.jit._pickle', 'build_boollist'): _build_list(bool),
+    ('torch.jit._pickle', name): _build_list(name, kind)
+    for name, kind in (('build_intlist', int), ('build_doublelist', float),
+                       ('build_boollist', bool))
 }
 _IDENT_PATH = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$')
 _IDENT = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
@@ -756,7 +777,8 @@ def read(path_or_bytes: PathOrBytes, *,
   come back as dicts, `OrderedDict`s as an `OrderedDict` subclass, lists, tuples, numbers and
   strings as themselves; tensors as read-only numpy arrays (bfloat16 and float8 as ml_dtypes),
   views of the memory-mapped file unless not contiguous. `extra_globals` maps (module, name) to an
-  inert stand-in for that global (see `STATE_DICT_GLOBALS`).
+  inert stand-in for that global (see `STATE_DICT_GLOBALS`): a class such as `record_class(...)`,
+  or a callable a pickle cannot change (no attributes it could set through `BUILD`).
 
   Raises:
     RefusedGlobalError: the pickle names a global outside the allow-list (nothing was imported).

@@ -461,6 +461,15 @@ def test_crafted_pickles_cannot_misuse_admitted_names(tmp_path):
   for payload, message in cases.items():
     with pytest.raises(pickle.UnpicklingError, match=re.escape(message)):
       load(payload)
+  # BUILD on an admitted global would change it for every later read (a function's defaults).
+  def text(s):
+    return b'X' + struct.pack('<I', len(s)) + s.encode()
+  for target in (b'ctorch._utils\n_rebuild_tensor_v2\n', b'ctorch\nFloatStorage\n',
+                 b'ctorch\nSize\n'):
+    with pytest.raises(pickle.UnpicklingError, match='cannot be given state'):
+      load(b'\x80\x02' + target + b'N}' + text('__defaults__') + b'(\x89N}' + text('neg')
+           + b'\x88sts\x86b.')
+  assert_bit_exact(torch_pickle.read(FIXTURES / 'state_dict.pt'), expected_bits('state_dict'))
   missing = storage.replace(b'X\x01\x00\x00\x000', b'X\x01\x00\x00\x007')
   with pytest.raises(ValueError, match=r'x\.pt: the pickle names archive/data/7, which the '
                                        r'archive does not hold$'):

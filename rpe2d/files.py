@@ -1,9 +1,10 @@
-"""Writing files so that a reader, or a crash, never sees half of one; one lock discipline for
-every directory a command writes; and the name lengths a file system allows."""
+"""Writing files so that a reader, or a crash, never sees half of one; naming their bytes; one
+lock discipline for every directory a command writes; and the name lengths a file system allows."""
 
 import contextlib
 import datetime
 import fcntl
+import hashlib
 import os
 import pathlib
 import socket
@@ -126,3 +127,9 @@ def check_names_fit(directory, names, what: str) -> None:
                        f'{full.relative_to(directory)} would make a path of '
                        f'{len(os.fsencode(str(full)))} bytes, and this file system allows '
                        f'{path_max - 1}; use a shorter path')
+
+
+def sha256_file(path: os.PathLike[str] | str) -> str:
+  """The hex sha256 of a file's bytes, read in one streaming pass (nothing is cached)."""
+  with open(path, 'rb') as f:
+    return hashlib.file_digest(f, 'sha256').hexdigest()

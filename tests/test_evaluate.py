@@ -1,7 +1,6 @@
 """evaluate.py and rpe2d.evaluation: methods, shared and reused cells, references, reports."""
 
 import csv
-import json
 import pathlib
 import shutil
 import subprocess

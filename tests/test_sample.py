@@ -1,6 +1,5 @@
 """sample.py and rpe2d.inference on a tiny checkpoint trained in the test."""
 
-import json
 import pathlib
 import shutil
 import subprocess

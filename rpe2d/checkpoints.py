@@ -410,11 +410,12 @@ def lease(step_dir):
   """Holds a reader's lease on a checkpoint while the block reads it: `prune` leaves a leased
   step for a later prune. A shared `flock` on <run>/readers/<step>.lock, dropped by the kernel
   when the reader dies. Raises CheckpointGone when the step was deleted before the lease was
-  held. Where no lease can be taken (a run directory the reader cannot write) the block runs
-  without one; `inference.load_run` then retries with the newest step if the read fails."""
+  held. A run no train.py holds (train.lock) is read without a lease, and where none can be taken
+  (a run directory the reader cannot write) the block runs without one; `inference.load_run` then
+  retries with the newest step if the read fails."""
   step_dir = pathlib.Path(step_dir)
   path, fd = _lease_path(step_dir), None
-  if path is not None:
+  if path is not None and _live(step_dir.parent.parent):
     try:
       path.parent.mkdir(exist_ok=True)
       fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
@@ -432,6 +433,24 @@ def lease(step_dir):
   finally:
     if fd is not None:
       os.close(fd)
+
+
+def _live(workdir: pathlib.Path) -> bool:
+  """Whether a train.py holds the workdir's lock now (only then can retention run meanwhile; a
+  finished run is read without writing a lease into it)."""
+  try:
+    fd = os.open(rundir.RunDir(workdir).lock_path, os.O_RDONLY)
+  except OSError:
+    return False
+  try:
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    return False
+  except BlockingIOError:
+    return True
+  except OSError:
+    return False
+  finally:
+    os.close(fd)
 
 
 _REFUSED = set()  # step directories retention already said it leaves alone (said once)

@@ -8,6 +8,7 @@ import hashlib
 import os
 import pathlib
 import socket
+import time
 
 
 @contextlib.contextmanager
@@ -58,7 +59,14 @@ class DirectoryLock:
     self.path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      for attempt in range(10):  # a reader asking whether the writer is live holds it a moment
+        try:
+          fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+          break
+        except BlockingIOError:
+          if attempt == 9:
+            raise
+          time.sleep(0.1)
     except BlockingIOError:
       holder = os.pread(fd, 1024, 0).decode(errors='replace').strip() or 'another process'
       os.close(fd)

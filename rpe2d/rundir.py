@@ -5,8 +5,8 @@
     config.json                   the run's config, JSON only (never unpickled)
     checkpoints/<step>/           orbax checkpoints (rpe2d.checkpoints)
     damaged_checkpoints/<step>/   checkpoints put aside by checkpoints.recover, kept for inspection
-    readers/<step>.lock           leases of the readers (sample.py, evaluate.py) of a checkpoint:
-                                  retention does not delete a step while one is held
+    readers/<step>.lock           leases of the readers (sample.py, evaluate.py) of a live run's
+                                  checkpoint: retention does not delete a step while one is held
     metrics.jsonl, examples.jsonl the logs, one JSON object per line, each with its step
     <log>.damaged                 lines of a log that could not be read, set aside on resume
     tensorboard/                  the same scalars as TensorBoard event files

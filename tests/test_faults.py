@@ -906,15 +906,23 @@ def test_class7_one_writer_per_directory_leases_and_a_bounded_start(trained, dat
     holder.kill()
     holder.wait()
 
-  # A reader's lease: retention keeping one checkpoint leaves the step being read.
+  # A reader's lease on a live run (a trainer holds train.lock; here this process): retention
+  # keeping one checkpoint leaves the step being read. A finished run is read without a lease.
   workdir = copy_run(trained, tmp_path)
   config = tiny_config(data_dir, keep_checkpoints=1)
   with checkpoints.lease(workdir / 'checkpoints' / '2'):
-    assert checkpoints.prune(workdir, config) == [] and step_dirs(workdir) == [2, 4]
-  assert checkpoints.prune(workdir, config) == [2] and step_dirs(workdir) == [4]
-  with pytest.raises(checkpoints.CheckpointGone, match='deleted by its run'):
+    assert not (workdir / 'readers').exists()
+  run = rundir.RunDir(workdir)
+  run.lock()
+  try:
     with checkpoints.lease(workdir / 'checkpoints' / '2'):
-      pass
+      assert checkpoints.prune(workdir, config) == [] and step_dirs(workdir) == [2, 4]
+    assert checkpoints.prune(workdir, config) == [2] and step_dirs(workdir) == [4]
+    with pytest.raises(checkpoints.CheckpointGone, match='deleted by its run'):
+      with checkpoints.lease(workdir / 'checkpoints' / '2'):
+        pass
+  finally:
+    run.unlock()
 
   # Multi-host start-up: bounded, saying what it waits for, one line naming what never came.
   port = free_port()

@@ -5,8 +5,10 @@
   python sample.py --workdir=runs/default --resolution=96x96 --num_samples=1000 \
       --output=runs/default/eval.npz
 
-Defaults (position rule, encoding, sampler, steps, CFG) come from the run's saved config; flags
-override them. Without --output the grids go to <workdir>/samples/sample_<step>_<H>x<W>.png; with
+Defaults (position rule, encoding, sampler, steps, CFG) come from the config saved in the checkpoint
+(the truth about its weights; another run's checkpoint whose model, positions or data differ from
+the workdir's is refused); flags override them. Everything is checked before anything is loaded
+or sampled, in `check_flags` and `main`. Without --output the grids go to <workdir>/samples/sample_<step>_<H>x<W>.png; with
 several resolutions an --output name gets a _<H>x<W> suffix per resolution. A method that changes
 nothing at a size (its tokens lie inside the trained range) is named in a note.
 
@@ -25,7 +27,8 @@ from rpe2d import attention, checks, checkpoints, cli, config as config_lib, dat
 from rpe2d import positions, rope, rundir, sampler
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training run directory.', required=True)
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A step directory; default: the newest.')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A step directory (<run>/checkpoints/<step>); '
+                                  'default: the newest of --workdir.')
 _NOEMA = flags.DEFINE_bool('noema', False, 'Use the raw weights instead of the EMA weights.')
 _RESOLUTION = flags.DEFINE_string('resolution', None,
                                   'HxW, or a comma list; default: the training resolution.')

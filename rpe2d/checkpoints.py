@@ -269,8 +269,8 @@ def recover(workdir) -> int | None:
 
   Unfinished saves (a run killed while writing) are removed, with a warning naming them. Finished
   checkpoints that are cut short or damaged, newest first until an intact one, are moved to
-  <workdir>/damaged_checkpoints/ with a warning: never deleted, and out of reach of max_to_keep and
-  of a later save of the same step.
+  <workdir>/damaged_checkpoints/ with a warning: never deleted, and out of reach of retention and
+  of a later save of the same step. A step directory that holds another run is left alone.
   """
   run = rundir.RunDir(workdir)
   directory = run.checkpoints

@@ -63,7 +63,9 @@ WorkdirInUseError = files.InUseError  # another live process trains in this work
 
 
 def _is_run(directory: pathlib.Path) -> bool:
-  return any((directory / name).is_file() for name in RUN_MARKERS)
+  """A run directory: one train.py took (train.lock), or one of 0.1 (config.json, checkpoints/)."""
+  return (directory / 'train.lock').is_file() or (
+      (directory / 'config.json').is_file() and (directory / 'checkpoints').is_dir())
 
 
 def managing_run(path) -> pathlib.Path | None:

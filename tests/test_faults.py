@@ -927,7 +927,7 @@ def test_class7_one_writer_per_directory_leases_and_a_bounded_start(trained, dat
   # Multi-host start-up: bounded, saying what it waits for, one line naming what never came.
   port = free_port()
   layout = [f'--coordinator_address=localhost:{port}', '--num_processes=2',
-            '--distributed_timeout=2', f'--workdir={tmp_path / "mh"}']
+            '--distributed_timeout=1', f'--workdir={tmp_path / "mh"}']
   for process, waiting, missing in (
       (0, 'waiting for process 1 at port', 'process 1 of 2 did not join'),
       (1, 'waiting for the coordinator, process 0, at localhost',

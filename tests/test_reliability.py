@@ -300,7 +300,7 @@ def test_damaged_checkpoints_are_put_aside_and_training_falls_back(reference, da
   assert f'checkpoint at step 8: {flipped} does not match its sha256' in log
   assert f'checkpoint at step 6: {cut} has' in log and 'bytes where' in log
   assert 'checkpoint at step 4: commit_success.txt is missing' in log
-  # Put aside untouched, out of reach of max_to_keep and of the new saves of the same steps.
+  # Put aside untouched, out of reach of retention and of the new saves of the same steps.
   aside = rundir.RunDir(workdir).damaged_checkpoints
   assert sorted(p.name for p in aside.iterdir()) == ['4', '6', '8']
   for s in (4, 6, 8):

@@ -373,21 +373,38 @@ def _child(obj: ScriptObject, path: str) -> ScriptObject:
   return obj
 
 
-def params_from_archive(archive: bytes) -> tuple[Params, Static]:
-  """(params, static conv geometry) of the JAX network from TorchScript archive bytes."""
-  layers = _child(load_torchscript(archive), 'net/layers')
-  params, static = {}, []
+def conv_layers(layers: ScriptObject, source: str = 'TorchScript archive') -> dict[str, dict]:
+  """Every convolution under a TorchScript `layers` module, by TF path, as it is stored: 'weight'
+  (cout, cin, kh, kw), 'beta', 'mean', 'var' (cout,), 'stride', 'padding'. Shared by the FID
+  network and the IS classifier's check that a file is the same network."""
+  found = {}
   for name in CONV_NAMES:
     layer = _child(layers, name)
     if not layer.qualname.endswith('.Conv2dLayer'):
-      raise ValueError(f'TorchScript archive: {name} is a {layer.qualname}, not a Conv2dLayer')
+      raise ValueError(f'{source}: {name} is a {layer.qualname}, not a Conv2dLayer')
     a = layer.attrs
-    w, beta, mean, var = (np.asarray(a[k], np.float64) for k in ('weight', 'beta', 'mean', 'var'))
+    w, beta, mean, var = (np.asarray(a[k]) for k in ('weight', 'beta', 'mean', 'var'))
     cout = w.shape[0]
     if w.ndim != 4 or any(v.shape != (cout,) for v in (beta, mean, var)):
-      raise ValueError(f'TorchScript archive: {name} has weight {w.shape}, beta {beta.shape}, '
+      raise ValueError(f'{source}: {name} has weight {w.shape}, beta {beta.shape}, '
                        f'mean {mean.shape}, var {var.shape}')
-    pad = a['padding']
+    found[name] = dict(weight=w, beta=beta, mean=mean, var=var, stride=a['stride'],
+                       padding=a['padding'])
+  return found
+
+
+def raw_conv_layers(archive: bytes) -> dict[str, dict]:
+  """`conv_layers` of the FID archive (bytes of default_1.pt)."""
+  return conv_layers(_child(load_torchscript(archive), 'net/layers'))
+
+
+def params_from_archive(archive: bytes) -> tuple[Params, Static]:
+  """(params, static conv geometry) of the JAX network from TorchScript archive bytes."""
+  params, static = {}, []
+  for name, layer in raw_conv_layers(archive).items():
+    w, beta, mean, var = (np.asarray(layer[k], np.float64)
+                          for k in ('weight', 'beta', 'mean', 'var'))
+    pad = layer['padding']
     pad = (int(pad), int(pad)) if isinstance(pad, int) else tuple(int(p) for p in pad)
     scale = 1.0 / np.sqrt(var + BN_EPS)  # batch_norm(eval, weight=None, bias=beta, eps=1e-3)
     params[name] = {
@@ -395,7 +412,7 @@ def params_from_archive(archive: bytes) -> tuple[Params, Static]:
                                   np.float32),  # OIHW -> HWIO
         'b': (beta - mean * scale).astype(np.float32),
     }
-    static.append((name, (int(a['stride']), pad)))
+    static.append((name, (int(layer['stride']), pad)))
   if params['mixed_10/tower_2_conv']['w'].shape[-1] + 320 + 4 * 384 != FEATURE_DIM:
     raise ValueError('TorchScript archive: pool3 would not be 2048-d')
   return params, tuple(static)

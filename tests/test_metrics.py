@@ -560,3 +560,25 @@ def test_precision_recall_is_adms_float16_form():
   print(f'float16 {want}, float32 {exact}')
   with pytest.raises(ValueError, match="distances='float64' is not known; allowed: float16"):
     metrics.precision_recall(ref, samples, distances='float64')
+
+
+def test_precision_recall_and_fid_equal_adms_evaluator():
+  # tests/fixtures/make_adm_evaluator_fixture.py ran evaluator.py's ManifoldEstimator (float16
+  # distances in a TensorFlow session) and FIDStatistics.frechet_distance on these inputs.
+  with np.load(pathlib.Path(__file__).parent / 'fixtures' / 'adm_evaluator' / 'pr_fid.npz') as f:
+    adm = {k: f[k] for k in f.files}
+  ref, samples = adm['ref_q'] / np.float32(64), adm['sample_q'] / np.float32(64)
+  radii = metrics.knn_sq_radii(ref, block=100)
+  # TF's CPU float16 reduce_sum orders its additions its own way: a squared norm (~1000 here,
+  # float16 steps of 0.5) may land a step or two away, and |u|^2 + |v|^2 - 2 u.v keeps that error.
+  mismatched = np.mean(radii != adm['radii_ref'])
+  np.testing.assert_allclose(radii, adm['radii_ref'], atol=2.0)
+  precision, recall = metrics.precision_recall(ref, samples, block=128)
+  # Within 3 of 400 samples and 3 of 300 reference points (the radii's float16 steps above).
+  assert abs(precision - adm['precision']) <= 3.5 / len(samples)
+  assert abs(recall - adm['recall']) <= 3.5 / len(ref)
+  exact = metrics.precision_recall(ref, samples, distances='float32')
+  print(f'ADM {adm["precision"]:.4f} {adm["recall"]:.4f}; rpe2d float16 {precision:.4f} '
+        f'{recall:.4f}; float32 {exact[0]:.4f} {exact[1]:.4f}; radii differing {mismatched:.4f}')
+  fid = metrics.frechet_distance(adm['mu1'], adm['sigma1'], adm['mu2'], adm['sigma2'])
+  assert fid == pytest.approx(float(adm['fid']), rel=1e-9)

@@ -26,6 +26,7 @@ import json
 import pathlib
 import pickle
 import re
+import sys
 
 from absl import app, flags, logging
 import jax
@@ -98,15 +99,18 @@ def evaluate_batch():
                      f'{",".join(_REFERENCE_NPZ.value) or "none"}')
   reference_npz = _REFERENCE_NPZ.value[0]
   samples, reference, stats, notes = adm.check(_SAMPLE_NPZ.value, reference_npz)
+  if jax.process_index() == 0:
+    for note in notes:  # before any work
+      print(f'warning: {note}', file=sys.stderr, flush=True)
   chosen = load_classifier(len(samples))
   output = pathlib.Path(_RESULTS_JSON.value or pathlib.Path(_OUTDIR.value) / (
       f'{pathlib.Path(_SAMPLE_NPZ.value).stem}_vs_{pathlib.Path(reference_npz).stem}.json'))
   if output.suffix != '.json':
     raise ValueError(f'--results_json={output} must end in .json')
-  if chosen is None:
-    notes.append(f'no Inception Score: it needs the classifier file, {classifier_lib.FLAG}='
-                 '<inception-2015-12-05.pt or pt_inception-2015-12-05-6726825d.pth>')
-  return samples, reference, stats, notes, chosen, output
+  if chosen is None and jax.process_index() == 0:
+    print(f'note: no Inception Score: it needs the classifier file, {classifier_lib.FLAG}='
+          '<inception-2015-12-05.pt or pt_inception-2015-12-05-6726825d.pth>', flush=True)
+  return samples, reference, stats, chosen, output
 
 
 def report(results: dict, output: pathlib.Path) -> None:
@@ -139,7 +143,7 @@ def main(argv):
       if flag.value is not None:
         check(f'--{flag.name}', flag.value)
     if _SAMPLE_NPZ.value is not None:
-      samples, reference, stats, notes, chosen, output = evaluate_batch()
+      samples, reference, stats, chosen, output = evaluate_batch()
       print('the Inception network (features) ...', flush=True)
       net = network()
       cli.check_writable_dir(output.parent, '--results_json directory')
@@ -151,9 +155,6 @@ def main(argv):
           pickle.UnpicklingError) as e:
     cli.fail(str(e), cli.BAD_INPUT)
   if _SAMPLE_NPZ.value is not None:
-    if jax.process_index() == 0:
-      for note in notes:
-        print(f'warning: {note}', flush=True)
     with cli.exit_on(cli.FAILED, OSError, ValueError):
       results = adm.evaluate(samples, reference, stats, net, cache_dir=pathlib.Path(_OUTDIR.value)
                              / 'features', classifier=chosen, distances=_DISTANCES.value,

@@ -62,9 +62,9 @@ def has_images(path) -> bool:
     return False
 
 
-def image_array(path, what: str = 'batch') -> ImageArray:
-  """Checks that `path` is an .npz whose `arr_0` is uint8 (N, H, W, 3) NHWC RGB, from its header
-  alone; raises ValueError naming what it found otherwise."""
+def image_array(path, what: str = 'batch', channels: tuple[int, ...] = (3,)) -> ImageArray:
+  """Checks that `path` is an .npz whose `arr_0` is uint8 (N, H, W, 3) NHWC RGB (or another of
+  `channels`), from its header alone; raises ValueError naming what it found otherwise."""
   path = pathlib.Path(path)
   if not path.is_file():
     raise ValueError(f'{what} {path} does not exist')
@@ -76,7 +76,7 @@ def image_array(path, what: str = 'batch') -> ImageArray:
         header = f.tell()
   except (zipfile.BadZipFile, OSError) as e:
     raise ValueError(f'{what} {path} is not a readable .npz ({e})') from None
-  if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
+  if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in channels or fortran:
     raise ValueError(f'{what} {path}: arr_0 is {dtype} {shape}{" (Fortran order)" if fortran else ""}'
                      f'; ADM batches hold uint8 (N, H, W, 3) NHWC RGB images in C order')
   if shape[0] < 1 or shape[1] < 1 or shape[2] < 1:
@@ -168,7 +168,7 @@ def merge_parts(output, process_count: int) -> int:
       labels.append(npz['labels'])
     if not np.array_equal(indices, np.arange(expected, expected + len(indices))):
       raise ValueError(f'{part} holds examples {indices[:1]}..{indices[-1:]}, not from {expected}')
-    array = image_array(part, 'part')
+    array = image_array(part, 'part', (1, 3))
     if shape is not None and array.shape[1:] != shape:
       raise ValueError(f'{part} holds images of {array.shape[1:]}, the others {shape}')
     shape = array.shape[1:]
@@ -179,7 +179,7 @@ def merge_parts(output, process_count: int) -> int:
         np.lib.format.write_array_header_1_0(
             f, {'descr': '|u1', 'fortran_order': False, 'shape': (expected,) + shape})
         for part in parts:
-          array = image_array(part, 'part')
+          array = image_array(part, 'part', (1, 3))
           for start in range(0, len(array), 1024):
             f.write(read_rows(array, start, min(start + 1024, len(array))).tobytes())
       with zf.open('labels.npy', 'w') as f:

@@ -1,0 +1,239 @@
+"""ADM-format batches and `evaluate.py --sample_npz`: reading arr_0 in pieces, merging per-process
+parts, the evaluator of any sample batch, and its refusals of bad input before any work."""
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+from conftest import REPO, subprocess_env
+from rpe2d.evaluation import batches
+
+
+def images(n, size=8, channels=3, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (n, size, size, channels), dtype=np.uint8)
+
+
+@pytest.mark.parametrize('save', [np.savez, np.savez_compressed])
+def test_read_rows_of_stored_and_deflated_batches(tmp_path, save):
+  path = tmp_path / 'batch.npz'
+  arr = images(10, size=6)
+  save(path, arr_0=arr, labels=np.arange(10))
+  array = batches.image_array(path)
+  assert array.shape == (10, 6, 6, 3) and (array.offset is None) == (save is np.savez_compressed)
+  np.testing.assert_array_equal(batches.read_rows(array, 3, 7), arr[3:7])
+  np.testing.assert_array_equal(batches.read_rows(array, 0, 10), arr)
+
+
+@pytest.mark.parametrize('arr, message', [
+    (np.zeros((2, 8, 8, 3), np.float32), r'arr_0 is float32 \(2, 8, 8, 3\); ADM batches hold uint8'),
+    (np.zeros((2, 3, 8, 8), np.uint8), r'arr_0 is uint8 \(2, 3, 8, 8\); ADM batches hold uint8 '
+     r'\(N, H, W, 3\) NHWC RGB'),
+    (np.zeros((2, 8, 8, 1), np.uint8), r'arr_0 is uint8 \(2, 8, 8, 1\)'),
+    (np.zeros((0, 8, 8, 3), np.uint8), 'with no images'),
+])
+def test_image_array_refuses_what_is_not_uint8_nhwc_rgb(tmp_path, arr, message):
+  path = tmp_path / 'bad.npz'
+  np.savez(path, arr_0=arr)
+  with pytest.raises(ValueError, match=message):
+    batches.image_array(path)
+  np.savez(path, images=images(2))
+  with pytest.raises(ValueError, match=r"has no 'arr_0'; its keys are \['images'\]"):
+    batches.image_array(path)
+
+
+def test_parts_merge_into_one_batch_in_example_order(tmp_path):
+  output = tmp_path / 'samples.npz'
+  arr, labels = images(7, channels=1), np.arange(7) % 3
+  for p, (start, stop) in enumerate(((0, 3), (3, 7))):
+    batches.write_part(batches.part_path(output, p, 2), arr[start:stop], labels[start:stop],
+                       np.arange(start, stop))
+  assert batches.part_path(output, 1, 2).name == 'samples.part1-of-2.npz'
+  assert batches.merge_parts(output, 2) == 7
+  with np.load(output) as merged:
+    np.testing.assert_array_equal(merged['arr_0'], arr)
+    np.testing.assert_array_equal(merged['labels'], labels)
+  with zipfile.ZipFile(output) as zf:  # stored, so evaluate.py memory-maps it
+    assert zf.getinfo('arr_0.npy').compress_type == zipfile.ZIP_STORED
+  batches.remove_parts(output, 2)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['samples.npz']
+  with pytest.raises(FileNotFoundError, match=r'missing parts .*samples.part0-of-2.npz'):
+    batches.merge_parts(output, 2)
+
+
+def test_statistics_are_checked(tmp_path):
+  path = tmp_path / 'ref.npz'
+  np.savez(path, arr_0=images(2), mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(7))
+  with pytest.raises(ValueError, match=r"key 'mu_s' is float64 \(7,\); expected floating point "
+                     r'\(2023,\)'):
+    batches.read_statistics(path)
+  np.savez(path, mu=np.zeros(2048))
+  with pytest.raises(ValueError, match=r"holds 'mu' without 'sigma'"):
+    batches.read_statistics(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluate.py --sample_npz
+
+
+@pytest.fixture(scope='module')
+def adm_files(tmp_path_factory):
+  """A sample batch (12 images 32x32) and a reference batch (10 images, no statistics)."""
+  root = tmp_path_factory.mktemp('adm')
+  rng = np.random.default_rng(0)
+  base = rng.integers(0, 256, (4, 4, 4, 3))
+  up = lambda x, n: np.clip(np.repeat(np.repeat(x, 8, 1), 8, 2)[None]
+                            + rng.normal(0, 20, (n, 32, 32, 3)), 0, 255).astype(np.uint8)
+  samples = np.concatenate([up(base[i % 4], 1) for i in range(12)])
+  reference = np.concatenate([up(base[i % 3], 1) for i in range(10)])
+  np.savez(root / 'samples.npz', arr_0=samples, arr_1=np.arange(12))
+  np.savez_compressed(root / 'reference.npz', arr_0=reference)
+  return root
+
+
+def evaluate_batch(warm_scripts, *args):
+  return warm_scripts.run([REPO / 'evaluate.py', *map(str, args)], cwd=REPO, timeout=600)
+
+
+def test_sample_batch_is_measured_and_written_as_json(adm_files, jax_cache_dir, tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'out'
+  args = [sys.executable, REPO / 'evaluate.py', f'--sample_npz={adm_files / "samples.npz"}',
+          f'--reference_npz={adm_files / "reference.npz"}', f'--outdir={out}', '--shard_size=5',
+          '--inception_batch_size=6']
+  env = subprocess_env(jax_cache_dir, optimized=True)
+  first = subprocess.run(list(map(str, args)), env=env, capture_output=True, text=True,
+                         timeout=600)
+  assert first.returncode == 0, first.stderr[-3000:]
+  for line in ('Inception Score: unavailable', 'FID: ', 'sFID: ', 'Precision: ', 'Recall: '):
+    assert line in first.stdout, first.stdout
+  assert '--inception_classifier=' in first.stdout  # how to get IS
+  results = json.loads((out / 'samples_vs_reference.json').read_text())
+  assert results['num_samples'] == 12 and results['num_reference_images'] == 10
+  assert results['reference_statistics'] == 'its images'
+  for key in ('fid', 'sfid', 'precision', 'recall', 'kid'):
+    assert np.isfinite(results[key]), key
+  assert results['fid'] > 0 and results['sfid'] > 0 and results['inception_score'] is None
+  # Features are kept in shards of 5 (3 for the samples, 2 for the reference): a rerun reads them.
+  assert len(list((out / 'features').glob('*/*/shard_*.npz'))) == 5
+  second = subprocess.run(list(map(str, args)) + [f'--results_json={tmp_path / "again.json"}'],
+                          env=env, capture_output=True, text=True, timeout=600)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert 'Inception features in' not in second.stdout
+  assert json.loads((tmp_path / 'again.json').read_text())['fid'] == results['fid']
+
+
+@pytest.mark.parametrize('setup, args, message', [
+    ('float', [], r'--sample_npz .*samples.npz: arr_0 is float32 \(4, 8, 8, 3\); ADM batches hold '
+     r'uint8'),
+    ('gray', [], r'arr_0 is uint8 \(4, 8, 8, 1\)'),
+    ('', ['--runs=runs/default'], 'takes no --runs or --resolutions'),
+    ('no_mu_s', [], None),  # not an error: FID is still reported (checked below)
+    ('few', ['--inception_classifier=classifier.pt'],
+     r'4 samples are fewer than one Inception Score split \(5000'),
+    ('many', ['--inception_classifier=classifier.pt'], r'--inception_classifier=.*classifier.pt: '
+     r'not a TorchScript archive or a torch state dict \(first bytes 6e 6f'),
+    ('', ['--reference_npz=256x256:ref.npz'], 'needs --reference_npz=<path of one ADM reference'),
+    ('bad_sigma', [], r"ref.npz: key 'sigma' is not a covariance"),
+])
+def test_bad_batches_are_refused_before_any_work(warm_scripts, tmp_path, setup, args, message):
+  samples, ref = tmp_path / 'samples.npz', tmp_path / 'ref.npz'
+  np.savez(samples, arr_0={'float': images(4).astype(np.float32), 'gray': images(4, channels=1),
+                           'many': np.zeros((5000, 2, 2, 3), np.uint8)}.get(setup, images(4)))
+  stats = dict(mu=np.zeros(2048), sigma=np.eye(2048))
+  if setup == 'bad_sigma':
+    stats['sigma'] = -np.eye(2048)
+  np.savez(ref, arr_0=images(6), **stats)
+  (tmp_path / 'classifier.pt').write_text('not a network')
+  args = [a.replace('classifier.pt', str(tmp_path / 'classifier.pt')) for a in args]
+  if not any(a.startswith('--reference_npz') for a in args):
+    args.append(f'--reference_npz={ref}')
+  if setup == 'no_mu_s':  # --outdir unwritable: the run stops there, after the checks
+    (tmp_path / 'file').write_text('')
+    args.append(f'--outdir={tmp_path / "file" / "out"}')
+  result = evaluate_batch(warm_scripts, f'--sample_npz={samples}', *args,
+                          *([] if setup == 'no_mu_s' else [f'--outdir={tmp_path / "out"}']))
+  assert result.returncode == 2, result.stderr[-2000:]
+  if message is None:
+    warning, error = result.stderr.strip().splitlines()
+    assert 'ref.npz holds mu and sigma but no mu_s / sigma_s: sFID is unavailable' in warning
+    assert '--outdir' in error and 'not writable' in error
+  else:
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert pytest.importorskip('re').search(message, result.stderr), result.stderr
+  assert not (tmp_path / 'out').exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluate.py on two processes x 4 CPU devices: the numbers of one process, and a SIGKILL resumed.
+
+CELL_ARGS = ['--resolutions=16', '--methods=none', '--num_samples=12', '--shard_size=2',
+             '--num_reference=8', '--real_split=', '--steps=2', '--inception_batch_size=4']
+
+
+def launch_evaluation(run_dir, outdir, processes, env, logs):
+  import socket  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  procs = []
+  for i in range(processes):
+    process_env = dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={8 // processes}')
+    flags = ([f'--coordinator_address=localhost:{port}', f'--num_processes={processes}',
+              f'--process_id={i}'] if processes > 1 else [])
+    log = open(f'{logs}.{i}.log', 'w')
+    procs.append(subprocess.Popen(
+        [sys.executable, str(REPO / 'evaluate.py'), f'--runs={run_dir}', f'--outdir={outdir}',
+         *CELL_ARGS, *flags], env=process_env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
+  return procs
+
+
+def wait(procs, logs, timeout=300):
+  for p in procs:
+    p.wait(timeout=timeout)
+  outputs = [open(f'{logs}.{i}.log').read() for i in range(len(procs))]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  return outputs
+
+
+def cell_numbers(outdir):
+  import csv  # pylint: disable=g-import-not-at-top
+  with open(outdir / 'results.csv', encoding='utf-8') as f:
+    (row,) = list(csv.DictReader(f))
+  return {k: float(row[k]) for k in ('fid', 'sfid', 'kid', 'precision', 'recall')}
+
+
+def test_two_processes_give_one_process_numbers_and_resume_after_sigkill(
+    tiny_run, jax_cache_dir, tmp_path):
+  import re  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  env = subprocess_env(jax_cache_dir, optimized=True)
+  two = tmp_path / 'two'
+  procs = launch_evaluation(tiny_run, two, 2, env, tmp_path / 'killed')
+  deadline = time.monotonic() + 300
+  while not list((two / 'cells').glob('*/shard_*.npz')) if (two / 'cells').exists() else True:
+    assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+        open(f'{tmp_path / "killed"}.0.log').read()[-3000:]
+    time.sleep(0.01)
+  for p in procs:  # a scheduler's restart: every process killed at once
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+  kept = sorted(p.name for p in (two / 'cells').glob('*/shard_*.npz'))
+  assert kept and len(kept) < 6, kept  # some shards done, the cell not
+  resumed = wait(launch_evaluation(tiny_run, two, 2, env, tmp_path / 'resumed'),
+                 tmp_path / 'resumed')
+  assert 'distributed: process 0 of 2, 4 local of 8 devices (cpu)' in resumed[0]
+  redone = {f'shard_{int(k) - 1:05d}.npz' for out in resumed
+            for k in re.findall(r'process \d: shard (\d+) of 6', out)}
+  assert redone and not redone & set(kept), (redone, kept)
+  assert len(redone) + len(kept) == 6
+  assert not (two / 'results.csv').exists() or cell_numbers(two)
+  one = tmp_path / 'one'
+  wait(launch_evaluation(tiny_run, one, 1, env, tmp_path / 'one'), tmp_path / 'one')
+  assert cell_numbers(two) == cell_numbers(one)

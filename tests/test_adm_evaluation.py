@@ -1,7 +1,9 @@
 """ADM-format batches and `evaluate.py --sample_npz`: reading arr_0 in pieces, merging per-process
 parts, the evaluator of any sample batch, and its refusals of bad input before any work."""
 
+import hashlib
 import json
+import pathlib
 import zipfile
 
 import numpy as np
@@ -237,3 +239,54 @@ def test_two_processes_give_one_process_numbers_and_resume_after_sigkill(
   one = tmp_path / 'one'
   wait(launch_evaluation(tiny_run, one, 1, env, tmp_path / 'one'), tmp_path / 'one')
   assert cell_numbers(two) == cell_numbers(one)
+
+
+# ------------------------------------------------------------------------------------------------
+# The Inception Score's classifier files (tests/fixtures/make_inception_fixtures.py made them with
+# torch: every large tensor a strided view of a short storage, which torch saves as it is).
+
+CLASSIFIERS = pathlib.Path(__file__).parent / 'fixtures' / 'inception'
+
+
+@pytest.fixture(scope='module')
+def synthetic_network():
+  """(the convolutions the synthetic files hold, by TF name; their W (2048, 1008))."""
+  strided = lambda s, shape: np.lib.stride_tricks.as_strided(s, tuple(shape),
+                                                             (s.itemsize,) * len(shape))
+  with np.load(CLASSIFIERS / 'classifier_storages.npz') as f:
+    v = {k: f[k] for k in f.files}
+  convs = {name: dict(weight=strided(v[name], v[f'{name}/shape']), beta=v[f'{name}/beta'],
+                      mean=v[f'{name}/mean'], var=v[f'{name}/var'])
+           for name in v if name + '/shape' in v}
+  return convs, strided(v['fc_storage'], (1008, 2048)).T
+
+
+@pytest.mark.parametrize('name, fmt', [('nvidia.pt', 'torchscript'),
+                                       ('pytorch_fid.pth', 'torch_zip'),
+                                       ('pytorch_fid_legacy.pth', 'torch_legacy')])
+def test_classifier_files_of_each_format(synthetic_network, name, fmt):
+  from rpe2d.evaluation import classifier  # pylint: disable=g-import-not-at-top
+  convs, weights = synthetic_network
+  assert len(convs) == 94
+  loaded = classifier.load(CLASSIFIERS / name, reference=convs)
+  assert loaded.format == fmt and loaded.weights.shape == (2048, 1008)
+  np.testing.assert_array_equal(loaded.weights, weights)  # fc.weight transposed, no bias
+  assert loaded.sha256 == hashlib.sha256((CLASSIFIERS / name).read_bytes()).hexdigest()
+
+
+def test_classifier_of_another_network_or_shape_is_refused(synthetic_network, tmp_path):
+  from rpe2d.evaluation import classifier  # pylint: disable=g-import-not-at-top
+  convs, _ = synthetic_network
+  with pytest.raises(ValueError, match=r'wrong_conv.pth: mixed_6/conv weight differs from the FID '
+                     r"Inception's \(max \|difference\| 0.5\): another network"):
+    classifier.load(CLASSIFIERS / 'wrong_conv.pth', reference=convs)
+  with pytest.raises(ValueError, match=r'the classifier weight is float32 \(1000, 2048\); the '
+                     r"2015-12-05 Inception's is float32 \(1008, 2048\)"):
+    classifier.load(CLASSIFIERS / 'wrong_shape.pth', reference=convs)
+  # The synthetic network is not the FID network rpe2d ships: refused against the real one.
+  with pytest.raises(ValueError, match=r'nvidia.pt: conv weight differs'):
+    classifier.load(CLASSIFIERS / 'nvidia.pt')
+  text = tmp_path / 'inception.pt'
+  text.write_text('not a network')
+  with pytest.raises(ValueError, match='not a TorchScript archive or a torch state dict'):
+    classifier.load(text, reference=convs)

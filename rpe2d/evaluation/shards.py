@@ -49,7 +49,7 @@ def read(file, key: str, start: int, stop: int) -> tuple[Features, dict] | None:
         or int(arrays.pop('stop')) != stop):
       raise ValueError('it belongs to another evaluation')
     pool, spatial = arrays.pop('pool'), arrays.pop('spatial')
-    if pool.shape != (stop - start, inception.FEATURE_DIM) or len(spatial) != stop - start:
+    if pool.ndim != 2 or len(pool) != stop - start or len(spatial) != stop - start:
       raise ValueError(f'its features have shapes {pool.shape} and {spatial.shape}')
     if not (np.all(np.isfinite(pool)) and np.all(np.isfinite(spatial))):
       raise ValueError('its features are not finite')
@@ -90,19 +90,20 @@ def compute(directory, key: str, count: int, shard_size: int, produce: Produce, 
 
 
 def gather(directory, key: str, count: int, shard_size: int,
-           produce: Produce) -> tuple[Features, dict]:
-  """Every shard's features in example order, and shard 0's extra arrays; a shard that is missing
-  or damaged by now is computed here."""
-  parts, first = [], {}
+           produce: Produce) -> tuple[Features, dict[str, np.ndarray]]:
+  """Every shard's features in example order, and their extra arrays concatenated by name; a
+  shard that is missing or damaged by now is computed here."""
+  parts, extras = [], {}
   for index, (start, stop) in enumerate(ranges(count, shard_size)):
     found = read(path(directory, index), key, start, stop)
     if found is None:
       found = produce(start, stop)
       write(path(directory, index), key, start, stop, found[0], **found[1])
     parts.append(found[0])
-    if index == 0:
-      first = found[1]
-  return Features(*(np.concatenate([getattr(p, f) for p in parts]) for f in Features._fields)), first
+    for name, value in found[1].items():
+      extras.setdefault(name, []).append(value)
+  features = Features(*(np.concatenate([getattr(p, f) for p in parts]) for f in Features._fields))
+  return features, {name: np.concatenate(values) for name, values in extras.items()}
 
 
 def barrier(name: str) -> None:

@@ -285,8 +285,8 @@ def evaluate_cell(run, plan, height, width, *, num_samples, seed, reference, cel
   path = pathlib.Path(cell_dir) / f'{key}.json'
   if path.exists():
     record = json.loads(path.read_text())
-    if record['description'] == description and (classifier is None
-                                                 or 'inception_score' in record):
+    if record['description'] == description and (
+        classifier is None or record.get('classifier_sha256') == classifier.sha256):
       record['reused'] = True
       return record
   labels = balanced_labels(num_samples, run.model.num_classes)
@@ -306,8 +306,8 @@ def evaluate_cell(run, plan, height, width, *, num_samples, seed, reference, cel
     features = inception.extract(feature_fn, generated)
     timing['feature_seconds'] += time.perf_counter() - began
     if not all(f is None or np.all(np.isfinite(f)) for f in features):
-      raise inference.SamplingError(f'the Inception features of samples {start}..{stop - 1} at '
-                                    f'{height}x{width} are not finite')
+      raise inference.SamplingError(f'the Inception features of {stop - start} samples ({start}..'
+                                    f'{stop - 1}) at {height}x{width} are not finite')
     if features.spatial is None:  # a feature function without spatial features
       features = inception.Features(features.pool, np.zeros((stop - start, 0), np.float32))
     return features, ({'images': generated[:shown - start]} if start < shown else {})

@@ -28,6 +28,8 @@ import zipfile
 
 import numpy as np
 
+from rpe2d import files, torch_pickle
+
 NUM_CLASSES = 1008
 FEATURE_DIM = 2048
 FLAG = '--inception_classifier'
@@ -95,7 +97,6 @@ def _is_torchscript(path: pathlib.Path) -> bool:
 
 def _torchscript_parts(path: pathlib.Path) -> tuple[dict[str, dict], np.ndarray]:
   """(convolutions by TF name, output.weight) of an NVIDIA-style TorchScript Inception."""
-  from rpe2d import torch_pickle  # pylint: disable=g-import-not-at-top  # TODO(eval): top level
   from rpe2d.evaluation import inception  # pylint: disable=g-import-not-at-top
   root = torch_pickle.read_torchscript(path)
   for holder in (root, root.attrs.get('net')):
@@ -156,7 +157,6 @@ def load(path, reference: dict[str, dict] | None = None) -> Classifier:
   Raises ValueError (or a pickle.UnpicklingError for a pickle naming a refused global) with one
   line naming the file and what is wrong: another format, another network, W not [1008, 2048].
   """
-  from rpe2d import files, torch_pickle  # pylint: disable=g-import-not-at-top  # TODO(eval)
   path = pathlib.Path(path)
   if not path.is_file():
     raise ValueError(f'{FLAG}={path} does not exist')

@@ -30,6 +30,9 @@ import numpy as np
 
 from rpe2d import files, torch_pickle
 
+# rpe2d.evaluation.inception (and so jax) is imported where it is used: `torchvision_name` serves
+# tests/fixtures/make_inception_fixtures.py, which runs in a torch environment without jax.
+
 NUM_CLASSES = 1008
 FEATURE_DIM = 2048
 FLAG = '--inception_classifier'

@@ -282,3 +282,18 @@ def test_classifier_of_another_network_or_shape_is_refused(synthetic_network, tm
   text.write_text('not a network')
   with pytest.raises(ValueError, match='not a TorchScript archive or a torch state dict'):
     classifier.load(text, reference=convs)
+
+
+def test_a_reference_batch_gives_the_sweep_its_statistics_and_images(tmp_path):
+  from rpe2d.evaluation import sweep  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'VIRTUAL_tiny.npz'
+  np.savez(path, arr_0=images(7, size=4), mu=np.ones(2048), sigma=np.eye(2048),
+           mu_s=np.zeros(2023), sigma_s=np.eye(2023) * 0.01)
+  reference = sweep.npz_reference(path)
+  assert reference.description['images'] == 7 and reference.features is None
+  assert reference.mu_s.shape == (2023,) and reference.sigma_s.shape == (2023, 2023)
+  # Its images' pool3 features (KID, precision, recall), computed in shards and cached.
+  network = lambda x: x.reshape(len(x), -1)[:, :5].astype(np.float32)
+  with_images = sweep.with_batch_images(reference, network, tmp_path / 'cache')
+  np.testing.assert_array_equal(with_images.features, network(images(7, size=4)))
+  assert with_images.mu is reference.mu

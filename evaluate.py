@@ -128,6 +128,10 @@ def report(results: dict, output: pathlib.Path) -> None:
   print(f'results: {output}', flush=True)
 
 
+BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, inception.WeightsUnavailableError,
+                    checkpoints.CheckpointError, pickle.UnpicklingError)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -142,27 +146,38 @@ def main(argv):
                         (_CFG_SCALE, config_lib.FIELDS['sampling.cfg_scale'].check)):
       if flag.value is not None:
         check(f'--{flag.name}', flag.value)
-    if _SAMPLE_NPZ.value is not None:
-      samples, reference, stats, chosen, output = evaluate_batch()
-      print('the Inception network (features) ...', flush=True)
-      net = network()
-      cli.check_writable_dir(output.parent, '--results_json directory')
-      cli.check_writable_dir(_OUTDIR.value, '--outdir')  # last: it may create it
-    elif not _RUNS.value or not _RESOLUTIONS.value:
+    if _SAMPLE_NPZ.value is None and (not _RUNS.value or not _RESOLUTIONS.value):
       raise ValueError('give --runs and --resolutions (a sweep), or --sample_npz and '
                        '--reference_npz (a batch file)')
-  except (ValueError, FileNotFoundError, inception.WeightsUnavailableError,
-          pickle.UnpicklingError) as e:
+  except BAD_INPUT_ERRORS as e:
     cli.fail(str(e), cli.BAD_INPUT)
   if _SAMPLE_NPZ.value is not None:
-    with cli.exit_on(cli.FAILED, OSError, ValueError):
-      results = adm.evaluate(samples, reference, stats, net, cache_dir=pathlib.Path(_OUTDIR.value)
-                             / 'features', classifier=chosen, distances=_DISTANCES.value,
-                             shard_size=_SHARD_SIZE.value)
-      if results is not None:
-        report(results, output)
-    return
+    main_batch()
+  else:
+    main_sweep()
 
+
+def main_batch():
+  """--sample_npz: every check, then ADM's numbers for the batch."""
+  try:
+    samples, reference, stats, chosen, output = evaluate_batch()
+    if jax.process_index() == 0:
+      print('the Inception network (features) ...', flush=True)
+    net = network()
+    cli.check_writable_dir(output.parent, '--results_json directory')
+    cli.check_writable_dir(_OUTDIR.value, '--outdir')  # last: it may create it
+  except BAD_INPUT_ERRORS as e:
+    cli.fail(str(e), cli.BAD_INPUT)
+  with cli.exit_on(cli.FAILED, OSError, ValueError):
+    results = adm.evaluate(samples, reference, stats, net, cache_dir=pathlib.Path(_OUTDIR.value)
+                           / 'features', classifier=chosen, distances=_DISTANCES.value,
+                           shard_size=_SHARD_SIZE.value)
+    if results is not None:
+      report(results, output)
+
+
+def main_sweep():
+  """--runs: every check, then the sweep."""
   try:
     for method in _METHODS.value:
       sweep.parse_method(method)
@@ -184,8 +199,7 @@ def main(argv):
       print(f'{len(runs)} runs loaded; the Inception network (features) ...', flush=True)
     net = network()
     cli.check_writable_dir(_OUTDIR.value, '--outdir')  # last: it may create it
-  except (ValueError, FileNotFoundError, inception.WeightsUnavailableError,
-          checkpoints.CheckpointError, pickle.UnpicklingError) as e:
+  except BAD_INPUT_ERRORS as e:
     cli.fail(str(e), cli.BAD_INPUT)
 
   with cli.exit_on(cli.FAILED, inference.SamplingError, OSError):

@@ -297,3 +297,25 @@ def test_a_reference_batch_gives_the_sweep_its_statistics_and_images(tmp_path):
   with_images = sweep.with_batch_images(reference, network, tmp_path / 'cache')
   np.testing.assert_array_equal(with_images.features, network(images(7, size=4)))
   assert with_images.mu is reference.mu
+
+
+def test_shards_are_checked_when_read_and_damaged_ones_computed_again(tmp_path, capsys):
+  from rpe2d.evaluation import inception, shards  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def produce(start, stop):
+    calls.append(start)
+    x = np.arange(start, stop, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
+    return inception.Features(x, x[:, :2]), {'images': images(stop - start, size=2)}
+
+  assert shards.compute(tmp_path, 'k', 7, 3, produce) == 3 and calls == [0, 3, 6]
+  assert shards.compute(tmp_path, 'k', 7, 3, produce) == 0  # all kept
+  path = shards.path(tmp_path, 1)
+  path.write_bytes(path.read_bytes()[:-40])  # a truncated write, as a kill mid-copy leaves
+  assert shards.read(path, 'k', 3, 6) is None
+  assert 'shard_00001.npz is damaged' in capsys.readouterr().err
+  assert shards.read(shards.path(tmp_path, 0), 'other', 0, 3) is None  # another evaluation's
+  calls.clear()
+  features, extras = shards.gather(tmp_path, 'k', 7, 3, produce)
+  assert calls == [3] and features.pool[:, 0].tolist() == list(range(7))
+  assert features.spatial.shape == (7, 2) and extras['images'].shape == (7, 2, 2, 3)

@@ -49,7 +49,7 @@ def read(file, key: str, start: int, stop: int) -> tuple[Features, dict] | None:
         or int(arrays.pop('stop')) != stop):
       raise ValueError('it belongs to another evaluation')
     pool, spatial = arrays.pop('pool'), arrays.pop('spatial')
-    if pool.ndim != 2 or len(pool) != stop - start or len(spatial) != stop - start:
+    if pool.ndim != 2 or spatial.ndim != 2 or not len(pool) == len(spatial) == stop - start:
       raise ValueError(f'its features have shapes {pool.shape} and {spatial.shape}')
     if not (np.all(np.isfinite(pool)) and np.all(np.isfinite(spatial))):
       raise ValueError('its features are not finite')
@@ -60,10 +60,12 @@ def read(file, key: str, start: int, stop: int) -> tuple[Features, dict] | None:
 
 
 def write(file, key: str, start: int, stop: int, features: Features, **extra) -> None:
+  """Writes a shard atomically; features without spatial ones (None) are kept as (n, 0)."""
+  pool = np.asarray(features.pool, np.float32)
+  spatial = np.zeros((len(pool), 0), np.float32) if features.spatial is None else features.spatial
   with files.atomic_path(file) as tmp:
-    np.savez(tmp, key=np.str_(key), start=np.int64(start), stop=np.int64(stop),
-             pool=np.asarray(features.pool, np.float32),
-             spatial=np.asarray(features.spatial, np.float32), **extra)
+    np.savez(tmp, key=np.str_(key), start=np.int64(start), stop=np.int64(stop), pool=pool,
+             spatial=np.asarray(spatial, np.float32), **extra)
 
 
 Produce = Callable[[int, int], tuple[Features, dict]]
@@ -102,7 +104,8 @@ def gather(directory, key: str, count: int, shard_size: int,
     parts.append(found[0])
     for name, value in found[1].items():
       extras.setdefault(name, []).append(value)
-  features = Features(*(np.concatenate([getattr(p, f) for p in parts]) for f in Features._fields))
+  pool, spatial = (np.concatenate([getattr(p, f) for p in parts]) for f in Features._fields)
+  features = Features(pool, spatial if spatial.shape[1] else None)
   return features, {name: np.concatenate(values) for name, values in extras.items()}
 
 

@@ -308,8 +308,6 @@ def evaluate_cell(run, plan, height, width, *, num_samples, seed, reference, cel
     if not all(f is None or np.all(np.isfinite(f)) for f in features):
       raise inference.SamplingError(f'the Inception features of {stop - start} samples ({start}..'
                                     f'{stop - 1}) at {height}x{width} are not finite')
-    if features.spatial is None:  # a feature function without spatial features
-      features = inception.Features(features.pool, np.zeros((stop - start, 0), np.float32))
     return features, ({'images': generated[:shown - start]} if start < shown else {})
 
   if label and _is_main():
@@ -328,8 +326,6 @@ def evaluate_cell(run, plan, height, width, *, num_samples, seed, reference, cel
     print(f'{label}: Inception features of the {num_samples} samples, FID/sFID/KID/P/R'
           + ('/IS' if classifier is not None else ''), flush=True)
   features, extras = shards.gather(shard_dir, key, num_samples, shard_size, produce)
-  if features.spatial.shape[1] == 0:
-    features = inception.Features(features.pool, None)
   began = time.perf_counter()
   try:
     measured = image_metrics(features, reference, classifier, distances)

@@ -320,31 +320,33 @@ def evaluate_cell(run, plan, height, width, *, num_samples, seed, reference, cel
       if label and jax.process_count() > 1 else None
   shards.compute(shard_dir, key, num_samples, shard_size, produce, log=log)
   shards.barrier(f'rpe2d.sweep: cell {key} sampled')
-  if not _is_main():
-    return None
-  if label:
-    print(f'{label}: Inception features of the {num_samples} samples, FID/sFID/KID/P/R'
-          + ('/IS' if classifier is not None else ''), flush=True)
-  features, extras = shards.gather(shard_dir, key, num_samples, shard_size, produce)
-  began = time.perf_counter()
-  try:
-    measured = image_metrics(features, reference, classifier, distances)
-  except ValueError as e:
-    raise inference.SamplingError(f'measuring {num_samples} samples at {height}x{width}: {e}') \
-        from e
-  if classifier is not None:
-    measured['classifier_sha256'] = classifier.sha256
-  rate = timing['generated'] / timing['generate_seconds'] if timing['generated'] else None
-  record = dict(key=key, description=description, **measured, images_per_second=rate,
-                compile_seconds=timing['compile_seconds'],
-                generate_seconds=timing['generate_seconds'],
-                feature_seconds=timing['feature_seconds'] + time.perf_counter() - began)
-  images = extras['images']
-  inference.save(path.with_suffix('.png'), images, labels[:len(images)], class_names)
-  with files.atomic_path(path) as tmp:
-    tmp.write_text(json.dumps(record, indent=1))
-  shutil.rmtree(shard_dir, ignore_errors=True)  # the record holds what they were for
-  record['reused'] = False
+  record = None
+  if _is_main():
+    if label:
+      print(f'{label}: Inception features of the {num_samples} samples, FID/sFID/KID/P/R'
+            + ('/IS' if classifier is not None else ''), flush=True)
+    features, extras = shards.gather(shard_dir, key, num_samples, shard_size, produce)
+    began = time.perf_counter()
+    try:
+      measured = image_metrics(features, reference, classifier, distances)
+    except ValueError as e:
+      raise inference.SamplingError(f'measuring {num_samples} samples at {height}x{width}: {e}') \
+          from e
+    if classifier is not None:
+      measured['classifier_sha256'] = classifier.sha256
+    rate = timing['generated'] / timing['generate_seconds'] if timing['generated'] else None
+    record = dict(key=key, description=description, **measured, images_per_second=rate,
+                  compile_seconds=timing['compile_seconds'],
+                  generate_seconds=timing['generate_seconds'],
+                  feature_seconds=timing['feature_seconds'] + time.perf_counter() - began)
+    images = extras['images']
+    inference.save(path.with_suffix('.png'), images, labels[:len(images)], class_names)
+    with files.atomic_path(path) as tmp:
+      tmp.write_text(json.dumps(record, indent=1))
+    shutil.rmtree(shard_dir, ignore_errors=True)  # the record holds what they were for
+    record['reused'] = False
+  # Every process sees the record before the next cell (a later cell may share its key).
+  shards.barrier(f'rpe2d.sweep: cell {key} written')
   return record
 
 

@@ -121,9 +121,11 @@ def read_statistics(path, keys=('mu', 'sigma', 'mu_s', 'sigma_s')) -> dict[str, 
         value = npz[key]
       except ValueError as e:
         raise ValueError(f'{path}: key {key!r} cannot be read without pickle ({e})') from None
-      if value.shape != STATISTICS[key] or not np.issubdtype(value.dtype, np.floating):
-        raise ValueError(f'{path}: key {key!r} is {value.dtype} {value.shape}; expected floating '
-                         f'point {STATISTICS[key]}')
+      if value.shape != STATISTICS[key]:
+        raise ValueError(f'{path}: key {key!r} has shape {value.shape}, expected '
+                         f'{STATISTICS[key]}')
+      if not np.issubdtype(value.dtype, np.floating):
+        raise ValueError(f'{path}: key {key!r} has dtype {value.dtype}, expected floating point')
       value = value.astype(np.float64)
       if not np.all(np.isfinite(value)):
         raise ValueError(f'{path}: key {key!r} contains NaN or inf')

@@ -198,8 +198,8 @@ def main(argv):
     labels = labels_from_flags(run.model.num_classes, _SEED.value)
     paths = output_paths(_OUTPUT.value, resolutions, run)
     if jax.process_count() > 1 and paths[0].suffix != '.npz':
-      raise ValueError(f'{jax.process_count()} processes write .npz parts: give --output=<name>.npz '
-                       '(a grid is drawn by one process)')
+      raise ValueError(f'{jax.process_count()} processes write .npz parts: give '
+                       '--output=<name>.npz (a grid is drawn by one process)')
     if _MERGE.value and jax.process_count() == 1:
       raise ValueError('--merge joins the parts of several processes; one process writes --output '
                        'whole')

@@ -29,7 +29,8 @@ def test_read_rows_of_stored_and_deflated_batches(tmp_path, save):
 
 
 @pytest.mark.parametrize('arr, message', [
-    (np.zeros((2, 8, 8, 3), np.float32), r'arr_0 is float32 \(2, 8, 8, 3\); ADM batches hold uint8'),
+    (np.zeros((2, 8, 8, 3), np.float32),
+     r'arr_0 is float32 \(2, 8, 8, 3\); ADM batches hold uint8'),
     (np.zeros((2, 3, 8, 8), np.uint8), r'arr_0 is uint8 \(2, 3, 8, 8\); ADM batches hold uint8 '
      r'\(N, H, W, 3\) NHWC RGB'),
     (np.zeros((2, 8, 8, 1), np.uint8), r'arr_0 is uint8 \(2, 8, 8, 1\)'),

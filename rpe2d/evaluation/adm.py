@@ -2,7 +2,8 @@
 
   results = adm.evaluate(sample_npz, reference_npz, network, classifier=None, cache_dir=...)
 
-The numbers are those of openai/guided-diffusion's evaluations/evaluator.py (docs/methods.md#evaluation):
+The numbers are those of openai/guided-diffusion's evaluations/evaluator.py
+(docs/methods.md#evaluation):
 
   * Inception features (pool3 and mixed_6/conv[..., :7]) of both batches' `arr_0` images;
   * FID and sFID: the sample side from its features, the reference side from the batch's stored

@@ -77,8 +77,9 @@ def image_array(path, what: str = 'batch', channels: tuple[int, ...] = (3,)) -> 
   except (zipfile.BadZipFile, OSError) as e:
     raise ValueError(f'{what} {path} is not a readable .npz ({e})') from None
   if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in channels or fortran:
-    raise ValueError(f'{what} {path}: arr_0 is {dtype} {shape}{" (Fortran order)" if fortran else ""}'
-                     f'; ADM batches hold uint8 (N, H, W, 3) NHWC RGB images in C order')
+    order = ' (Fortran order)' if fortran else ''
+    raise ValueError(f'{what} {path}: arr_0 is {dtype} {shape}{order}; ADM batches hold uint8 '
+                     '(N, H, W, 3) NHWC RGB images in C order')
   if shape[0] < 1 or shape[1] < 1 or shape[2] < 1:
     raise ValueError(f'{what} {path}: arr_0 has shape {shape}, with no images')
   offset = None

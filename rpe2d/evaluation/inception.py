@@ -473,9 +473,10 @@ class InceptionV3:
     """(N, H, W[, C]) uint8 array, or an iterable of such batches -> `Features` of the N images."""
     if not isinstance(images, (np.ndarray, jax.Array)):
       parts = [self.features(batch) for batch in images]
-      return Features(*(np.concatenate(p) if parts else np.zeros((0, d), np.float32)
-                        for p, d in zip(zip(*parts) if parts else ((), ()),
-                                        (FEATURE_DIM, SPATIAL_DIM))))
+      if not parts:
+        return self.features(np.zeros((0, INPUT_SIZE, INPUT_SIZE, 3), np.uint8))
+      return Features(np.concatenate([p.pool for p in parts]),
+                      np.concatenate([p.spatial for p in parts]))
     images = self._prepare(images)
     n, bs = images.shape[0], self.batch_size
     outs = []
@@ -488,7 +489,8 @@ class InceptionV3:
         batch = jax.device_put(batch, self._batch_sharding)
       outs.append(self._apply(self.params, batch))  # async dispatch: the host runs ahead
     if not outs:
-      return Features(np.zeros((0, FEATURE_DIM), np.float32), np.zeros((0, SPATIAL_DIM), np.float32))
+      return Features(np.zeros((0, FEATURE_DIM), np.float32),
+                      np.zeros((0, SPATIAL_DIM), np.float32))
     return Features(*(np.concatenate([np.asarray(o[i]) for o in outs])[:n] for i in (0, 1)))
 
   def __call__(self, images) -> np.ndarray:

@@ -136,7 +136,8 @@ def describe(plan: SamplingPlan) -> str:
 def key_text(plan: SamplingPlan) -> str:
   """The plan as text holding what determines its samples: its repr without the settings its
   sampler does not read, nor dopri5's max_steps (a guard: a solve that needs more fails). For euler
-  and heun this is the plan's repr from before the other solvers, so cached evaluations stay valid."""
+  and heun this is the plan's repr from before the other solvers, so cached evaluations stay
+  valid."""
   kept = set(COMMON_SETTINGS + SAMPLER_SETTINGS[plan.sampler]) - {'max_steps'}
   fields = (f for f in dataclasses.fields(plan) if f.name in kept)
   return f'SamplingPlan({", ".join(f"{f.name}={getattr(plan, f.name)!r}" for f in fields)})'
@@ -183,7 +184,7 @@ def canonical_plan(model, plan: SamplingPlan, height: int,
 
 
 def time_grid(steps: int, shift: float, t_min: float = 0.0, t_max: float = 1.0) -> jax.Array:
-  """steps + 1 times from t_max down to t_min: linspace(1, 0) shifted, then mapped onto the range."""
+  """steps + 1 times from t_max down to t_min: linspace(1, 0) shifted, then mapped onto them."""
   return t_min + (t_max - t_min) * flow.shift_time(jnp.linspace(1.0, 0.0, steps + 1), shift)
 
 
@@ -258,26 +259,37 @@ def fixed_grid(velocity, x, times, method: str):
 # ------------------------------------------------------------------------------------------------
 # Adaptive Dormand-Prince 5(4): one lax.while_loop of step attempts (docs/methods.md#dopri5).
 
-# Dormand & Prince (1980): nodes c, stage matrix A (row i weighs the earlier stages' velocities in
-# stage i's state) and the weights of the error estimate, 5th order minus the embedded 4th order
-# of Shampine (1986), as torchdiffeq has them. The 5th order weights are A's last row: the step
-# ends at the 7th stage's state, whose velocity is the next step's first (first same as last).
-# _DP_MID gives the state at the step's middle, for the quartic through the step (dense output).
-_DP_C = np.array([0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1, 1])
-_DP_A = np.array([
-    [0, 0, 0, 0, 0, 0, 0],
-    [1 / 5, 0, 0, 0, 0, 0, 0],
-    [3 / 40, 9 / 40, 0, 0, 0, 0, 0],
-    [44 / 45, -56 / 15, 32 / 9, 0, 0, 0, 0],
-    [19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729, 0, 0, 0],
-    [9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656, 0, 0],
-    [35 / 384, 0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0],
-])
-_DP_ERROR = np.array([35 / 384 - 1951 / 21600, 0, 500 / 1113 - 22642 / 50085, 125 / 192 - 451 / 720,
-                      -2187 / 6784 + 12231 / 42400, 11 / 84 - 649 / 6300, -1 / 60])
-_DP_MID = np.array([6025192743 / 30085553152, 0, 51252292925 / 65400821598,
-                    -2691868925 / 45128329728, 187940372067 / 1594534317056,
-                    -1776094331 / 19743644256, 11237099 / 235043384]) / 2
+
+class Tableau(NamedTuple):
+  """An embedded Runge-Kutta pair: nodes c, stage matrix a (row i weighs the earlier stages'
+  velocities in stage i's state), the weights of the error estimate (higher minus lower order),
+  and those of the state at the step's middle (for the quartic through the step)."""
+  c: np.ndarray
+  a: np.ndarray
+  error: np.ndarray
+  middle: np.ndarray
+
+
+# Dormand & Prince (1980) with the embedded 4th order of Shampine (1986), as torchdiffeq has them.
+# The 5th order weights are a's last row: the step ends at the 7th stage's state, whose velocity is
+# the next step's first (first same as last).
+DORMAND_PRINCE = Tableau(
+    c=np.array([0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1, 1]),
+    a=np.array([
+        [0, 0, 0, 0, 0, 0, 0],
+        [1 / 5, 0, 0, 0, 0, 0, 0],
+        [3 / 40, 9 / 40, 0, 0, 0, 0, 0],
+        [44 / 45, -56 / 15, 32 / 9, 0, 0, 0, 0],
+        [19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729, 0, 0, 0],
+        [9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656, 0, 0],
+        [35 / 384, 0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0],
+    ]),
+    error=np.array([35 / 384 - 1951 / 21600, 0, 500 / 1113 - 22642 / 50085,
+                    125 / 192 - 451 / 720, -2187 / 6784 + 12231 / 42400, 11 / 84 - 649 / 6300,
+                    -1 / 60]),
+    middle=np.array([6025192743 / 30085553152, 0, 51252292925 / 65400821598,
+                     -2691868925 / 45128329728, 187940372067 / 1594534317056,
+                     -1776094331 / 19743644256, 11237099 / 235043384]) / 2)
 # torchdiffeq's step control (rk_common.py, misc.py), which SiT's and FiT's published ODE numbers
 # used: the next step is the last one times safety / ratio^(1/5), within [0.2, 10], and never
 # smaller after an accepted step.
@@ -345,7 +357,7 @@ def dopri5(velocity, x, t_start: float, t_end: float, plan: SamplingPlan):
   is NaN/Inf) or after plan.max_steps attempts.
   """
   batch, per_batch = x.shape[0], plan.adaptive_step == 'per_batch'
-  c, a, error_weights, mid = (jnp.asarray(w, x.dtype) for w in (_DP_C, _DP_A, _DP_ERROR, _DP_MID))
+  c, a, error_weights, mid = (jnp.asarray(w, x.dtype) for w in DORMAND_PRINCE)
   t0 = jnp.full((batch,), t_start, x.dtype)  # times in the state's dtype (float64 under x64)
   v0 = velocity(x, t0)
   combine = lambda weights, k: jnp.tensordot(weights, k, axes=1)  # sum_j weights_j k_j
@@ -400,8 +412,8 @@ def dopri5(velocity, x, t_start: float, t_end: float, plan: SamplingPlan):
   if per_batch:  # the state at t_end inside the last step, which may have passed it
     x_last, v_last, t_last, middle = state.last
     passed = _per_example(finished & (state.t < t_end), x)
-    x = jnp.where(passed, _interpolate((x_last, v_last, t_last), middle, (state.x, state.v, state.t),
-                                       t_end), x)
+    inside = _interpolate((x_last, v_last, t_last), middle, (state.x, state.v, state.t), t_end)
+    x = jnp.where(passed, inside, x)
   return x, Stats(evaluations=state.evaluations, accepted=state.accepted,
                   rejected=state.rejected, finished=finished, times=state.times)
 
@@ -497,8 +509,10 @@ def sample_with_stats(model, params, key, labels, *, height: int, width: int, pl
   else:
     x, stats = fixed_grid(velocity, x, time_grid(plan.steps, shift, t_min, t_max), plan.sampler)
   if t_min > 0:  # the step from t_min to 0 is Euler's: it lands on x0_hat = x - t_min v exactly
-    x = x - t_min * velocity(x, jnp.full((batch,), t_min, x.dtype))
-    stats = stats._replace(evaluations=stats.evaluations + 1)
+    done = stats.finished  # an unfinished dopri5 solve keeps its state
+    x0_hat = x - t_min * velocity(x, jnp.full((batch,), t_min, x.dtype))
+    x = jnp.where(_per_example(done, x), x0_hat, x)
+    stats = stats._replace(evaluations=stats.evaluations + done)
   return x, stats
 
 

@@ -124,8 +124,8 @@ def test_dopri5_per_batch_takes_torchdiffeqs_steps_in_float64(field, reference):
 
 def near_the_exact_solution(images, reference):
   """Within ten times the tolerance at the solution's scale of the float64 solve at atol 1e-10,
-  rtol 1e-8. (dopri5 controls each step's error; the error at the end is their sum, carried by
-  the ODE: SiT's own float32 solve is 0.0034 from it, rpe2d's per batch 0.023, per example 0.004.)"""
+  rtol 1e-8. (dopri5 controls each step's error; the error at the end is their sum carried by the
+  ODE: SiT's own float32 solve is 0.0034 from it, rpe2d's per batch 0.023, per example 0.004.)"""
   exact = reference['dopri5_exact']
   return np.abs(images - exact).max() < 10 * (1e-6 + 1e-3 * np.abs(exact).max())
 

@@ -318,19 +318,31 @@ def _rms(a, per_batch: bool):
   return jnp.sqrt(jnp.mean(squares.reshape(a.shape[0], -1), axis=1))
 
 
-def _initial_step(velocity, x, v, t, plan, per_batch: bool):
-  """Hairer, Norsett & Wanner's starting step (Solving ODEs I, II.4), as torchdiffeq computes it;
-  costs one velocity evaluation."""
+def _start(velocity, x, t, plan, per_batch: bool):
+  """The velocity at the start and Hairer, Norsett & Wanner's first step size (Solving ODEs I,
+  II.4), as torchdiffeq computes it: v0, then v1 a small Euler step h0 on. The two evaluations
+  share one call site (a scan of two), since the network is most of what compiles."""
   scale = plan.atol + plan.rtol * jnp.abs(x)
-  d0, d1 = _rms(x / scale, per_batch), _rms(v / scale, per_batch)
-  tiny = (d0 < 1e-5) | (d1 < 1e-5)
-  h0 = jnp.where(tiny, 1e-6, 0.01 * d0 / jnp.where(tiny, 1.0, d1))
-  v1 = velocity(x - _per_example(h0, x) * v, t - h0)
-  d2 = _rms((v1 - v) / scale, per_batch) / h0
+  d0 = _rms(x / scale, per_batch)
+
+  def euler_step(v):  # h0 from v0, and d1 = |v0|
+    d1 = _rms(v / scale, per_batch)
+    tiny = (d0 < 1e-5) | (d1 < 1e-5)
+    return jnp.where(tiny, 1e-6, 0.01 * d0 / jnp.where(tiny, 1.0, d1)), d1
+
+  def evaluate(point, _):
+    y, s = point
+    v = velocity(y, s)
+    h0, _ = euler_step(v)  # used after the first evaluation only: the second's point
+    return (x - _per_example(h0, x) * v, t - h0), v
+
+  _, (v0, v1) = jax.lax.scan(evaluate, (x, t), None, length=2)
+  h0, d1 = euler_step(v0)
+  d2 = _rms((v1 - v0) / scale, per_batch) / h0
   d = jnp.maximum(d1, d2)
   h1 = jnp.where(d <= 1e-15, jnp.maximum(1e-6, h0 * 1e-3),
                  (0.01 / jnp.maximum(d, 1e-15)) ** (1.0 / _ORDER))
-  return jnp.minimum(100.0 * h0, h1)
+  return v0, jnp.minimum(100.0 * h0, h1)
 
 
 def _interpolate(start, middle, end, t):
@@ -359,7 +371,7 @@ def dopri5(velocity, x, t_start: float, t_end: float, plan: SamplingPlan):
   batch, per_batch = x.shape[0], plan.adaptive_step == 'per_batch'
   c, a, error_weights, mid = (jnp.asarray(w, x.dtype) for w in DORMAND_PRINCE)
   t0 = jnp.full((batch,), t_start, x.dtype)  # times in the state's dtype (float64 under x64)
-  v0 = velocity(x, t0)
+  v0, size = _start(velocity, x, t0, plan, per_batch)
   combine = lambda weights, k: jnp.tensordot(weights, k, axes=1)  # sum_j weights_j k_j
 
   def active(state):
@@ -401,7 +413,7 @@ def dopri5(velocity, x, t_start: float, t_end: float, plan: SamplingPlan):
 
   zeros = jnp.zeros((batch,), jnp.int32)
   state = _Dopri5State(
-      x=x, v=v0, t=t0, size=_initial_step(velocity, x, v0, t0, plan, per_batch),
+      x=x, v=v0, t=t0, size=size,
       accepted=zeros, rejected=zeros, evaluations=zeros + 2,
       times=jnp.full((batch, plan.max_steps), jnp.nan, x.dtype), attempts=jnp.int32(0),
       last=(x, v0, t0, x) if per_batch else None)
@@ -419,7 +431,7 @@ def dopri5(velocity, x, t_start: float, t_end: float, plan: SamplingPlan):
 
 
 # ------------------------------------------------------------------------------------------------
-# SiT's Euler-Maruyama SDE (docs/methods.md#euler-maruyama): one lax.scan, then the last step.
+# SiT's Euler-Maruyama SDE (docs/methods.md#euler-maruyama): one lax.scan, its last step included.
 
 
 def _last_step_time(plan: SamplingPlan, t_min: float) -> float:
@@ -427,40 +439,36 @@ def _last_step_time(plan: SamplingPlan, t_min: float) -> float:
   return max(t_min, 0.0 if plan.last_step == 'none' else plan.last_step_size)
 
 
-def sde_drift(velocity, x, t, plan: SamplingPlan):
-  """dx/dt of the reverse-time SDE: v - w(t) score, with the score of the linear path from the
-  velocity, -(x + (1 - t) v) / t. t (batch,) > 0."""
-  v = velocity(x, t)
-  w_over_t = DIFFUSION_FORMS[plan.diffusion_form](t, plan.diffusion_norm) / t
-  return v + _per_example(w_over_t, x) * (x + _per_example(1.0 - t, x) * v)
-
-
 def euler_maruyama(velocity, x, plan: SamplingPlan, t_min: float, t_max: float, shift: float,
                    increment):
-  """SDE steps on plan.steps times from t_max down to t_last (the grid shifted like the ODE's),
-  then the last step from t_last to 0; returns (x, Stats). increment(i) is step i's standard
-  normal draw, shaped like x."""
+  """SDE steps on plan.steps times from t_max down to t_last (a grid laid like the ODE's), then
+  the last step from t_last to 0: an SDE step without its noise (mean) or the ODE's step (euler),
+  so all are one lax.scan over one velocity call. Returns (x, Stats). increment(i) is step i's
+  standard normal draw, shaped like x."""
   batch = x.shape[0]
   diffusion = DIFFUSION_FORMS[plan.diffusion_form]
   t_last = _last_step_time(plan, t_min)
   times = time_grid(plan.steps - 1, shift, t_last, t_max)
+  sde_steps = plan.steps - 1
+  noisy, scored = np.ones(sde_steps, bool), np.ones(sde_steps, bool)
+  if t_last > 0:  # the last step, to 0
+    times = jnp.concatenate([times, jnp.zeros((1,), times.dtype)])
+    noisy, scored = np.append(noisy, False), np.append(scored, plan.last_step == 'mean')
 
   def step(x, inputs):
-    i, t_now, t_next = inputs
+    i, t_now, t_next, noisy, scored = inputs
     dt = t_next - t_now                                                   # < 0: towards data
-    noise = jnp.sqrt(2.0 * diffusion(t_now, plan.diffusion_norm) * -dt) * increment(i)
-    return x + dt * sde_drift(velocity, x, jnp.full((batch,), t_now), plan) + noise, None
+    t = jnp.full((batch,), t_now)
+    v = velocity(x, t)
+    # v - w score, with the linear path's score from the velocity: -(x + (1 - t) v) / t
+    drift = v + jnp.where(scored, diffusion(t_now, plan.diffusion_norm) / t_now, 0.0) * (
+        x + (1.0 - t_now) * v)
+    noise = jnp.where(noisy, jnp.sqrt(2.0 * diffusion(t_now, plan.diffusion_norm) * -dt), 0.0)
+    return x + dt * drift + noise * increment(jnp.minimum(i, sde_steps - 1)), None
 
-  x, _ = jax.lax.scan(step, x, (jnp.arange(plan.steps - 1), times[:-1], times[1:]))
-  if t_last == 0:
-    return x, _fixed_steps(batch, plan.steps - 1, plan.steps - 1, times[1:])
-  t = jnp.full((batch,), t_last, x.dtype)
-  if plan.last_step == 'mean':
-    x = x - t_last * sde_drift(velocity, x, t, plan)
-  else:  # euler, or none on a model that stops short of 0: the ODE step to x0_hat = x - t v
-    x = x - t_last * velocity(x, t)
-  return x, _fixed_steps(batch, plan.steps, plan.steps,
-                         jnp.concatenate([times[1:], jnp.zeros((1,), times.dtype)]))
+  steps = times.shape[0] - 1
+  x, _ = jax.lax.scan(step, x, (jnp.arange(steps), times[:-1], times[1:], noisy, scored))
+  return x, _fixed_steps(batch, steps, steps, times[1:])
 
 
 def sample_with_stats(model, params, key, labels, *, height: int, width: int, plan: SamplingPlan,

@@ -109,6 +109,21 @@ def test_device_check_smoke_writes_its_table(tmp_path):
   assert all('data.latent_dir' in r['data_skipped'] for r in rows)
 
 
+def test_dopri5_cost_prints_its_table():
+  done = run('dopri5_cost.py', '--variant=micro/4', '--resolution=16', '--batch=2',
+             '--repeats=1')
+  assert done.returncode == 0, done.stderr[-2000:]
+  rows = {cells[0]: cells for cells in ([c.strip() for c in row.strip('|').split('|')]
+                                        for row in table_rows(done.stdout, 'rpe2d'))}
+  assert set(rows) == {'rpe2d dopri5 per_example', 'rpe2d dopri5 per_batch', 'rpe2d euler x 32',
+                       'rpe2d heun x 16'}
+  for cells in rows.values():
+    assert float(cells[2]) > 0 and float(cells[3]) >= 8  # seconds; 2 + 6 per dopri5 attempt
+  assert rows['rpe2d euler x 32'][3:7] == ['32.0', '32', '32.0', '0.0']
+  assert rows['rpe2d heun x 16'][3:7] == ['32.0', '32', '16.0', '0.0']
+  assert (int(rows['rpe2d dopri5 per_batch'][4]) - 2) % 6 == 0
+
+
 @pytest.mark.skipif(not TORCH, reason='torch is not importable here')
 def test_torch_dit_starts_as_zero_and_trains():
   import torch  # pylint: disable=g-import-not-at-top

@@ -163,3 +163,16 @@ def test_euler_maruyama_matches_sit(field, reference, name):
   np.testing.assert_allclose(images, reference[f'sde_{name}_path'][-1], atol=1e-5, rtol=0)
   # SiT's num_steps counts the last step, when there is one.
   assert int(stats.evaluations[0]) == steps - (last_step is None)
+
+
+def test_a_solve_out_of_steps_is_nan_never_an_image(field, reference):
+  model, params = field
+  plan = SamplingPlan(sampler='dopri5', max_steps=3, cfg_scale=1.5)
+  images = sampler.sample_jit(model, params, jax.random.key(0),
+                              jnp.asarray(reference['labels'], jnp.int32), height=4, width=4,
+                              plan=plan)
+  assert np.isnan(images).all()
+  finished = sampler.sample_jit(model, params, jax.random.key(0),
+                                jnp.asarray(reference['labels'], jnp.int32), height=4, width=4,
+                                plan=SamplingPlan(sampler='dopri5', cfg_scale=1.5))
+  assert np.isfinite(finished).all()

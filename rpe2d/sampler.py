@@ -306,7 +306,7 @@ class _Dopri5State(NamedTuple):
   evaluations: jax.Array
   times: jax.Array      # (batch, max_steps)
   attempts: jax.Array   # () loop iterations
-  # per_batch: the last accepted step's start (x, v, t) and middle state, for the interpolation
+  # when steps may pass the end: the last accepted step's start (x, v, t) and middle state
   last: tuple | None = None
 
 
@@ -364,11 +364,13 @@ def dopri5(velocity, x, t_start: float, t_end: float, plan: SamplingPlan):
   not depend on its batch, and its last step is shortened to land on t_end, so the velocity is
   never evaluated past it. 'per_batch': torchdiffeq's dopri5 exactly, with which SiT and FiT
   sampled: the batch is one state, its error the root mean square over the whole batch, and the
-  last step passes t_end (the velocity is evaluated beyond it) and the state at t_end is
-  interpolated. An example stops unfinished when its step size stops being finite (a velocity that
-  is NaN/Inf) or after plan.max_steps attempts.
+  last step passes t_end = 0 (the velocity is evaluated beyond it) and the state at 0 is
+  interpolated; above a t_end > 0 (a model's t_min, below which it may not be defined) it lands
+  on t_end instead. An example stops unfinished when its step size stops being finite (a velocity
+  that is NaN/Inf) or after plan.max_steps attempts.
   """
   batch, per_batch = x.shape[0], plan.adaptive_step == 'per_batch'
+  passes_end = per_batch and t_end == 0.0
   c, a, error_weights, mid = (jnp.asarray(w, x.dtype) for w in DORMAND_PRINCE)
   t0 = jnp.full((batch,), t_start, x.dtype)  # times in the state's dtype (float64 under x64)
   v0, size = _start(velocity, x, t0, plan, per_batch)
@@ -379,7 +381,7 @@ def dopri5(velocity, x, t_start: float, t_end: float, plan: SamplingPlan):
 
   def attempt(state):
     going = active(state)
-    size = state.size if per_batch else jnp.minimum(state.size, state.t - t_end)
+    size = state.size if passes_end else jnp.minimum(state.size, state.t - t_end)
     dt = _per_example(-size, x)                                           # < 0: towards data
 
     def stage(i, k):
@@ -393,12 +395,12 @@ def dopri5(velocity, x, t_start: float, t_end: float, plan: SamplingPlan):
     factor = jnp.clip(_SAFETY * ratio ** (-1.0 / _ORDER), jnp.where(ratio < 1.0, 1.0, _SHRINK),
                       _GROW)
     factor = jnp.where(ratio == 0.0, _GROW, factor)
-    # Per example the last step lands on t_end exactly; per batch it may pass it.
-    t_new = state.t - size if per_batch else jnp.where(size >= state.t - t_end, t_end,
-                                                        state.t - size)
+    # The last step lands on t_end exactly, or passes it.
+    t_new = state.t - size if passes_end else jnp.where(size >= state.t - t_end, t_end,
+                                                         state.t - size)
     keep = _per_example(ok, x)
     last = state.last
-    if per_batch:
+    if passes_end:
       last = jax.tree.map(lambda new, old: jnp.where(_per_example(ok, new), new, old),
                           (state.x, state.v, state.t, state.x + dt * combine(mid, k)), last)
     rows = jnp.arange(batch)
@@ -416,12 +418,12 @@ def dopri5(velocity, x, t_start: float, t_end: float, plan: SamplingPlan):
       x=x, v=v0, t=t0, size=size,
       accepted=zeros, rejected=zeros, evaluations=zeros + 2,
       times=jnp.full((batch, plan.max_steps), jnp.nan, x.dtype), attempts=jnp.int32(0),
-      last=(x, v0, t0, x) if per_batch else None)
+      last=(x, v0, t0, x) if passes_end else None)
   state = jax.lax.while_loop(
       lambda s: jnp.any(active(s)) & (s.attempts < plan.max_steps), attempt, state)
   finished = state.t <= t_end
   x = state.x
-  if per_batch:  # the state at t_end inside the last step, which may have passed it
+  if passes_end:  # the state at t_end inside the last step, which may have passed it
     x_last, v_last, t_last, middle = state.last
     passed = _per_example(finished & (state.t < t_end), x)
     inside = _interpolate((x_last, v_last, t_last), middle, (state.x, state.v, state.t), t_end)

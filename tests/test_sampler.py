@@ -1,3 +1,4 @@
+import dataclasses
 import functools
 import types
 
@@ -139,7 +140,7 @@ def start(model, key=7, height=8, width=8):
       sampler.example_keys(noise_key, jnp.arange(4)))
 
 
-def test_euler_on_a_time_range_starts_at_t_max_and_ends_on_x0_hat(ranged_model, micro_params):
+def test_a_time_range_starts_at_t_max_and_ends_with_the_step_to_x0_hat(ranged_model, micro_params):
   images, stats = sampler.sample_with_stats_jit(ranged_model, micro_params, jax.random.key(7),
                                                 LABELS, height=8, width=8,
                                                 plan=SamplingPlan(steps=3))
@@ -154,6 +155,16 @@ def test_euler_on_a_time_range_starts_at_t_max_and_ends_on_x0_hat(ranged_model, 
   x = x - 0.1 * v(x, 0.1)                                  # = x0_hat = x - t v at t = 0.1
   np.testing.assert_allclose(images, x, atol=1e-5)
   assert stats.evaluations.tolist() == [4] * 4 and bool(stats.finished.all())
+  # dopri5, even per batch (which passes t = 0 on a model covering it), lands on t_min, then the
+  # same step to 0: one evaluation more than its attempts' 2 + 6 n.
+  plan = SamplingPlan(sampler='dopri5', adaptive_step='per_batch', rtol=1e-2)
+  images, stats = sampler.sample_with_stats_jit(ranged_model, micro_params, jax.random.key(7),
+                                                LABELS, height=8, width=8, plan=plan)
+  assert bool(stats.finished.all()) and np.isfinite(images).all()
+  last = int(stats.accepted[0]) - 1
+  assert stats.times[0, last] == np.float32(0.1) and 0.1 < stats.times[0, last - 1] < 0.9
+  attempts = stats.accepted + stats.rejected
+  assert (stats.evaluations == 2 + 6 * attempts + 1).all()
 
 
 def test_dopri5_evaluates_dype_at_every_stages_own_t(ranged_model, micro_params):
@@ -233,8 +244,7 @@ def test_plans_drop_what_their_sampler_does_not_read(micro_model):
   # dopri5 reads neither steps nor the time shift; max_steps is a guard, not part of the key.
   a = SamplingPlan(sampler='dopri5', steps=8, time_shift=3.0, rtol=1e-4, max_steps=50)
   b = SamplingPlan(sampler='dopri5', rtol=1e-4)
-  assert sampler.canonical_plan(micro_model, a, 8, 8) == sampler.canonical_plan(
-      micro_model, b, 8, 8).__class__(**{**vars(b), 'max_steps': 50})
+  assert sampler.canonical_plan(micro_model, a, 8, 8) == dataclasses.replace(b, max_steps=50)
   assert sampler.key_text(a) == sampler.key_text(b) and 'rtol=0.0001' in sampler.key_text(a)
   assert 'max_steps' not in sampler.key_text(a) and 'steps=' not in sampler.key_text(a)
   sde = SamplingPlan(sampler='euler_maruyama', steps=250, last_step_size=0.05)

@@ -6,10 +6,11 @@ measurement behind a hand-written solver, docs/methods.md#dopri5).
   python benchmarks/dopri5_cost.py --variant=XL/2 --resolution=32 --channels=4 --batch=32   # GPU
 
 Random weights, perturbed so the velocity varies (a zero-initialised output would be constant).
-Per solver: the seconds of its first call less a solve (compiling), the median seconds of a solve
-(every solver's repeats interleaved, so drifting machine load hits all alike), the velocity
-evaluations per image (mean and max over the batch), the accepted and rejected steps, and the
-largest difference from rpe2d's dopri5 in the same mode. diffrax's rows use its Dopri5 with a PID
+Per solver, from the same noise: the compile seconds, how many copies of the network the compiled
+program holds (its dot products over one forward pass's: each call site of the network compiles
+once), the median seconds of a solve (every solver's repeats interleaved, so drifting machine load
+hits all alike), the velocity evaluations per image (mean and max over the batch), the accepted
+and rejected steps, and the largest difference from another row's images. diffrax's rows use its Dopri5 with a PID
 controller set to torchdiffeq's rule (I-control, exponent 1/5, safety 0.9, factors in [0.2, 10]);
 its embedded error weights are Dormand-Prince's own, not Shampine's that torchdiffeq and rpe2d use,
 so its step counts differ a little. Per example, diffrax runs under vmap (each example its own
@@ -17,6 +18,7 @@ while loop, batched).
 """
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -53,7 +55,17 @@ def main():
   noise = jax.vmap(lambda k: jax.random.normal(k, (size, size, args.channels)))(
       sampler.example_keys(jax.random.split(key)[0], jnp.arange(args.batch)))
 
-  # name -> (a call returning (images, evaluations, accepted, rejected), the row it is compared to)
+  token_positions = positions.grid(grid, grid, args.batch)
+  inputs = (params, noise, labels, token_positions)
+
+  def rpe2d_solve(plan, params, noise, labels, token_positions):
+    del token_positions  # grid positions, made by the sampler
+    images, stats = sampler.sample_with_stats(model, params, key, labels, height=size,
+                                              width=size, plan=plan, noise=noise)
+    return images, stats.evaluations, stats.accepted, stats.rejected
+
+  # name -> (a jitted function of `inputs` returning (images, evaluations per example, accepted,
+  # rejected), the row its images are compared with)
   solvers = {}
   per_example = 'rpe2d dopri5 per_example'
   for name, plan, reference in (
@@ -62,22 +74,15 @@ def main():
       ('rpe2d euler x 32', dict(sampler='euler', steps=32), per_example),
       ('rpe2d heun x 16', dict(sampler='heun', steps=16), per_example)):
     plan = sampler.SamplingPlan(cfg_scale=args.cfg_scale, atol=args.atol, rtol=args.rtol, **plan)
-
-    def solve(plan=plan):
-      images, stats = sampler.sample_with_stats_jit(model, params, key, labels, height=size,
-                                                    width=size, plan=plan)
-      return images, stats.evaluations, stats.accepted, stats.rejected
-
-    solvers[name] = (solve, reference)
+    solvers[name] = (jax.jit(functools.partial(rpe2d_solve, plan)), reference)
   try:
     import diffrax  # pylint: disable=g-import-not-at-top
   except ImportError:
     diffrax = None
     print('diffrax is not installed (pip install diffrax for its rows)')
   if diffrax is not None:
-    token_positions = positions.grid(grid, grid, args.batch)
 
-    def diffrax_solve(x, labels, token_positions):
+    def diffrax_solve(params, x, labels, token_positions):
       def velocity(t, y, _):
         return sampler.guided_velocity(model.apply, params, y, jnp.full((y.shape[0],), t), labels,
                                        token_positions, None, null_class=10,
@@ -93,42 +98,45 @@ def main():
       # the starting step.
       return solution.ys[0], 6 * steps + 2, accepted, steps - accepted
 
-    def one_example(x, labels, token_positions):
-      return diffrax_solve(x[None], labels[None], token_positions[None])
+    def one_example(params, x, labels, token_positions):
+      image, *counts = diffrax_solve(params, x[None], labels[None], token_positions[None])
+      return (image[0], *counts)
 
-    batched = jax.jit(diffrax_solve)
-    mapped = jax.jit(jax.vmap(one_example))
     solvers['diffrax Dopri5 per_example (vmap)'] = (
-        lambda: mapped(noise, labels, token_positions), per_example)
-    solvers['diffrax Dopri5 per_batch'] = (lambda: batched(noise, labels, token_positions),
-                                           'rpe2d dopri5 per_batch')
+        jax.jit(jax.vmap(one_example, in_axes=(None, 0, 0, 0))), per_example)
+    solvers['diffrax Dopri5 per_batch'] = (jax.jit(diffrax_solve), 'rpe2d dopri5 per_batch')
 
   print(f'{jax.devices()[0].device_kind}: {args.variant} at {size}x{size}x{args.channels}, batch '
         f'{args.batch}, cfg {args.cfg_scale}, atol {args.atol:g}, rtol {args.rtol:g}; median of '
         f'{args.repeats} interleaved solves', flush=True)
-  first, outputs = {}, {}
-  for name, (solve, _) in solvers.items():
+  dots = lambda compiled: compiled.as_text().count(' dot(')
+  forward = dots(jax.jit(model.apply).lower(params, noise, jnp.zeros(args.batch), labels,
+                                            token_positions).compile())
+  compiled, compile_seconds, copies, outputs = {}, {}, {}, {}
+  for name, (fn, _) in solvers.items():
     began = time.perf_counter()
-    outputs[name] = jax.device_get(jax.block_until_ready(solve()))
-    first[name] = time.perf_counter() - began
+    compiled[name] = fn.lower(*inputs).compile()
+    compile_seconds[name] = time.perf_counter() - began
+    copies[name] = dots(compiled[name]) / forward
+    outputs[name] = jax.device_get(compiled[name](*inputs))
   times = {name: [] for name in solvers}
   for _ in range(args.repeats):
-    for name, (solve, _) in solvers.items():
+    for name in solvers:
       began = time.perf_counter()
-      jax.block_until_ready(solve())
+      jax.block_until_ready(compiled[name](*inputs))
       times[name].append(time.perf_counter() - began)
 
-  print(f'| solver | compile s | solve s | evaluations/image | max | accepted | rejected | '
-        f'max abs diff from |')
-  print('| --- | --- | --- | --- | --- | --- | --- | --- |')
+  print('| solver | compile s | network copies compiled | solve s | evaluations/image | max | '
+        'accepted | rejected | max abs diff from |')
+  print('| --- | --- | --- | --- | --- | --- | --- | --- | --- |')
   for name, (_, reference) in solvers.items():
     images, evaluations, accepted, rejected = outputs[name]
     evaluations, accepted, rejected = (np.broadcast_to(a, (args.batch,))
                                        for a in (evaluations, accepted, rejected))
-    run = statistics.median(times[name])
     shown = (f'{np.abs(images - outputs[reference][0]).max():.1e} ({reference})' if reference
              else '')
-    print(f'| {name} | {first[name] - run:.2f} | {run:.3f} | {np.mean(evaluations):.1f} | '
+    print(f'| {name} | {compile_seconds[name]:.2f} | {copies[name]:.1f} | '
+          f'{statistics.median(times[name]):.3f} | {np.mean(evaluations):.1f} | '
           f'{int(np.max(evaluations))} | {np.mean(accepted):.1f} | {np.mean(rejected):.1f} | '
           f'{shown} |', flush=True)
 

@@ -374,7 +374,8 @@ def dopri5(velocity, x, t_start: float, t_end: float, plan: SamplingPlan):
   c, a, error_weights, mid = (jnp.asarray(w, x.dtype) for w in DORMAND_PRINCE)
   t0 = jnp.full((batch,), t_start, x.dtype)  # times in the state's dtype (float64 under x64)
   v0, size = _start(velocity, x, t0, plan, per_batch)
-  combine = lambda weights, k: jnp.tensordot(weights, k, axes=1)  # sum_j weights_j k_j
+  def combine(weights, k):  # sum_j weights_j k_j: elementwise (a dot here would be tiny)
+    return jnp.sum(weights.reshape((-1,) + (1,) * x.ndim) * k, axis=0)
 
   def active(state):
     return (state.t > t_end) & jnp.isfinite(state.size)

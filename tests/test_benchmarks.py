@@ -118,10 +118,12 @@ def test_dopri5_cost_prints_its_table():
   assert set(rows) == {'rpe2d dopri5 per_example', 'rpe2d dopri5 per_batch', 'rpe2d euler x 32',
                        'rpe2d heun x 16'}
   for cells in rows.values():
-    assert float(cells[2]) > 0 and float(cells[3]) >= 8  # seconds; 2 + 6 per dopri5 attempt
-  assert rows['rpe2d euler x 32'][3:7] == ['32.0', '32', '32.0', '0.0']
-  assert rows['rpe2d heun x 16'][3:7] == ['32.0', '32', '16.0', '0.0']
-  assert (int(rows['rpe2d dopri5 per_batch'][4]) - 2) % 6 == 0
+    assert float(cells[1]) > 0 and float(cells[3]) > 0  # compile and solve seconds
+  # Network copies compiled: one per call site (dopri5: the start, the stages).
+  assert [rows[name][2] for name in sorted(rows)] == ['2.0', '2.0', '1.0', '2.0']
+  assert rows['rpe2d euler x 32'][4:8] == ['32.0', '32', '32.0', '0.0']
+  assert rows['rpe2d heun x 16'][4:8] == ['32.0', '32', '16.0', '0.0']
+  assert (int(rows['rpe2d dopri5 per_batch'][5]) - 2) % 6 == 0  # 2 + 6 per attempt
 
 
 @pytest.mark.skipif(not TORCH, reason='torch is not importable here')

@@ -4,6 +4,7 @@ measurement behind a hand-written solver, docs/methods.md#dopri5).
   python benchmarks/dopri5_cost.py                         # tiny/4 at 32x32, batch 8, CPU-sized
   pip install diffrax && python benchmarks/dopri5_cost.py  # adds diffrax's rows (not a dependency)
   python benchmarks/dopri5_cost.py --variant=XL/2 --resolution=32 --channels=4 --batch=32   # GPU
+  python benchmarks/dopri5_cost.py --rows='rpe2d dopri5 per_batch,rpe2d euler x 32'   # some rows
 
 Random weights, perturbed so the velocity varies (a zero-initialised output would be constant).
 Per solver, from the same noise: the compile seconds, how many copies of the network the compiled
@@ -39,6 +40,7 @@ def main():
   parser.add_argument('--atol', type=float, default=1e-6)
   parser.add_argument('--rtol', type=float, default=1e-3)
   parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--rows', default='', help='comma list of row names to run (default: all)')
   args = parser.parse_args()
 
   patch = model_lib.parse_variant(args.variant)[3]
@@ -106,6 +108,13 @@ def main():
         jax.jit(jax.vmap(one_example, in_axes=(None, 0, 0, 0))), per_example)
     solvers['diffrax Dopri5 per_batch'] = (jax.jit(diffrax_solve), 'rpe2d dopri5 per_batch')
 
+  if args.rows:
+    chosen = args.rows.split(',')
+    unknown = sorted(set(chosen) - set(solvers))
+    if unknown:
+      raise SystemExit(f'error: unknown rows {unknown}; allowed: {", ".join(solvers)}')
+    solvers = {name: (fn, reference if reference in chosen else None)
+               for name, (fn, reference) in solvers.items() if name in chosen}
   print(f'{jax.devices()[0].device_kind}: {args.variant} at {size}x{size}x{args.channels}, batch '
         f'{args.batch}, cfg {args.cfg_scale}, atol {args.atol:g}, rtol {args.rtol:g}; median of '
         f'{args.repeats} interleaved solves', flush=True)

@@ -109,23 +109,6 @@ def test_device_check_smoke_writes_its_table(tmp_path):
   assert all('data.latent_dir' in r['data_skipped'] for r in rows)
 
 
-def test_dopri5_cost_prints_its_table():
-  done = run('dopri5_cost.py', '--variant=micro/4', '--resolution=16', '--batch=2',
-             '--repeats=1')
-  assert done.returncode == 0, done.stderr[-2000:]
-  rows = {cells[0]: cells for cells in ([c.strip() for c in row.strip('|').split('|')]
-                                        for row in table_rows(done.stdout, 'rpe2d'))}
-  assert set(rows) == {'rpe2d dopri5 per_example', 'rpe2d dopri5 per_batch', 'rpe2d euler x 32',
-                       'rpe2d heun x 16'}
-  for cells in rows.values():
-    assert float(cells[1]) > 0 and float(cells[3]) > 0  # compile and solve seconds
-  # Network copies compiled: one per call site (dopri5: the start, the stages).
-  assert [rows[name][2] for name in sorted(rows)] == ['2.0', '2.0', '1.0', '2.0']
-  assert rows['rpe2d euler x 32'][4:8] == ['32.0', '32', '32.0', '0.0']
-  assert rows['rpe2d heun x 16'][4:8] == ['32.0', '32', '16.0', '0.0']
-  assert (int(rows['rpe2d dopri5 per_batch'][5]) - 2) % 6 == 0  # 2 + 6 per attempt
-
-
 @pytest.mark.skipif(not TORCH, reason='torch is not importable here')
 def test_torch_dit_starts_as_zero_and_trains():
   import torch  # pylint: disable=g-import-not-at-top

@@ -166,13 +166,11 @@ def test_euler_maruyama_matches_sit(field, reference, name):
 
 
 def test_a_solve_out_of_steps_is_nan_never_an_image(field, reference):
+  # Per example the solves take 8, 6, 8 and 10 attempts: after 7 only the second has finished.
   model, params = field
-  plan = SamplingPlan(sampler='dopri5', max_steps=3, cfg_scale=1.5)
   images = sampler.sample_jit(model, params, jax.random.key(0),
                               jnp.asarray(reference['labels'], jnp.int32), height=4, width=4,
-                              plan=plan)
-  assert np.isnan(images).all()
-  finished = sampler.sample_jit(model, params, jax.random.key(0),
-                                jnp.asarray(reference['labels'], jnp.int32), height=4, width=4,
-                                plan=SamplingPlan(sampler='dopri5', cfg_scale=1.5))
-  assert np.isfinite(finished).all()
+                              plan=SamplingPlan(sampler='dopri5', max_steps=7, cfg_scale=1.5),
+                              noise=jnp.asarray(reference['noise']))
+  images = np.asarray(images)
+  assert np.isfinite(images[1]).all() and np.isnan(images[[0, 2, 3]]).all()

@@ -9,16 +9,17 @@
 
 Extrapolation methods keep the run's own position rule ('grid' for grid runs, the config's rule for
 RPE-2D runs). Position rules need an RPE-2D run; for a grid run those cells are skipped. The
-sampler, steps and CFG come from the run's config, with the same overrides for every cell.
+sampler and its settings (steps, tolerances, the SDE's), and CFG come from the run's config, with
+the same overrides for every cell.
 
 A cell (run, method, resolution) is generated from a sampling plan. Methods are exact no-ops where
 the extrapolation scale is 1 on both axes (rope.axis_positions_and_frequencies returns its inputs),
 and the RPE-2D rules coincide where the tokens fill the trained range, so the plan is canonicalised
-first (sampler.canonical_plan) and cells with the same canonical plan share one set of samples and
-numbers; the table marks
-them. Each computed cell is stored as <outdir>/cells/<key>.json under a
-key of everything that determines it (checkpoint, plan, resolution, N, seed, reference), so a rerun
-computes only what is new.
+first (sampler.canonical_plan, which also drops the settings the sampler does not read) and cells
+with the same canonical plan share one set of samples and numbers; the table marks them. Each
+computed cell is stored as <outdir>/cells/<key>.json under a key of everything that determines it
+(checkpoint, the plan's sampler.key_text, resolution, N, seed, reference), so a rerun computes only
+what is new.
 """
 
 import dataclasses
@@ -261,7 +262,7 @@ def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
 
 
 def cell_description(run, plan, height, width, num_samples, seed, reference) -> dict:
-  return dict(checkpoint=str(run.checkpoint.absolute()), step=run.step, plan=repr(plan),
+  return dict(checkpoint=str(run.checkpoint.absolute()), step=run.step, plan=sampler.key_text(plan),
               height=height, width=width, num_samples=num_samples, seed=seed,
               reference=reference.description, features=FEATURES_VERSION)
 
@@ -291,7 +292,8 @@ def evaluate_cell(run, plan, height, width, *, num_samples, seed, reference, cel
       return record
   labels = balanced_labels(num_samples, run.model.num_classes)
   shown = GRID_IMAGES_PER_CLASS * run.model.num_classes
-  timing = dict(compile_seconds=0.0, generate_seconds=0.0, feature_seconds=0.0, generated=0)
+  timing = dict(compile_seconds=0.0, generate_seconds=0.0, feature_seconds=0.0, evaluations=0.0,
+                generated=0)
 
   def produce(start, stop):
     stats = {}
@@ -301,6 +303,7 @@ def evaluate_cell(run, plan, height, width, *, num_samples, seed, reference, cel
                                    progress=bool(label) and _is_main(), first_index=start)
     timing['generate_seconds'] += time.perf_counter() - began - stats['compile_seconds']
     timing['compile_seconds'] += stats['compile_seconds']
+    timing['evaluations'] += stats['evaluations_per_image'] * (stop - start)
     timing['generated'] += stop - start
     began = time.perf_counter()
     features = inception.extract(feature_fn, generated)
@@ -313,7 +316,7 @@ def evaluate_cell(run, plan, height, width, *, num_samples, seed, reference, cel
   if label and _is_main():
     print(f'{label}: sampling {num_samples} images at {height}x{width} (positions='
           f'{plan.positions}, extrapolation={plan.encoding.extrapolation}'
-          f'{", dype" if plan.encoding.dype else ""}, {plan.sampler}x{plan.steps}, cfg '
+          f'{", dype" if plan.encoding.dype else ""}, {sampler.describe(plan)}, cfg '
           f'{plan.cfg_scale})', flush=True)
   shard_dir = pathlib.Path(cell_dir) / key
   log = (lambda text: print(f'{label}: process {jax.process_index()}: {text}', flush=True)) \
@@ -336,6 +339,8 @@ def evaluate_cell(run, plan, height, width, *, num_samples, seed, reference, cel
       measured['classifier_sha256'] = classifier.sha256
     rate = timing['generated'] / timing['generate_seconds'] if timing['generated'] else None
     record = dict(key=key, description=description, **measured, images_per_second=rate,
+                  evaluations_per_image=(timing['evaluations'] / timing['generated']
+                                         if timing['generated'] else None),
                   compile_seconds=timing['compile_seconds'],
                   generate_seconds=timing['generate_seconds'],
                   feature_seconds=timing['feature_seconds'] + time.perf_counter() - began)

@@ -330,6 +330,7 @@ def written_names(names, resolutions, methods) -> list[str]:
   included), so that an --outdir too long for them is refused before any work."""
   key = '0' * 16
   out = [f'cells/{key}.json.tmp.json', f'cells/{key}.json{DAMAGED_SUFFIX}', 'results.json.tmp.json',
+         f'cells/{key}/shard_00000.npz.tmp.npz',
          f'reference/{"x" * 64}_{key}.npz.tmp.npz', 'fid_vs_resolution.png.tmp.png', LOCK,
          'evaluate.log']
   out += [f'grids/{name}/{h}x{w}_{method.replace("@", "_at_")}.png' for name in names

@@ -122,7 +122,8 @@ def convert(family: str, weights, *, vae, workdir, unwrap: str | None = None,
 
   model = config_lib.build_model(config)
   params = module.params(file.tensors, arch)
-  expected = _tree_shapes(jax.eval_shape(training.init_params, model, jax.random.key(0)))
+  expected = _tree_shapes(jax.eval_shape(lambda key: training.init_params(model, key),
+                                         jax.random.key(0)))
   if _tree_shapes(params) != expected:  # the family's mapping disagrees with the model: a bug
     raise AssertionError(f'{family} mapping gives {_tree_shapes(params)}, the model has {expected}')
 

@@ -152,7 +152,7 @@ def describe(imported: Imported) -> str:
   """What was imported from where, in a few lines (convert.py prints it)."""
   c, f, grid = imported.config, imported.weights, imported.arch.grid
   known = (f'it is {imported.known}' if imported.known else
-           'not a known public file (no sha256 of the published files is recorded)')
+           'not a known public file: no sha256 of the published files is recorded')
   lines = [
       f'imported  {f.path} as {imported.family}: {f.format}, {len(f.tensors)} tensors'
       + (f', {f.unwrapped}' if f.unwrapped else ''),

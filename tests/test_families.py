@@ -256,6 +256,12 @@ def test_an_import_samples_with_sample_py_and_plans_its_evaluation(imports, runs
                            ['none', 'pi', 'uniform'], dict(steps=2))
   assert {(c[1], c[2]) for c in cells if c[3] is not None} == {
       ('none', (64, 64)), ('pi', (64, 64)), ('none', (128, 128)), ('pi', (128, 128))}
+  # Against .npz references without a 'real' row it reads no data set: the import's source (here
+  # unknown: 4 classes are not ImageNet's) need not be at hand, and its grids show label ids.
+  assert runs['sit'].config.data.source_name is None
+  sweep.check_inputs([runs['sit']], [(64, 64)], num_samples=4, num_reference=None, split='test',
+                     real_split='', npz_references={(64, 64): None})
+  assert sweep._class_names(runs['sit']) is None  # pylint: disable=protected-access
 
 
 # ------------------------------------------------------------------------------------------------

@@ -211,7 +211,7 @@ def test_cfg_channels_guide_the_first_channels_and_keep_the_conditional_rest():
 # convert's run directory.
 
 
-def test_convert_writes_a_run_directory_with_its_provenance(imports, runs):
+def test_convert_writes_a_run_directory_with_its_provenance(imports, runs, tmp_path):
   made, lines = imports
   sit = made['sit']
   config = json.loads((sit.workdir / 'config.json').read_text())
@@ -239,6 +239,14 @@ def test_convert_writes_a_run_directory_with_its_provenance(imports, runs):
   assert not checkpoints.holds_training_state(step_dir)
   raw = inference.load_run(sit.workdir, use_ema=False)
   chex.assert_trees_all_equal(host(raw.params), host(runs['sit'].params))
+  # Sampling decodes with the VAE the import recorded: another file is refused by its sha256.
+  other = tmp_path / 'other_vae'
+  shutil.copytree(VAE_DIR, other)
+  with open(other / 'diffusion_pytorch_model.safetensors', 'r+b') as f:
+    f.seek(-4, 2)
+    f.write(b'\x00\x00\x80\x3f')  # the last float32 of the last tensor becomes 1.0
+  with pytest.raises(ValueError, match='is not the VAE of this run'):
+    inference.load_run(sit.workdir, vae=other)
 
 
 def test_an_import_samples_with_sample_py_and_plans_its_evaluation(imports, runs, tmp_path,

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from rpe2d import autoencoder_weights, checkpoints, config as config_lib, families, rundir
-from rpe2d import tensor_files, training
+from rpe2d import sampler, tensor_files, training
 from rpe2d.families import common
 
 
@@ -181,7 +181,7 @@ def describe(imported: Imported) -> str:
       f'VAE       {c.data.vae_path} (sha256 {c.data.vae_sha256[:16]}...), latents '
       f'{c.data.image_size}x{c.data.image_size}x{c.data.channels} of '
       f'{c.data.source_image_size}x{c.data.source_image_size} images',
-      f'sampling  {c.sampling.sampler} x {c.sampling.steps}, cfg {c.sampling.cfg_scale} on '
+      f'sampling  {sampler.describe(config_lib.sampling_plan(c))}, cfg {c.sampling.cfg_scale} on '
       f'{c.sampling.cfg_channels or "all"} channels',
       f'wrote     {imported.workdir}/config.json and checkpoints/0 (params = ema_params = these '
       f'weights) in {imported.seconds:.1f} s',

@@ -91,7 +91,8 @@ def convert(args, family) -> pathlib.Path:
 def measure(args):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from rpe2d import ddpm, inference, model as model_lib, positions, sampler  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top  # rpe2d's environment, not the reference's
+  from rpe2d import ddpm, inference, model as model_lib, positions, sampler
   reference = np.load(pathlib.Path(args.dir) / 'reference.npz')
   print('| import | wall (h:mm:ss) | CPU s | peak RSS |\n| --- | --- | --- | --- |')
   runs = {family: convert(args, family) for family in ('sit', 'dit')}
@@ -100,7 +101,8 @@ def measure(args):
   grid = positions.grid(16, 16, 1)
   sit = inference.load_run(runs['sit'])
   v = jax.jit(sit.model.apply)(sit.params, x, jnp.array([1.0 - T_SIT]), y, grid)
-  print(f'SiT-XL/2 forward (t_SiT = {T_SIT}): max abs error {float(jnp.max(jnp.abs(v + reference["sit"]))):.2e} '
+  error = float(jnp.max(jnp.abs(v + reference['sit'])))
+  print(f'SiT-XL/2 forward (t_SiT = {T_SIT}): max abs error {error:.2e} '
         f'(outputs up to {np.abs(reference["sit"]).max():.2f})')
   dit = inference.load_run(runs['dit'])
   t = jnp.array([ddpm.flow_times()[N_DIT]], jnp.float32)

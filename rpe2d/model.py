@@ -296,7 +296,7 @@ class DiT(nn.Module):
       rotation = rope.rotation(angles, rope.rope_temperatures(geometry, encoding))
     logit_scale = rope.logit_multiplier(geometry, encoding, rotary=rotation is not None)
 
-    c = ScalarEmbedder(width, scale=self.time_scale, name='t_embed')(time[:, None])  # (batch, width)
+    c = ScalarEmbedder(width, scale=self.time_scale, name='t_embed')(time[:, None])  # (batch, D)
     c = c + nn.Embed(self.num_classes + 1, width, embedding_init=nn.initializers.normal(0.02),
                      name='label_embed')(labels)
     if self.micro_conditioning:

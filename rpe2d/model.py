@@ -328,7 +328,7 @@ class DiT(nn.Module):
                       scale)
     outputs = 2 * channels if self.learned_variance else channels
     out = dense(patch * patch * outputs, dtype=dtype, kernel_init=nn.initializers.zeros,
-                name='final_proj')(tokens)                                 # float32 (batch, N, p p C')
+                name='final_proj')(tokens)                               # float32 (batch, N, p p C')
     out = out.reshape(batch, h, w, patch, patch, outputs).transpose(0, 1, 3, 2, 4, 5)
     return out.reshape(batch, height, img_width, outputs)
 

@@ -325,7 +325,8 @@ def test_convert_refuses_bad_input_in_one_line_before_writing(tmp_path, warm_scr
        r'is not a sit checkpoint .*: it lacks the keys the DiT layout is read from'),
       (dict(weights=_state_dict_without(tmp_path, 'blocks.1.mlp.fc2.bias',
                                         reshape=('blocks.0.attn.qkv.weight', (96, 16)))),
-       ValueError, r'is not a sit checkpoint \(\d+ tensors\): 1 missing: blocks\.1\.mlp\.fc2\.bias; '
+       ValueError, r'is not a sit checkpoint \(\d+ tensors\): 1 missing: '
+                   r'blocks\.1\.mlp\.fc2\.bias; '
                    r'1 misshapen: blocks\.0\.attn\.qkv\.weight \(96, 16\) \(expected \(96, 32\)\)'),
       (dict(family='unet'), ValueError, r"--family='unet' is not a known checkpoint family"),
       (dict(vae=tmp_path / 'missing'), FileNotFoundError, r'--vae=.*missing: no such file'),

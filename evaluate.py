@@ -20,8 +20,9 @@ from rpe2d.evaluation import inception, sweep
 
 _RUNS = flags.DEFINE_list('runs', None, 'Training run directories.', required=True)
 _RESOLUTIONS = flags.DEFINE_list('resolutions', None, 'Sizes: 64 (square) or HxW.', required=True)
-_METHODS = flags.DEFINE_list('methods', list(sweep.METHODS),
-                             'Methods; position rules apply to RPE-2D runs only.')
+_METHODS = flags.DEFINE_list('methods', list(sweep.DEFAULT_METHODS),
+                             "Methods; position rules apply to RPE-2D runs only; FiT's settings "
+                             'as fit-<interpolation>[-decouple].')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 1000, 'Generated images per cell.')
 _NUM_REFERENCE = flags.DEFINE_integer('num_reference', 0, 'Reference images (0: the whole split).')
 _SPLIT = flags.DEFINE_string('split', 'test', 'The held-out split the reference is made from.')

@@ -95,10 +95,15 @@ SCHEMA = (
           allowed=rope.EXTRAPOLATIONS),
     Field('encoding.yarn_form', 'paper', 'YaRN variant', allowed=rope.YARN_FORMS),
     Field('encoding.temperature', 'rope', "where YaRN's temperature goes: rope = on q and k "
-          '(the logits get tau^2, as in the reference code); logits = tau once (before 0.2)',
+          '(the logits get tau^2, as in the reference code); rope_max = the same with the larger '
+          "axis's tau on both (FiT's code); logits = tau once (before 0.2)",
           allowed=rope.TEMPERATURE_PLACES),
-    Field('encoding.attention_scale', 'none', 'attention logit scale for more tokens',
+    Field('encoding.attention_scale', 'none', 'attention logit scale for more tokens: '
+          "Lumina-Next's log_n, FiT's by side (ntkpro1) or by tokens (ntkpro2)",
           allowed=rope.ATTENTION_SCALES),
+    Field('encoding.axis_scale', 'per_axis', 'the extrapolation scale: each axis its own (as '
+          "FiT's --decouple), or the larger one for both axes (shared)",
+          allowed=rope.AXIS_SCALES),
     Field('encoding.dype', False, 'make the extrapolation follow the diffusion time (DyPE)'),
     Field('encoding.dype_lambda_s', None, 'DyPE kappa(t) = lambda_s t^lambda_t (unset: the '
           "method's default)", value_type=float, check=checks.optional(number(0.0))),
@@ -351,7 +356,7 @@ def encoding(config, **overrides) -> rope.Encoding:
   values = dict(extrapolation=e.extrapolation, yarn_form=e.yarn_form, temperature=e.temperature,
                 attention_scale=e.attention_scale, dype=bool(e.dype),
                 dype_lambda_s=e.dype_lambda_s, dype_lambda_t=e.dype_lambda_t,
-                dype_variant=e.dype_variant, tasr_form=e.tasr_form)
+                dype_variant=e.dype_variant, tasr_form=e.tasr_form, axis_scale=e.axis_scale)
   values.update(overrides)
   return rope.Encoding(**values)
 

@@ -19,6 +19,7 @@ from rpe2d import attention, rope
 # name -> (width, depth, heads). The paper sizes plus small ones for tests and CPU training.
 VARIANTS = {
     'micro': (32, 2, 2),
+    'mini': (80, 2, 2),
     'tiny': (128, 6, 4),
     'small': (256, 8, 4),
     'S': (384, 12, 6),

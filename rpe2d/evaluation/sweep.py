@@ -12,16 +12,17 @@
 
 Extrapolation methods keep the run's own position rule ('grid' for grid runs, the config's rule for
 RPE-2D runs). Position rules need an RPE-2D run; for a grid run those cells are skipped. The
-sampler, steps and CFG come from the run's config, with the same overrides for every cell.
+sampler and its settings (steps, tolerances, the SDE's), and CFG come from the run's config, with
+the same overrides for every cell.
 
 A cell (run, method, resolution) is generated from a sampling plan. Methods are exact no-ops where
 the extrapolation scale is 1 on both axes (rope.axis_positions_and_frequencies returns its inputs),
 and the RPE-2D rules coincide where the tokens fill the trained range, so the plan is canonicalised
-first (sampler.canonical_plan) and cells with the same canonical plan share one set of samples and
-numbers; the table marks
-them. Each computed cell is stored as <outdir>/cells/<key>.json under a
-key of everything that determines it (checkpoint, plan, resolution, N, seed, reference), so a rerun
-computes only what is new.
+first (sampler.canonical_plan, which also drops the settings the sampler does not read) and cells
+with the same canonical plan share one set of samples and numbers; the table marks them. Each
+computed cell is stored as <outdir>/cells/<key>.json under a key of everything that determines it
+(checkpoint, the plan's sampler.key_text, resolution, N, seed, reference), so a rerun computes only
+what is new.
 """
 
 import dataclasses
@@ -224,7 +225,7 @@ def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
 
 
 def cell_description(run, plan, height, width, num_samples, seed, reference) -> dict:
-  return dict(checkpoint=str(run.checkpoint.absolute()), step=run.step, plan=repr(plan),
+  return dict(checkpoint=str(run.checkpoint.absolute()), step=run.step, plan=sampler.key_text(plan),
               height=height, width=width, num_samples=num_samples, seed=seed,
               reference=reference.description)
 
@@ -246,7 +247,7 @@ def evaluate_cell(run, plan, height, width, *, num_samples, seed, reference, cel
   if label:
     print(f'{label}: sampling {num_samples} images at {height}x{width} (positions='
           f'{plan.positions}, extrapolation={plan.encoding.extrapolation}'
-          f'{", dype" if plan.encoding.dype else ""}, {plan.sampler}x{plan.steps}, cfg '
+          f'{", dype" if plan.encoding.dype else ""}, {sampler.describe(plan)}, cfg '
           f'{plan.cfg_scale})', flush=True)
   began = time.perf_counter()
   generated = inference.generate(run, height=height, width=width, labels=labels, seed=seed,
@@ -267,6 +268,7 @@ def evaluate_cell(run, plan, height, width, *, num_samples, seed, reference, cel
         from e
   record = dict(key=key, description=description, **measured,
                 images_per_second=stats['images_per_second'],
+                evaluations_per_image=stats['evaluations_per_image'],
                 compile_seconds=stats['compile_seconds'], generate_seconds=generate_seconds,
                 feature_seconds=time.perf_counter() - began)
   shown = GRID_IMAGES_PER_CLASS * run.model.num_classes

@@ -40,7 +40,9 @@ _INCEPTION_BATCH_SIZE = flags.DEFINE_integer('inception_batch_size', 50,
 _STEPS = flags.DEFINE_integer('steps', None, "Sampler steps (default: each run's config).")
 _CFG_SCALE = flags.DEFINE_float('cfg_scale', None, "Guidance scale (default: each run's config).")
 _SAMPLER = flags.DEFINE_enum('sampler', None, list(sampler.SAMPLERS),
-                             "euler, heun, dopri5 (ODE), euler_maruyama (SiT's SDE).")
+                             "euler, heun, dopri5 (ODE), euler_maruyama (SiT's SDE), ddpm (DiT's).")
+_CFG_CHANNELS = flags.DEFINE_integer('cfg_channels', None, "Guide only the first k channels "
+                                     "(0: all; default: each run's config).")
 _ATOL = flags.DEFINE_float('atol', None, 'dopri5: absolute tolerance.')
 _RTOL = flags.DEFINE_float('rtol', None, 'dopri5: relative tolerance.')
 _MAX_STEPS = flags.DEFINE_integer('max_steps', None, 'dopri5: step attempts before it gives up.')
@@ -54,10 +56,10 @@ _LAST_STEP = flags.DEFINE_enum('last_step', None, list(sampler.LAST_STEPS),
 _LAST_STEP_SIZE = flags.DEFINE_float('last_step_size', None, 'euler_maruyama: its size.')
 # Sampler flags: the plan field each overrides in every cell (numeric ones checked like the config).
 _PLAN_FLAGS = ((_STEPS, 'steps'), (_CFG_SCALE, 'cfg_scale'), (_SAMPLER, 'sampler'),
-               (_ATOL, 'atol'), (_RTOL, 'rtol'), (_MAX_STEPS, 'max_steps'),
-               (_ADAPTIVE_STEP, 'adaptive_step'), (_DIFFUSION_FORM, 'diffusion_form'),
-               (_DIFFUSION_NORM, 'diffusion_norm'), (_LAST_STEP, 'last_step'),
-               (_LAST_STEP_SIZE, 'last_step_size'))
+               (_CFG_CHANNELS, 'cfg_channels'), (_ATOL, 'atol'), (_RTOL, 'rtol'),
+               (_MAX_STEPS, 'max_steps'), (_ADAPTIVE_STEP, 'adaptive_step'),
+               (_DIFFUSION_FORM, 'diffusion_form'), (_DIFFUSION_NORM, 'diffusion_norm'),
+               (_LAST_STEP, 'last_step'), (_LAST_STEP_SIZE, 'last_step_size'))
 _NOEMA = flags.DEFINE_bool('noema', False, 'Use the raw weights instead of the EMA weights.')
 
 

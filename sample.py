@@ -66,8 +66,9 @@ _TIME_SHIFT_BY_RESOLUTION = flags.DEFINE_bool('time_shift_by_resolution', None,
                                               'Multiply the shift by sqrt(N_test / N_train).')
 _SAMPLER = flags.DEFINE_enum('sampler', None, list(sampler.SAMPLERS),
                              'euler, heun: ODE, fixed steps; dopri5: ODE, adaptive; '
-                             "euler_maruyama: SiT's SDE.")
-_STEPS = flags.DEFINE_integer('steps', None, "Solver steps (euler_maruyama: SiT's num_steps).")
+                             "euler_maruyama: SiT's SDE; ddpm: DiT's ancestral sampler.")
+_STEPS = flags.DEFINE_integer('steps', None, "Solver steps (euler_maruyama: SiT's num_steps; "
+                              "ddpm: DiT's respaced steps).")
 _ATOL = flags.DEFINE_float('atol', None, 'dopri5: absolute tolerance.')
 _RTOL = flags.DEFINE_float('rtol', None, 'dopri5: relative tolerance.')
 _MAX_STEPS = flags.DEFINE_integer('max_steps', None, 'dopri5: step attempts before it gives up.')
@@ -81,6 +82,8 @@ _LAST_STEP = flags.DEFINE_enum('last_step', None, list(sampler.LAST_STEPS),
 _LAST_STEP_SIZE = flags.DEFINE_float('last_step_size', None, 'euler_maruyama: its size.')
 _CFG_SCALE = flags.DEFINE_float('cfg_scale', None, 'Classifier-free guidance scale (1: none).')
 _CFG_INTERVAL = flags.DEFINE_string('cfg_interval', None, 'low,high: guide only for t inside.')
+_CFG_CHANNELS = flags.DEFINE_integer('cfg_channels', None, 'Guide only the first k channels, the '
+                                     'rest conditional (0: all; 3: DiT/SiT published numbers).')
 _ATTENTION = flags.DEFINE_enum('attention', None, list(attention.KERNELS),
                                "Attention kernel (default: the run's); chunked for grids whose "
                                'full attention matrix does not fit in memory.')
@@ -88,6 +91,7 @@ _ATTENTION = flags.DEFINE_enum('attention', None, list(attention.KERNELS),
 
 # Numeric flags and the config fields whose ranges they share.
 _FLAG_FIELDS = ((_TIME_SHIFT, 'sampling.time_shift'), (_CFG_SCALE, 'sampling.cfg_scale'),
+                (_CFG_CHANNELS, 'sampling.cfg_channels'),
                 (_STEPS, 'sampling.steps'), (_DYPE_LAMBDA_S, 'encoding.dype_lambda_s'),
                 (_DYPE_LAMBDA_T, 'encoding.dype_lambda_t'), (_ATOL, 'sampling.atol'),
                 (_RTOL, 'sampling.rtol'), (_MAX_STEPS, 'sampling.max_steps'),
@@ -124,10 +128,10 @@ def plan_from_flags(run) -> sampler.SamplingPlan:
   for flag, field in ((_POSITIONS, 'positions'), (_TIME_SHIFT, 'time_shift'),
                       (_TIME_SHIFT_BY_RESOLUTION, 'time_shift_by_resolution'),
                       (_SAMPLER, 'sampler'), (_STEPS, 'steps'), (_CFG_SCALE, 'cfg_scale'),
-                      (_ATOL, 'atol'), (_RTOL, 'rtol'), (_MAX_STEPS, 'max_steps'),
-                      (_ADAPTIVE_STEP, 'adaptive_step'), (_DIFFUSION_FORM, 'diffusion_form'),
-                      (_DIFFUSION_NORM, 'diffusion_norm'), (_LAST_STEP, 'last_step'),
-                      (_LAST_STEP_SIZE, 'last_step_size')):
+                      (_CFG_CHANNELS, 'cfg_channels'), (_ATOL, 'atol'), (_RTOL, 'rtol'),
+                      (_MAX_STEPS, 'max_steps'), (_ADAPTIVE_STEP, 'adaptive_step'),
+                      (_DIFFUSION_FORM, 'diffusion_form'), (_DIFFUSION_NORM, 'diffusion_norm'),
+                      (_LAST_STEP, 'last_step'), (_LAST_STEP_SIZE, 'last_step_size')):
     if flag.value is not None:
       plan[field] = flag.value
   if _CFG_INTERVAL.value is not None:

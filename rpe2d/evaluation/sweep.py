@@ -208,10 +208,13 @@ def check_inputs(runs, resolutions, *, num_samples: int, num_reference: int | No
   if num_reference is not None and num_reference < metrics.PR_K + 1:
     raise ValueError(f'--num_reference={num_reference} must be 0 (the whole split) or >= '
                      f'{metrics.PR_K + 1} (precision and recall use k = {metrics.PR_K})')
+  reads = [(flag, name) for flag, name in (('--split', split if needs_features else ''),
+                                            ('--real_split', real_split)) if name]
+  if not reads:  # .npz references everywhere and no 'real' row: no data set is read
+    return
   for data_config in {id(c): c for c in (data.source_data_config(run.config.data)
                                           for run in runs)}.values():
-    for flag, name in (('--split', split if needs_features else ''),
-                       ('--real_split', real_split)):
+    for flag, name in reads:
       if name:
         try:
           data.make_dataset(data_config, split=name, seed=0, global_batch_size=1,
@@ -411,6 +414,15 @@ def _reason(error) -> str:
   return cli.reason(error)
 
 
+def _class_names(run) -> list[str] | None:
+  """The label names of the grids: those of the run's source data set when it is at hand; None
+  (label ids) when it is not, e.g. an imported model evaluated against .npz references only."""
+  try:
+    return data.class_names(data.source_data_config(run.config.data))
+  except (ValueError, OSError):
+    return None
+
+
 def plan_cells(runs, names, resolutions, methods, overrides):
   """[(run name, method, (h, w), plan or None, note)] for every requested cell, before any work."""
   cells = []
@@ -461,8 +473,7 @@ def run(runs, names, resolutions, cells, *, outdir, feature_fn, num_samples: int
     return references[key]
 
   by_name = dict(zip(names, runs))
-  class_names = {name: data.class_names(data.source_data_config(run.config.data))
-                 for name, run in by_name.items()}
+  class_names = {name: _class_names(run) for name, run in by_name.items()}
   notes = sorted({note for name in names for resolution in resolutions
                   for note in sample_size_warnings(num_samples,
                                                    reference_for(by_name[name], resolution))})

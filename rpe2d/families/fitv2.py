@@ -211,8 +211,8 @@ def tokens_from_latents(latents, patch: int = 2):
 def config(arch: FiTArchitecture):
   """The rpe2d config of an imported FiTv2: its blocks and RoPE, the grid it was trained on, FiT's
   conventions for the encodings that name them (YaRN's index form with tau from the longer side),
-  and the published guidance (FiTv2-XL/2 256x256: FID 2.26 with dopri5 at cfg 1.5 on 3
-  channels; until rpe2d has dopri5, Heun with 125 steps, 250 evaluations)."""
+  and the published sampling settings (FiTv2-XL/2 256x256: FID 2.26 with dopri5, atol 1e-6, rtol
+  1e-3, at cfg 1.5 on 3 channels)."""
   from rpe2d import config as config_lib  # pylint: disable=g-import-not-at-top  # it imports model
   c = config_lib.base()
   m = c.model
@@ -236,7 +236,7 @@ def config(arch: FiTArchitecture):
   e = c.encoding
   e.yarn_form, e.temperature = 'index', 'rope_max'
   s = c.sampling
-  s.sampler, s.steps = 'heun', 125
+  s.sampler, s.atol, s.rtol = 'dopri5', 1e-6, 1e-3
   s.cfg_scale = 1.5
   s.cfg_channels = min(CFG_CHANNELS, arch.channels)
   s.num_per_class = 1

@@ -587,8 +587,7 @@ def run(runs, names, resolutions, cells, *, outdir, feature_fn, num_samples: int
           if real_split:
             real_reference(resolution)
     shards.barrier(f'rpe2d.sweep: references {turn}')
-  class_names = {name: data.class_names(data.source_data_config(run.config.data))
-                 for name, run in by_name.items()}
+  class_names = {name: _class_names(run) for name, run in by_name.items()}
   notes = sorted({note for name in names for resolution in resolutions
                   for note in sample_size_warnings(num_samples,
                                                    reference_for(by_name[name], resolution))})

@@ -7,14 +7,14 @@
   /usr/bin/time -v env PYTHONPATH=. python benchmarks/fitv2_full_size.py check \
       --out=/work/scratch/fitv2_full
 
-Never run by CI (2.7 GB of weights, ~12 GB of RAM at peak on FiT's side). `reference` builds
-FiT(**configs/fitv2/config_fitv2_xl.yaml) with every parameter redrawn as
+Never run by CI (2.7 GB of weights; peak RSS 6 GB on FiT's side, 14 GB on rpe2d's). `reference`
+builds FiT(**configs/fitv2/config_fitv2_xl.yaml) with every parameter redrawn as
 tests/fixtures/make_fitv2_fixtures.py does, saves it as model_ema.safetensors (FiTv2's published
 format, 517 tensors) and FiT.forward on fixed inputs at 16x16 tokens (256^2 images) and at 20x20
 under --interpolation ntkpro2 --decouple (320^2, the README's setting). `check` imports the file
 with rpe2d.importing.convert (the real path: tensor_files, the fitv2 family, an orbax checkpoint)
-recording the tests' small random SD VAE, loads the run with inference.load_run, and prints the max abs error of each
-forward pass, the import's wall time and, for the whole process, the peak RSS (ru_maxrss).
+recording the tests' small random SD VAE, loads the run with inference.load_run, and prints the
+max abs error of each forward pass, the import's wall time and the peak RSS (ru_maxrss).
 """
 
 import argparse

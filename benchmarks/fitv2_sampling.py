@@ -1,7 +1,7 @@
 """Sampling speed and memory of the imported FiTv2-XL/2 architecture per resolution and method.
 
   PYTHONPATH=. python benchmarks/fitv2_sampling.py --resolution=320 --methods=none,yarn,dy-yarn
-  PYTHONPATH=. python benchmarks/fitv2_sampling.py --smoke          # any CPU: FiTv2's blocks at mini
+  PYTHONPATH=. python benchmarks/fitv2_sampling.py --smoke     # any CPU: FiTv2's blocks at mini
 
 The model is what `convert.py --family=fitv2` builds for FiTv2-XL/2 (rpe2d.families.fitv2's config
 of the published file's shapes: 36 blocks of width 1152, SwiGLU, adaLN-LoRA rank 288,

@@ -5,8 +5,8 @@ whlzy/FiT at b22b7b0) are a FiTv2 with XL/2's structure at width 80 (2 heads, de
 16, 10 classes), every weight drawn at random and saved as safetensors (and by torch.save), with
 FiT.forward at 16x16, 20x20, 24x24 and 14x28 tokens under each of its sampler's interpolation
 options, decoupled and not, and an 8-step Euler trajectory of its transport sampler with cfg 1.5
-on the first 3 latent channels at 20x20 under its attention-scaled NTK. Everything here reads the files through convert and the run
-directory it writes, as a user would.
+on the first 3 latent channels at 20x20 under its attention-scaled NTK. Everything here reads
+the files through convert and the run directory it writes, as a user would.
 """
 
 import functools

@@ -161,9 +161,11 @@ def test_log_n_attention_scale():
 def test_fit_attention_scales():
   """FiT's ntk-aware-pro1 / pro2 factors on the logits: ln(2 L_test) / ln(L_train), by side or by
   tokens, already above 1 at the native size (the 2 in FiT's get_proportion)."""
-  side, tokens = rope.Encoding(attention_scale='fit_side'), rope.Encoding(attention_scale='fit_tokens')
+  side = rope.Encoding(attention_scale='fit_side')
+  tokens = rope.Encoding(attention_scale='fit_tokens')
   at = lambda h, w: rope.Geometry(grid=(h, w), reference=(16, 16), train_tokens=256)
-  np.testing.assert_allclose(rope.logit_multiplier(at(16, 16), tokens), math.log(512) / math.log(256))
+  np.testing.assert_allclose(rope.logit_multiplier(at(16, 16), tokens),
+                             math.log(512) / math.log(256))
   np.testing.assert_allclose(rope.logit_multiplier(at(16, 16), side), 1.25)
   np.testing.assert_allclose(rope.logit_multiplier(at(20, 20), tokens), 1.2055, atol=1e-4)
   np.testing.assert_allclose(rope.logit_multiplier(at(14, 28), side), math.log(56) / math.log(16))

@@ -31,7 +31,6 @@ import numpy as np
 
 from rpe2d import autoencoder_weights, checkpoints, config as config_lib, families, rundir
 from rpe2d import sampler, tensor_files, training
-from rpe2d.families import common
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,8 +49,9 @@ _DISTANCES = flags.DEFINE_enum('distances', 'float16', list(metrics.DISTANCES),
                                "Precision / recall distances: ADM's float16 rounding, or float32.")
 _SHARD_SIZE = flags.DEFINE_integer('shard_size', sweep.SHARD_SIZE,
                                    'Images per shard (what a killed evaluation keeps).')
-_METHODS = flags.DEFINE_list('methods', list(sweep.METHODS),
-                             'Methods; position rules apply to RPE-2D runs only.')
+_METHODS = flags.DEFINE_list('methods', list(sweep.DEFAULT_METHODS),
+                             "Methods; position rules apply to RPE-2D runs only; FiT's settings "
+                             'as fit-<interpolation>[-decouple].')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 1000, 'Generated images per cell.')
 _NUM_REFERENCE = flags.DEFINE_integer('num_reference', 0, 'Reference images (0: the whole split).')
 _SPLIT = flags.DEFINE_string('split', 'test', 'The held-out split the reference is made from.')

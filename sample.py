@@ -72,6 +72,8 @@ _POSITIONS = flags.DEFINE_enum('positions', None, list(positions.INFERENCE_RULES
                                'Inference position rule, RPE-2D models only.')
 _ATTENTION_SCALE = flags.DEFINE_enum('attention_scale', None, list(rope.ATTENTION_SCALES),
                                      'Attention logit scale for more tokens.')
+_AXIS_SCALE = flags.DEFINE_enum('axis_scale', None, list(rope.AXIS_SCALES),
+                                'Extrapolation scale per axis, or the larger for both (shared).')
 _TIME_SHIFT = flags.DEFINE_float('time_shift', None, "Fixed time shift a (1: none).")
 _TIME_SHIFT_BY_RESOLUTION = flags.DEFINE_bool('time_shift_by_resolution', None,
                                               'Multiply the shift by sqrt(N_test / N_train).')
@@ -173,7 +175,8 @@ def plan_from_flags(run) -> sampler.SamplingPlan:
   for flag, field in ((_EXTRAPOLATION, 'extrapolation'), (_YARN_FORM, 'yarn_form'),
                       (_TEMPERATURE, 'temperature'), (_DYPE, 'dype'), (_TASR_FORM, 'tasr_form'),
                       (_DYPE_LAMBDA_S, 'dype_lambda_s'), (_DYPE_LAMBDA_T, 'dype_lambda_t'),
-                      (_DYPE_VARIANT, 'dype_variant'), (_ATTENTION_SCALE, 'attention_scale')):
+                      (_DYPE_VARIANT, 'dype_variant'), (_ATTENTION_SCALE, 'attention_scale'),
+                      (_AXIS_SCALE, 'axis_scale')):
     if flag.value is not None:
       encoding[field] = flag.value
   plan = {'encoding': config_lib.encoding(config, **encoding)}

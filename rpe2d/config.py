@@ -55,10 +55,21 @@ SCHEMA = (
     Field('model.position_embedding', 'rope', 'how positions enter the model',
           allowed=model_lib.POSITION_EMBEDDINGS),
     Field('model.rope_base', 10000.0, 'the RoPE base', check=number(1.0, low_open=True)),
-    Field('model.qk_norm', False, 'RMSNorm on queries and keys'),
+    Field('model.qk_norm', 'none', 'the norm on queries and keys, before RoPE (a saved false / '
+          'true reads as none / rmsnorm)', allowed=tuple(model_lib.QK_NORMS)),
     Field('model.micro_conditioning', None, 'embed the crop window into the conditioning '
           '(unset: on exactly when data.augment is rpe2d_crop)', value_type=bool),
-    Field('model.mlp_ratio', 4.0, 'MLP width / model width', check=number(0.0, low_open=True)),
+    Field('model.mlp_ratio', 4.0, 'MLP width / model width (swiglu: 2/3 of it)',
+          check=number(0.0, low_open=True)),
+    Field('model.mlp', 'gelu', "the block's MLP: DiT's tanh-GELU, or SwiGLU (FiTv2)",
+          allowed=tuple(model_lib.MLPS)),
+    Field('model.norm', 'layernorm', 'the norm before each branch and the final layer',
+          allowed=tuple(model_lib.NORMS)),
+    Field('model.adaln', 'full', 'adaLN-Zero: one Linear per block (full), or a rank-r '
+          'bottleneck per block plus one shared Linear (lora, FiTv2)',
+          allowed=tuple(model_lib.ADALNS)),
+    Field('model.adaln_rank', None, 'adaln=lora: the rank r (unset: width / 4)',
+          value_type=int, check=checks.optional(positive_int)),
     Field('model.attention_implementation', 'xla', 'attention kernel',
           allowed=tuple(attention.KERNELS)),
     Field('model.dtype', 'float32',
@@ -95,10 +106,15 @@ SCHEMA = (
           allowed=rope.EXTRAPOLATIONS),
     Field('encoding.yarn_form', 'paper', 'YaRN variant', allowed=rope.YARN_FORMS),
     Field('encoding.temperature', 'rope', "where YaRN's temperature goes: rope = on q and k "
-          '(the logits get tau^2, as in the reference code); logits = tau once (before 0.2)',
+          '(the logits get tau^2, as in the reference code); rope_max = the same with the larger '
+          "axis's tau on both (FiT's code); logits = tau once (before 0.2)",
           allowed=rope.TEMPERATURE_PLACES),
-    Field('encoding.attention_scale', 'none', 'attention logit scale for more tokens',
+    Field('encoding.attention_scale', 'none', 'attention logit scale for more tokens: '
+          "Lumina-Next's log_n, FiT's by side (ntkpro1) or by tokens (ntkpro2)",
           allowed=rope.ATTENTION_SCALES),
+    Field('encoding.axis_scale', 'per_axis', 'the extrapolation scale: each axis its own (as '
+          "FiT's --decouple), or the larger one for both axes (shared)",
+          allowed=rope.AXIS_SCALES),
     Field('encoding.dype', False, 'make the extrapolation follow the diffusion time (DyPE)'),
     Field('encoding.dype_lambda_s', None, 'DyPE kappa(t) = lambda_s t^lambda_t (unset: the '
           "method's default)", value_type=float, check=checks.optional(number(0.0))),
@@ -281,9 +297,14 @@ def _check_config_module(file: str) -> None:
                      'an ml_collections.ConfigDict (e.g. configs/default.py)')
 
 
+# Values older configs saved that a field no longer takes: key -> {old value: its name now}.
+LEGACY_VALUES = {'model.qk_norm': model_lib.QK_NORM_LEGACY}
+
+
 def complete(saved: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Adds, in place, the fields a saved config predates, at their defaults. A field added to the
-  schema must default to the behaviour from before it existed."""
+  """Adds, in place, the fields a saved config predates, at their defaults, and renames the values
+  it saved that have a new name (LEGACY_VALUES). A field added to the schema must default to the
+  behaviour from before it existed."""
   for f in SCHEMA:
     *sections, name = f.key.split('.')
     node = saved
@@ -293,6 +314,11 @@ def complete(saved: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       node = node[section]
     if name not in node:
       node[name] = config_dict.placeholder(f.value_type) if f.default is None else f.default
+    renamed = LEGACY_VALUES.get(f.key, {})
+    if isinstance(node[name], bool) and node[name] in renamed:
+      value = renamed[node[name]]
+      del node[name]  # a ConfigDict keeps a field's type: a bool cannot become a name in place
+      node[name] = value
   return saved
 
 
@@ -394,7 +420,7 @@ def encoding(config, **overrides) -> rope.Encoding:
   values = dict(extrapolation=e.extrapolation, yarn_form=e.yarn_form, temperature=e.temperature,
                 attention_scale=e.attention_scale, dype=bool(e.dype),
                 dype_lambda_s=e.dype_lambda_s, dype_lambda_t=e.dype_lambda_t,
-                dype_variant=e.dype_variant, tasr_form=e.tasr_form)
+                dype_variant=e.dype_variant, tasr_form=e.tasr_form, axis_scale=e.axis_scale)
   values.update(overrides)
   return rope.Encoding(**values)
 
@@ -435,7 +461,8 @@ def build_model(config) -> model_lib.DiT:
       variant=m.variant, channels=config.data.channels, num_classes=config.data.num_classes,
       train_grid=train_grid(config), position_range=position_range(config),
       position_embedding=m.position_embedding, rope_base=float(m.rope_base), qk_norm=m.qk_norm,
-      micro_conditioning=bool(m.micro_conditioning), mlp_ratio=m.mlp_ratio,
+      micro_conditioning=bool(m.micro_conditioning), mlp_ratio=m.mlp_ratio, mlp=m.mlp,
+      norm=m.norm, adaln=m.adaln, adaln_rank=m.adaln_rank,
       attention_implementation=m.attention_implementation, dtype=m.dtype, remat=m.remat,
       remat_policy=m.remat_policy, scan_layers=m.scan_layers, time_scale=float(m.time_scale),
       sincos_order=m.sincos_order, prediction=m.prediction,

@@ -279,6 +279,7 @@ LONGEST_FIRST = (
     'tests/test_reliability.py',
     'tests/test_multihost.py',
     'tests/test_latent_pipeline.py',
+    'tests/test_fitv2.py',
 )
 
 

@@ -434,9 +434,9 @@ def test_an_rpe2d_finetune_runs_and_resumes_bit_identically(imports, latents_dir
 
 def test_finetunes_that_cannot_be_are_refused_before_compiling(imports, latents_dir, tmp_path):
   made, _ = imports
-  config = finetune_config(made['sit'].workdir, latents_dir, '--config.model.qk_norm=True')
+  config = finetune_config(made['sit'].workdir, latents_dir, '--config.model.qk_norm=rmsnorm')
   with pytest.raises(ValueError, match=r'holds weights of another model; differing keys:\n  '
-                                       r'model.qk_norm: saved False, now True'):
+                                       r"model.qk_norm: saved 'none', now 'rmsnorm'"):
     train_loop.train(config, tmp_path / 'qk')
   config = finetune_config(made['dit'].workdir, latents_dir)
   with pytest.raises(ValueError, match=r"model.prediction='ddpm_epsilon': training fits velocity"):

@@ -329,8 +329,10 @@ def init_params(config: Config, key) -> dict:
   return jax.jit(model(config).init)(key, images)['params']  # eager init is ~10x slower
 
 
+@functools.cache  # tracing the model is most of the time a weights file takes to load
 def param_shapes(config: Config) -> dict:
-  """The parameter tree as jax.ShapeDtypeStruct leaves, without computing anything."""
+  """The parameter tree as jax.ShapeDtypeStruct leaves, without computing anything (shared: do
+  not modify it)."""
   return jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
 
 

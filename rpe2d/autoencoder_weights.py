@@ -150,7 +150,8 @@ def diffusers_to_ldm(name: str, levels: int) -> str:
 def expected_tensors(config: autoencoder.Config, layout: str = 'diffusers'
                      ) -> dict[str, tuple[tuple[str, ...], tuple]]:
   """Checkpoint name in `layout` (LAYOUTS) -> (path in our param tree, torch-layout shape), for
-  every parameter."""
+  every parameter. Attention projections are Linear (out, in) in diffusers' layout (1x1 convs
+  (out, in, 1, 1) are accepted too) and 1x1 convs in LDM's."""
   if layout not in LAYOUTS:
     raise ValueError(f'layout={layout!r}; allowed: {", ".join(LAYOUTS)}')
   levels = len(config.block_out_channels)
@@ -165,7 +166,11 @@ def expected_tensors(config: autoencoder.Config, layout: str = 'diffusers'
       shape = shape[::-1]
     torch_leaf = 'bias' if leaf_name == 'bias' else 'weight'
     name = '.'.join(_module_name(m) for m in modules) + '.' + torch_leaf
-    out[diffusers_to_ldm(name, levels) if layout == 'ldm' else name] = (keys, shape)
+    if layout == 'ldm':
+      name = diffusers_to_ldm(name, levels)
+      if _is_attention_projection(keys):
+        shape = (*shape, 1, 1)
+    out[name] = (keys, shape)
   return out
 
 
@@ -514,9 +519,9 @@ def load(path, config: autoencoder.Config | str | None = None, expected: str | N
     else:
       raise ValueError(f'{path}: no {CONFIG_NAME} beside it and {identify(digest, known)}; pass '
                        f'config= (one of {", ".join(autoencoder.PRESETS)}, or a Config)')
+  stats = None if statistics is None else read_statistics(statistics, config.latent_channels)
   params = params_from_tensors(tensors, config, source=f'{path} ({identify(digest, known)})',
                                layout=layout)
-  stats = None if statistics is None else read_statistics(statistics, config.latent_channels)
   loaded = Loaded(params, config, digest, entry, layout=layout, format=file.format,
                   unwrapped=WRAPPERS[0] if file.unwrapped else None, left_unread=left_unread,
                   statistics=stats)
@@ -536,9 +541,9 @@ def to_diffusers(params, config: autoencoder.Config,
     leaf = np.asarray(leaf, np.float32)
     if flax_path[-1] == 'kernel':
       leaf = leaf.transpose(3, 2, 0, 1) if leaf.ndim == 4 else leaf.T
-    assert leaf.shape == shape, (name, leaf.shape, shape)
     if layout == 'ldm' and _is_attention_projection(flax_path):
       leaf = leaf[:, :, None, None]
+    assert leaf.shape == shape, (name, leaf.shape, shape)
     out[name] = np.ascontiguousarray(leaf)
   return out
 

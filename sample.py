@@ -66,6 +66,8 @@ _SAMPLER = flags.DEFINE_enum('sampler', None, list(sampler.SAMPLERS), 'ODE solve
 _STEPS = flags.DEFINE_integer('steps', None, 'Solver steps.')
 _CFG_SCALE = flags.DEFINE_float('cfg_scale', None, 'Classifier-free guidance scale (1: none).')
 _CFG_INTERVAL = flags.DEFINE_string('cfg_interval', None, 'low,high: guide only for t inside.')
+_CFG_CHANNELS = flags.DEFINE_integer('cfg_channels', None, 'Guide only the first k channels, the '
+                                     'rest conditional (0: all; 3: DiT/SiT published numbers).')
 _ATTENTION = flags.DEFINE_enum('attention', None, list(attention.KERNELS),
                                "Attention kernel (default: the run's); chunked for grids whose "
                                'full attention matrix does not fit in memory.')
@@ -73,6 +75,7 @@ _ATTENTION = flags.DEFINE_enum('attention', None, list(attention.KERNELS),
 
 # Numeric flags and the config fields whose ranges they share.
 _FLAG_FIELDS = ((_TIME_SHIFT, 'sampling.time_shift'), (_CFG_SCALE, 'sampling.cfg_scale'),
+                (_CFG_CHANNELS, 'sampling.cfg_channels'),
                 (_STEPS, 'sampling.steps'), (_DYPE_LAMBDA_S, 'encoding.dype_lambda_s'),
                 (_DYPE_LAMBDA_T, 'encoding.dype_lambda_t'))
 
@@ -105,7 +108,8 @@ def plan_from_flags(run) -> sampler.SamplingPlan:
   plan = {'encoding': config_lib.encoding(config, **encoding)}
   for flag, field in ((_POSITIONS, 'positions'), (_TIME_SHIFT, 'time_shift'),
                       (_TIME_SHIFT_BY_RESOLUTION, 'time_shift_by_resolution'),
-                      (_SAMPLER, 'sampler'), (_STEPS, 'steps'), (_CFG_SCALE, 'cfg_scale')):
+                      (_SAMPLER, 'sampler'), (_STEPS, 'steps'), (_CFG_SCALE, 'cfg_scale'),
+                      (_CFG_CHANNELS, 'cfg_channels')):
     if flag.value is not None:
       plan[field] = flag.value
   if _CFG_INTERVAL.value is not None:

@@ -14,6 +14,7 @@ micro-conditioning that tells the model about the crop
 
 import dataclasses
 import importlib.util
+import json
 import os
 import re
 
@@ -79,6 +80,16 @@ SCHEMA = (
           allowed=tuple(model_lib.REMAT_POLICIES)),
     Field('model.scan_layers', False, 'run the blocks under nn.scan: compile time independent of '
           'depth (checkpoints load either way)'),
+    Field('model.prediction', 'velocity', "what the network predicts: velocity, or DiT's "
+          'ddpm_epsilon (eps on its 1000-step DDPM, reached through a change of variables)',
+          allowed=model_lib.PREDICTIONS),
+    Field('model.time_scale', 1000.0, 'the time the network sees (flow time; the DDPM index for '
+          'ddpm_epsilon) times this enters its sinusoids (imported SiT and DiT: 1)',
+          check=number(0.0, low_open=True)),
+    Field('model.sincos_order', 'yx', 'sin-cos layout: yx = [sin y, cos y, sin x, cos x]; xy = '
+          "DiT's, the column coordinate first", allowed=model_lib.SINCOS_ORDERS),
+    Field('model.learned_variance', False, "the network also outputs DiT's learned-variance "
+          'channels (read only by sampling.sampler=ddpm)'),
 
     Field('positions.train', 'grid', 'training positions; rpe2d also turns on the crop',
           allowed=positions.TRAIN_RULES),
@@ -129,6 +140,9 @@ SCHEMA = (
           check=number(0.0, 100.0)),
     Field('sampling.cfg_interval', (0.0, 1.0), 'guide only for t inside [low, high]',
           check=checks.unit_interval),
+    Field('sampling.cfg_channels', 0, 'guide only the first k channels, the rest take the '
+          'conditional prediction (0: all; 3: the published DiT/SiT numbers)',
+          check=non_negative_int),
     Field('sampling.time_shift', 1.0, 'sampling time shift a (1: none)',
           check=number(0.0, low_open=True)),
     Field('sampling.time_shift_by_resolution', False, 'multiply the shift by sqrt(N_test/N_train)'),
@@ -152,6 +166,15 @@ SCHEMA = (
 
     Field('mesh.fsdp', 1, 'devices on the fsdp axis; the rest form the data axis',
           check=positive_int),
+
+    # Written by convert.py (rpe2d.importing): where an imported run's weights came from.
+    Field('imported.family', '', 'the checkpoint family the weights were imported as (empty: '
+          'trained by rpe2d)'),
+    Field('imported.weights', '', 'the file they were read from'),
+    Field('imported.sha256', '', "that file's sha256"),
+    Field('imported.known', '', 'which public file that is, by sha256 (empty: not a known one)'),
+    Field('imported.unwrapped', '', "the entry of a wrapped checkpoint that was taken ('ema', "
+          "'model', 'state_dict'; empty: a plain state dict)"),
 )
 FIELDS = {f.key: f for f in SCHEMA}
 
@@ -280,6 +303,28 @@ def complete(saved: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return saved
 
 
+def _as_tuples(value):
+  return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def from_saved(saved) -> ml_collections.ConfigDict:
+  """base() holding a saved config's values (a run's config.json, rundir.read_config), each in its
+  field's type: JSON's lists become tuples again. What a config file built on a run starts from
+  (configs/finetune.py); fields the saved config predates keep their defaults."""
+  config = base()
+  flat = json.loads(saved.to_json_best_effort()) if hasattr(saved, 'to_json_best_effort') else saved
+  for f in SCHEMA:
+    *sections, name = f.key.split('.')
+    source, target = flat, config
+    for section in sections:
+      source, target = source.get(section, {}), target[section]
+    if name in source:
+      value = source[name]
+      target[name] = _as_tuples(value) if isinstance(f.default, tuple) or \
+          f.value_type is tuple else value
+  return config
+
+
 def _unknown_field(path, overrides) -> str:
   """The first override whose field the config file does not define."""
   config = load(path)
@@ -368,7 +413,7 @@ def sampling_plan(config, **overrides) -> sampler.SamplingPlan:
                 cfg_interval=tuple(float(v) for v in s.cfg_interval),
                 time_shift=float(s.time_shift),
                 time_shift_by_resolution=bool(s.time_shift_by_resolution),
-                positions=position_rule, round_positions=bool(config.positions.round),
+                cfg_channels=int(s.cfg_channels), positions=position_rule, round_positions=bool(config.positions.round),
                 encoding=encoding(config))
   values.update(overrides)
   return sampler.SamplingPlan(**values)
@@ -396,4 +441,6 @@ def build_model(config) -> model_lib.DiT:
       micro_conditioning=bool(m.micro_conditioning), mlp_ratio=m.mlp_ratio, mlp=m.mlp,
       norm=m.norm, adaln=m.adaln, adaln_rank=m.adaln_rank,
       attention_implementation=m.attention_implementation, dtype=m.dtype, remat=m.remat,
-      remat_policy=m.remat_policy, scan_layers=m.scan_layers)
+      remat_policy=m.remat_policy, scan_layers=m.scan_layers, time_scale=float(m.time_scale),
+      sincos_order=m.sincos_order, prediction=m.prediction,
+      learned_variance=bool(m.learned_variance))

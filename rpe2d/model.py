@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rpe2d import attention, rope
+from rpe2d import attention, prediction, rope
 
 # name -> (width, depth, heads). The paper sizes plus small ones for tests and CPU training.
 VARIANTS = {
@@ -29,6 +29,10 @@ VARIANTS = {
     'FiTv2-XL': (1152, 36, 16),
 }
 POSITION_EMBEDDINGS = ('rope', 'sincos')
+# The sin-cos table's layout: 'yx' = [sin y, cos y, sin x, cos x] (rpe2d's own), 'xy' = the column
+# coordinate first, as DiT's get_2d_sincos_pos_embed lays it out (imported DiT and SiT).
+SINCOS_ORDERS = ('yx', 'xy')
+PREDICTIONS = tuple(prediction.PREDICTIONS)
 # What a rematerialised block keeps from its forward pass: nothing (recompute all), or the results
 # of its matrix multiplies (recompute only the cheap elementwise work).
 REMAT_POLICIES = {'nothing': jax.checkpoint_policies.nothing_saveable,
@@ -46,12 +50,12 @@ def parse_variant(name: str) -> tuple[int, int, int, int]:
   return (*VARIANTS[size], int(patch))
 
 
-def timestep_embedding(t, dim: int, max_period: float = 10000.0):
-  """Sinusoidal features of scalars t (batch,) -> (batch, dim). t in [0, 1] is stretched to [0, 1000]
-  so the frequencies cover it as in DiT."""
+def timestep_embedding(t, dim: int, max_period: float = 10000.0, scale: float = 1000.0):
+  """Sinusoidal features [cos, sin] of scalars t (batch,) -> (batch, dim), of scale * t: the
+  default 1000 stretches t in [0, 1] to [0, 1000] so the frequencies cover it as in DiT."""
   half = dim // 2
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = 1000.0 * t.astype(jnp.float32)[:, None] * freqs[None]
+  args = scale * t.astype(jnp.float32)[:, None] * freqs[None]
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
@@ -181,12 +185,14 @@ class ScalarEmbedder(nn.Module):
   width: int
   frequency_dim: int = 256
   zero_output: bool = False
+  scale: float = 1000.0  # multiplies the scalars before the sinusoids
 
   @nn.compact
   def __call__(self, scalars):  # (batch, k)
     per_scalar = self.frequency_dim // scalars.shape[-1]
     features = jnp.concatenate(
-        [timestep_embedding(scalars[:, i], per_scalar) for i in range(scalars.shape[-1])], -1)
+        [timestep_embedding(scalars[:, i], per_scalar, scale=self.scale)
+         for i in range(scalars.shape[-1])], -1)
     x = dense(self.width, kernel_init=nn.initializers.normal(0.02))(features)
     x = nn.silu(x)
     out_init = nn.initializers.zeros if self.zero_output else nn.initializers.normal(0.02)
@@ -258,7 +264,8 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-  """Velocity network v(x_t, t, label, positions, crop).
+  """Velocity network v(x_t, t, label, positions, crop): the network (`network`) inside the
+  parameterisation `prediction` names (rpe2d.prediction).
 
   Attributes:
     variant: '<size>/<patch>', see VARIANTS.
@@ -277,6 +284,13 @@ class DiT(nn.Module):
     scan_layers: run the blocks under nn.scan (parameters stacked under 'blocks'): compile time and
       program size stop growing with depth. Checkpoints always hold the per-block layout
       (unstack_blocks), so either setting loads any run.
+    time_scale: the time the parameterisation hands the network is multiplied by this before its
+      sinusoidal features: 1000 for rpe2d's own models (flow time in [0, 1000]), 1 for SiT (raw
+      t) and DiT (its DDPM index).
+    sincos_order: the sin-cos table's layout, SINCOS_ORDERS.
+    prediction: what the network predicts, PREDICTIONS: 'velocity', or DiT's 'ddpm_epsilon'.
+    learned_variance: the network also outputs `channels` variance channels (DiT's learned
+      sigma), which only the DDPM sampler reads (`network`); the velocity never includes them.
   """
   variant: str = 'S/2'
   channels: int = 3
@@ -297,19 +311,39 @@ class DiT(nn.Module):
   remat: bool = False
   remat_policy: str = 'nothing'
   scan_layers: bool = False
+  time_scale: float = 1000.0
+  sincos_order: str = 'yx'
+  prediction: str = 'velocity'
+  learned_variance: bool = False
 
   @property
   def patch_size(self) -> int:
     return parse_variant(self.variant)[3]
+
+  @property
+  def time_range(self) -> tuple[float, float]:
+    """(t_min, t_max): the flow times the model covers; samplers start at t_max and finish with a
+    step from t_min to 0. (0, 1) for velocity models."""
+    return prediction.PREDICTIONS[self.prediction].time_range
 
   def geometry(self, height: int, width: int) -> rope.Geometry:
     p = self.patch_size
     return rope.Geometry(grid=(height // p, width // p), reference=tuple(self.position_range),
                          train_tokens=self.train_grid[0] * self.train_grid[1], base=self.rope_base)
 
-  @nn.compact
   def __call__(self, x, t, labels, positions, crop=None, encoding: rope.Encoding = rope.Encoding()):
     """x (batch, H, W, C), t (batch,), labels (batch,) int, positions (batch, N, 2) -> v like x."""
+    parameterisation = prediction.PREDICTIONS[self.prediction]
+    inputs, time = parameterisation.inputs(x, t)
+    out = self.network(inputs, time, t, labels, positions, crop, encoding)
+    return parameterisation.velocity(out[..., :x.shape[-1]], x, t)
+
+  @nn.compact
+  def network(self, x, time, t, labels, positions, crop=None,
+              encoding: rope.Encoding = rope.Encoding()):
+    """The transformer alone: x (batch, H, W, C) as the network was trained to see it, its time
+    (batch,) (times time_scale into the time embedding), the flow time t (batch,) for the
+    encoding (DyPE), labels, positions -> (batch, H, W, C), or 2C with learned_variance."""
     width, depth, heads, patch = parse_variant(self.variant)
     dtype = DTYPES[self.dtype]
     batch, height, img_width, channels = x.shape
@@ -327,14 +361,15 @@ class DiT(nn.Module):
     rotation = None
     if self.position_embedding == 'sincos':
       tokens = tokens + rope.sincos_embedding(
-          positions, t, width=width, geometry=geometry, encoding=encoding)
+          positions, t, width=width, geometry=geometry, encoding=encoding,
+          order=self.sincos_order)
     else:
       angles = rope.angles_2d(positions, t, dim=width // heads // 2, geometry=geometry,
                               encoding=encoding)
       rotation = rope.rotation(angles, rope.rope_temperatures(geometry, encoding))
     logit_scale = rope.logit_multiplier(geometry, encoding, rotary=rotation is not None)
 
-    c = ScalarEmbedder(width, name='t_embed')(t[:, None])                 # float32 (batch, width)
+    c = ScalarEmbedder(width, scale=self.time_scale, name='t_embed')(time[:, None])  # (batch, width)
     c = c + nn.Embed(self.num_classes + 1, width, embedding_init=nn.initializers.normal(0.02),
                      name='label_embed')(labels)
     if self.micro_conditioning:
@@ -370,10 +405,11 @@ class DiT(nn.Module):
                        name='final_adaLN')(nn.silu(c))                      # (batch, 2 width)
     shift, scale = jnp.split(modulation, 2, axis=-1)
     tokens = modulate(NORMS[self.norm]()(tokens), shift, scale)            # (batch, N, width)
-    out = dense(patch * patch * channels, dtype=dtype, kernel_init=nn.initializers.zeros,
-                name='final_proj')(tokens)                                 # float32 (batch, N, p p C)
-    out = out.reshape(batch, h, w, patch, patch, channels).transpose(0, 1, 3, 2, 4, 5)
-    return out.reshape(batch, height, img_width, channels)
+    outputs = 2 * channels if self.learned_variance else channels
+    out = dense(patch * patch * outputs, dtype=dtype, kernel_init=nn.initializers.zeros,
+                name='final_proj')(tokens)                                 # float32 (batch, N, p p C')
+    out = out.reshape(batch, h, w, patch, patch, outputs).transpose(0, 1, 3, 2, 4, 5)
+    return out.reshape(batch, height, img_width, outputs)
 
 
 def _holds_blocks(x) -> bool:

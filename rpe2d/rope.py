@@ -388,8 +388,13 @@ def apply_rope(x, rotation_table):
   return rotated.reshape(x.shape).astype(x.dtype)
 
 
-def sincos_embedding(positions, t, *, width: int, geometry: Geometry, encoding: Encoding):
-  """2D sin-cos absolute embedding (batch, N, width): [sin y, cos y, sin x, cos x], a quarter each."""
+def sincos_embedding(positions, t, *, width: int, geometry: Geometry, encoding: Encoding,
+                     order: str = 'yx'):
+  """2D sin-cos absolute embedding (batch, N, width): [sin y, cos y, sin x, cos x], a quarter each
+  (order 'yx'), or the column coordinate first, [sin x, cos x, sin y, cos y] (order 'xy', DiT's
+  get_2d_sincos_pos_embed)."""
   angles = angles_2d(positions, t, dim=width // 2, geometry=geometry, encoding=encoding)
   y, x = angles[..., 0, :], angles[..., 1, :]
-  return jnp.concatenate([jnp.sin(y), jnp.cos(y), jnp.sin(x), jnp.cos(x)], axis=-1)
+  first, second = (y, x) if order == 'yx' else (x, y)
+  return jnp.concatenate([jnp.sin(first), jnp.cos(first), jnp.sin(second), jnp.cos(second)],
+                         axis=-1)

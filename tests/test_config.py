@@ -22,8 +22,16 @@ def test_imagenet_config_argument_errors():
 
 IMAGENET_ARGS = [f'{s},{r},{p}{space}' for s in ('B', 'XL') for r in (256, 512)
                  for p in ('rpe2d', 'grid') for space in ('', ',pixels')]
-CONFIG_SPECS = [str(p) for p in CONFIGS] + [
+# configs/finetune.py takes a run directory: tests/test_families.py loads it on an import.
+CONFIG_SPECS = [str(p) for p in CONFIGS if p.name != 'finetune.py'] + [
     str(CONFIGS[0].parent / f'imagenet.py:{arg}') for arg in IMAGENET_ARGS]
+
+
+def test_finetune_config_names_the_run_it_needs(tmp_path):
+  with pytest.raises(ValueError, match='name the run to fine-tune'):
+    config_lib.load(str(CONFIGS[0].parent / 'finetune.py'))
+  with pytest.raises(ValueError, match='has no config.json'):
+    config_lib.load(str(CONFIGS[0].parent / f'finetune.py:{tmp_path}'))
 
 
 @pytest.mark.parametrize('path', CONFIG_SPECS, ids=lambda p: p.rsplit('/', 1)[-1])

@@ -104,7 +104,7 @@ def convert(family: str, weights, *, vae, workdir, unwrap: str | None = None,
   arch = matched.arch
   _check_vae(loaded_vae, module, arch, vae)
   try:
-    common.check_table(file.tensors['pos_embed'], arch.grid, arch.width, 'xy')
+    module.check(file.tensors, arch)
   except ValueError as e:
     raise ValueError(f'{weights}: {e}') from None
 
@@ -150,7 +150,9 @@ def convert(family: str, weights, *, vae, workdir, unwrap: str | None = None,
 
 def describe(imported: Imported) -> str:
   """What was imported from where, in a few lines (convert.py prints it)."""
-  c, f, grid = imported.config, imported.weights, imported.arch.grid
+  c, f = imported.config, imported.weights
+  (h, w), encoding = config_lib.train_grid(c), c.model.position_embedding
+  positions = {'sincos': 'sin-cos', 'rope': '2D RoPE'}.get(encoding, encoding)
   known = (f'it is {imported.known}' if imported.known else
            'not a known public file (no sha256 of the published files is recorded)')
   lines = [
@@ -158,7 +160,7 @@ def describe(imported: Imported) -> str:
       + (f', {f.unwrapped}' if f.unwrapped else ''),
       f'sha256    {f.sha256} ({known})',
       f'model     {c.model.variant}, {imported.parameters / 1e6:.2f} M parameters, '
-      f'prediction {c.model.prediction}, sin-cos positions on its {grid}x{grid} token grid',
+      f'prediction {c.model.prediction}, {positions} on its {h}x{w} token grid',
       f'VAE       {c.data.vae_path} (sha256 {c.data.vae_sha256[:16]}...), latents '
       f'{c.data.image_size}x{c.data.image_size}x{c.data.channels} of '
       f'{c.data.source_image_size}x{c.data.source_image_size} images',

@@ -9,6 +9,7 @@ A family is a module with
   architecture(shapes)  what the state dict's shapes say about the model (ValueError if they
                         are not this family's layout)
   expected_shapes(arch) every key of such a state dict and its shape
+  check(tensors, arch)  what the values must satisfy beyond their shapes (ValueError if not)
   params(tensors, arch) the tensors -> rpe2d's {'params': ...} tree (per-block layout)
   config(arch)          rpe2d's config of the model: model fields, data, published sampling
 """
@@ -18,9 +19,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
-from rpe2d.families import common, dit, sit
+from rpe2d.families import common, dit, fitv2, sit
 
-FAMILIES = {module.NAME: module for module in (sit, dit)}
+FAMILIES = {module.NAME: module for module in (sit, dit, fitv2)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -219,6 +219,11 @@ def check_table(stored, grid: int, width: int, order: str) -> float:
   return difference
 
 
+def check_dit_table(tensors: Mapping[str, np.ndarray], arch: DiTArchitecture) -> None:
+  """A DiT-layout file's stored pos_embed must be the table rpe2d recomputes (check_table)."""
+  check_table(tensors['pos_embed'], arch.grid, arch.width, 'xy')
+
+
 def dit_config(arch: DiTArchitecture):
   """rpe2d's config for a DiT-layout model trained on 16x16-token grids of SD-VAE latents: the
   model fields every such family shares (sin-cos in DiT's layout on integer grid positions, the

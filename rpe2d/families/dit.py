@@ -23,6 +23,7 @@ VAE_SCALING_FACTOR = 0.18215
 
 architecture = common.dit_architecture
 expected_shapes = common.dit_shapes
+check = common.check_dit_table
 
 
 def params(tensors, arch: common.DiTArchitecture) -> dict:

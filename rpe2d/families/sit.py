@@ -35,6 +35,7 @@ VAE_SCALING_FACTOR = 0.18215
 
 architecture = common.dit_architecture
 expected_shapes = common.dit_shapes
+check = common.check_dit_table
 
 
 def fold_time_direction(kernel: np.ndarray, frequency_dim: int = 256) -> np.ndarray:

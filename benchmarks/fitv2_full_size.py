@@ -68,8 +68,7 @@ def check(args):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from rpe2d import importing, inference, positions, rope  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, str(REPO / 'tests'))
-  import fitv2_layout  # pylint: disable=g-import-not-at-top
+  from rpe2d.families import fitv2  # pylint: disable=g-import-not-at-top
   out = pathlib.Path(args.out)
   workdir = out / 'run'
   if workdir.exists():
@@ -82,13 +81,13 @@ def check(args):
   run = inference.load_run(workdir)
   saved = np.load(out / 'forward.npz')
   for name, ((h, w), interpolation, decouple) in CASES.items():
-    x = fitv2_layout.to_image(saved[f'{name}_x'], h, w)
+    x = fitv2.latents_from_tokens(saved[f'{name}_x'], 2 * h, 2 * w)
     encoding = rope.Encoding(**(rope.fit_interpolation(interpolation, decouple)
                                 if interpolation != 'no' else {}))
     apply = jax.jit(lambda p, *a, encoding=encoding: run.model.apply(p, *a, encoding=encoding))
     v = apply(run.params, jnp.asarray(x), 1.0 - jnp.asarray(saved[f'{name}_t']),
               jnp.asarray(saved[f'{name}_y']), positions.grid(h, w, 2))
-    error = np.abs(-fitv2_layout.to_tokens(np.asarray(v), h, w) - saved[f'{name}_out']).max()
+    error = np.abs(-fitv2.tokens_from_latents(np.asarray(v)) - saved[f'{name}_out']).max()
     print(f'forward {name}: max abs error {error:.2e} (|out| up to '
           f'{np.abs(saved[f"{name}_out"]).max():.2f})')
   print(f'peak RSS of the process: '

@@ -170,8 +170,8 @@ def full_adaln(c, width: int, rank: int):
 
 def lora_adaln(c, width: int, rank: int):
   """adaLN-LoRA (FiTv2): a rank-r bottleneck per block, SiLU -> Linear(width -> r) ->
-  Linear(r -> 6 width), the second zero-initialised. The model adds one shared full-rank adaLN
-  (`DiT.global_adaLN`) to it."""
+  Linear(r -> 6 width), the second zero-initialised. The model adds one full-rank adaLN shared by
+  every block (its `global_adaLN` layer) to it."""
   h = dense(rank, kernel_init=nn.initializers.xavier_uniform(), name='adaLN_down')(nn.silu(c))
   return dense(6 * width, kernel_init=nn.initializers.zeros, name='adaLN_up')(h)
 

@@ -20,8 +20,9 @@ from rpe2d.evaluation import inception, sweep
 
 _RUNS = flags.DEFINE_list('runs', None, 'Training run directories.', required=True)
 _RESOLUTIONS = flags.DEFINE_list('resolutions', None, 'Sizes: 64 (square) or HxW.', required=True)
-_METHODS = flags.DEFINE_list('methods', list(sweep.METHODS),
-                             'Methods; position rules apply to RPE-2D runs only.')
+_METHODS = flags.DEFINE_list('methods', list(sweep.DEFAULT_METHODS),
+                             "Methods; position rules apply to RPE-2D runs only; FiT's settings "
+                             'as fit-<interpolation>[-decouple].')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 1000, 'Generated images per cell.')
 _NUM_REFERENCE = flags.DEFINE_integer('num_reference', 0, 'Reference images (0: the whole split).')
 _SPLIT = flags.DEFINE_string('split', 'test', 'The held-out split the reference is made from.')
@@ -39,6 +40,8 @@ _INCEPTION_BATCH_SIZE = flags.DEFINE_integer('inception_batch_size', 50,
 _STEPS = flags.DEFINE_integer('steps', None, "Sampler steps (default: each run's config).")
 _CFG_SCALE = flags.DEFINE_float('cfg_scale', None, "Guidance scale (default: each run's config).")
 _SAMPLER = flags.DEFINE_enum('sampler', None, list(sampler.SAMPLERS), 'ODE solver.')
+_CFG_CHANNELS = flags.DEFINE_integer('cfg_channels', None, "Guide only the first k channels "
+                                     "(0: all; default: each run's config).")
 _NOEMA = flags.DEFINE_bool('noema', False, 'Use the raw weights instead of the EMA weights.')
 
 
@@ -51,7 +54,8 @@ def main(argv):
                         (_INCEPTION_BATCH_SIZE, checks.positive_int),
                         (_NUM_REFERENCE, checks.non_negative_int),
                         (_STEPS, config_lib.FIELDS['sampling.steps'].check),
-                        (_CFG_SCALE, config_lib.FIELDS['sampling.cfg_scale'].check)):
+                        (_CFG_SCALE, config_lib.FIELDS['sampling.cfg_scale'].check),
+                        (_CFG_CHANNELS, config_lib.FIELDS['sampling.cfg_channels'].check)):
       if flag.value is not None:
         check(f'--{flag.name}', flag.value)
     for method in _METHODS.value:
@@ -64,7 +68,8 @@ def main(argv):
         _RESOLUTIONS.value, {(run.model.patch_size, inference.downsampling(run)) for run in runs})
     npz_references = sweep.parse_reference_npz(_REFERENCE_NPZ.value)
     overrides = {k: v for k, v in (('steps', _STEPS.value), ('cfg_scale', _CFG_SCALE.value),
-                                   ('sampler', _SAMPLER.value)) if v is not None}
+                                   ('sampler', _SAMPLER.value),
+                                   ('cfg_channels', _CFG_CHANNELS.value)) if v is not None}
     cells = sweep.plan_cells(runs, names, resolutions, _METHODS.value, overrides)
     sweep.check_inputs(runs, resolutions, num_samples=_NUM_SAMPLES.value,
                        num_reference=_NUM_REFERENCE.value or None, split=_SPLIT.value,

@@ -57,6 +57,8 @@ _POSITIONS = flags.DEFINE_enum('positions', None, list(positions.INFERENCE_RULES
                                'Inference position rule, RPE-2D models only.')
 _ATTENTION_SCALE = flags.DEFINE_enum('attention_scale', None, list(rope.ATTENTION_SCALES),
                                      'Attention logit scale for more tokens.')
+_AXIS_SCALE = flags.DEFINE_enum('axis_scale', None, list(rope.AXIS_SCALES),
+                                'Extrapolation scale per axis, or the larger for both (shared).')
 _TIME_SHIFT = flags.DEFINE_float('time_shift', None, "Fixed time shift a (1: none).")
 _TIME_SHIFT_BY_RESOLUTION = flags.DEFINE_bool('time_shift_by_resolution', None,
                                               'Multiply the shift by sqrt(N_test / N_train).')
@@ -64,6 +66,8 @@ _SAMPLER = flags.DEFINE_enum('sampler', None, list(sampler.SAMPLERS), 'ODE solve
 _STEPS = flags.DEFINE_integer('steps', None, 'Solver steps.')
 _CFG_SCALE = flags.DEFINE_float('cfg_scale', None, 'Classifier-free guidance scale (1: none).')
 _CFG_INTERVAL = flags.DEFINE_string('cfg_interval', None, 'low,high: guide only for t inside.')
+_CFG_CHANNELS = flags.DEFINE_integer('cfg_channels', None, 'Guide only the first k channels, the '
+                                     'rest conditional (0: all; 3: DiT/SiT published numbers).')
 _ATTENTION = flags.DEFINE_enum('attention', None, list(attention.KERNELS),
                                "Attention kernel (default: the run's); chunked for grids whose "
                                'full attention matrix does not fit in memory.')
@@ -71,6 +75,7 @@ _ATTENTION = flags.DEFINE_enum('attention', None, list(attention.KERNELS),
 
 # Numeric flags and the config fields whose ranges they share.
 _FLAG_FIELDS = ((_TIME_SHIFT, 'sampling.time_shift'), (_CFG_SCALE, 'sampling.cfg_scale'),
+                (_CFG_CHANNELS, 'sampling.cfg_channels'),
                 (_STEPS, 'sampling.steps'), (_DYPE_LAMBDA_S, 'encoding.dype_lambda_s'),
                 (_DYPE_LAMBDA_T, 'encoding.dype_lambda_t'))
 
@@ -96,13 +101,15 @@ def plan_from_flags(run) -> sampler.SamplingPlan:
   for flag, field in ((_EXTRAPOLATION, 'extrapolation'), (_YARN_FORM, 'yarn_form'),
                       (_TEMPERATURE, 'temperature'), (_DYPE, 'dype'), (_TASR_FORM, 'tasr_form'),
                       (_DYPE_LAMBDA_S, 'dype_lambda_s'), (_DYPE_LAMBDA_T, 'dype_lambda_t'),
-                      (_DYPE_VARIANT, 'dype_variant'), (_ATTENTION_SCALE, 'attention_scale')):
+                      (_DYPE_VARIANT, 'dype_variant'), (_ATTENTION_SCALE, 'attention_scale'),
+                      (_AXIS_SCALE, 'axis_scale')):
     if flag.value is not None:
       encoding[field] = flag.value
   plan = {'encoding': config_lib.encoding(config, **encoding)}
   for flag, field in ((_POSITIONS, 'positions'), (_TIME_SHIFT, 'time_shift'),
                       (_TIME_SHIFT_BY_RESOLUTION, 'time_shift_by_resolution'),
-                      (_SAMPLER, 'sampler'), (_STEPS, 'steps'), (_CFG_SCALE, 'cfg_scale')):
+                      (_SAMPLER, 'sampler'), (_STEPS, 'steps'), (_CFG_SCALE, 'cfg_scale'),
+                      (_CFG_CHANNELS, 'cfg_channels')):
     if flag.value is not None:
       plan[field] = flag.value
   if _CFG_INTERVAL.value is not None:

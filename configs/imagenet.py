@@ -65,7 +65,7 @@ def get_config(arg='B,256,rpe2d'):
   config.data.augment = 'auto' if positions == 'rpe2d' else 'center_crop_flip'  # auto: the crop
 
   config.model.dtype = 'bfloat16'
-  config.model.qk_norm = True
+  config.model.qk_norm = 'rmsnorm'
   config.model.attention_implementation = 'xla'   # 'cudnn' on NVIDIA GPUs
 
   grid = resolution // patch

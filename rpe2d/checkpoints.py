@@ -92,6 +92,28 @@ def save(mngr, step: int, state, data_iterator, config, *, force: bool = False) 
     raise _save_error(mngr, step, e) from e
 
 
+def save_weights(workdir, step: int, weights, config) -> None:
+  """Writes a checkpoint of weights alone at `step`: {'step', 'params', 'ema_params'} (no optimizer
+  or data iterator state), with the run's config and manifest, and waits for it. An imported
+  model's run directory (rpe2d.importing) is this: everything that reads weights
+  (restore_weights: sample.py, evaluate.py, init_from) reads it; resuming it is refused
+  (`holds_training_state`)."""
+  mngr = manager(workdir, config)
+  args = ocp.args.Composite(state=ocp.args.StandardSave(weights),
+                            config=ocp.args.JsonSave(config.to_dict()))
+  try:
+    mngr.save(step, args=args, force=True)
+  except Exception as e:  # orbax and tensorstore raise many types for one disk-full
+    raise _save_error(mngr, step, e) from e
+  close(mngr, step)
+
+
+def holds_training_state(step_dir) -> bool:
+  """Whether a checkpoint can resume training (it has the data iterator's state): not one written
+  by save_weights."""
+  return (pathlib.Path(step_dir) / 'data').is_dir()
+
+
 def wait(mngr, step: int | None) -> None:
   """Waits for the save of `step` in flight; if it failed, raises CheckpointError naming it."""
   try:
@@ -298,13 +320,21 @@ def find_step_dir(source) -> pathlib.Path:
 
 
 def check_init_from(source, config) -> pathlib.Path:
-  """The step directory init_from names, refused before compiling if its model differs."""
+  """The step directory init_from names, refused before compiling if its model differs.
+
+  One difference is allowed: micro-conditioning turned on over a model without it (RPE-2D
+  fine-tuning from a grid-trained run or an import). Its crop embedder is new; its output layer
+  starts at zero, so the model starts out computing what the weights it loads computed.
+  """
   try:
     step_dir = find_step_dir(source)
   except FileNotFoundError as e:
     raise FileNotFoundError(f'init_from={e}') from None
   saved = rundir.RunDir(step_dir.parent.parent).read_config()
-  differences = [] if saved is None else rundir.differing_keys(saved, config, rundir.MODEL_KEYS)
+  keys = rundir.MODEL_KEYS
+  if saved is not None and not saved.model.micro_conditioning and config.model.micro_conditioning:
+    keys = tuple(k for k in keys if k != 'model.micro_conditioning')
+  differences = [] if saved is None else rundir.differing_keys(saved, config, keys)
   if differences:
     raise ValueError(f'init_from={source} holds weights of another model; differing keys:\n  '
                      + '\n  '.join(differences))

@@ -31,7 +31,9 @@ from rpe2d import config as config_lib, files
 # or lend its weights, with different values.
 INCOMPATIBLE_KEYS = (
     'model.variant', 'model.position_embedding', 'model.qk_norm', 'model.micro_conditioning',
-    'model.mlp_ratio', 'data.name', 'data.image_size', 'data.channels', 'data.num_classes',
+    'model.mlp_ratio', 'model.mlp', 'model.norm', 'model.adaln', 'model.adaln_rank',
+    'model.prediction', 'model.time_scale', 'model.sincos_order', 'model.learned_variance',
+    'data.name', 'data.image_size', 'data.channels', 'data.num_classes',
     'data.image_dir',
 )
 # What init_from needs to agree on: the weights' shapes and the label ids.

@@ -32,6 +32,10 @@ def preflight(config, run: rundir.RunDir):
   config, the workdir's saved config (None for a new run), init_from's step directory and a
   latent run's VAE."""
   built = config_lib.validate(config)
+  if config.model.prediction != 'velocity':
+    raise ValueError(f'model.prediction={config.model.prediction!r}: training fits velocity models '
+                     "(flow matching); an imported DiT ('ddpm_epsilon') samples, but does not "
+                     'train here')
   checkpoints.check_retention(config)
   vae = record_latents(config) if inference.is_latent(config) else None
   devices = jax.device_count()
@@ -41,6 +45,13 @@ def preflight(config, run: rundir.RunDir):
   if devices % config.mesh.fsdp:
     raise ValueError(f'mesh.fsdp={config.mesh.fsdp} must divide the {devices} devices')
   created = run.check_writable()
+  newest = checkpoints.steps(run.checkpoints)
+  newest = run.checkpoints / str(newest[-1]) if newest else None
+  # An intact checkpoint without the data order: weights only, which convert.py writes.
+  if newest and not checkpoints.holds_training_state(newest) and not checkpoints.damage(newest):
+    raise ValueError(f'workdir {run.root} holds weights only (an import by convert.py): there is '
+                     'no training to resume; fine-tune from it into a new workdir with '
+                     f'--config.init_from={run.root}')
   try:
     saved_config = rundir.check_compatible(run, config)
     init_dir = checkpoints.check_init_from(config.init_from, config) if config.init_from else None
@@ -310,6 +321,25 @@ def describe(config, built, trainer, run: rundir.RunDir, step: int) -> str:
   return '\n'.join(lines)
 
 
+def start_from(trainer, state, init_dir, config) -> training.TrainState:
+  """The fresh state with init_from's weights (params and EMA) in place of the initial ones.
+  Modules the init_from model lacks (the crop embedder, when micro-conditioning is new:
+  checkpoints.check_init_from) keep their initial values, and the message names them."""
+  saved_config = rundir.RunDir(init_dir.parent.parent).read_config()
+  saved_model = trainer.model if saved_config is None else config_lib.build_model(saved_config)
+  abstract = training.abstract_saved_params(saved_model, trainer.mesh)
+  weights = checkpoints.restore_weights(init_dir, abstract)
+  fresh = trainer.to_saved(state)
+  new = sorted(set(fresh.params['params']) - set(weights['params']['params']))
+  merged = {name: {'params': {**getattr(fresh, name)['params'], **weights[name]['params']}}
+            for name in ('params', 'ema_params')}
+  state = state.replace(**trainer.from_saved(merged))
+  print(f'Starting from the weights in {config.init_from} (fresh optimizer, step 0)'
+        + (f'; new in this model, initialised here: {", ".join(new)} (a zero output layer: the '
+           'model starts out computing what the loaded one did)' if new else ''), flush=True)
+  return state
+
+
 def _sizes(config) -> str:
   return ', '.join(f'{h}x{w}' for h, w in config.sampling.resolutions)
 
@@ -359,10 +389,7 @@ def _train(config, run: rundir.RunDir, preemption: Preemption) -> training.Train
   else:
     state = trainer.init_state()
     if init_dir is not None:
-      weights = checkpoints.restore_weights(init_dir, abstract_state.params)
-      state = state.replace(**trainer.from_saved(weights))
-      print(f'Starting from the weights in {config.init_from} (fresh optimizer, step 0)',
-            flush=True)
+      state = start_from(trainer, state, init_dir, config)
   run.truncate_logs(int(state.step))
   run.write_config(config)
 

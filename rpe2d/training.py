@@ -141,6 +141,15 @@ def create_state(model, optimizer, key) -> TrainState:
                     opt_state=optimizer.init(params), ema_params=params)
 
 
+def abstract_saved_params(model, mesh):
+  """A model's parameters as a checkpoint holds them (per-block layout), as jax.ShapeDtypeStruct
+  leaves sharded for `mesh` like a Trainer's: for restoring another model's weights."""
+  abstract = jax.eval_shape(lambda key: model_lib.unstack_blocks(init_params(model, key)),
+                            jax.random.key(0))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, state_sharding(abstract, mesh))
+
+
 def train_positions(model, plan: TrainingPlan, key, batch: int):
   """(batch, h0*w0, 2) positions of one training batch
   (docs/methods.md#rpe-2d-training-positions)."""

@@ -61,6 +61,20 @@ def test_canonical_plan_merges_exactly_the_no_op_methods(micro_model):
     assert sampler.canonical_plan(micro_model, plan, 16, 12).positions == rule
 
 
+def test_fit_methods_set_every_field_of_their_encoding(micro_model):
+  """fit-<name>[-decouple] is FiT's sampler option whatever the run's own encoding says."""
+  config = config_lib.base()
+  config.encoding.update(yarn_form='paper', attention_scale='log_n', axis_scale='shared',
+                         temperature='logits', dype=True, extrapolation='ntk')
+  assert sweep.method_plan(config, 'fit-yarn-decouple').encoding == rope.Encoding(
+      'yarn', yarn_form='index', temperature='rope_max', axis_scale='per_axis')
+  ntkpro2 = sweep.method_plan(config, 'FiT-ntkpro2')
+  assert ntkpro2.encoding == rope.Encoding('ntk', attention_scale='fit_tokens', axis_scale='shared')
+  # FiT's attention scale is not 1 at the native size: never merged with 'none' there.
+  assert sampler.canonical_plan(micro_model, ntkpro2, 8, 8) == ntkpro2
+  assert 'fit-linear' in sweep.METHODS and 'fit-linear' not in sweep.DEFAULT_METHODS
+
+
 def test_resize():
   images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 1), dtype=np.uint8)
   up = sweep.resize(images, 16, 24, 'nearest')

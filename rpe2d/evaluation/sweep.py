@@ -4,6 +4,9 @@
 
   none | pi | ntk | yarn | tasr      static extrapolation (docs/methods.md#encodings)
   dy-pi | dy-ntk | dy-yarn           DyPE (docs/methods.md#dype)
+  fit-<name>[-decouple]              FiT's sampler's --interpolation <name> [--decouple], name one
+                                     of linear, dynntk, partntk, yarn, ntkpro1, ntkpro2
+                                     (docs/methods.md#fits-options)
   uniform | contiguous | random      an RPE-2D inference position rule, no extrapolation
   <method>@<rule>                    both, e.g. dy-yarn@contiguous
 
@@ -41,8 +44,12 @@ from rpe2d.evaluation import metrics
 EXTRAPOLATIONS = {
     **{name: dict(extrapolation=name) for name in rope.EXTRAPOLATIONS},
     **{f'dy-{name}': dict(extrapolation=name, dype=True) for name in rope.DYPE_EXTRAPOLATIONS},
+    **{f'fit-{name}' + ('-decouple' if decouple else ''): rope.fit_interpolation(name, decouple)
+       for name in rope.FIT_INTERPOLATIONS for decouple in (False, True)},
 }
 METHODS = tuple(EXTRAPOLATIONS) + positions.INFERENCE_RULES
+# What evaluate.py sweeps unless told: rpe2d's own methods, not FiT's settings (named on request).
+DEFAULT_METHODS = tuple(m for m in METHODS if not m.startswith('fit-'))
 RESIZE_FILTERS = {'nearest': Image.Resampling.NEAREST, 'box': Image.Resampling.BOX,
                   'bilinear': Image.Resampling.BILINEAR, 'bicubic': Image.Resampling.BICUBIC,
                   'lanczos': Image.Resampling.LANCZOS}

@@ -1,0 +1,173 @@
+"""A public checkpoint imported as an rpe2d run directory: what convert.py calls
+(docs/methods.md#importing-checkpoints).
+
+  imported = importing.convert('sit', 'SiT-XL-2-256x256.pt', vae='sd-vae-ft-ema',
+                               workdir='runs/sit_xl_256')
+
+The run directory holds `config.json` (the model's rpe2d config: its family's model fields, the
+latent data on the given VAE, the published sampling settings, and where the weights came from
+under `imported.*`) and one checkpoint, `checkpoints/0/`, written by rpe2d's own checkpoint code
+(manifest and damage checks included) with `params` and `ema_params` both the imported weights
+and no optimizer or data state: it holds weights, which is what `sample.py`, `evaluate.py`,
+`inference.load_run` and `train.py --config.init_from=` read. Resuming training in it is refused.
+
+Every bad input is one line before anything is written: an unknown family, a workdir that already
+holds a run, a missing VAE or one whose latents are not the family's (channels, scaling factor),
+a file that is not a checkpoint (or is cut short, or wraps its state dicts without --unwrap, or
+pickles a global outside the allow-list: rpe2d.tensor_files), and a state dict that is not the
+family's (every missing, unexpected and misshapen key in one message).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import shutil
+import time
+
+import jax
+import numpy as np
+
+from rpe2d import autoencoder_weights, checkpoints, config as config_lib, families, rundir
+from rpe2d import tensor_files, training
+from rpe2d.families import common
+
+
+@dataclasses.dataclass(frozen=True)
+class Imported:
+  """What convert wrote and where it came from."""
+  workdir: pathlib.Path
+  config: object
+  family: str
+  arch: object
+  weights: tensor_files.TensorFile
+  known: str              # the public file it is, by sha256 ('' when its hash is not known)
+  parameters: int
+  seconds: float
+
+
+def _vae(path) -> tuple[pathlib.Path, autoencoder_weights.Loaded]:
+  """(the file, the VAE) the latents come from, read and checked (names, shapes) by
+  rpe2d.autoencoder_weights; a folder means its diffusers weights file."""
+  file = pathlib.Path(path).expanduser()
+  if file.is_dir():
+    file = file / autoencoder_weights.WEIGHTS_NAME
+  if not file.is_file():
+    raise FileNotFoundError(f'--vae={path}: no such file {file} (the diffusers VAE folder, e.g. '
+                            f'sd-vae-ft-ema, or its {autoencoder_weights.WEIGHTS_NAME})')
+  try:
+    return file.resolve(), autoencoder_weights.load(file)
+  except ValueError as e:
+    raise ValueError(f'--vae={path}: {e}') from None
+
+
+def _check_vae(vae: autoencoder_weights.Loaded, family, arch, path) -> None:
+  """The VAE must make the latents the model was trained on."""
+  c = vae.config
+  if c.latent_channels != arch.channels:
+    raise ValueError(f'--vae={path} makes {c.latent_channels}-channel latents; this {family.NAME} '
+                     f'model takes {arch.channels} (its VAE: an SD VAE, e.g. sd-vae-ft-ema)')
+  if not math.isclose(c.scaling_factor, family.VAE_SCALING_FACTOR) or c.shift_factor:
+    raise ValueError(f'--vae={path} scales latents by {c.scaling_factor} (shift '
+                     f'{c.shift_factor}); {family.NAME} was trained on latents scaled by '
+                     f'{family.VAE_SCALING_FACTOR} without a shift (an SD VAE, e.g. sd-vae-ft-ema)')
+
+
+def _tree_shapes(tree) -> dict:
+  return {jax.tree_util.keystr(path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def convert(family: str, weights, *, vae, workdir, unwrap: str | None = None,
+            log=print) -> Imported:
+  """Imports `weights` (a torch or safetensors file) of `family` as the run directory `workdir`.
+
+  Raises ValueError, FileNotFoundError or pickle.UnpicklingError naming the bad input before
+  anything is written; checkpoints.CheckpointError if writing fails (then nothing is kept).
+  """
+  began = time.perf_counter()
+  if family not in families.FAMILIES:
+    raise ValueError(f'--family={family!r} is not a known checkpoint family; allowed: '
+                     f'{", ".join(families.FAMILIES)}')
+  module = families.FAMILIES[family]
+  run = rundir.RunDir(workdir)
+  if run.config_path.exists() or run.checkpoints.exists():
+    raise ValueError(f'--workdir={workdir} already holds a run ({run.config_path.name} or '
+                     'checkpoints/); an import never overwrites one: choose a new directory')
+  if not pathlib.Path(weights).is_file():
+    raise FileNotFoundError(f'--weights={weights}: no such file')
+  vae_file, loaded_vae = _vae(vae)
+  file = tensor_files.read_tensors(weights, unwrap=unwrap)
+  matched = families.match(family, {k: v.shape for k, v in file.tensors.items()},
+                           source=str(weights))
+  arch = matched.arch
+  _check_vae(loaded_vae, module, arch, vae)
+  try:
+    module.check(file.tensors, arch)
+  except ValueError as e:
+    raise ValueError(f'{weights}: {e}') from None
+
+  config = matched.config
+  size = arch.latent_size * loaded_vae.config.downsampling
+  d = config.data
+  d.vae_path = str(vae_file)
+  d.vae_sha256 = loaded_vae.sha256
+  d.source_image_size = size
+  config.sampling.resolutions = ((size, size), (2 * size, 2 * size))
+  known = module.KNOWN_FILES.get(file.sha256, '')
+  i = config.imported
+  i.family, i.weights, i.sha256, i.known = family, str(file.path.resolve()), file.sha256, known
+  i.unwrapped = unwrap if file.unwrapped else ''
+
+  model = config_lib.build_model(config)
+  params = module.params(file.tensors, arch)
+  expected = _tree_shapes(jax.eval_shape(lambda key: training.init_params(model, key),
+                                         jax.random.key(0)))
+  if _tree_shapes(params) != expected:  # the family's mapping disagrees with the model: a bug
+    raise AssertionError(f'{family} mapping gives {_tree_shapes(params)}, the model has {expected}')
+
+  created = run.check_writable()
+  run.lock()
+  try:
+    state = {'step': np.asarray(0, np.int32), 'params': params, 'ema_params': params}
+    checkpoints.save_weights(run.root, 0, state, config)
+    run.write_config(config)
+  except BaseException:
+    # Nothing half-written stays: the checkpoint and config.json go, and the workdir if this
+    # call made it.
+    shutil.rmtree(run.checkpoints, ignore_errors=True)
+    run.config_path.unlink(missing_ok=True)
+    run.discard(created)
+    raise
+  run.unlock()
+  count = sum(int(np.prod(s)) for s in expected.values())
+  imported = Imported(workdir=run.root, config=config, family=family, arch=arch, weights=file,
+                      known=known, parameters=count, seconds=time.perf_counter() - began)
+  log(describe(imported))
+  return imported
+
+
+def describe(imported: Imported) -> str:
+  """What was imported from where, in a few lines (convert.py prints it)."""
+  c, f = imported.config, imported.weights
+  (h, w), encoding = config_lib.train_grid(c), c.model.position_embedding
+  positions = {'sincos': 'sin-cos', 'rope': '2D RoPE'}.get(encoding, encoding)
+  known = (f'it is {imported.known}' if imported.known else
+           'not a known public file (no sha256 of the published files is recorded)')
+  lines = [
+      f'imported  {f.path} as {imported.family}: {f.format}, {len(f.tensors)} tensors'
+      + (f', {f.unwrapped}' if f.unwrapped else ''),
+      f'sha256    {f.sha256} ({known})',
+      f'model     {c.model.variant}, {imported.parameters / 1e6:.2f} M parameters, '
+      f'prediction {c.model.prediction}, {positions} on its {h}x{w} token grid',
+      f'VAE       {c.data.vae_path} (sha256 {c.data.vae_sha256[:16]}...), latents '
+      f'{c.data.image_size}x{c.data.image_size}x{c.data.channels} of '
+      f'{c.data.source_image_size}x{c.data.source_image_size} images',
+      f'sampling  {c.sampling.sampler} x {c.sampling.steps}, cfg {c.sampling.cfg_scale} on '
+      f'{c.sampling.cfg_channels or "all"} channels',
+      f'wrote     {imported.workdir}/config.json and checkpoints/0 (params = ema_params = these '
+      f'weights) in {imported.seconds:.1f} s',
+      f'sample    python sample.py --workdir={imported.workdir}',
+  ]
+  return '\n'.join(lines)

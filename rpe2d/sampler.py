@@ -141,18 +141,21 @@ def guided_velocity(apply_fn, params, x, t, labels, positions, crop, *, null_cla
 
 
 def sample(model, params, key, labels, *, height: int, width: int, plan: SamplingPlan,
-           indices=None, crop=None, channels: int | None = None):
+           indices=None, crop=None, channels: int | None = None, noise=None):
   """Draws images (batch, height, width, C) in roughly [-1, 1] for the given labels.
 
   indices: the global index of each example (defaults to 0..batch-1); keys derive from it.
+  noise: the standard normal draw to start from (batch, height, width, C) instead of the keys'
+  (for comparisons with other code).
   """
   batch = labels.shape[0]
   channels = channels or model.channels
   if indices is None:
     indices = jnp.arange(batch)
   noise_key, position_key = jax.random.split(key)
-  noise = jax.vmap(lambda k: jax.random.normal(k, (height, width, channels)))(
-      example_keys(noise_key, indices))
+  if noise is None:
+    noise = jax.vmap(lambda k: jax.random.normal(k, (height, width, channels)))(
+        example_keys(noise_key, indices))
   positions = sampling_positions(model, plan, height, width, example_keys(position_key, indices))
   geometry = model.geometry(height, width)
   shift = plan.time_shift

@@ -51,7 +51,7 @@ class Imported:
   seconds: float
 
 
-# What a family's VAE is when it does not say (families/__init__.py): the SD VAE, scaled by a factor.
+# A family's VAE when it does not name one (families/__init__.py): the SD VAE, scaled by a factor.
 SD_VAE = 'an SD VAE, e.g. sd-vae-ft-ema'
 
 

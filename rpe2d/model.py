@@ -407,7 +407,8 @@ class DiT(nn.Module):
     modulation = dense(2 * width, kernel_init=nn.initializers.zeros,
                        name='final_adaLN')(nn.silu(c))                      # (batch, 2 width)
     shift, scale = jnp.split(modulation, 2, axis=-1)
-    tokens = modulate(NORMS[self.norm](name='final_norm')(tokens), shift, scale)  # (batch, N, width)
+    tokens = NORMS[self.norm](name='final_norm')(tokens)                 # (batch, N, width)
+    tokens = modulate(tokens, shift, scale)                                # (batch, N, width)
     outputs = 2 * channels if self.learned_variance else channels
     out = dense(patch * patch * outputs, dtype=dtype, kernel_init=nn.initializers.zeros,
                 name='final_proj')(tokens)                                 # float32 (batch, N, p p C')

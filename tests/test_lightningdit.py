@@ -149,13 +149,30 @@ def test_the_sin_cos_rules_and_the_rope_layout_matter(run, forwards):
   # random model the table weighs far more than RoPE's positions).
   assert np.abs(ours['pi_native_table'] - saved['out24_pi']).max() > 1e-1
   assert np.abs(ours['pi_native_table'] - saved['out24_none']).max() > 1e-3
+  def tables(grid_size, t, encodings):
+    grid, geometry = positions.grid(grid_size, grid_size, 2), run.model.geometry(
+        grid_size, grid_size)
+    return [rope.sincos_embedding(grid, t, width=80, geometry=geometry, encoding=e, order='xy')
+            for e in encodings]
+
+  @jax.jit
+  def all_tables():
+    native = tables(16, jnp.zeros(2), [rope.Encoding(extrapolation='pi', sincos=rule)
+                                       for rule in rope.SINCOS_RULES])
+    dype = rope.Encoding(extrapolation='yarn', dype=True)
+    timed = [tables(24, jnp.full((2,), t), [dype, rope.Encoding(extrapolation='yarn'),
+                                            rope.Encoding()]) for t in (0.0, 1.0)]
+    return native, timed
+
+  native, ((dype_0, _, none_0), (dype_1, yarn_1, none_1)) = all_tables()
   # At the native grid every rule gives the native table.
-  grid, geometry = positions.grid(16, 16, 1), run.model.geometry(16, 16)
-  tables = [rope.sincos_embedding(grid, jnp.zeros(1), width=80, geometry=geometry, order='xy',
-                                  encoding=rope.Encoding(extrapolation='pi', sincos=rule))
-            for rule in rope.SINCOS_RULES]
-  for table in tables[1:]:
-    np.testing.assert_allclose(table, tables[0], atol=1e-6)
+  for table in native[1:]:
+    np.testing.assert_allclose(table, native[0], atol=1e-6)
+  # With DyPE the table follows the method's time dependence, as RoPE does: native positions and
+  # frequencies at t = 0 (data), static YaRN's at t = 1 (noise).
+  np.testing.assert_allclose(dype_0, none_0, atol=1e-6)
+  np.testing.assert_allclose(dype_1, yarn_1, atol=1e-6)
+  assert np.abs(dype_1 - none_1).max() > 1e-2
 
 
 @pytest.mark.usefixtures('optimised_xla')

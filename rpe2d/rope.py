@@ -397,9 +397,11 @@ def apply_rope(x, rotation_table):
 def _interpolated_sincos(positions, *, dim: int, base: float, tokens: int, length: int):
   """One axis of the native table (integer positions 0..L-1) resized linearly from L to n entries
   at the tokens' positions: source coordinate clip((m + 0.5) L / n - 0.5, 0, L - 1), as torch's
-  bilinear interpolation with align_corners=False places it. positions (batch, N) ->
+  bilinear interpolation with align_corners=False places it; the native table when n <= L (like
+  every method, only beyond the trained range: docs/methods.md#scale). positions (batch, N) ->
   ([sin, cos] features (batch, N, dim/2) each)."""
-  source = jnp.clip((positions + 0.5) * (length / tokens) - 0.5, 0.0, length - 1.0)
+  ratio = length / max(tokens, length)
+  source = jnp.clip((positions + 0.5) * ratio - 0.5, 0.0, length - 1.0)
   low = jnp.floor(source)
   high = jnp.minimum(low + 1.0, length - 1.0)
   weight = (source - low)[..., None]                                    # (batch, N, 1)

@@ -232,12 +232,13 @@ def config_from_ldm_shapes(shapes: Mapping[str, tuple], *, norm_num_groups: int 
         levels[level] = tuple(shape)[0]
   anchors = ('encoder.conv_in.weight', 'decoder.conv_out.weight', 'post_quant_conv.weight',
              'quant_conv.weight')
-  missing = [k for k in anchors if k not in shapes]
-  if missing or not levels or sorted(levels) != list(range(len(levels))):
-    found = sorted(levels)
-    raise ValueError(f'the architecture cannot be read from its shapes: it lacks '
-                     f'{", ".join(missing) or "nothing of the anchors"}, and has encoder levels '
-                     f'{found} (needed: encoder.down.<i>.block.0.conv1.weight for i = 0, 1, ...)')
+  problems = [f'it lacks {", ".join(k for k in anchors if k not in shapes)}'] if any(
+      k not in shapes for k in anchors) else []
+  if not levels or sorted(levels) != list(range(len(levels))):
+    problems.append(f'its encoder levels are {sorted(levels)} (read from '
+                    'encoder.down.<i>.block.0.conv1.weight, needed for i = 0, 1, ...)')
+  if problems:
+    raise ValueError('the architecture cannot be read from its shapes: ' + '; '.join(problems))
   per_level = {len(b) for b in blocks.values()}
   if len(per_level) != 1:
     raise ValueError(f'the encoder levels hold different numbers of blocks '

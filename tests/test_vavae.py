@@ -106,6 +106,11 @@ def test_the_full_size_architecture_is_the_preset_and_read_from_shapes():
   with pytest.raises(ValueError, match='norm_num_groups=32 does not divide every entry of '
                                        r'block_out_channels=\(8, 8, 16, 16, 32\)'):
     autoencoder_weights.config_from_ldm_shapes(tiny)
+  del tiny['encoder.conv_in.weight'], tiny['encoder.down.0.block.0.conv1.weight']
+  with pytest.raises(ValueError, match=r'cannot be read from its shapes: it lacks '
+                                       r'encoder.conv_in.weight; its encoder levels are '
+                                       r'\[1, 2, 3, 4\]'):
+    autoencoder_weights.config_from_ldm_shapes(tiny)
 
 
 def test_the_same_weights_in_diffusers_layout_load_the_same(loaded, tmp_path):

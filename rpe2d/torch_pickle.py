@@ -55,11 +55,14 @@ __all__ = [
     'TorchUnpickler',
     'NumpyOnlyUnpickler',
     'STATE_DICT_GLOBALS',
+    'record_class',
     'read',
     'state_dict',
+    'split_state_dict',
     'read_torchscript',
     'numpy_only_loads',
     'sniff',
+    'describe_head',
 ]
 
 # torch/serialization.py: the legacy format's first two pickles.

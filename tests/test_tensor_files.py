@@ -4,7 +4,8 @@ The torch files in tests/fixtures/torch_files/ were written by real torch.save /
 (tests/fixtures/make_torch_files.py, which also wrote the expected bits next to them); these tests
 need no torch. Files that torch cannot be made to write (crafted pickles, big-endian data, storage
 views of torch < 0.4, a 200 MB archive) are written here in torch's layout by `write_torch_zip` and
-`write_torch_legacy`, whose pickles name the same globals torch's do.
+`write_torch_legacy`, whose pickles name the same globals torch's do (torch 2.14.1's torch.load
+reads their files, big-endian and legacy storage views included, to the same values).
 """
 
 from __future__ import annotations

@@ -40,9 +40,27 @@ _INCEPTION_BATCH_SIZE = flags.DEFINE_integer('inception_batch_size', 50,
                                              'Images per Inception batch.')
 _STEPS = flags.DEFINE_integer('steps', None, "Sampler steps (default: each run's config).")
 _CFG_SCALE = flags.DEFINE_float('cfg_scale', None, "Guidance scale (default: each run's config).")
-_SAMPLER = flags.DEFINE_enum('sampler', None, list(sampler.SAMPLERS), 'ODE solver.')
+_SAMPLER = flags.DEFINE_enum('sampler', None, list(sampler.SAMPLERS),
+                             "euler, heun, dopri5 (ODE), euler_maruyama (SiT's SDE), ddpm (DiT's).")
 _CFG_CHANNELS = flags.DEFINE_integer('cfg_channels', None, "Guide only the first k channels "
                                      "(0: all; default: each run's config).")
+_ATOL = flags.DEFINE_float('atol', None, 'dopri5: absolute tolerance.')
+_RTOL = flags.DEFINE_float('rtol', None, 'dopri5: relative tolerance.')
+_MAX_STEPS = flags.DEFINE_integer('max_steps', None, 'dopri5: step attempts before it gives up.')
+_ADAPTIVE_STEP = flags.DEFINE_enum('adaptive_step', None, list(sampler.ADAPTIVE_STEPS),
+                                   'dopri5: a step size per example, or per batch (torchdiffeq).')
+_DIFFUSION_FORM = flags.DEFINE_enum('diffusion_form', None, list(sampler.DIFFUSION_FORMS),
+                                    'euler_maruyama: the diffusion coefficient.')
+_DIFFUSION_NORM = flags.DEFINE_float('diffusion_norm', None, 'euler_maruyama: its magnitude.')
+_LAST_STEP = flags.DEFINE_enum('last_step', None, list(sampler.LAST_STEPS),
+                               'euler_maruyama: the last step to t = 0.')
+_LAST_STEP_SIZE = flags.DEFINE_float('last_step_size', None, 'euler_maruyama: its size.')
+# Sampler flags: the plan field each overrides in every cell (numeric ones checked like the config).
+_PLAN_FLAGS = ((_STEPS, 'steps'), (_CFG_SCALE, 'cfg_scale'), (_SAMPLER, 'sampler'),
+               (_CFG_CHANNELS, 'cfg_channels'), (_ATOL, 'atol'), (_RTOL, 'rtol'),
+               (_MAX_STEPS, 'max_steps'), (_ADAPTIVE_STEP, 'adaptive_step'),
+               (_DIFFUSION_FORM, 'diffusion_form'), (_DIFFUSION_NORM, 'diffusion_norm'),
+               (_LAST_STEP, 'last_step'), (_LAST_STEP_SIZE, 'last_step_size'))
 _NOEMA = flags.DEFINE_bool('noema', False, 'Use the raw weights instead of the EMA weights.')
 
 
@@ -53,11 +71,12 @@ def main(argv):
   try:
     for flag, check in ((_SEED, checks.non_negative_int), (_BATCH_SIZE, checks.positive_int),
                         (_INCEPTION_BATCH_SIZE, checks.positive_int),
-                        (_NUM_REFERENCE, checks.non_negative_int),
-                        (_STEPS, config_lib.FIELDS['sampling.steps'].check),
-                        (_CFG_SCALE, config_lib.FIELDS['sampling.cfg_scale'].check),
-                        (_CFG_CHANNELS, config_lib.FIELDS['sampling.cfg_channels'].check)):
+                        (_NUM_REFERENCE, checks.non_negative_int)):
       if flag.value is not None:
+        check(f'--{flag.name}', flag.value)
+    for flag, field in _PLAN_FLAGS:
+      check = config_lib.FIELDS[f'sampling.{field}'].check
+      if flag.value is not None and check is not None:
         check(f'--{flag.name}', flag.value)
     for method in _METHODS.value:
       sweep.parse_method(method)
@@ -68,9 +87,7 @@ def main(argv):
     resolutions = sweep.parse_resolutions(
         _RESOLUTIONS.value, {(run.model.patch_size, inference.downsampling(run)) for run in runs})
     npz_references = sweep.parse_reference_npz(_REFERENCE_NPZ.value)
-    overrides = {k: v for k, v in (('steps', _STEPS.value), ('cfg_scale', _CFG_SCALE.value),
-                                   ('sampler', _SAMPLER.value),
-                                   ('cfg_channels', _CFG_CHANNELS.value)) if v is not None}
+    overrides = {field: flag.value for flag, field in _PLAN_FLAGS if flag.value is not None}
     cells = sweep.plan_cells(runs, names, resolutions, _METHODS.value, overrides)
     sweep.check_inputs(runs, resolutions, num_samples=_NUM_SAMPLES.value,
                        num_reference=_NUM_REFERENCE.value or None, split=_SPLIT.value,

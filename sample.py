@@ -4,9 +4,11 @@
   python sample.py --workdir=runs/default --resolution=128x128,64x128 --extrapolation=yarn --dype
   python sample.py --workdir=runs/default --resolution=96x96 --num_samples=1000 \
       --output=runs/default/eval.npz
+  python sample.py --workdir=runs/default --sampler=dopri5 --atol=1e-6 --rtol=1e-3
+  python sample.py --workdir=runs/default --sampler=euler_maruyama --steps=250
 
-Defaults (position rule, encoding, sampler, steps, CFG) come from the run's saved config; flags
-override them. Without --output the grids go to <workdir>/samples/sample_<step>_<H>x<W>.png; with
+Defaults (position rule, encoding, sampler and its settings, CFG) come from the run's saved config;
+flags override them. Without --output the grids go to <workdir>/samples/sample_<step>_<H>x<W>.png; with
 several resolutions an --output name gets a _<H>x<W> suffix per resolution. A method that changes
 nothing at a size (its tokens lie inside the trained range) is named in a note.
 
@@ -66,8 +68,22 @@ _SINCOS = flags.DEFINE_enum('sincos', None, list(rope.SINCOS_RULES),
 _TIME_SHIFT = flags.DEFINE_float('time_shift', None, "Fixed time shift a (1: none).")
 _TIME_SHIFT_BY_RESOLUTION = flags.DEFINE_bool('time_shift_by_resolution', None,
                                               'Multiply the shift by sqrt(N_test / N_train).')
-_SAMPLER = flags.DEFINE_enum('sampler', None, list(sampler.SAMPLERS), 'ODE solver.')
-_STEPS = flags.DEFINE_integer('steps', None, 'Solver steps.')
+_SAMPLER = flags.DEFINE_enum('sampler', None, list(sampler.SAMPLERS),
+                             'euler, heun: ODE, fixed steps; dopri5: ODE, adaptive; '
+                             "euler_maruyama: SiT's SDE; ddpm: DiT's ancestral sampler.")
+_STEPS = flags.DEFINE_integer('steps', None, "Solver steps (euler_maruyama: SiT's num_steps; "
+                              "ddpm: DiT's respaced steps).")
+_ATOL = flags.DEFINE_float('atol', None, 'dopri5: absolute tolerance.')
+_RTOL = flags.DEFINE_float('rtol', None, 'dopri5: relative tolerance.')
+_MAX_STEPS = flags.DEFINE_integer('max_steps', None, 'dopri5: step attempts before it gives up.')
+_ADAPTIVE_STEP = flags.DEFINE_enum('adaptive_step', None, list(sampler.ADAPTIVE_STEPS),
+                                   'dopri5: a step size per example, or per batch (torchdiffeq).')
+_DIFFUSION_FORM = flags.DEFINE_enum('diffusion_form', None, list(sampler.DIFFUSION_FORMS),
+                                    'euler_maruyama: the diffusion coefficient.')
+_DIFFUSION_NORM = flags.DEFINE_float('diffusion_norm', None, 'euler_maruyama: its magnitude.')
+_LAST_STEP = flags.DEFINE_enum('last_step', None, list(sampler.LAST_STEPS),
+                               'euler_maruyama: the last step to t = 0.')
+_LAST_STEP_SIZE = flags.DEFINE_float('last_step_size', None, 'euler_maruyama: its size.')
 _CFG_SCALE = flags.DEFINE_float('cfg_scale', None, 'Classifier-free guidance scale (1: none).')
 _CFG_INTERVAL = flags.DEFINE_string('cfg_interval', None, 'low,high: guide only for t inside.')
 _CFG_CHANNELS = flags.DEFINE_integer('cfg_channels', None, 'Guide only the first k channels, the '
@@ -81,7 +97,10 @@ _ATTENTION = flags.DEFINE_enum('attention', None, list(attention.KERNELS),
 _FLAG_FIELDS = ((_TIME_SHIFT, 'sampling.time_shift'), (_CFG_SCALE, 'sampling.cfg_scale'),
                 (_CFG_CHANNELS, 'sampling.cfg_channels'),
                 (_STEPS, 'sampling.steps'), (_DYPE_LAMBDA_S, 'encoding.dype_lambda_s'),
-                (_DYPE_LAMBDA_T, 'encoding.dype_lambda_t'))
+                (_DYPE_LAMBDA_T, 'encoding.dype_lambda_t'), (_ATOL, 'sampling.atol'),
+                (_RTOL, 'sampling.rtol'), (_MAX_STEPS, 'sampling.max_steps'),
+                (_DIFFUSION_NORM, 'sampling.diffusion_norm'),
+                (_LAST_STEP_SIZE, 'sampling.last_step_size'))
 
 
 def check_flags() -> None:
@@ -113,7 +132,10 @@ def plan_from_flags(run) -> sampler.SamplingPlan:
   for flag, field in ((_POSITIONS, 'positions'), (_TIME_SHIFT, 'time_shift'),
                       (_TIME_SHIFT_BY_RESOLUTION, 'time_shift_by_resolution'),
                       (_SAMPLER, 'sampler'), (_STEPS, 'steps'), (_CFG_SCALE, 'cfg_scale'),
-                      (_CFG_CHANNELS, 'cfg_channels')):
+                      (_CFG_CHANNELS, 'cfg_channels'), (_ATOL, 'atol'), (_RTOL, 'rtol'),
+                      (_MAX_STEPS, 'max_steps'), (_ADAPTIVE_STEP, 'adaptive_step'),
+                      (_DIFFUSION_FORM, 'diffusion_form'), (_DIFFUSION_NORM, 'diffusion_norm'),
+                      (_LAST_STEP, 'last_step'), (_LAST_STEP_SIZE, 'last_step_size')):
     if flag.value is not None:
       plan[field] = flag.value
   if _CFG_INTERVAL.value is not None:
@@ -209,7 +231,7 @@ def main(argv):
 
   print(f'{_WORKDIR.value}: step {run.step}, {"raw" if _NOEMA.value else "EMA"} weights; '
         f'positions={plan.positions}, extrapolation={plan.encoding.extrapolation}, '
-        f'dype={plan.encoding.dype}, sampler={plan.sampler}x{plan.steps}'
+        f'dype={plan.encoding.dype}, sampler={sampler.describe(plan)}'
         + (f'; decoded by the VAE {run.vae.sha256[:12]}' if run.vae else ''), flush=True)
   with cli.exit_on(cli.FAILED, inference.SamplingError):
     inference.write_samples(run, plan, resolutions, paths, labels, seed=_SEED.value,

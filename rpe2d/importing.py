@@ -45,7 +45,8 @@ class Imported:
   config: object
   family: str
   arch: object
-  weights: tensor_files.TensorFile
+  weights: tensor_files.TensorFile  # its tensors let go of once written (tensors: their count)
+  tensors: int
   known: str              # the public file it is, by sha256 ('' when its hash is not known)
   parameters: int
   seconds: float
@@ -153,6 +154,16 @@ def convert(family: str, weights, *, vae, workdir, unwrap: str | None = None,
                                          jax.random.key(0)))
   if _tree_shapes(params) != expected:  # the family's mapping disagrees with the model: a bug
     raise AssertionError(f'{family} mapping gives {_tree_shapes(params)}, the model has {expected}')
+  # The weights once, as jax arrays (orbax writes those with the fewest copies), each leaf moved
+  # as it is copied; then the file's mapping goes: the import needs about the weights' size in
+  # memory (benchmarks/import_full_size.py), not two or four times it.
+  tensors = len(file.tensors)
+  file = dataclasses.replace(file, tensors={})
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  del params
+  _move_to_jax(leaves)
+  params = jax.tree_util.tree_unflatten(treedef, leaves)
+  del leaves
 
   created = run.check_writable()
   run.lock()
@@ -170,9 +181,17 @@ def convert(family: str, weights, *, vae, workdir, unwrap: str | None = None,
   run.unlock()
   count = sum(int(np.prod(s)) for s in expected.values())
   imported = Imported(workdir=run.root, config=config, family=family, arch=arch, weights=file,
-                      known=known, parameters=count, seconds=time.perf_counter() - began)
+                      tensors=tensors, known=known, parameters=count,
+                      seconds=time.perf_counter() - began)
   log(describe(imported))
   return imported
+
+
+def _move_to_jax(leaves: list) -> None:
+  """Replaces each numpy array of `leaves` by a jax array of it, in place: each is copied (never
+  aliasing a view of a mapped file) and let go of before the next."""
+  for i in range(len(leaves)):
+    leaves[i] = jax.device_put(np.array(leaves[i], np.float32))
 
 
 def describe(imported: Imported) -> str:
@@ -182,9 +201,9 @@ def describe(imported: Imported) -> str:
   positions = {'sincos': 'sin-cos', 'rope': '2D RoPE',
                'rope+sincos': '2D RoPE and a sin-cos table'}.get(encoding, encoding)
   known = (f'it is {imported.known}' if imported.known else
-           'not a known public file (no sha256 of the published files is recorded)')
+           'not a known public file: no sha256 of the published files is recorded')
   lines = [
-      f'imported  {f.path} as {imported.family}: {f.format}, {len(f.tensors)} tensors'
+      f'imported  {f.path} as {imported.family}: {f.format}, {imported.tensors} tensors'
       + (f', {f.unwrapped}' if f.unwrapped else ''),
       f'sha256    {f.sha256} ({known})',
       f'model     {c.model.variant}, {imported.parameters / 1e6:.2f} M parameters, '

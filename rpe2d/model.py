@@ -325,8 +325,9 @@ class DiT(nn.Module):
 
   @property
   def time_range(self) -> tuple[float, float]:
-    """(t_min, t_max): the flow times the model covers; samplers start at t_max and finish with a
-    step from t_min to 0. (0, 1) for velocity models."""
+    """(t_min, t_max): the flow times the model covers, its parameterisation's: rpe2d's own and
+    SiT cover [0, 1]; DiT's discrete DDPM less. Samplers start at t_max and step from t_min to 0
+    (docs/methods.md#time-range)."""
     return prediction.PREDICTIONS[self.prediction].time_range
 
   def geometry(self, height: int, width: int) -> rope.Geometry:

@@ -12,16 +12,17 @@
 
 Extrapolation methods keep the run's own position rule ('grid' for grid runs, the config's rule for
 RPE-2D runs). Position rules need an RPE-2D run; for a grid run those cells are skipped. The
-sampler, steps and CFG come from the run's config, with the same overrides for every cell.
+sampler and its settings (steps, tolerances, the SDE's), and CFG come from the run's config, with
+the same overrides for every cell.
 
 A cell (run, method, resolution) is generated from a sampling plan. Methods are exact no-ops where
 the extrapolation scale is 1 on both axes (rope.axis_positions_and_frequencies returns its inputs),
 and the RPE-2D rules coincide where the tokens fill the trained range, so the plan is canonicalised
-first (sampler.canonical_plan) and cells with the same canonical plan share one set of samples and
-numbers; the table marks
-them. Each computed cell is stored as <outdir>/cells/<key>.json under a
-key of everything that determines it (checkpoint, plan, resolution, N, seed, reference), so a rerun
-computes only what is new.
+first (sampler.canonical_plan, which also drops the settings the sampler does not read) and cells
+with the same canonical plan share one set of samples and numbers; the table marks them. Each
+computed cell is stored as <outdir>/cells/<key>.json under a key of everything that determines it
+(checkpoint, the plan's sampler.key_text, resolution, N, seed, reference), so a rerun computes only
+what is new.
 """
 
 import dataclasses
@@ -224,10 +225,13 @@ def check_inputs(runs, resolutions, *, num_samples: int, num_reference: int | No
   if num_reference is not None and num_reference < metrics.PR_K + 1:
     raise ValueError(f'--num_reference={num_reference} must be 0 (the whole split) or >= '
                      f'{metrics.PR_K + 1} (precision and recall use k = {metrics.PR_K})')
+  reads = [(flag, name) for flag, name in (('--split', split if needs_features else ''),
+                                            ('--real_split', real_split)) if name]
+  if not reads:  # .npz references everywhere and no 'real' row: no data set is read
+    return
   for data_config in {id(c): c for c in (data.source_data_config(run.config.data)
                                           for run in runs)}.values():
-    for flag, name in (('--split', split if needs_features else ''),
-                       ('--real_split', real_split)):
+    for flag, name in reads:
       if name:
         try:
           data.make_dataset(data_config, split=name, seed=0, global_batch_size=1,
@@ -241,7 +245,7 @@ def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
 
 
 def cell_description(run, plan, height, width, num_samples, seed, reference) -> dict:
-  return dict(checkpoint=str(run.checkpoint.absolute()), step=run.step, plan=repr(plan),
+  return dict(checkpoint=str(run.checkpoint.absolute()), step=run.step, plan=sampler.key_text(plan),
               height=height, width=width, num_samples=num_samples, seed=seed,
               reference=reference.description)
 
@@ -263,7 +267,7 @@ def evaluate_cell(run, plan, height, width, *, num_samples, seed, reference, cel
   if label:
     print(f'{label}: sampling {num_samples} images at {height}x{width} (positions='
           f'{plan.positions}, extrapolation={plan.encoding.extrapolation}'
-          f'{", dype" if plan.encoding.dype else ""}, {plan.sampler}x{plan.steps}, cfg '
+          f'{", dype" if plan.encoding.dype else ""}, {sampler.describe(plan)}, cfg '
           f'{plan.cfg_scale})', flush=True)
   began = time.perf_counter()
   generated = inference.generate(run, height=height, width=width, labels=labels, seed=seed,
@@ -284,6 +288,7 @@ def evaluate_cell(run, plan, height, width, *, num_samples, seed, reference, cel
         from e
   record = dict(key=key, description=description, **measured,
                 images_per_second=stats['images_per_second'],
+                evaluations_per_image=stats['evaluations_per_image'],
                 compile_seconds=stats['compile_seconds'], generate_seconds=generate_seconds,
                 feature_seconds=time.perf_counter() - began)
   shown = GRID_IMAGES_PER_CLASS * run.model.num_classes
@@ -426,6 +431,15 @@ def _reason(error) -> str:
   return cli.reason(error)
 
 
+def _class_names(run) -> list[str] | None:
+  """The label names of the grids: those of the run's source data set when it is at hand; None
+  (label ids) when it is not, e.g. an imported model evaluated against .npz references only."""
+  try:
+    return data.class_names(data.source_data_config(run.config.data))
+  except (ValueError, OSError):
+    return None
+
+
 def plan_cells(runs, names, resolutions, methods, overrides):
   """[(run name, method, (h, w), plan or None, note)] for every requested cell, before any work."""
   cells = []
@@ -476,8 +490,7 @@ def run(runs, names, resolutions, cells, *, outdir, feature_fn, num_samples: int
     return references[key]
 
   by_name = dict(zip(names, runs))
-  class_names = {name: data.class_names(data.source_data_config(run.config.data))
-                 for name, run in by_name.items()}
+  class_names = {name: _class_names(run) for name, run in by_name.items()}
   notes = sorted({note for name in names for resolution in resolutions
                   for note in sample_size_warnings(num_samples,
                                                    reference_for(by_name[name], resolution))})

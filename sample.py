@@ -12,6 +12,13 @@ flags override them. Without --output the grids go to <workdir>/samples/sample_<
 several resolutions an --output name gets a _<H>x<W> suffix per resolution. A method that changes
 nothing at a size (its tokens lie inside the trained range) is named in a note.
 
+Under the distributed runtime (the flags of train.py) every process samples its share of the
+examples, a contiguous range of indices, into `<output stem>.part<p>-of-<P>.npz` (arr_0, labels,
+indices); --merge then has process 0 write them as the one ADM batch --output names, in example
+order, and remove the parts. Example i is the same image whatever the process count. Labels cycle
+through the classes, so every contiguous chunk of the batch is class-balanced (ADM's Inception
+Score cuts it into chunks of 5,000 in file order).
+
 A latent run (one trained on VAE latents) writes decoded images: resolutions are pixels (multiples
 of the VAE's factor, 8 for the SD VAE and 16 for the VA-VAE, times the patch size), the default is
 the size of the images its latents came from, and the VAE is the file the run recorded unless
@@ -21,10 +28,12 @@ the size of the images its latents came from, and the VAE is the file the run re
 import pathlib
 
 from absl import app, flags, logging
+import jax
 import numpy as np
 
-from rpe2d import attention, checks, checkpoints, cli, config as config_lib, data, inference
-from rpe2d import positions, rope, sampler
+from rpe2d import attention, checks, checkpoints, cli, config as config_lib, data, distributed
+from rpe2d import inference, positions, rope, sampler
+from rpe2d.evaluation import batches, shards
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training run directory.', required=True)
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A step directory; default: the newest.')
@@ -88,6 +97,9 @@ _CFG_SCALE = flags.DEFINE_float('cfg_scale', None, 'Classifier-free guidance sca
 _CFG_INTERVAL = flags.DEFINE_string('cfg_interval', None, 'low,high: guide only for t inside.')
 _CFG_CHANNELS = flags.DEFINE_integer('cfg_channels', None, 'Guide only the first k channels, the '
                                      'rest conditional (0: all; 3: DiT/SiT published numbers).')
+_MERGE = flags.DEFINE_bool('merge', False, 'Several processes: process 0 merges their .npz parts '
+                            'into the one --output batch (and removes the parts).')
+flags.adopt_module_key_flags(distributed)  # --help lists the multi-host flags
 _ATTENTION = flags.DEFINE_enum('attention', None, list(attention.KERNELS),
                                "Attention kernel (default: the run's); chunked for grids whose "
                                'full attention matrix does not fit in memory.')
@@ -207,6 +219,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
   try:
+    distributed.initialize_from_flags()  # before any other JAX call
     check_flags()
     run = inference.load_run(_WORKDIR.value, _CHECKPOINT.value, use_ema=not _NOEMA.value,
                              vae=_VAE.value, attention=_ATTENTION.value)
@@ -217,6 +230,12 @@ def main(argv):
     plan = plan_from_flags(run)
     labels = labels_from_flags(run.model.num_classes, _SEED.value)
     paths = output_paths(_OUTPUT.value, resolutions, run)
+    if jax.process_count() > 1 and paths[0].suffix != '.npz':
+      raise ValueError(f'{jax.process_count()} processes write .npz parts: give '
+                       '--output=<name>.npz (a grid is drawn by one process)')
+    if _MERGE.value and jax.process_count() == 1:
+      raise ValueError('--merge joins the parts of several processes; one process writes --output '
+                       'whole')
     available = cli.available_memory()
     for height, width in resolutions:
       sampler.check_resolution(run.model, plan, *inference.model_size(run, height, width))
@@ -233,10 +252,37 @@ def main(argv):
         f'positions={plan.positions}, extrapolation={plan.encoding.extrapolation}, '
         f'dype={plan.encoding.dype}, sampler={sampler.describe(plan)}'
         + (f'; decoded by the VAE {run.vae.sha256[:12]}' if run.vae else ''), flush=True)
-  with cli.exit_on(cli.FAILED, inference.SamplingError):
-    inference.write_samples(run, plan, resolutions, paths, labels, seed=_SEED.value,
-                            batch_size=_BATCH_SIZE.value, class_names=class_names(config),
-                            decode_tile=_DECODE_TILE.value)
+  with cli.exit_on(cli.FAILED, inference.SamplingError, OSError, ValueError):
+    if jax.process_count() > 1:
+      write_parts(run, plan, resolutions, paths, labels)
+    else:
+      inference.write_samples(run, plan, resolutions, paths, labels, seed=_SEED.value,
+                              batch_size=_BATCH_SIZE.value, class_names=class_names(config),
+                              decode_tile=_DECODE_TILE.value)
+
+
+def write_parts(run, plan, resolutions, paths, labels) -> None:
+  """This process's share of the examples at each resolution, as `<stem>.part<p>-of-<P>.npz`;
+  with --merge, process 0 then writes each --output whole."""
+  process, processes = jax.process_index(), jax.process_count()
+  start, stop = len(labels) * process // processes, len(labels) * (process + 1) // processes
+  for (height, width), path in zip(resolutions, paths):
+    images = inference.generate(run, height=height, width=width, labels=labels[start:stop],
+                                seed=_SEED.value, plan=plan, batch_size=_BATCH_SIZE.value,
+                                progress=process == 0, decode_tile=_DECODE_TILE.value,
+                                first_index=start) if stop > start else np.zeros(
+                                    (0, height, width, 3 if run.vae else run.config.data.channels),
+                                    np.uint8)
+    part = batches.part_path(path, process, processes)
+    batches.write_part(part, images, labels[start:stop], np.arange(start, stop))
+    print(f'process {process}: examples {start}..{stop - 1} at {height}x{width} -> {part}',
+          flush=True)
+  shards.barrier('rpe2d.sample: every part written')
+  if _MERGE.value and process == 0:
+    for path in paths:
+      count = batches.merge_parts(path, processes)
+      batches.remove_parts(path, processes)
+      print(f'merged {processes} parts: {count} images -> {path}', flush=True)
 
 
 if __name__ == '__main__':

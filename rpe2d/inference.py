@@ -285,8 +285,9 @@ def decode(run: Run, samples, *, tile: int = 0, devices=None) -> np.ndarray:
 def generate(run: Run, *, height: int, width: int, labels, seed: int = 0,
              plan: sampler.SamplingPlan | None = None, batch_size: int = 64,
              progress: bool = False, stats: dict | None = None,
-             decode_tile: int | None = None) -> np.ndarray:
-  """uint8 images (len(labels), height, width, C) for the given labels.
+             decode_tile: int | None = None, first_index: int = 0) -> np.ndarray:
+  """uint8 images (len(labels), height, width, C) for the given labels: examples first_index,
+  first_index + 1, ... (a share of a larger batch is the same images as in the whole batch).
 
   For a latent run, height and width are pixels: the model samples latents of height / f x
   width / f, which are decoded whole or in tiles as `decode_tiling(run, height, width,
@@ -313,7 +314,8 @@ def generate(run: Run, *, height: int, width: int, labels, seed: int = 0,
                          desc=f'{height}x{width}'):
     count = min(batch_size, len(labels) - start)
     batch_labels = jax.device_put(np.resize(labels[start:start + count], batch_size), data)
-    indices = jax.device_put(np.arange(start, start + batch_size, dtype=np.int32), data)
+    indices = jax.device_put(np.arange(first_index + start, first_index + start + batch_size,
+                                       dtype=np.int32), data)
     compiled, seconds = _compiled_sampler(run, plan, latent_height, latent_width, batch_labels,
                                           indices, key)
     compile_seconds += seconds
@@ -331,8 +333,9 @@ def generate(run: Run, *, height: int, width: int, labels, seed: int = 0,
     finite = np.isfinite(generated.reshape(count, -1)).all(axis=1)
     if not finite.all():  # to_uint8 would make them black images that look like results
       raise NonFiniteSamplesError(
-          f'{int((~finite).sum())} of samples {start}..{start + count - 1} at {height}x{width} are '
-          f'not finite (NaN/Inf; the first is sample {start + int(np.argmin(finite))}): the plan '
+          f'{int((~finite).sum())} of samples {first_index + start}..'
+          f'{first_index + start + count - 1} at {height}x{width} are not finite (NaN/Inf; the '
+          f'first is sample {first_index + start + int(np.argmin(finite))}): the plan '
           f'{sampler.describe(plan)}, cfg_scale={plan.cfg_scale}, time_shift='
           f'{plan.time_shift}, extrapolation={plan.encoding.extrapolation} diverges for this run')
     outputs.append(images_lib.to_uint8(generated))

@@ -142,6 +142,7 @@ def convert(family: str, weights, *, vae, workdir, unwrap: str | None = None,
     d.vae_statistics, d.vae_statistics_sha256 = stats.path, stats.sha256
     d.latent_mean = tuple(stats.mean)
     d.latent_std = tuple(v / loaded_vae.config.scaling_factor for v in stats.std)
+  del loaded_vae  # its weights were read to check the file; the run records the file
   config.sampling.resolutions = ((size, size), (2 * size, 2 * size))
   known = module.KNOWN_FILES.get(file.sha256, '')
   i = config.imported

@@ -69,8 +69,7 @@ def test_the_import_is_lightningdit_with_its_blocks_and_sampler(imported, run):
   made, lines = imported
   c = made.config
   m, s, d = c.model, c.sampling, c.data
-  assert (made.family, made.weights.format, len(made.weights.tensors)) == (
-      'lightningdit', 'torch_zip', 39)
+  assert (made.family, made.weights.format, made.tensors) == ('lightningdit', 'torch_zip', 39)
   assert (m.variant, m.mlp, m.norm, m.adaln, m.qk_norm) == (
       'mini/1', 'swiglu', 'rmsnorm', 'full', 'none')
   assert (m.position_embedding, m.sincos_order, m.time_scale, m.prediction) == (

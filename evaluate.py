@@ -51,7 +51,8 @@ _SHARD_SIZE = flags.DEFINE_integer('shard_size', sweep.SHARD_SIZE,
                                    'Images per shard (what a killed evaluation keeps).')
 _METHODS = flags.DEFINE_list('methods', list(sweep.DEFAULT_METHODS),
                              "Methods; position rules apply to RPE-2D runs only; FiT's settings "
-                             'as fit-<interpolation>[-decouple].')
+                             'as fit-<interpolation>[-decouple]; a sin-cos table rule after a +, '
+                             'e.g. pi+native, yarn+interpolate.')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 1000, 'Generated images per cell.')
 _NUM_REFERENCE = flags.DEFINE_integer('num_reference', 0, 'Reference images (0: the whole split).')
 _SPLIT = flags.DEFINE_string('split', 'test', 'The held-out split the reference is made from.')

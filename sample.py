@@ -23,9 +23,9 @@ through the classes, so every contiguous chunk of the batch is class-balanced (A
 Score cuts it into chunks of 5,000 in file order).
 
 A latent run (one trained on VAE latents) writes decoded images: resolutions are pixels (multiples
-of the VAE's factor, 8, times the patch size), the default is the size of the images its latents
-came from, and the VAE is the file the run recorded unless --vae names another copy of it (a
-different file is refused by sha256).
+of the VAE's factor, 8 for the SD VAE and 16 for the VA-VAE, times the patch size), the default is
+the size of the images its latents came from, and the VAE is the file the run recorded unless
+--vae names another copy of it (a different file is refused by sha256).
 """
 
 import pathlib
@@ -52,8 +52,9 @@ _LABELS = flags.DEFINE_string('labels', None,
                               "Comma list of class ids, or 'random'; default: every class.")
 _SEED = flags.DEFINE_integer('seed', 0, 'Images depend on the seed and their index only.')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Images per device batch (all devices).')
-_VAE = flags.DEFINE_string('vae', None, "Latent runs: the VAE's diffusion_pytorch_model"
-                           '.safetensors (default: the path the run recorded).')
+_VAE = flags.DEFINE_string('vae', None, "Latent runs: the VAE file (a diffusers folder or "
+                           "safetensors file, the VA-VAE's .pt; default: the path the run "
+                           'recorded).')
 _DECODE_TILE = flags.DEFINE_integer('decode_tile', None, 'Latent runs: decode in tiles of this '
                                     'many latent pixels (0: whole; default: tiles above '
                                     f'{inference.AUTO_TILE_ABOVE} latent pixels).')
@@ -74,6 +75,9 @@ _ATTENTION_SCALE = flags.DEFINE_enum('attention_scale', None, list(rope.ATTENTIO
                                      'Attention logit scale for more tokens.')
 _AXIS_SCALE = flags.DEFINE_enum('axis_scale', None, list(rope.AXIS_SCALES),
                                 'Extrapolation scale per axis, or the larger for both (shared).')
+_SINCOS = flags.DEFINE_enum('sincos', None, list(rope.SINCOS_RULES),
+                            'How a sin-cos table extrapolates: with the method, at the native '
+                            'positions, or the native table resized bilinearly (EI).')
 _TIME_SHIFT = flags.DEFINE_float('time_shift', None, "Fixed time shift a (1: none).")
 _TIME_SHIFT_BY_RESOLUTION = flags.DEFINE_bool('time_shift_by_resolution', None,
                                               'Multiply the shift by sqrt(N_test / N_train).')
@@ -176,7 +180,7 @@ def plan_from_flags(run) -> sampler.SamplingPlan:
                       (_TEMPERATURE, 'temperature'), (_DYPE, 'dype'), (_TASR_FORM, 'tasr_form'),
                       (_DYPE_LAMBDA_S, 'dype_lambda_s'), (_DYPE_LAMBDA_T, 'dype_lambda_t'),
                       (_DYPE_VARIANT, 'dype_variant'), (_ATTENTION_SCALE, 'attention_scale'),
-                      (_AXIS_SCALE, 'axis_scale')):
+                      (_AXIS_SCALE, 'axis_scale'), (_SINCOS, 'sincos')):
     if flag.value is not None:
       encoding[field] = flag.value
   plan = {'encoding': config_lib.encoding(config, **encoding)}

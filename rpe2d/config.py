@@ -52,8 +52,8 @@ SCHEMA = (
 
     Field('model.variant', 'tiny/4',
           '<size>/<patch>, size one of: ' + ', '.join(model_lib.VARIANTS)),
-    Field('model.position_embedding', 'rope', 'how positions enter the model',
-          allowed=model_lib.POSITION_EMBEDDINGS),
+    Field('model.position_embedding', 'rope', 'how positions enter the model: RoPE, a sin-cos '
+          'table, or both (LightningDiT)', allowed=model_lib.POSITION_EMBEDDINGS),
     Field('model.rope_base', 10000.0, 'the RoPE base', check=number(1.0, low_open=True)),
     Field('model.qk_norm', 'none', 'the norm on queries and keys, before RoPE (a saved false / '
           'true reads as none / rmsnorm)', allowed=tuple(model_lib.QK_NORMS)),
@@ -63,7 +63,8 @@ SCHEMA = (
           check=number(0.0, low_open=True)),
     Field('model.mlp', 'gelu', "the block's MLP: DiT's tanh-GELU, or SwiGLU (FiTv2)",
           allowed=tuple(model_lib.MLPS)),
-    Field('model.norm', 'layernorm', 'the norm before each branch and the final layer',
+    Field('model.norm', 'layernorm', 'the norm before each branch and the final layer: '
+          "LayerNorm without affine (DiT), or RMSNorm with a weight (LightningDiT)",
           allowed=tuple(model_lib.NORMS)),
     Field('model.adaln', 'full', 'adaLN-Zero: one Linear per block (full), or a rank-r '
           'bottleneck per block plus one shared Linear (lora, FiTv2)',
@@ -115,6 +116,9 @@ SCHEMA = (
     Field('encoding.axis_scale', 'per_axis', 'the extrapolation scale: each axis its own (as '
           "FiT's --decouple), or the larger one for both axes (shared)",
           allowed=rope.AXIS_SCALES),
+    Field('encoding.sincos', 'method', 'how a sin-cos table (sincos, rope+sincos) extrapolates: '
+          'with the method, at the native positions, or the native table resized bilinearly (EI)',
+          allowed=rope.SINCOS_RULES),
     Field('encoding.dype', False, 'make the extrapolation follow the diffusion time (DyPE)'),
     Field('encoding.dype_lambda_s', None, 'DyPE kappa(t) = lambda_s t^lambda_t (unset: the '
           "method's default)", value_type=float, check=checks.optional(number(0.0))),
@@ -420,7 +424,8 @@ def encoding(config, **overrides) -> rope.Encoding:
   values = dict(extrapolation=e.extrapolation, yarn_form=e.yarn_form, temperature=e.temperature,
                 attention_scale=e.attention_scale, dype=bool(e.dype),
                 dype_lambda_s=e.dype_lambda_s, dype_lambda_t=e.dype_lambda_t,
-                dype_variant=e.dype_variant, tasr_form=e.tasr_form, axis_scale=e.axis_scale)
+                dype_variant=e.dype_variant, tasr_form=e.tasr_form, axis_scale=e.axis_scale,
+                sincos=e.sincos)
   values.update(overrides)
   return rope.Encoding(**values)
 

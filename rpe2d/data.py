@@ -148,8 +148,9 @@ FIELDS = (  # the data section of the config schema (rpe2d.config)
         check=checks.positive_int),
   checks.Field('data.latent_sample', 'posterior', 'latents: a posterior draw per step, or its mean',
                allowed=LATENT_SAMPLES),
-  checks.Field('data.latent_scaling', 'vae', "latents: the VAE's scaling factor, or the "
-               "extraction's per-channel mean and std", allowed=LATENT_SCALINGS),
+  checks.Field('data.latent_scaling', 'vae', "latents: the VAE's scaling factor (and its "
+               "statistics file's per-channel mean and std, if it has one), or the extraction's "
+               'per-channel mean and std', allowed=LATENT_SCALINGS),
   checks.Field('data.augment', AUTO, f'augmentation; {AUTO}: rpe2d_crop when '
                'positions.train=rpe2d, '
         'else none', allowed=AUGMENTS),
@@ -171,6 +172,10 @@ FIELDS = (  # the data section of the config schema (rpe2d.config)
   checks.Field('data.vae_path', None, 'the VAE safetensors that made the latents (set: a latent '
                'run)', value_type=str),
   checks.Field('data.vae_sha256', None, "latent runs: that file's sha256", value_type=str),
+  checks.Field('data.vae_statistics', None, "latent runs: the VAE's per-channel latent statistics "
+               "file, if it has one (the VA-VAE's latents_stats.pt)", value_type=str),
+  checks.Field('data.vae_statistics_sha256', None, "latent runs: that file's sha256",
+               value_type=str),
   checks.Field('data.source_name', None, 'latent runs: the data set of the images', value_type=str),
   checks.Field('data.source_image_size', None, 'latent runs: its image size in pixels',
                value_type=int),
@@ -343,12 +348,17 @@ def latent_manifest(opts: 'DataOptions'):
 
 
 def latent_scale_shift(scaling: str, channels: int, *, scaling_factor: float,
-                       shift_factor: float | None, channel_mean=None,
-                       channel_std=None) -> tuple[np.ndarray, np.ndarray]:
+                       shift_factor: float | None, channel_mean=None, channel_std=None,
+                       statistics=None) -> tuple[np.ndarray, np.ndarray]:
   """(scale, shift) per channel: the model sees (z - shift) * scale of the VAE's latents z, by the
-  VAE's factors ('vae') or the extraction's channel statistics ('manifest')."""
+  VAE's factors ('vae'; with the VAE's per-channel `statistics` {'mean', 'std'}, scaling_factor *
+  (z - mean) / std, LightningDiT's normalisation) or the extraction's channel statistics
+  ('manifest')."""
   if scaling == 'manifest':
     return (1.0 / np.asarray(channel_std, np.float32), np.asarray(channel_mean, np.float32))
+  if statistics is not None:
+    return (np.float32(scaling_factor) / np.asarray(statistics['std'], np.float32),
+            np.asarray(statistics['mean'], np.float32))
   return (np.full(channels, scaling_factor, np.float32),
           np.full(channels, shift_factor or 0.0, np.float32))
 
@@ -357,7 +367,8 @@ def manifest_scale_shift(opts: 'DataOptions', manifest) -> tuple[np.ndarray, np.
   return latent_scale_shift(
       opts.latent_scaling, manifest.latent_shape[-1],
       scaling_factor=manifest.vae['scaling_factor'], shift_factor=manifest.vae['shift_factor'],
-      channel_mean=manifest.channel_mean, channel_std=manifest.channel_std)
+      channel_mean=manifest.channel_mean, channel_std=manifest.channel_std,
+      statistics=manifest.vae.get('statistics'))
 
 
 def source_data_config(data_config):

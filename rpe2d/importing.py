@@ -3,6 +3,9 @@
 
   imported = importing.convert('sit', 'SiT-XL-2-256x256.pt', vae='sd-vae-ft-ema',
                                workdir='runs/sit_xl_256')
+  imported = importing.convert('lightningdit', 'lightningdit-xl-imagenet256-800ep.pt',
+                               vae='vavae-imagenet256-f16d32-dinov2.pt',
+                               vae_statistics='latents_stats.pt', workdir='runs/lightningdit_xl')
 
 The run directory holds `config.json` (the model's rpe2d config: its family's model fields, the
 latent data on the given VAE, the published sampling settings, and where the weights came from
@@ -12,7 +15,8 @@ and no optimizer or data state: it holds weights, which is what `sample.py`, `ev
 `inference.load_run` and `train.py --config.init_from=` read. Resuming training in it is refused.
 
 Every bad input is one line before anything is written: an unknown family, a workdir that already
-holds a run, a missing VAE or one whose latents are not the family's (channels, scaling factor),
+holds a run, a missing VAE or one whose latents are not the family's (channels, scaling factor,
+per-channel statistics: the VAE and statistics file a family needs are its `VAE`),
 a file that is not a checkpoint (or is cut short, or wraps its state dicts without --unwrap, or
 pickles a global outside the allow-list: rpe2d.tensor_files), and a state dict that is not the
 family's (every missing, unexpected and misshapen key in one message).
@@ -47,31 +51,45 @@ class Imported:
   seconds: float
 
 
-def _vae(path) -> tuple[pathlib.Path, autoencoder_weights.Loaded]:
-  """(the file, the VAE) the latents come from, read and checked (names, shapes) by
-  rpe2d.autoencoder_weights; a folder means its diffusers weights file."""
+# A family's VAE when it does not name one (families/__init__.py): the SD VAE, scaled by a factor.
+SD_VAE = 'an SD VAE, e.g. sd-vae-ft-ema'
+
+
+def _vae(path, statistics=None) -> tuple[pathlib.Path, autoencoder_weights.Loaded]:
+  """(the file, the VAE) the latents come from, read and checked (names, shapes; its statistics
+  file's shapes) by rpe2d.autoencoder_weights; a folder means its diffusers weights file."""
   file = pathlib.Path(path).expanduser()
   if file.is_dir():
     file = file / autoencoder_weights.WEIGHTS_NAME
   if not file.is_file():
-    raise FileNotFoundError(f'--vae={path}: no such file {file} (the diffusers VAE folder, e.g. '
-                            f'sd-vae-ft-ema, or its {autoencoder_weights.WEIGHTS_NAME})')
+    raise FileNotFoundError(f'--vae={path}: no such file {file} (a diffusers VAE folder such as '
+                            f'sd-vae-ft-ema, its {autoencoder_weights.WEIGHTS_NAME}, or an '
+                            "LDM-layout file such as the VA-VAE's .pt)")
+  if statistics is not None and not pathlib.Path(statistics).expanduser().is_file():
+    raise FileNotFoundError(f'--vae_statistics={statistics}: no such file')
   try:
-    return file.resolve(), autoencoder_weights.load(file)
+    return file.resolve(), autoencoder_weights.load(file, statistics=statistics)
   except ValueError as e:
     raise ValueError(f'--vae={path}: {e}') from None
 
 
 def _check_vae(vae: autoencoder_weights.Loaded, family, arch, path) -> None:
-  """The VAE must make the latents the model was trained on."""
-  c = vae.config
+  """The VAE must make the latents the model was trained on, normalised as it was."""
+  c, needs = vae.config, getattr(family, 'VAE', SD_VAE)
   if c.latent_channels != arch.channels:
     raise ValueError(f'--vae={path} makes {c.latent_channels}-channel latents; this {family.NAME} '
-                     f'model takes {arch.channels} (its VAE: an SD VAE, e.g. sd-vae-ft-ema)')
+                     f'model takes {arch.channels} (its VAE: {needs})')
   if not math.isclose(c.scaling_factor, family.VAE_SCALING_FACTOR) or c.shift_factor:
     raise ValueError(f'--vae={path} scales latents by {c.scaling_factor} (shift '
                      f'{c.shift_factor}); {family.NAME} was trained on latents scaled by '
-                     f'{family.VAE_SCALING_FACTOR} without a shift (an SD VAE, e.g. sd-vae-ft-ema)')
+                     f'{family.VAE_SCALING_FACTOR} without a shift ({needs})')
+  statistics = getattr(family, 'VAE_STATISTICS', False)
+  if statistics and vae.statistics is None:
+    raise ValueError(f'{family.NAME} was trained on latents normalised per channel by its VAE\'s '
+                     f'statistics file: pass --vae_statistics (its VAE: {needs})')
+  if not statistics and vae.statistics is not None:
+    raise ValueError(f'--vae_statistics given, but {family.NAME} was trained on latents scaled by '
+                     f'{family.VAE_SCALING_FACTOR}, not normalised per channel: drop it')
 
 
 def _tree_shapes(tree) -> dict:
@@ -80,8 +98,10 @@ def _tree_shapes(tree) -> dict:
 
 
 def convert(family: str, weights, *, vae, workdir, unwrap: str | None = None,
-            log=print) -> Imported:
-  """Imports `weights` (a torch or safetensors file) of `family` as the run directory `workdir`.
+            vae_statistics=None, log=print) -> Imported:
+  """Imports `weights` (a torch or safetensors file) of `family` as the run directory `workdir`,
+  on the VAE `vae` (with its per-channel latent statistics file `vae_statistics` for a family
+  whose latents are normalised by one: LightningDiT's VA-VAE).
 
   Raises ValueError, FileNotFoundError or pickle.UnpicklingError naming the bad input before
   anything is written; checkpoints.CheckpointError if writing fails (then nothing is kept).
@@ -97,7 +117,7 @@ def convert(family: str, weights, *, vae, workdir, unwrap: str | None = None,
                      'checkpoints/); an import never overwrites one: choose a new directory')
   if not pathlib.Path(weights).is_file():
     raise FileNotFoundError(f'--weights={weights}: no such file')
-  vae_file, loaded_vae = _vae(vae)
+  vae_file, loaded_vae = _vae(vae, vae_statistics)
   file = tensor_files.read_tensors(weights, unwrap=unwrap)
   matched = families.match(family, {k: v.shape for k, v in file.tensors.items()},
                            source=str(weights))
@@ -114,6 +134,14 @@ def convert(family: str, weights, *, vae, workdir, unwrap: str | None = None,
   d.vae_path = str(vae_file)
   d.vae_sha256 = loaded_vae.sha256
   d.source_image_size = size
+  stats = loaded_vae.statistics
+  if stats is not None:
+    # What the model sees, recorded as a latent run records it (train_loop.record_latents):
+    # scaling_factor * (z - mean) / std.
+    d.vae_statistics, d.vae_statistics_sha256 = stats.path, stats.sha256
+    d.latent_mean = tuple(stats.mean)
+    d.latent_std = tuple(v / loaded_vae.config.scaling_factor for v in stats.std)
+  del loaded_vae  # its weights were read to check the file; the run records the file
   config.sampling.resolutions = ((size, size), (2 * size, 2 * size))
   known = module.KNOWN_FILES.get(file.sha256, '')
   i = config.imported
@@ -170,7 +198,8 @@ def describe(imported: Imported) -> str:
   """What was imported from where, in a few lines (convert.py prints it)."""
   c, f = imported.config, imported.weights
   (h, w), encoding = config_lib.train_grid(c), c.model.position_embedding
-  positions = {'sincos': 'sin-cos', 'rope': '2D RoPE'}.get(encoding, encoding)
+  positions = {'sincos': 'sin-cos', 'rope': '2D RoPE',
+               'rope+sincos': '2D RoPE and a sin-cos table'}.get(encoding, encoding)
   known = (f'it is {imported.known}' if imported.known else
            'not a known public file: no sha256 of the published files is recorded')
   lines = [
@@ -181,9 +210,13 @@ def describe(imported: Imported) -> str:
       f'prediction {c.model.prediction}, {positions} on its {h}x{w} token grid',
       f'VAE       {c.data.vae_path} (sha256 {c.data.vae_sha256[:16]}...), latents '
       f'{c.data.image_size}x{c.data.image_size}x{c.data.channels} of '
-      f'{c.data.source_image_size}x{c.data.source_image_size} images',
+      f'{c.data.source_image_size}x{c.data.source_image_size} images'
+      + (f', normalised by {c.data.vae_statistics}' if c.data.get('vae_statistics') else ''),
       f'sampling  {sampler.describe(config_lib.sampling_plan(c))}, cfg {c.sampling.cfg_scale} on '
-      f'{c.sampling.cfg_channels or "all"} channels',
+      f'{c.sampling.cfg_channels or "all"} channels'
+      + (f' for t in [{c.sampling.cfg_interval[0]:g}, {c.sampling.cfg_interval[1]:g}]'
+         if tuple(c.sampling.cfg_interval) != (0.0, 1.0) else '')
+      + (f', time shift {c.sampling.time_shift:.4g}' if c.sampling.time_shift != 1.0 else ''),
       f'wrote     {imported.workdir}/config.json and checkpoints/0 (params = ema_params = these '
       f'weights) in {imported.seconds:.1f} s',
       f'sample    python sample.py --workdir={imported.workdir}',

@@ -74,8 +74,8 @@ def load_vae(config, vae=None) -> autoencoder_weights.Loaded:
     path = path / autoencoder_weights.WEIGHTS_NAME
   if not path.is_file():
     what = '--vae' if vae else "the run's VAE (data.vae_path)"
-    raise FileNotFoundError(f'{what} {path} does not exist; pass --vae=<the '
-                            f'{autoencoder_weights.WEIGHTS_NAME} that made the latents>')
+    raise FileNotFoundError(f'{what} {path} does not exist; pass --vae=<the VAE file (e.g. '
+                            f'{autoencoder_weights.WEIGHTS_NAME}) that made the latents>')
   expected = config.data.get('vae_sha256')
   digest = files.sha256_file(path)
   if expected and digest != expected:
@@ -83,7 +83,9 @@ def load_vae(config, vae=None) -> autoencoder_weights.Loaded:
                      f'{expected}; {path} is {digest}')
   loaded = autoencoder_weights.load(path, digest=digest)
   recorded = config.data.get('latent_std')
-  if config.data.get('latent_scaling') == 'vae' and recorded:
+  # With a statistics file the recorded std is the file's, per channel: nothing to compare here.
+  if (config.data.get('latent_scaling') == 'vae' and recorded
+      and not config.data.get('vae_statistics_sha256')):
     trained = 1.0 / recorded[0]
     if abs(loaded.config.scaling_factor - trained) > 1e-6 * trained:
       raise ValueError(f'{path} has scaling_factor {loaded.config.scaling_factor}; the run trained '

@@ -1,7 +1,10 @@
-"""Latent extraction: a data set encoded once by the SD VAE, resumable and exact, and its reader.
+"""Latent extraction: a data set encoded once by a VAE (the SD VAE, the VA-VAE: rpe2d.autoencoder),
+resumable and exact, and its reader.
 
   manifest = latents.extract(config.data, 'vae/diffusion_pytorch_model.safetensors',
                              'latents/animals', flip=True)
+  manifest = latents.extract(config.data, 'vavae-imagenet256-f16d32-dinov2.pt', 'latents/in256',
+                             vae_statistics='latents_stats.pt')
   source = latents.LatentSource('latents/animals', 'train')   # random access, for grain
 
 Format
@@ -25,8 +28,9 @@ Each record is fixed-size little-endian bytes, no pickle (h, w, c = `latent_shap
 
 The latents are the VAE's own (unscaled); the diffusion model sees
 `autoencoder.latents_to_model(z, config)` (the manifest keeps `scaling_factor` and
-`shift_factor`), or a normalisation by `channel_mean` / `channel_std` (per channel over the
-posterior means of the `train` split; None when `train` was not extracted).
+`shift_factor`, and the VAE's per-channel `statistics` when it has a statistics file: then
+scaling_factor * (z - mean) / std), or a normalisation by `channel_mean` / `channel_std` (per
+channel over the posterior means of the `train` split; None when `train` was not extracted).
 
 Exactness: encoding is deterministic (posterior moments, no sampling), shards end on batch
 boundaries (`shard_size` is a multiple of `batch_size`), so every batch is the same in a run that
@@ -52,6 +56,7 @@ import json
 import math
 import os
 import pathlib
+import pickle
 import re
 import struct
 import time
@@ -83,7 +88,11 @@ LOCK = 'extract.lock'  # held (fcntl.flock) by the one extraction writing the di
 DAMAGED_SUFFIX = '.damaged'  # a manifest or progress file that could not be read, kept
 # What decides the bytes of the shards; a restart with any other value is refused.
 SETTINGS = ('vae.sha256', 'vae.config', 'source.name', 'source.image_dir', 'source.image_size',
-            'source.channels', 'latent_shape', 'flip', 'dtype', 'shard_size', 'batch_size')
+            'source.channels', 'latent_shape', 'flip', 'dtype', 'shard_size', 'batch_size',
+            'vae.statistics.sha256')
+# Fields of vae.config that extractions from before they existed did not record, at the value that
+# was implied then.
+_VAE_CONFIG_ADDED = {'attention_levels': []}
 
 
 class InputError(ValueError):
@@ -148,7 +157,8 @@ def _means(records: Sequence[bytes], latent_shape, flip: bool) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class Manifest:
   """`manifest.json`. `splits`: {name: {'count': n, 'shards': [{'name', 'records', 'bytes',
-  'sha256'}, ...]}}; `vae`: {'path', 'sha256', 'config', 'scaling_factor', 'shift_factor'};
+  'sha256'}, ...]}}; `vae`: {'path', 'sha256', 'config', 'scaling_factor', 'shift_factor',
+  'statistics'} (statistics: None, or {'path', 'sha256', 'mean', 'std'} of its statistics file);
   `source`: {'name', 'image_dir', 'image_size', 'channels'}."""
   format: int
   vae: dict
@@ -188,6 +198,8 @@ def _settings(record: dict) -> dict:
     value = record
     for part in key.split('.'):
       value = value.get(part) if isinstance(value, dict) else None
+    if key == 'vae.config' and isinstance(value, dict):
+      value = {**_VAE_CONFIG_ADDED, **value}
     out[key] = list(value) if isinstance(value, tuple) else value
   return out
 
@@ -397,7 +409,7 @@ def check_arguments(*, splits, shard_size, batch_size, dtype, prefix: str = '') 
 
 
 def _plan(data_config, vae_path, out_dir, *, splits, flip, shard_size, batch_size,
-          dtype) -> _Plan:
+          dtype, vae_statistics=None) -> _Plan:
   """Checks every input and the output directory; raises InputError, writes nothing but the
   directory and its lock."""
   check_arguments(splits=splits, shard_size=shard_size, batch_size=batch_size, dtype=dtype)
@@ -411,8 +423,15 @@ def _plan(data_config, vae_path, out_dir, *, splits, flip, shard_size, batch_siz
     vae_path = vae_path / autoencoder_weights.WEIGHTS_NAME
   try:
     loaded = autoencoder_weights.load(vae_path)
-  except (ValueError, OSError) as e:
+  except (ValueError, OSError, pickle.UnpicklingError) as e:
     raise InputError(f'--vae: {e}') from None
+  statistics = None
+  if vae_statistics is not None:
+    try:
+      statistics = autoencoder_weights.read_statistics(vae_statistics,
+                                                       loaded.config.latent_channels)
+    except (ValueError, OSError, pickle.UnpicklingError) as e:
+      raise InputError(f'--vae_statistics: {e}') from None
   config = loaded.config
   if opts.image_size % config.downsampling:
     raise InputError(f'data.image_size={opts.image_size} is not divisible by the VAE\'s '
@@ -426,13 +445,17 @@ def _plan(data_config, vae_path, out_dir, *, splits, flip, shard_size, batch_siz
       'format': FORMAT_VERSION,
       'vae': {'path': str(vae_path.resolve()), 'sha256': loaded.sha256,
               'config': dataclasses.asdict(config), 'scaling_factor': config.scaling_factor,
-              'shift_factor': config.shift_factor},
+              'shift_factor': config.shift_factor,
+              'statistics': None if statistics is None else {
+                  'path': statistics.path, 'sha256': statistics.sha256,
+                  'mean': list(statistics.mean), 'std': list(statistics.std)}},
       'source': {'name': opts.name, 'image_dir': opts.image_dir, 'image_size': opts.image_size,
                  'channels': opts.channels},
       'latent_shape': (size, size, config.latent_channels),
       'flip': bool(flip), 'dtype': dtype, 'shard_size': shard_size, 'batch_size': batch_size,
   }
   settings['vae']['config']['block_out_channels'] = list(config.block_out_channels)
+  settings['vae']['config']['attention_levels'] = list(config.attention_levels)
   out_dir = pathlib.Path(out_dir).expanduser().absolute()
   try:
     files.check_names_fit(out_dir, [shard_name(split, 99999) + TMP_SUFFIX for split in splits]
@@ -716,7 +739,7 @@ def _write_manifest(plan: _Plan) -> Manifest:
 
 def extract(data_config, vae_path, out_dir, *, splits: Sequence[str] = ('train', 'test'),
             flip: bool = False, shard_size: int = 1024, batch_size: int = 64,
-            dtype: str = 'float32', progress: bool = True) -> Manifest:
+            dtype: str = 'float32', progress: bool = True, vae_statistics=None) -> Manifest:
   """Encodes `splits` of the data set of `data_config` (centre-cropped, no augmentation) with the
   VAE at `vae_path` into `out_dir` (see the module doc); resumes an unfinished extraction and
   does nothing for a finished one. Returns the manifest.
@@ -725,7 +748,8 @@ def extract(data_config, vae_path, out_dir, *, splits: Sequence[str] = ('train',
     data_config: `config.data` of a config from `rpe2d.config.load` (which resolves
       `data.augment='auto'`; augmentation is never applied here).
     vae_path: a diffusers `diffusion_pytorch_model.safetensors` (or its folder, with
-      `config.json` beside it unless the file is a known one).
+      `config.json` beside it unless the file is a known one), or an LDM-layout checkpoint such
+      as the VA-VAE's `.pt` (rpe2d.autoencoder_weights.load).
     out_dir: the latents directory; created if needed.
     splits: split names of the data set.
     flip: also encode each image flipped horizontally.
@@ -733,6 +757,8 @@ def extract(data_config, vae_path, out_dir, *, splits: Sequence[str] = ('train',
     batch_size: images per encoder call, over all local devices (padded to a multiple of them).
     dtype: the VAE's compute dtype, 'float32' or 'bfloat16'.
     progress: show a tqdm bar.
+    vae_statistics: the VAE's per-channel latent statistics file (the VA-VAE's latents_stats.pt),
+      recorded in the manifest: with data.latent_scaling='vae' a run normalises by it.
 
   Raises:
     InputError: before any work, for a bad argument, VAE file, data config, image size or
@@ -740,7 +766,7 @@ def extract(data_config, vae_path, out_dir, *, splits: Sequence[str] = ('train',
       other settings (naming the keys that differ).
   """
   plan = _plan(data_config, vae_path, out_dir, splits=splits, flip=flip, shard_size=shard_size,
-               batch_size=batch_size, dtype=dtype)
+               batch_size=batch_size, dtype=dtype, vae_statistics=vae_statistics)
   try:
     return _extract(plan, progress)
   finally:

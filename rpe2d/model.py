@@ -28,7 +28,8 @@ VARIANTS = {
     'XL': (1152, 28, 16),
     'FiTv2-XL': (1152, 36, 16),
 }
-POSITION_EMBEDDINGS = ('rope', 'sincos')
+# 'rope+sincos': both, as LightningDiT (RoPE on q and k, and a sin-cos table added to the tokens).
+POSITION_EMBEDDINGS = ('rope', 'sincos', 'rope+sincos')
 # The sin-cos table's layout: 'yx' = [sin y, cos y, sin x, cos x] (rpe2d's own), 'xy' = the column
 # coordinate first, as DiT's get_2d_sincos_pos_embed lays it out (imported DiT and SiT).
 SINCOS_ORDERS = ('yx', 'xy')
@@ -132,12 +133,13 @@ def layer_norm(name=None):
 
 
 def rms_norm(name=None):
-  """RMSNorm with a learned scale."""
+  """RMSNorm with a learned scale, x / sqrt(mean(x^2) + 1e-6) * scale, in float32 (LightningDiT's
+  and LLaMA's)."""
   return nn.RMSNorm(epsilon=1e-6, name=name)
 
 
-# The norm before each branch and the final layer.
-NORMS = {'layernorm': layer_norm}
+# The norm before each branch and the final layer: DiT's, or LightningDiT's RMSNorm with a weight.
+NORMS = {'layernorm': layer_norm, 'rmsnorm': rms_norm}
 # The norm on queries and keys over head_dim, before RoPE.
 QK_NORMS = {'none': None, 'rmsnorm': rms_norm, 'layernorm': layer_norm}
 # Saved configs from before qk_norm was a name held a bool.
@@ -252,11 +254,11 @@ class DiTBlock(nn.Module):
       modulation = modulation + shared_modulation                          # FiTv2's global adaLN
     shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(modulation, 6, axis=-1)
     norm = NORMS[self.norm]
-    h = modulate(norm()(x), shift_a, scale_a)                              # (batch, N, width)
+    h = modulate(norm(name='norm1')(x), shift_a, scale_a)                  # (batch, N, width)
     h = Attention(self.heads, self.qk_norm, self.attention_implementation, self.dtype)(
         h, rotation, self.logit_scale)                                     # (batch, N, width)
     x = x + gate_a[:, None] * h                                            # float32
-    h = modulate(norm()(x), shift_m, scale_m)                              # (batch, N, width)
+    h = modulate(norm(name='norm2')(x), shift_m, scale_m)                 # (batch, N, width)
     linear = functools.partial(dense, dtype=self.dtype,
                                kernel_init=nn.initializers.xavier_uniform())
     h = MLPS[self.mlp](h, linear, width, self.mlp_ratio)                   # (batch, N, width)
@@ -274,7 +276,8 @@ class DiT(nn.Module):
     train_grid: (h0, w0) tokens at the training resolution (for the log_n attention scale).
     position_range: reference length L per axis for the extrapolation scale: the train grid for
       grid-trained models, (H_max, W_max) for RPE-2D models.
-    position_embedding: 'rope' (2D axial, on q and k) or 'sincos' (absolute, added to tokens).
+    position_embedding: 'rope' (2D axial, on q and k), 'sincos' (absolute, added to tokens), or
+      'rope+sincos' (both, LightningDiT's; how the table extrapolates: `rope.Encoding.sincos`).
     qk_norm: the norm on queries and keys, QK_NORMS.
     micro_conditioning: embed the crop window (top, left, height, width) into the conditioning.
     mlp, norm, adaln: the block's parts by name (MLPS, NORMS, ADALNS); adaln_rank: the rank of
@@ -360,13 +363,13 @@ class DiT(nn.Module):
                      conv_general_dilated=_float32_conv)(x)
     tokens = tokens.reshape(batch, h * w, width).astype(jnp.float32)     # the residual stream
     rotation = None
-    if self.position_embedding == 'sincos':
+    if self.position_embedding in ('sincos', 'rope+sincos'):
       tokens = tokens + rope.sincos_embedding(
           positions, t, width=width, geometry=geometry, encoding=encoding,
-          order=self.sincos_order)
-    else:
+          order=self.sincos_order)                                         # (batch, N, width)
+    if self.position_embedding in ('rope', 'rope+sincos'):
       angles = rope.angles_2d(positions, t, dim=width // heads // 2, geometry=geometry,
-                              encoding=encoding)
+                              encoding=encoding)                           # (batch, N, 2, hd/4)
       rotation = rope.rotation(angles, rope.rope_temperatures(geometry, encoding))
     logit_scale = rope.logit_multiplier(geometry, encoding, rotary=rotation is not None)
 
@@ -405,7 +408,8 @@ class DiT(nn.Module):
     modulation = dense(2 * width, kernel_init=nn.initializers.zeros,
                        name='final_adaLN')(nn.silu(c))                      # (batch, 2 width)
     shift, scale = jnp.split(modulation, 2, axis=-1)
-    tokens = modulate(NORMS[self.norm]()(tokens), shift, scale)            # (batch, N, width)
+    tokens = NORMS[self.norm](name='final_norm')(tokens)                 # (batch, N, width)
+    tokens = modulate(tokens, shift, scale)                                # (batch, N, width)
     outputs = 2 * channels if self.learned_variance else channels
     out = dense(patch * patch * outputs, dtype=dtype, kernel_init=nn.initializers.zeros,
                 name='final_proj')(tokens)                               # float32 (batch, N, p p C')

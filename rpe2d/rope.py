@@ -29,6 +29,10 @@ TASR_FORMS = ('continuous', 'switch')
 ATTENTION_SCALES = ('none', 'log_n', 'fit_side', 'fit_tokens')
 # One extrapolation scale per axis (FiT's --decouple, the default), or the larger for both.
 AXIS_SCALES = ('per_axis', 'shared')
+# How an absolute sin-cos table extrapolates (docs/methods.md#rope-and-sin-cos-together): it follows
+# the method (its positions and frequencies, as RoPE does), stays native (the table of the given
+# positions, no method), or is the native table resized bilinearly to the grid ("EI").
+SINCOS_RULES = ('method', 'native', 'interpolate')
 
 # FiT's RoPE options (its sampler's --interpolation) as encodings, docs/methods.md#fits-options.
 # Each entry sets every field it depends on, so none is inherited from a run's own encoding.
@@ -83,10 +87,12 @@ class Encoding:
   dype_variant: str = 'scaled'
   tasr_form: str = 'continuous'
   axis_scale: str = 'per_axis'
+  sincos: str = 'method'
 
   def __post_init__(self):
     _check_choice('extrapolation method', self.extrapolation, EXTRAPOLATIONS)
     _check_choice('axis_scale', self.axis_scale, AXIS_SCALES)
+    _check_choice('sincos rule', self.sincos, SINCOS_RULES)
     _check_choice('yarn_form', self.yarn_form, YARN_FORMS)
     _check_choice('temperature', self.temperature, TEMPERATURE_PLACES)
     _check_choice('tasr_form', self.tasr_form, TASR_FORMS)
@@ -388,13 +394,45 @@ def apply_rope(x, rotation_table):
   return rotated.reshape(x.shape).astype(x.dtype)
 
 
+def _interpolated_sincos(positions, *, dim: int, base: float, tokens: int, length: int):
+  """One axis of the native table (integer positions 0..L-1) resized linearly from L to n entries
+  at the tokens' positions: source coordinate clip((m + 0.5) L / n - 0.5, 0, L - 1), as torch's
+  bilinear interpolation with align_corners=False places it; the native table when n <= L (like
+  every method, only beyond the trained range: docs/methods.md#scale). positions (batch, N) ->
+  ([sin, cos] features (batch, N, dim/2) each)."""
+  ratio = length / max(tokens, length)
+  source = jnp.clip((positions + 0.5) * ratio - 0.5, 0.0, length - 1.0)
+  low = jnp.floor(source)
+  high = jnp.minimum(low + 1.0, length - 1.0)
+  weight = (source - low)[..., None]                                    # (batch, N, 1)
+  theta = axis_frequencies(dim, base)
+  low_angles, high_angles = low[..., None] * theta, high[..., None] * theta
+  return ((1.0 - weight) * jnp.sin(low_angles) + weight * jnp.sin(high_angles),
+          (1.0 - weight) * jnp.cos(low_angles) + weight * jnp.cos(high_angles))
+
+
 def sincos_embedding(positions, t, *, width: int, geometry: Geometry, encoding: Encoding,
                      order: str = 'yx'):
   """2D sin-cos absolute embedding (batch, N, width): [sin y, cos y, sin x, cos x], a quarter each
   (order 'yx'), or the column coordinate first, [sin x, cos x, sin y, cos y] (order 'xy', DiT's
-  get_2d_sincos_pos_embed)."""
-  angles = angles_2d(positions, t, dim=width // 2, geometry=geometry, encoding=encoding)
-  y, x = angles[..., 0, :], angles[..., 1, :]
-  first, second = (y, x) if order == 'yx' else (x, y)
-  return jnp.concatenate([jnp.sin(first), jnp.cos(first), jnp.sin(second), jnp.cos(second)],
-                         axis=-1)
+  get_2d_sincos_pos_embed).
+
+  `encoding.sincos` says how the table extrapolates: 'method' (the positions and frequencies of
+  the encoding's method, DyPE included), 'native' (the given positions, no method), or
+  'interpolate' (the native table of the reference grid resized bilinearly to the sampled grid,
+  "EI": on a table whose halves each depend on one axis, bilinear is linear along that axis).
+  """
+  dim = width // 2
+  if encoding.sincos == 'interpolate':
+    (sin_y, cos_y), (sin_x, cos_x) = (
+        _interpolated_sincos(positions[..., axis], dim=dim, base=geometry.base,
+                             tokens=geometry.grid[axis], length=geometry.reference[axis])
+        for axis in (0, 1))
+  else:
+    rule = encoding if encoding.sincos == 'method' else Encoding()
+    angles = angles_2d(positions, t, dim=dim, geometry=geometry, encoding=rule)
+    y, x = angles[..., 0, :], angles[..., 1, :]
+    (sin_y, cos_y), (sin_x, cos_x) = (jnp.sin(y), jnp.cos(y)), (jnp.sin(x), jnp.cos(x))
+  if order == 'yx':
+    return jnp.concatenate([sin_y, cos_y, sin_x, cos_x], axis=-1)
+  return jnp.concatenate([sin_x, cos_x, sin_y, cos_y], axis=-1)

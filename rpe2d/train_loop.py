@@ -321,13 +321,17 @@ def check_finite(window, policy: str, saved_step, run: rundir.RunDir):
 
 def record_latents(config):
   """A latent run's facts from its extraction, recorded in the config (sampling needs them after
-  the latents are gone): the VAE's path and sha256, the source images, the channel statistics.
+  the latents are gone): the VAE's path and sha256 (and its statistics file's), the source images,
+  the per-channel normalisation the model sees (data.latent_mean, data.latent_std).
   Returns the VAE, checked by sha256, which decodes the sample grids."""
   d = config.data
   opts = data.parse_config(d)
   manifest = data.latent_manifest(opts)
   d.vae_path = d.vae_path or manifest.vae['path']
   d.vae_sha256 = manifest.vae['sha256']
+  statistics = manifest.vae.get('statistics')
+  if statistics is not None:
+    d.vae_statistics, d.vae_statistics_sha256 = statistics['path'], statistics['sha256']
   d.source_name = manifest.source['name']
   d.source_image_size = int(manifest.source['image_size'])
   d.image_dir = manifest.source['image_dir']

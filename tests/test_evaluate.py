@@ -26,6 +26,13 @@ def test_parse_method():
     sweep.parse_method('linear')
   with pytest.raises(ValueError, match="unknown position rule 'spiral'"):
     sweep.parse_method('pi@spiral')
+  # A sin-cos rule for models with an absolute table (rope+sincos, sincos) after a '+'.
+  assert sweep.parse_method('dy-yarn+interpolate@contiguous') == ('dy-yarn', 'contiguous')
+  assert [sweep.sincos_rule(m) for m in ('pi+native', 'PI+Interpolate@uniform', 'pi')] == [
+      'native', 'interpolate', None]
+  with pytest.raises(ValueError, match="unknown sin-cos rule 'ei' in method 'pi\\+ei'; allowed: "
+                                       'method, native, interpolate'):
+    sweep.parse_method('pi+ei')
 
 
 def test_method_plans(synthetic_animals):
@@ -37,6 +44,8 @@ def test_method_plans(synthetic_animals):
   grid = tiny_config(synthetic_animals)
   grid.positions.train = 'grid'
   assert sweep.method_plan(grid, 'tasr').positions == 'grid'
+  assert sweep.method_plan(grid, 'pi+native').encoding.sincos == 'native'
+  assert sweep.method_plan(grid, 'pi').encoding.sincos == 'method'
   with pytest.raises(ValueError, match="RPE-2D position rule 'uniform'.*positions.train='grid'"):
     sweep.method_plan(grid, 'uniform')
 

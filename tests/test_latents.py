@@ -228,7 +228,8 @@ def test_bad_input_is_refused_before_any_work(reference, data_dir, tmp_path):
   cases = [
       (dict(vae_path=tmp_path / 'missing.safetensors'), f'--vae: {tmp_path}/missing.safetensors: '
        'no such file'),
-      (dict(vae_path=pickled), '.ckpt checkpoints are pickles and are never loaded'),
+      (dict(vae_path=pickled), 'model.ckpt is neither safetensors nor a torch file: first bytes '
+       '80 04 95'),
       (dict(config=dict(data__image_size=36)), "data.image_size=36 is not divisible by the VAE's "
        'downsampling factor 8'),
       (dict(config=dict(data__channels=1)), 'data.channels=1, but the VAE encodes 3-channel '
@@ -281,11 +282,15 @@ def test_command_line_bad_input_exits_2(data_dir, tmp_path, compilation_cache):
                        subprocess_env(compilation_cache))
   assert result.returncode == 2, result.stderr[-3000:]
   lines = result.stderr.strip().splitlines()
-  assert lines[-1].startswith(f'error: --vae: {pickled}: .ckpt checkpoints are pickles'), lines
+  assert lines[-1].startswith(f'error: --vae: {pickled} is neither safetensors nor a torch file'
+                             ), lines
+  assert 'a pickle, not a torch archive; it is never unpickled' in lines[-1]
   assert 'Traceback' not in result.stderr
   assert not out.exists()
   result = run_extract(['--help'], subprocess_env(compilation_cache))
-  assert result.returncode == 0 and '--vae: A diffusers' in result.stdout, result.stderr[-3000:]
+  assert result.returncode == 0 and '--vae: The VAE (required)' in result.stdout, \
+      result.stderr[-3000:]
+  assert '--vae_statistics:' in result.stdout
   assert '--config.data.image_size=32' in result.stdout
 
 

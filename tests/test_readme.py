@@ -54,6 +54,8 @@ PRETRAINED_INPUTS = ('SiT-XL-2-256x256.pt', 'DiT-XL-2-256x256.pt', 'DiT-XL-2-512
                      'stabilityai/sd-vae-ft-ema')
 FITV2_INPUTS = ('InfImagine/FiTv2/resolve/main/FiTv2_XL/model_ema.safetensors', 'FiTv2_XL_HRFT',
                 'sd-vae-ft-ema')
+LIGHTNINGDIT_INPUTS = ('lightningdit-xl-imagenet256-800ep.pt', 'vavae-imagenet256-f16d32-dinov2.pt',
+                       'latents_stats.pt', 'VIRTUAL_imagenet256_labeled.npz')
 SKIPPED = (
     (r'^python3? -m venv |^\. \S*activate$', 'makes and enters a virtual environment; the test '
      'runs in its own interpreter', ()),
@@ -69,6 +71,9 @@ SKIPPED = (
     (r'fitv2_', 'the published FiTv2 files and the SD VAE (2.7 GB each, downloaded by you; XL/2 '
      'on a GPU); tests/test_fitv2.py imports and samples a reduced FiTv2 built by its own code',
      FITV2_INPUTS),
+    (r'lightningdit', 'the published LightningDiT files, its VA-VAE and statistics (2.7 and 2.15 '
+     'GB, downloaded by you; XL/1 on a GPU); tests/test_lightningdit.py imports, samples and '
+     'decodes a reduced LightningDiT and VA-VAE built by its own code', LIGHTNINGDIT_INPUTS),
     (r'--coordinator_address', 'two cooperating processes; tests/test_multihost.py runs this '
      'layout', ()),
     (r'benchmarks/', 'a measurement of minutes; tests/test_benchmarks.py runs every benchmark '

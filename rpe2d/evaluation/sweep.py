@@ -67,13 +67,20 @@ SHARD_SIZE = 1000  # examples per shard of a cell (what a killed evaluation keep
 
 
 def parse_method(text: str) -> tuple[str, str | None]:
-  """'dy-yarn@contiguous' -> ('dy-yarn', 'contiguous'); 'uniform' -> ('none', 'uniform')."""
-  name, _, rule = text.strip().lower().partition('@')
+  """'dy-yarn@contiguous' -> ('dy-yarn', 'contiguous'); 'uniform' -> ('none', 'uniform'). A
+  sin-cos rule after the name ('pi+native', rope.SINCOS_RULES) is checked here and read by
+  `sincos_rule`."""
+  head, _, rule = text.strip().lower().partition('@')
+  name, plus, sincos = head.partition('+')
   if name in positions.INFERENCE_RULES and not rule:
     name, rule = 'none', name
   if name not in EXTRAPOLATIONS:
     raise ValueError(f'unknown method {text!r}; allowed: {", ".join(METHODS)}, or '
-                     f'<extrapolation>@<{"|".join(positions.INFERENCE_RULES)}>')
+                     f'<extrapolation>[+<{"|".join(rope.SINCOS_RULES)}>]'
+                     f'@<{"|".join(positions.INFERENCE_RULES)}>')
+  if plus and sincos not in rope.SINCOS_RULES:
+    raise ValueError(f'unknown sin-cos rule {sincos!r} in method {text!r}; allowed: '
+                     f'{", ".join(rope.SINCOS_RULES)}')
   if rule and rule not in positions.INFERENCE_RULES:
     raise ValueError(f'unknown position rule {rule!r} in method {text!r}; allowed: '
                      f'{", ".join(positions.INFERENCE_RULES)}')
@@ -94,10 +101,15 @@ def distinct_methods(methods) -> list[str]:
     print(f'note: --methods lists {",".join(methods)}; each method is evaluated once: '
           f'{",".join(kept)}', flush=True)
   return kept
+def sincos_rule(text: str) -> str | None:
+  """The sin-cos rule a method names after a '+' ('pi+native' -> 'native'), None without one."""
+  name, plus, sincos = text.strip().lower().partition('@')[0].partition('+')
+  del name
+  return sincos if plus else None
 
 
 def method_plan(config, method: str, **overrides) -> sampler.SamplingPlan:
-  """The run's sampling plan with the method's encoding and position rule.
+  """The run's sampling plan with the method's encoding (and sin-cos rule) and position rule.
 
   Raises ValueError when the method needs an RPE-2D run and this one is not.
   """
@@ -105,7 +117,10 @@ def method_plan(config, method: str, **overrides) -> sampler.SamplingPlan:
   if rule and config.positions.train != 'rpe2d':
     raise ValueError(f'method {method!r} uses the RPE-2D position rule {rule!r}; this run was '
                      f'trained with positions.train={config.positions.train!r}')
-  plan = dict(overrides, encoding=config_lib.encoding(config, **EXTRAPOLATIONS[name]))
+  fields = dict(EXTRAPOLATIONS[name])
+  if sincos_rule(method):
+    fields['sincos'] = sincos_rule(method)
+  plan = dict(overrides, encoding=config_lib.encoding(config, **fields))
   if rule:
     plan['positions'] = rule
   return config_lib.sampling_plan(config, **plan)

@@ -6,6 +6,8 @@ A family is a module with
   SOURCES               file name -> the public address of each published file
   KNOWN_FILES           sha256 -> file name, for files whose hash is published (may be empty)
   VAE_SCALING_FACTOR    the factor its latents were scaled by (its VAE must have it)
+  VAE, VAE_STATISTICS   optional: the VAE it needs, in words (default an SD VAE), and whether
+                        its latents are normalised per channel by a statistics file (default no)
   architecture(shapes)  what the state dict's shapes say about the model (ValueError if they
                         are not this family's layout)
   expected_shapes(arch) every key of such a state dict and its shape
@@ -19,9 +21,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
-from rpe2d.families import common, dit, fitv2, sit
+from rpe2d.families import common, dit, fitv2, lightningdit, sit
 
-FAMILIES = {module.NAME: module for module in (sit, dit, fitv2)}
+FAMILIES = {module.NAME: module for module in (sit, dit, fitv2, lightningdit)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,13 +1,15 @@
 """Image grids as PNG files."""
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, PngImagePlugin
 
 from rpe2d import files
 
 
 def to_uint8(images) -> np.ndarray:
-  """[-1, 1] floats -> uint8, with the same rounding as the sampler's output."""
+  """[-1, 1] floats -> uint8: round((x + 1) * 127.5), clipped. DiT's rule (its uint8 cast of
+  127.5 x + 128 rounds half up; this rounds half to even, the same but at exact halves), which the
+  papers compared against sample with; ADM's truncates (docs/methods.md#quantisation)."""
   return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
@@ -31,6 +33,12 @@ def grid(images, rows: int, row_labels=None, padding: int = 2, label_width: int 
   return picture
 
 
-def save_grid(path, images, rows: int, row_labels=None) -> None:
+def save_grid(path, images, rows: int, row_labels=None, text: dict | None = None) -> None:
+  """A grid as a PNG; `text` becomes its tEXt chunks (e.g. the checkpoint it was sampled from)."""
+  info = None
+  if text:
+    info = PngImagePlugin.PngInfo()
+    for key, value in text.items():
+      info.add_text(key, str(value))
   with files.atomic_path(path) as tmp:
-    grid(images, rows, row_labels).save(tmp, format='PNG')
+    grid(images, rows, row_labels).save(tmp, format='PNG', pnginfo=info)

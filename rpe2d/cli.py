@@ -41,6 +41,8 @@ def fail(message: str, status: int) -> None:
   if _LIBRARY_LOG and _LIBRARY_LOG[0].written:
     message = f'{message} (what the libraries logged, with tracebacks: {_LIBRARY_LOG[0].where})'
   print(f'error: {message}', file=sys.stderr, flush=True)
+  if _LIBRARY_LOG and _LIBRARY_LOG[0].written:
+    _LIBRARY_LOG[0].take_stderr()
   sys.exit(status)
 
 
@@ -159,6 +161,19 @@ class LibraryLog(logging.Handler):
       except OSError:
         continue  # a full disk: the console keeps the one line
 
+  def take_stderr(self) -> None:
+    """Sends what is printed to stderr from now on (by the libraries' threads and callbacks as
+    the process ends, e.g. tensorstore's into a closed event loop) to the log, after the one
+    error line that names the log."""
+    self.write('--- printed to stderr as the process ended:')
+    try:
+      sys.stderr.flush()
+      fd = os.open(str(self.where), os.O_WRONLY | os.O_APPEND)
+      os.dup2(fd, 2)
+      os.close(fd)
+    except OSError:
+      pass
+
   def emit(self, record: logging.LogRecord) -> None:
     try:
       self.write(self.format(record))
@@ -218,5 +233,18 @@ def quiet_libraries(command: str) -> LibraryLog:
                                                    args.exc_traceback)))
 
   threading.excepthook = thread_died
+  printed_by_python = sys.excepthook
+
+  def printed(exc_type, exc_value, exc_traceback):
+    # What the libraries print with PyErr_Print: tensorstore's callbacks into the event loop that
+    # orbax closed after a failed save, from any thread. rpe2d's own errors print as ever.
+    frames = traceback.extract_tb(exc_traceback)
+    if not frames or _ours(frames[-1].filename) or _ours(frames[0].filename):
+      printed_by_python(exc_type, exc_value, exc_traceback)
+      return
+    log.write(f'exception printed by {threading.current_thread().name}:\n'
+              + ''.join(traceback.format_exception(exc_type, exc_value, exc_traceback)))
+
+  sys.excepthook = printed
   _LIBRARY_LOG.append(log)
   return log

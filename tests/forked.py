@@ -160,6 +160,8 @@ class Scripts:
     if differ:
       raise ValueError(f'{differ} are read at import: start a server with that environment')
     argv = [str(a) for a in argv]
+    for path in (stdout, stderr):  # there when this returns, as with subprocess.Popen's files
+      pathlib.Path(path).touch()
     self._server.stdin.write(json.dumps(dict(
         argv=argv, cwd=str(cwd), stdout=str(stdout), stderr=str(stderr),
         env={k: env.get(k) for k in PER_CHILD})) + '\n')

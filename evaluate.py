@@ -32,7 +32,7 @@ from absl import app, flags, logging
 import jax
 
 from rpe2d import attention, checks, checkpoints, cli, config as config_lib, distributed, files
-from rpe2d import inference, rundir, sampler
+from rpe2d import inference, rundir, solver_flags
 from rpe2d.evaluation import adm, classifier as classifier_lib, inception, metrics
 from rpe2d.evaluation import sweep
 
@@ -68,34 +68,12 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Noise seed; every cell of a run uses th
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Images per sampling batch.')
 _INCEPTION_BATCH_SIZE = flags.DEFINE_integer('inception_batch_size', 50,
                                              'Images per Inception batch.')
-_STEPS = flags.DEFINE_integer('steps', None, "Sampler steps (default: each run's config).")
-_CFG_SCALE = flags.DEFINE_float('cfg_scale', None, "Guidance scale (default: each run's config).")
-_SAMPLER = flags.DEFINE_enum('sampler', None, list(sampler.SAMPLERS),
-                             "euler, heun, dopri5 (ODE), euler_maruyama (SiT's SDE), ddpm (DiT's).")
-_CFG_CHANNELS = flags.DEFINE_integer('cfg_channels', None, "Guide only the first k channels "
-                                     "(0: all; default: each run's config).")
-_ATOL = flags.DEFINE_float('atol', None, 'dopri5: absolute tolerance.')
-_RTOL = flags.DEFINE_float('rtol', None, 'dopri5: relative tolerance.')
-_MAX_STEPS = flags.DEFINE_integer('max_steps', None, 'dopri5: step attempts before it gives up.')
-_ADAPTIVE_STEP = flags.DEFINE_enum('adaptive_step', None, list(sampler.ADAPTIVE_STEPS),
-                                   'dopri5: a step size per example, or per batch (torchdiffeq).')
-_DIFFUSION_FORM = flags.DEFINE_enum('diffusion_form', None, list(sampler.DIFFUSION_FORMS),
-                                    'euler_maruyama: the diffusion coefficient.')
-_DIFFUSION_NORM = flags.DEFINE_float('diffusion_norm', None, 'euler_maruyama: its magnitude.')
-_LAST_STEP = flags.DEFINE_enum('last_step', None, list(sampler.LAST_STEPS),
-                               'euler_maruyama: the last step to t = 0.')
-_LAST_STEP_SIZE = flags.DEFINE_float('last_step_size', None, 'euler_maruyama: its size.')
-# Sampler flags: the plan field each overrides in every cell (numeric ones checked like the config).
-_PLAN_FLAGS = ((_STEPS, 'steps'), (_CFG_SCALE, 'cfg_scale'), (_SAMPLER, 'sampler'),
-               (_CFG_CHANNELS, 'cfg_channels'), (_ATOL, 'atol'), (_RTOL, 'rtol'),
-               (_MAX_STEPS, 'max_steps'), (_ADAPTIVE_STEP, 'adaptive_step'),
-               (_DIFFUSION_FORM, 'diffusion_form'), (_DIFFUSION_NORM, 'diffusion_norm'),
-               (_LAST_STEP, 'last_step'), (_LAST_STEP_SIZE, 'last_step_size'))
 _NOEMA = flags.DEFINE_bool('noema', False, 'Use the raw weights instead of the EMA weights.')
 _ATTENTION = flags.DEFINE_enum('attention', None, list(attention.KERNELS),
                                "Attention kernel (default: each run's); chunked for grids whose "
                                'full attention matrix does not fit in memory.')
 flags.adopt_module_key_flags(distributed)  # --help lists the multi-host flags
+flags.adopt_module_key_flags(solver_flags)  # and the solver's
 
 
 def load_classifier(num_samples: int):
@@ -165,10 +143,7 @@ def check_flags() -> None:
                       (_NUM_REFERENCE, checks.non_negative_int)):
     if flag.value is not None:
       check(f'--{flag.name}', flag.value)
-  for flag, field in _PLAN_FLAGS:
-    check = config_lib.FIELDS[f'sampling.{field}'].check
-    if flag.value is not None and check is not None:
-      check(f'--{flag.name}', flag.value)
+  solver_flags.check()
   if not 0 < _NUM_SAMPLES.value <= sweep.MAX_SAMPLES:
     raise ValueError(f'--num_samples={_NUM_SAMPLES.value} must be positive and at most '
                      f'{sweep.MAX_SAMPLES}')
@@ -242,8 +217,7 @@ def main_sweep(log):
         _RESOLUTIONS.value, {(run.model.patch_size, inference.downsampling(run)) for run in runs}),
         '--resolutions')
     npz_references = sweep.parse_reference_npz(_REFERENCE_NPZ.value, resolutions)
-    overrides = {field: flag.value for flag, field in _PLAN_FLAGS if flag.value is not None}
-    cells = sweep.plan_cells(runs, names, resolutions, methods, overrides)
+    cells = sweep.plan_cells(runs, names, resolutions, methods, solver_flags.overrides())
     sweep.check_inputs(runs, resolutions, num_samples=_NUM_SAMPLES.value,
                        num_reference=_NUM_REFERENCE.value or None, split=_SPLIT.value,
                        real_split=_REAL_SPLIT.value, npz_references=npz_references)

@@ -35,7 +35,7 @@ import jax
 import numpy as np
 
 from rpe2d import attention, checks, checkpoints, cli, config as config_lib, data, distributed
-from rpe2d import files, inference, positions, rope, rundir, sampler
+from rpe2d import files, inference, positions, rope, rundir, sampler, solver_flags
 from rpe2d.evaluation import batches, shards
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training run directory.', required=True)
@@ -81,26 +81,8 @@ _SINCOS = flags.DEFINE_enum('sincos', None, list(rope.SINCOS_RULES),
 _TIME_SHIFT = flags.DEFINE_float('time_shift', None, "Fixed time shift a (1: none).")
 _TIME_SHIFT_BY_RESOLUTION = flags.DEFINE_bool('time_shift_by_resolution', None,
                                               'Multiply the shift by sqrt(N_test / N_train).')
-_SAMPLER = flags.DEFINE_enum('sampler', None, list(sampler.SAMPLERS),
-                             'euler, heun: ODE, fixed steps; dopri5: ODE, adaptive; '
-                             "euler_maruyama: SiT's SDE; ddpm: DiT's ancestral sampler.")
-_STEPS = flags.DEFINE_integer('steps', None, "Solver steps (euler_maruyama: SiT's num_steps; "
-                              "ddpm: DiT's respaced steps).")
-_ATOL = flags.DEFINE_float('atol', None, 'dopri5: absolute tolerance.')
-_RTOL = flags.DEFINE_float('rtol', None, 'dopri5: relative tolerance.')
-_MAX_STEPS = flags.DEFINE_integer('max_steps', None, 'dopri5: step attempts before it gives up.')
-_ADAPTIVE_STEP = flags.DEFINE_enum('adaptive_step', None, list(sampler.ADAPTIVE_STEPS),
-                                   'dopri5: a step size per example, or per batch (torchdiffeq).')
-_DIFFUSION_FORM = flags.DEFINE_enum('diffusion_form', None, list(sampler.DIFFUSION_FORMS),
-                                    'euler_maruyama: the diffusion coefficient.')
-_DIFFUSION_NORM = flags.DEFINE_float('diffusion_norm', None, 'euler_maruyama: its magnitude.')
-_LAST_STEP = flags.DEFINE_enum('last_step', None, list(sampler.LAST_STEPS),
-                               'euler_maruyama: the last step to t = 0.')
-_LAST_STEP_SIZE = flags.DEFINE_float('last_step_size', None, 'euler_maruyama: its size.')
-_CFG_SCALE = flags.DEFINE_float('cfg_scale', None, 'Classifier-free guidance scale (1: none).')
 _CFG_INTERVAL = flags.DEFINE_string('cfg_interval', None, 'low,high: guide only for t inside.')
-_CFG_CHANNELS = flags.DEFINE_integer('cfg_channels', None, 'Guide only the first k channels, the '
-                                     'rest conditional (0: all; 3: DiT/SiT published numbers).')
+flags.adopt_module_key_flags(solver_flags)  # --help lists the solver's flags
 _MERGE = flags.DEFINE_bool('merge', False, 'Several processes: process 0 merges their .npz parts '
                             'into the one --output batch (and removes the parts).')
 flags.adopt_module_key_flags(distributed)  # --help lists the multi-host flags
@@ -110,13 +92,8 @@ _ATTENTION = flags.DEFINE_enum('attention', None, list(attention.KERNELS),
 
 
 # Numeric flags and the config fields whose ranges they share.
-_FLAG_FIELDS = ((_TIME_SHIFT, 'sampling.time_shift'), (_CFG_SCALE, 'sampling.cfg_scale'),
-                (_CFG_CHANNELS, 'sampling.cfg_channels'),
-                (_STEPS, 'sampling.steps'), (_DYPE_LAMBDA_S, 'encoding.dype_lambda_s'),
-                (_DYPE_LAMBDA_T, 'encoding.dype_lambda_t'), (_ATOL, 'sampling.atol'),
-                (_RTOL, 'sampling.rtol'), (_MAX_STEPS, 'sampling.max_steps'),
-                (_DIFFUSION_NORM, 'sampling.diffusion_norm'),
-                (_LAST_STEP_SIZE, 'sampling.last_step_size'))
+_FLAG_FIELDS = ((_TIME_SHIFT, 'sampling.time_shift'), (_DYPE_LAMBDA_S, 'encoding.dype_lambda_s'),
+                (_DYPE_LAMBDA_T, 'encoding.dype_lambda_t'))
 
 
 # The most images one call samples: example indices are int32.
@@ -130,6 +107,7 @@ def check_flags() -> None:
   for flag, key in _FLAG_FIELDS:
     if flag.value is not None:
       config_lib.FIELDS[key].check(f'--{flag.name}', flag.value)
+  solver_flags.check()
   for flag, check in ((_SEED, checks.seed), (_BATCH_SIZE, checks.positive_int)):
     check(f'--{flag.name}', flag.value)
   for note in inference.check_decode_tile('--decode_tile', _DECODE_TILE.value):
@@ -185,14 +163,10 @@ def plan_from_flags(run) -> sampler.SamplingPlan:
       encoding[field] = flag.value
   plan = {'encoding': config_lib.encoding(config, **encoding)}
   for flag, field in ((_POSITIONS, 'positions'), (_TIME_SHIFT, 'time_shift'),
-                      (_TIME_SHIFT_BY_RESOLUTION, 'time_shift_by_resolution'),
-                      (_SAMPLER, 'sampler'), (_STEPS, 'steps'), (_CFG_SCALE, 'cfg_scale'),
-                      (_CFG_CHANNELS, 'cfg_channels'), (_ATOL, 'atol'), (_RTOL, 'rtol'),
-                      (_MAX_STEPS, 'max_steps'), (_ADAPTIVE_STEP, 'adaptive_step'),
-                      (_DIFFUSION_FORM, 'diffusion_form'), (_DIFFUSION_NORM, 'diffusion_norm'),
-                      (_LAST_STEP, 'last_step'), (_LAST_STEP_SIZE, 'last_step_size')):
+                      (_TIME_SHIFT_BY_RESOLUTION, 'time_shift_by_resolution')):
     if flag.value is not None:
       plan[field] = flag.value
+  plan.update(solver_flags.overrides())
   if _CFG_INTERVAL.value is not None:
     plan['cfg_interval'] = cfg_interval()
   return config_lib.sampling_plan(config, **plan)

@@ -224,20 +224,17 @@ def check_dit_table(tensors: Mapping[str, np.ndarray], arch: DiTArchitecture) ->
   check_table(tensors['pos_embed'], arch.grid, arch.width, 'xy')
 
 
-def dit_config(arch: DiTArchitecture):
-  """rpe2d's config for a DiT-layout model trained on 16x16-token grids of SD-VAE latents: the
-  model fields every such family shares (sin-cos in DiT's layout on integer grid positions, the
-  raw time into the embedder), its latent data, and DiT's and SiT's guidance (1.5 on the first
-  3 channels). The family sets the parameterisation and the sampler; the import adds the VAE."""
+def imported_config(arch):
+  """What every imported family's config shares: its variant, the raw time into the embedder, no
+  micro-conditioning, its latents at the size it was trained on (no augmentation, grid
+  positions; ImageNet as the source of a 1000-class model, as the published ones are), one
+  sample per class in the training grids. `arch`: a family's architecture (variant, latent_size,
+  channels, num_classes)."""
   from rpe2d import config as config_lib  # pylint: disable=g-import-not-at-top  # it imports model
   config = config_lib.base()
   m = config.model
   m.variant = arch.variant
-  m.position_embedding = 'sincos'
-  m.sincos_order = 'xy'
   m.time_scale = 1.0
-  m.mlp_ratio = arch.mlp_hidden / arch.width
-  m.qk_norm = 'none'
   m.micro_conditioning = False
   d = config.data
   d.name = 'latents'
@@ -245,10 +242,24 @@ def dit_config(arch: DiTArchitecture):
   d.channels = arch.channels
   d.num_classes = arch.num_classes
   d.augment = 'none'
-  d.source_name = 'imagenet2012' if arch.num_classes == 1000 else None  # the published models'
+  d.source_name = 'imagenet2012' if arch.num_classes == 1000 else None
   config.positions.train = 'grid'
+  config.sampling.num_per_class = 1
+  return config
+
+
+def dit_config(arch: DiTArchitecture):
+  """rpe2d's config for a DiT-layout model trained on 16x16-token grids of SD-VAE latents: the
+  model fields every such family shares (sin-cos in DiT's layout on integer grid positions), and
+  DiT's and SiT's guidance (1.5 on the first 3 channels). The family sets the parameterisation
+  and the sampler; the import adds the VAE."""
+  config = imported_config(arch)
+  m = config.model
+  m.position_embedding = 'sincos'
+  m.sincos_order = 'xy'
+  m.mlp_ratio = arch.mlp_hidden / arch.width
+  m.qk_norm = 'none'
   s = config.sampling
   s.cfg_scale = 1.5
   s.cfg_channels = min(3, arch.channels)
-  s.num_per_class = 1
   return config

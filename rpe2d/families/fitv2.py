@@ -213,32 +213,19 @@ def config(arch: FiTArchitecture):
   conventions for the encodings that name them (YaRN's index form with tau from the longer side),
   and the published sampling settings (FiTv2-XL/2 256x256: FID 2.26 with dopri5, atol 1e-6, rtol
   1e-3, at cfg 1.5 on 3 channels)."""
-  from rpe2d import config as config_lib  # pylint: disable=g-import-not-at-top  # it imports model
-  c = config_lib.base()
+  c = common.imported_config(arch)
   m = c.model
-  m.variant = arch.variant
   m.position_embedding = 'rope'
   m.rope_base = ROPE_BASE
-  m.time_scale = 1.0
   m.prediction = 'velocity'
   m.mlp, m.mlp_ratio, m.norm = 'swiglu', MLP_RATIO, 'layernorm'
   m.adaln, m.adaln_rank = 'lora', arch.adaln_rank
   m.qk_norm = 'layernorm'
-  m.micro_conditioning = False
-  d = c.data
-  d.name = 'latents'
-  d.image_size = arch.latent_size
-  d.channels = arch.channels
-  d.num_classes = arch.num_classes
-  d.augment = 'none'
-  d.source_name = 'imagenet2012' if arch.num_classes == 1000 else None
-  c.positions.train = 'grid'
   e = c.encoding
   e.yarn_form, e.temperature = 'index', 'rope_max'
   s = c.sampling
   s.sampler, s.atol, s.rtol = 'dopri5', 1e-6, 1e-3
   s.cfg_scale = 1.5
   s.cfg_channels = min(CFG_CHANNELS, arch.channels)
-  s.num_per_class = 1
   c.flow.time_sampling = 'logit_normal'  # FiTv2's training times (snr_type lognorm)
   return c

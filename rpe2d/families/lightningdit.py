@@ -247,32 +247,19 @@ def config(arch: LightningArchitecture):
   """The rpe2d config of an imported LightningDiT: its blocks, RoPE with the sin-cos table, the
   grid it was trained on, and the published sampling (LightningDiT-XL/1, 800 epochs: FID 1.35 with
   Euler on 250 points, shift 0.3, cfg 6.7 from t_LightningDiT = 0.125 on 3 of 32 channels)."""
-  from rpe2d import config as config_lib  # pylint: disable=g-import-not-at-top  # it imports model
-  c = config_lib.base()
+  c = common.imported_config(arch)
   m = c.model
-  m.variant = arch.variant
   m.position_embedding = 'rope+sincos'
   m.sincos_order = 'xy'
   m.rope_base = ROPE_BASE
-  m.time_scale = 1.0
   m.prediction = 'velocity'
   m.learned_variance = False
   m.mlp, m.mlp_ratio, m.norm, m.adaln, m.qk_norm = 'swiglu', MLP_RATIO, 'rmsnorm', 'full', 'none'
-  m.micro_conditioning = False
-  d = c.data
-  d.name = 'latents'
-  d.image_size = arch.latent_size
-  d.channels = arch.channels
-  d.num_classes = arch.num_classes
-  d.augment = 'none'
-  d.source_name = 'imagenet2012' if arch.num_classes == 1000 else None
-  c.positions.train = 'grid'
   s = c.sampling
   s.sampler, s.steps = 'euler', EULER_POINTS - 1
   s.time_shift = 1.0 / TIMESTEP_SHIFT
   s.cfg_scale = CFG_SCALE
   s.cfg_interval = (0.0, 1.0 - CFG_INTERVAL_START)
   s.cfg_channels = min(CFG_CHANNELS, arch.channels)
-  s.num_per_class = 1
   c.flow.time_sampling = 'logit_normal'  # its training times (use_lognorm), for fine-tuning
   return c

@@ -114,7 +114,8 @@ def measure(config, steps: int, warmup: int, sample: bool, sample_steps: int, sa
         f'{config.data.channels}, batch {batch}, {config.model.dtype}, attention '
         f'{config.model.attention_implementation}, scan_layers {config.model.scan_layers}', flush=True)
 
-  trainer = training.Trainer(built.model, built.training, training.make_mesh(config.mesh.fsdp))
+  trainer = training.Trainer(built.model, built.training, training.make_mesh(
+      training.resolve_fsdp(config.mesh.fsdp, built.model, built.training, jax.devices())))
   state = trainer.init_state()
   device_batch = trainer.device_batch(synthetic_batch(config, batch // jax.process_count()))
   began = time.perf_counter()

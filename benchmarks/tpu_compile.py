@@ -1,0 +1,223 @@
+"""Compiles the programs a TPU user runs for a TPU slice, on any host (no TPU needed), and reports
+per chip: compile time, memory against the chip's HBM, XLA's FLOPs against the analytic count, and
+whether it fits.
+
+  pip install -e '.[tpu]'     # libtpu: the TPU compiler (nothing runs on a TPU)
+  PYTHONPATH=. python benchmarks/tpu_compile.py --config=configs/imagenet.py:XL,256,rpe2d \
+      --topology=v5e-8
+  PYTHONPATH=. python benchmarks/tpu_compile.py --config=configs/imagenet.py:XL,256,rpe2d \
+      --topology=v5e:2x2 --programs=train --config.mesh.fsdp=4 --config.batch_size=64
+  PYTHONPATH=. python benchmarks/tpu_compile.py --table --output=tpu_table.md   # the README's
+
+Programs (rpe2d/aot.py): `train` (the train step at the config's global batch and mesh),
+`sample_step` (one step of the config's solver, CFG included), `sampler` (the whole `lax.scan`
+sampler) and `decode` (a latent run's VAE decode as sample.py splits it) at each --resolution.
+Any config and `--config.<key>=<value>` override works, as for train.py. `--table` runs the cases
+of the README's table, each in its own process (a failed compile takes only itself down).
+
+Memory is XLA:TPU's per chip: arguments, outputs (minus those that reuse a donated argument),
+temporaries, and the peak of its buffer assignment, which is what it checks against the chip's HBM
+when it compiles; a program over it is refused at compile time (RESOURCE_EXHAUSTED), and the table
+shows what it needed. XLA's FLOPs count a `lax.scan` body once (the sampler's steps; the blocks
+under nn.scan), and count the recomputation of a rematerialised forward.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+RESULT = 'RESULT '
+CONFIG = 'configs/imagenet.py:{size},{resolution},rpe2d'
+KERNELS = ('xla', 'splash', 'chunked')
+
+
+def parse_args(argv):
+  from rpe2d import config as config_lib  # pylint: disable=g-import-not-at-top
+  plain, overrides = config_lib.split_overrides(argv)
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].replace('\n', ' '))
+  parser.add_argument('--config', default=CONFIG.format(size='XL', resolution=256))
+  parser.add_argument('--topology', default='v5e-8',
+                      help='a Cloud TPU slice (v4-8, v5e-4, v5e-8, v5p-8, v6e-8) or a jax topology '
+                           'name (v5e:2x2, v4:2x2x2, ...)')
+  parser.add_argument('--programs', default='train,sample_step,sampler,decode')
+  parser.add_argument('--resolutions', default='',
+                      help='sampling sizes in pixels, e.g. 256,512,1024 (default: the training '
+                           'resolution)')
+  parser.add_argument('--sample_batch', type=int, default=64,
+                      help="images per sampler call, over all chips (sample.py's --batch_size)")
+  parser.add_argument('--json', help='also write the reports here (JSON)')
+  parser.add_argument('--table', action='store_true', help="the README's table of cases")
+  parser.add_argument('--output', default=str(pathlib.Path(tempfile.gettempdir()) /
+                                              'rpe2d_tpu_compile.md'))
+  parser.add_argument('--case_timeout', type=float, default=1800, help='seconds per table case')
+  args = parser.parse_args(plain)
+  args.overrides = overrides
+  from rpe2d import aot  # pylint: disable=g-import-not-at-top
+  args.programs = [p.strip() for p in args.programs.split(',') if p.strip()]
+  for name in args.programs:
+    if name not in aot.PROGRAMS:
+      parser.error(f'--programs: {name!r} is not one of {", ".join(aot.PROGRAMS)}')
+  if args.sample_batch < 1:
+    parser.error(f'--sample_batch={args.sample_batch} must be a positive integer')
+  try:
+    args.resolutions = [int(r) for r in args.resolutions.split(',') if r.strip()]
+  except ValueError:
+    parser.error(f'--resolutions={args.resolutions!r} must be pixel sizes like 256,512')
+  return args
+
+
+def gib(value) -> str:
+  return '-' if value is None else f'{value / 2**30:.2f}'
+
+
+def describe(report) -> str:
+  """One report as lines for a terminal."""
+  head = f'{report.name}: {report.what}'
+  if report.error and report.error != 'out of memory':
+    return f'{head}\n  failed after {report.compile_s:.1f} s: {report.error}'
+  lines = [head, f'  lower {report.lower_s:.1f} s, compile {report.compile_s:.1f} s on '
+           f'{report.devices} x {report.device_kind}']
+  if report.error:
+    lines.append(f'  does not fit: needs {gib(report.peak)} GiB per chip of {gib(report.hbm)} '
+                 '(the compiler refused it)')
+    return '\n'.join(lines)
+  lines.append(f'  per chip: arguments {gib(report.arguments)} GiB, outputs '
+               f'{gib(report.outputs - report.aliased)} GiB (+{gib(report.aliased)} in donated '
+               f'arguments), temporaries {gib(report.temporaries)} GiB; peak {gib(report.peak)} '
+               f'of {gib(report.hbm)} GiB: {"fits" if report.fits else "does not fit"}')
+  if report.flops:
+    ratio = f' ({report.xla_flops / report.flops:.2f}x)' if report.xla_flops else ''
+    lines.append(f'  FLOPs per chip: XLA {report.xla_flops / 1e12:.3f} T, analytic '
+                 f'{report.flops / 1e12:.3f} T{ratio}')
+  return '\n'.join(lines)
+
+
+def run(args) -> list[dict]:
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from rpe2d import aot, config as config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load(args.config, args.overrides)
+  devices = aot.topology_devices(args.topology)
+  size = config.data.image_size * (8 if config.data.name == 'latents' else 1)
+  resolutions = [(r, r) for r in (args.resolutions or [size])]
+  print(f'{args.config} {" ".join(args.overrides)} on {args.topology}: {len(devices)} x '
+        f'{devices[0].device_kind}', flush=True)
+  reports = []
+  for program in aot.programs(config, devices, which=args.programs, resolutions=resolutions,
+                              sample_batch=args.sample_batch):
+    report = aot.compile_program(program)
+    print(describe(report), flush=True)
+    reports.append(dict(dataclasses.asdict(report), fits=report.fits))
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(reports, indent=1))
+  return reports
+
+
+# --- the README's table ---------------------------------------------------------------------------
+
+def table_cases() -> list[dict]:
+  """The cases of the README's table, cheapest first: the recipes' train steps (each kernel with
+  nn.scan, xla also unrolled) on every slice, then sampling XL/2 at 256 to 1024 pixels."""
+  cases = []
+  for size in ('B', 'XL'):
+    for resolution in (256, 512):
+      for topology in ('v5e-4', 'v5e-8', 'v4-8', 'v5p-8'):
+        for kernel, scan in [(k, True) for k in KERNELS] + [('xla', False)]:
+          cases.append(dict(config=CONFIG.format(size=size, resolution=resolution),
+                            topology=topology, programs='train', kernel=kernel, scan=scan))
+  for topology in ('v5e-4', 'v5e-8', 'v4-8', 'v5p-8'):
+    for kernel in KERNELS:
+      cases.append(dict(config=CONFIG.format(size='XL', resolution=256), topology=topology,
+                        programs='sample_step,sampler,decode', kernel=kernel, scan=True,
+                        resolutions='256,512,1024'))
+  return cases
+
+
+def run_case(case: dict, timeout: float, workdir: pathlib.Path) -> list[dict]:
+  out = workdir / f'case_{time.monotonic_ns()}.json'
+  command = [sys.executable, __file__, f'--config={case["config"]}',
+             f'--topology={case["topology"]}', f'--programs={case["programs"]}', f'--json={out}',
+             f'--config.model.attention_implementation={case["kernel"]}',
+             f'--config.model.scan_layers={case["scan"]}']
+  if case.get('resolutions'):
+    command.append(f'--resolutions={case["resolutions"]}')
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [str(REPO)] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
+  began = time.perf_counter()
+  try:
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+  except subprocess.TimeoutExpired:
+    return [dict(case, error=f'over the {timeout:.0f} s cap')]
+  if done.returncode or not out.is_file():
+    lines = [l for l in (done.stderr + done.stdout).strip().splitlines() if l.strip()]
+    return [dict(case, error=(lines[-1] if lines else 'no output')[:200])]
+  rows = [dict(case, **r, wall_s=time.perf_counter() - began) for r in json.loads(out.read_text())]
+  return rows
+
+
+def table(rows: list[dict]) -> str:
+  lines = ['| config | topology | kernel | scan | program | batch | compile s | GiB per chip '
+           '(peak / HBM) | args / temp GiB | XLA / analytic FLOPs | fits |',
+           '|---|---|---|---|---|---|---|---|---|---|---|']
+  for r in rows:
+    config = r['config'].split(':')[1].rsplit(',', 1)[0] if ':' in r['config'] else r['config']
+    if 'name' not in r:
+      lines.append(f"| {config} | {r['topology']} | {r['kernel']} | {r['scan']} | "
+                   f"{r['programs']} | | | | | | failed: {r['error']} |")
+      continue
+    batch = r['what'].split('batch ')[1].split(',')[0] if 'batch ' in r['what'] else ''
+    size = r['what'].split(', ')[-1] if r['name'] != 'train' else r['what'].split(', ')[2]
+    program = r['name'] if r['name'] == 'train' else f"{r['name']} {size}"
+    flops = (f"{r['xla_flops'] / r['flops']:.2f}" if r.get('xla_flops') and r['flops'] else '-')
+    if r['error'] == 'out of memory':
+      memory, split, fits = f"needs {gib(r['peak'])} / {gib(r['hbm'])}", '-', 'no'
+    elif r['error']:
+      memory, split, fits = '-', '-', f"failed: {r['error'][:80]}"
+    else:
+      memory = f"{gib(r['peak'])} / {gib(r['hbm'])}"
+      split = f"{gib(r['arguments'])} / {gib(r['temporaries'])}"
+      fits = 'yes' if r['fits'] else 'no'
+    lines.append(f"| {config} | {r['topology']} | {r['kernel']} | {'on' if r['scan'] else 'off'} | "
+                 f"{program} | {batch} | {r['compile_s']:.0f} | {memory} | {split} | {flops} | "
+                 f'{fits} |')
+  return '\n'.join(lines) + '\n'
+
+
+def run_table(args):
+  output = pathlib.Path(args.output)
+  output.parent.mkdir(parents=True, exist_ok=True)
+  rows = []
+  began = time.perf_counter()
+  with tempfile.TemporaryDirectory() as tmp:
+    for case in table_cases():
+      case_rows = run_case(case, args.case_timeout, pathlib.Path(tmp))
+      rows.extend(case_rows)
+      print(table(case_rows).splitlines()[-1], flush=True)
+      output.write_text(table(rows))  # as it goes: a long table survives an interruption
+      output.with_suffix('.json').write_text(json.dumps(rows, indent=1))
+  print('\n' + table(rows))
+  print(f'written to {output} (and {output.with_suffix(".json").name}); '
+        f'{time.perf_counter() - began:.0f} s in all')
+
+
+def main(argv=None):
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  if args.table:
+    return run_table(args)
+  try:
+    run(args)
+  except ValueError as e:
+    raise SystemExit(f'error: {e}') from None
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,239 @@
+"""Ahead-of-time compilation for a target: the programs a user runs, built on abstract inputs for
+a mesh of any devices (a TPU slice's compile-only devices on a CPU host, or this process's), and
+what the compiler says about them: compile time, memory per chip, FLOPs, whether it fits.
+
+  devices = aot.topology_devices('v5e-8')                   # needs libtpu (pip install 'jax[tpu]')
+  programs = aot.programs(config, devices, resolutions=[(256, 256)], sample_batch=64)
+  reports = [aot.compile_program(p) for p in programs]
+
+With libtpu installed, `jax.experimental.topologies` describes the devices of a TPU slice without
+one, and `lower(...).compile()` runs the real TPU compiler (XLA:TPU, Mosaic for Pallas kernels);
+its memory analysis is per chip, and it refuses a program that does not fit the chip's HBM
+(RESOURCE_EXHAUSTED) at compile time. benchmarks/tpu_compile.py is the command over this module.
+"""
+
+import dataclasses
+import functools
+import math
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from rpe2d import attention, autoencoder, config as config_lib, inference, model as model_lib
+from rpe2d import sampler, training
+
+# Cloud TPU slice names -> (the topology name jax.experimental.topologies takes, its options). A
+# v4 or v5p chip holds two TensorCores that jax drives as one device ('megacore'); a single-host
+# v5e-8 or v6e-8 is 2x4 chips on one host. Any other topology name (e.g. 'v5e:2x2') is passed
+# through with default options.
+TOPOLOGIES = {
+    'v4-8': ('v4:2x2x1', {'chip_config_name': 'megacore'}),
+    'v5p-8': ('v5p:2x2x1', {'chip_config_name': 'megacore'}),
+    'v5e-4': ('v5e:2x2', {}),
+    'v5e-8': ('v5e:2x4', {'chips_per_host_bounds': (2, 4, 1)}),
+    'v6e-4': ('v6e:2x2', {}),
+    'v6e-8': ('v6e:2x4', {'chips_per_host_bounds': (2, 4, 1)}),
+}
+PROGRAMS = ('train', 'sample_step', 'sampler', 'decode')
+OUT_OF_MEMORY = re.compile(r'RESOURCE_EXHAUSTED.*?\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)',
+                           re.S)
+
+
+def topology_devices(name: str) -> list:
+  """The compile-only devices of a TPU slice: a name of TOPOLOGIES (v4-8, v5e-8, v5p-8, ...) or a
+  topology name jax takes ('v5e:2x2', 'v4:2x2x2', ...). Needs libtpu; nothing runs on them."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  topology, options = TOPOLOGIES.get(name, (name, {}))
+  try:
+    return list(topologies.get_topology_desc(topology_name=topology, platform='tpu',
+                                             **options).devices)
+  except Exception as e:  # pylint: disable=broad-except  # jax's words vary: one line of them
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(f'topology {name!r}: {reason}; use one of {", ".join(TOPOLOGIES)} or a jax '
+                     "topology name like 'v5e:2x2' (compiling for a TPU needs libtpu: pip "
+                     "install 'jax[tpu]')") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """One program to compile: `lower()` traces and lowers it for its mesh over `devices`; `flops`
+  is the analytic count per device (model.forward_flops), `what` says what one call does."""
+  name: str
+  what: str
+  lower: callable
+  flops: float
+  devices: tuple
+
+
+@dataclasses.dataclass
+class Report:
+  """What compiling a Program gave, per device (chip): sizes in bytes, times in seconds."""
+  name: str
+  what: str
+  devices: int
+  device_kind: str
+  hbm: float | None              # the device's memory as the compiler counts it (None: unknown)
+  lower_s: float = 0.0
+  compile_s: float = 0.0
+  arguments: float = 0.0
+  outputs: float = 0.0
+  aliased: float = 0.0           # outputs that reuse a donated argument's memory
+  temporaries: float = 0.0
+  peak: float = 0.0              # the compiler's peak, the figure it checks against its HBM
+  xla_flops: float | None = None
+  flops: float = 0.0             # analytic, per device
+  error: str | None = None       # why it did not compile
+
+  @property
+  def fits(self) -> bool:
+    return self.error is None and (self.hbm is None or self.peak <= self.hbm)
+
+
+def _abstract(tree, sharding):
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+
+
+def build(config, platform: str):
+  """(model, training plan, sampling plan) of `config` checked for `platform` (the attention
+  kernel must exist there), without the data set (compiling needs only shapes)."""
+  config = config_lib.resolve(config)
+  from rpe2d import checks  # pylint: disable=g-import-not-at-top
+  checks.check(config_lib.SCHEMA, config)
+  model_lib.validate_shape(config.model.variant, config.model.position_embedding)
+  attention.check_kernel(config.model.attention_implementation, platform)
+  return (config_lib.build_model(config), config_lib.training_plan(config),
+          config_lib.sampling_plan(config))
+
+
+def train_program(config, devices, fsdp: int | None = None) -> Program:
+  """The train step of `config` (its batch_size, global) on a ('data', 'fsdp') mesh over
+  `devices`; fsdp defaults to the config's mesh.fsdp."""
+  model, plan, _ = build(config, devices[0].platform)
+  mesh = training.make_mesh(config.mesh.fsdp if fsdp is None else fsdp, devices=devices)
+  trainer = training.Trainer(model, plan, mesh)
+  batch, size, channels = config.batch_size, config.data.image_size, config.data.channels
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                       trainer.abstract_state, trainer.state_sharding)
+  shapes = {'image': ((batch, size, size, channels), jnp.float32), 'label': ((batch,), jnp.int32),
+            'crop': ((batch, 4), jnp.float32)}
+  inputs = {k: jax.ShapeDtypeStruct(s, d, sharding=trainer.batch_sharding)
+            for k, (s, d) in shapes.items()}
+  flops = 3 * model_lib.forward_flops(model.variant, size, size, channels) * batch / len(devices)
+  what = (f'train step, batch {batch}, {size}x{size}x{channels}, mesh data x fsdp = '
+          f'{mesh.shape["data"]} x {mesh.shape["fsdp"]}')
+  return Program('train', what, lambda: trainer.step.lower(state, inputs), flops,
+                 tuple(devices))
+
+
+def sample_program(config, devices, height: int, width: int, batch: int,
+                   steps: int | None = None) -> Program:
+  """The sampler of `config` drawing `batch` images (split over `devices`) of height x width in
+  the model's space (latents for a latent run), as inference.generate compiles it: weights
+  replicated, the batch on the 'data' axis. steps: the solver steps (default: the config's)."""
+  model, _, plan = build(config, devices[0].platform)
+  if steps is not None:
+    plan = dataclasses.replace(plan, steps=steps)
+  plan = sampler.canonical_plan(model, plan, height, width)
+  mesh = training.make_mesh(1, devices=devices)
+  replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  key = jax.random.key(0)  # made here: the mesh's devices are compile-only
+  with jax.set_mesh(mesh):
+    params = _abstract(jax.eval_shape(functools.partial(training.init_params, model), key),
+                       replicated)
+  key = jax.ShapeDtypeStruct((), key.dtype, sharding=replicated)
+  labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=split)
+
+  def lower():
+    with jax.set_mesh(mesh):
+      return sampler.sample_jit.lower(model, params, key, labels, height=height, width=width,
+                                      plan=plan, indices=labels)
+
+  evaluations = plan.steps * (2 if plan.sampler == 'heun' else 1) * (
+      2 if plan.cfg_scale != 1.0 else 1)
+  flops = evaluations * model_lib.forward_flops(model.variant, height, width,
+                                                model.channels) * batch / len(devices)
+  name = 'sampler' if steps is None else 'sample_step'
+  what = (f'{plan.sampler} x {plan.steps}{", CFG" if plan.cfg_scale != 1.0 else ""}, batch '
+          f'{batch}, {height}x{width}x{model.channels}')
+  return Program(name, what, lower, flops, tuple(devices))
+
+
+def decode_program(devices, latent_height: int, latent_width: int,
+                   vae: autoencoder.Config = autoencoder.PRESETS['sd']) -> Program:
+  """The VAE decode of latents of latent_height x latent_width as inference.decode runs it: whole,
+  split over `devices`, as many images per device as DECODE_PIXELS_PER_DEVICE allows."""
+  per_device = max(1, inference.DECODE_PIXELS_PER_DEVICE // (latent_height * latent_width))
+  batch = per_device * len(devices)
+  mesh = jax.sharding.Mesh(np.array(devices), ('batch',))
+  fn = autoencoder.sharded(functools.partial(autoencoder.decode, config=vae), mesh)
+  params = _abstract(autoencoder.param_shapes(vae), NamedSharding(mesh, P()))
+  latents = jax.ShapeDtypeStruct((batch, latent_height, latent_width, vae.latent_channels),
+                                 jnp.float32, sharding=NamedSharding(mesh, P('batch')))
+  factor = vae.downsampling
+  what = (f'VAE decode, batch {batch}, {latent_height * factor}x{latent_width * factor} from '
+          f'{latent_height}x{latent_width}x{vae.latent_channels}')
+  return Program('decode', what, lambda: fn.lower(params, latents), 0.0, tuple(devices))
+
+
+def programs(config, devices, *, which=PROGRAMS, resolutions=(), sample_batch: int = 0,
+             fsdp: int | None = None) -> list[Program]:
+  """The programs `which` names for `config` on `devices`: the train step, then per resolution
+  (pixels) one sampler step, the whole sampler and (latent runs) the VAE decode. sample_batch:
+  images per sampler call (default: one per device)."""
+  config = config_lib.resolve(config)
+  factor = autoencoder.PRESETS['sd'].downsampling if inference.is_latent(config) else 1
+  out = []
+  if 'train' in which:
+    out.append(train_program(config, devices, fsdp))
+  batch = sample_batch or len(devices)
+  for height, width in resolutions:
+    h, w = height // factor, width // factor
+    if 'sample_step' in which:
+      out.append(sample_program(config, devices, h, w, batch, steps=1))
+    if 'sampler' in which:
+      out.append(sample_program(config, devices, h, w, batch))
+    if 'decode' in which and factor > 1:
+      out.append(decode_program(devices, h, w))
+  return out
+
+
+def compile_program(program: Program) -> Report:
+  """Lowers and compiles `program` and reads the compiler's memory and cost analyses; a program
+  the compiler refuses (out of memory, an unsupported kernel) gives a Report with `error`."""
+  device = program.devices[0]
+  report = Report(program.name, program.what, len(program.devices), device.device_kind,
+                  training.device_memory(device), flops=program.flops)
+  began = time.perf_counter()
+  try:
+    lowered = program.lower()
+    report.lower_s = time.perf_counter() - began
+    began = time.perf_counter()
+    compiled = lowered.compile()
+  except Exception as e:  # pylint: disable=broad-except  # the compiler's refusal is the result
+    report.compile_s = time.perf_counter() - began
+    text = str(e)
+    needed = OUT_OF_MEMORY.search(text)
+    if needed:
+      report.peak, report.hbm = float(needed.group(1)) * 2**30, float(needed.group(2)) * 2**30
+      report.error = 'out of memory'
+    else:
+      lines = [l for l in text.strip().splitlines() if l.strip()] or [type(e).__name__]
+      report.error = f'{type(e).__name__}: {lines[0][:240]}'
+    return report
+  report.compile_s = time.perf_counter() - began
+  memory = compiled.memory_analysis()
+  report.arguments = memory.argument_size_in_bytes
+  report.outputs = memory.output_size_in_bytes
+  report.aliased = memory.alias_size_in_bytes
+  report.temporaries = memory.temp_size_in_bytes
+  report.peak = getattr(memory, 'peak_memory_in_bytes', 0) or (
+      report.arguments + report.outputs - report.aliased + report.temporaries)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  report.xla_flops = float(cost.get('flops', 0.0)) if cost else None
+  return report
+

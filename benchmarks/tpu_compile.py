@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 RESULT = 'RESULT '
 CONFIG = 'configs/imagenet.py:{size},{resolution},rpe2d'
 KERNELS = ('xla', 'splash', 'chunked')
+TOPOLOGIES = ('v5e-8', 'v4-8', 'v5p-8', 'v5e-4')  # the README's slices, and half a v5e-8
 
 
 def parse_args(argv):
@@ -58,7 +59,10 @@ def parse_args(argv):
   parser.add_argument('--table', action='store_true', help="the README's table of cases")
   parser.add_argument('--output', default=str(pathlib.Path(tempfile.gettempdir()) /
                                               'rpe2d_tpu_compile.md'))
-  parser.add_argument('--case_timeout', type=float, default=1800, help='seconds per table case')
+  parser.add_argument('--case_timeout', type=float, default=3600, help='seconds per table case')
+  parser.add_argument('--case_prefix', default='',
+                      help="a command each table case runs under, e.g. 'nice' or a lock")
+  parser.add_argument('--cases', default='', help='table cases to run, e.g. 0-3,7 (default: all)')
   args = parser.parse_args(plain)
   args.overrides = overrides
   from rpe2d import aot  # pylint: disable=g-import-not-at-top
@@ -95,9 +99,10 @@ def describe(report) -> str:
                f'arguments), temporaries {gib(report.temporaries)} GiB; peak {gib(report.peak)} '
                f'of {gib(report.hbm)} GiB: {"fits" if report.fits else "does not fit"}')
   if report.flops:
-    ratio = f' ({report.xla_flops / report.flops:.2f}x)' if report.xla_flops else ''
-    lines.append(f'  FLOPs per chip: XLA {report.xla_flops / 1e12:.3f} T, analytic '
-                 f'{report.flops / 1e12:.3f} T{ratio}')
+    seen = (f'; XLA counts {report.xla_flops / 1e12:.3f} T of the '
+            f'{report.visible_flops / 1e12:.3f} T it sees (loop bodies once): '
+            f'{report.xla_flops / report.visible_flops:.2f}x' if report.xla_flops else '')
+    lines.append(f'  FLOPs per chip: analytic {report.flops / 1e12:.3f} T per call{seen}')
   return '\n'.join(lines)
 
 
@@ -124,29 +129,30 @@ def run(args) -> list[dict]:
 # --- the README's table ---------------------------------------------------------------------------
 
 def table_cases() -> list[dict]:
-  """The cases of the README's table, cheapest first: the recipes' train steps (each kernel with
-  nn.scan, xla also unrolled) on every slice, then sampling XL/2 at 256 to 1024 pixels."""
-  cases = []
-  for size in ('B', 'XL'):
-    for resolution in (256, 512):
-      for topology in ('v5e-4', 'v5e-8', 'v4-8', 'v5p-8'):
-        for kernel, scan in [(k, True) for k in KERNELS] + [('xla', False)]:
-          cases.append(dict(config=CONFIG.format(size=size, resolution=resolution),
-                            topology=topology, programs='train', kernel=kernel, scan=scan))
-  for topology in ('v5e-4', 'v5e-8', 'v4-8', 'v5p-8'):
-    for kernel in KERNELS:
-      cases.append(dict(config=CONFIG.format(size='XL', resolution=256), topology=topology,
-                        programs='sample_step,sampler,decode', kernel=kernel, scan=True,
-                        resolutions='256,512,1024'))
+  """The cases of the README's table: the ImageNet recipes' train steps (their defaults: global
+  batch 256, remat, nn.scan, mesh.fsdp auto) on each slice, the other kernels, the blocks unrolled
+  and remat off; then sampling XL/2 at 256 to 1024 pixels with each kernel."""
+  recipe = lambda size, resolution, topology, **kw: dict(
+      dict(config=CONFIG.format(size=size, resolution=resolution), topology=topology,
+           programs='train', kernel='xla', overrides=()), **kw)
+  cases = [recipe(size, resolution, topology) for size in ('XL', 'B') for resolution in (256, 512)
+           for topology in TOPOLOGIES]
+  cases += [recipe('XL', resolution, 'v5e-8', kernel=kernel) for resolution in (256, 512)
+            for kernel in ('splash', 'chunked')]
+  cases += [recipe('XL', 256, 'v5e-8', overrides=('--config.model.scan_layers=False',)),
+            recipe('XL', 256, 'v5p-8', overrides=('--config.model.remat=False',)),
+            recipe('XL', 256, 'v5e-8', overrides=('--config.model.remat=False',))]
+  sampling = dict(programs='sample_step,sampler', resolutions='256,512,1024')
+  cases += [recipe('XL', 256, 'v5e-8', kernel=kernel, **sampling) for kernel in KERNELS]
+  cases += [recipe('XL', 256, 'v5e-8', programs='decode', resolutions='256,512,1024')]
   return cases
 
 
-def run_case(case: dict, timeout: float, workdir: pathlib.Path) -> list[dict]:
+def run_case(case: dict, timeout: float, workdir: pathlib.Path, prefix=()) -> list[dict]:
   out = workdir / f'case_{time.monotonic_ns()}.json'
-  command = [sys.executable, __file__, f'--config={case["config"]}',
+  command = [*prefix, sys.executable, __file__, f'--config={case["config"]}',
              f'--topology={case["topology"]}', f'--programs={case["programs"]}', f'--json={out}',
-             f'--config.model.attention_implementation={case["kernel"]}',
-             f'--config.model.scan_layers={case["scan"]}']
+             f'--config.model.attention_implementation={case["kernel"]}', *case['overrides']]
   if case.get('resolutions'):
     command.append(f'--resolutions={case["resolutions"]}')
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
@@ -160,24 +166,40 @@ def run_case(case: dict, timeout: float, workdir: pathlib.Path) -> list[dict]:
   if done.returncode or not out.is_file():
     lines = [l for l in (done.stderr + done.stdout).strip().splitlines() if l.strip()]
     return [dict(case, error=(lines[-1] if lines else 'no output')[:200])]
-  rows = [dict(case, **r, wall_s=time.perf_counter() - began) for r in json.loads(out.read_text())]
-  return rows
+  return [dict(case, **r, wall_s=time.perf_counter() - began) for r in json.loads(out.read_text())]
+
+
+def config_name(config: str) -> str:
+  """'configs/imagenet.py:XL,256,rpe2d' -> 'XL/2 256'."""
+  if not config.startswith('configs/imagenet.py:'):
+    return config
+  size, resolution, *rest = config.split(':', 1)[1].split(',')
+  return f'{size}/{16 if "pixels" in rest else 2} {resolution}'
+
+
+def setting(overrides) -> str:
+  """The table's words for a case's overrides of the recipe."""
+  words = {'--config.model.scan_layers=False': 'unrolled', '--config.model.remat=False': 'no remat'}
+  return ', '.join(words.get(o, o.removeprefix('--config.')) for o in overrides) or 'recipe'
 
 
 def table(rows: list[dict]) -> str:
-  lines = ['| config | topology | kernel | scan | program | batch | compile s | GiB per chip '
-           '(peak / HBM) | args / temp GiB | XLA / analytic FLOPs | fits |',
-           '|---|---|---|---|---|---|---|---|---|---|---|']
+  lines = ['| config | slice | kernel | setting | program | batch | mesh | compile s | GiB per chip '
+           '(peak / HBM) | arguments / temporaries GiB | XLA / analytic FLOPs | fits |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|']
   for r in rows:
-    config = r['config'].split(':')[1].rsplit(',', 1)[0] if ':' in r['config'] else r['config']
-    if 'name' not in r:
-      lines.append(f"| {config} | {r['topology']} | {r['kernel']} | {r['scan']} | "
-                   f"{r['programs']} | | | | | | failed: {r['error']} |")
+    head = (f"| {config_name(r['config'])} | {r['topology']} | {r['kernel']} | "
+            f"{setting(r['overrides'])} | ")
+    if 'name' not in r:  # the case's process failed before any report
+      lines.append(head + f"{r['programs']} | | | | | | | failed: {r['error']} |")
       continue
-    batch = r['what'].split('batch ')[1].split(',')[0] if 'batch ' in r['what'] else ''
-    size = r['what'].split(', ')[-1] if r['name'] != 'train' else r['what'].split(', ')[2]
-    program = r['name'] if r['name'] == 'train' else f"{r['name']} {size}"
-    flops = (f"{r['xla_flops'] / r['flops']:.2f}" if r.get('xla_flops') and r['flops'] else '-')
+    parts = r['what'].split(', ')
+    batch = next(p.split()[1] for p in parts if p.startswith('batch '))
+    mesh = r['what'].split('= ')[1].replace(' ', '') if 'mesh' in r['what'] else '-'
+    size = next((p for p in parts if 'x' in p and p[0].isdigit()), '')
+    program = f"{r['name']} {size}" if r['name'] != 'train' else 'train step'
+    flops = (f"{r['xla_flops'] / r['visible_flops']:.2f}"
+             if r.get('xla_flops') and r['visible_flops'] else '-')
     if r['error'] == 'out of memory':
       memory, split, fits = f"needs {gib(r['peak'])} / {gib(r['hbm'])}", '-', 'no'
     elif r['error']:
@@ -186,10 +208,20 @@ def table(rows: list[dict]) -> str:
       memory = f"{gib(r['peak'])} / {gib(r['hbm'])}"
       split = f"{gib(r['arguments'])} / {gib(r['temporaries'])}"
       fits = 'yes' if r['fits'] else 'no'
-    lines.append(f"| {config} | {r['topology']} | {r['kernel']} | {'on' if r['scan'] else 'off'} | "
-                 f"{program} | {batch} | {r['compile_s']:.0f} | {memory} | {split} | {flops} | "
-                 f'{fits} |')
+    lines.append(head + f"{program} | {batch} | {mesh} | {r['compile_s']:.0f} | {memory} | "
+                 f'{split} | {flops} | {fits} |')
   return '\n'.join(lines) + '\n'
+
+
+def selected(spec: str, count: int) -> list[int]:
+  """'0-3,7' -> [0, 1, 2, 3, 7]; '' -> every case."""
+  if not spec:
+    return list(range(count))
+  out = []
+  for part in spec.split(','):
+    low, _, high = part.partition('-')
+    out.extend(range(int(low), int(high or low) + 1))
+  return [i for i in out if i < count]
 
 
 def run_table(args):
@@ -197,11 +229,13 @@ def run_table(args):
   output.parent.mkdir(parents=True, exist_ok=True)
   rows = []
   began = time.perf_counter()
+  cases = table_cases()
   with tempfile.TemporaryDirectory() as tmp:
-    for case in table_cases():
-      case_rows = run_case(case, args.case_timeout, pathlib.Path(tmp))
+    for i in selected(args.cases, len(cases)):
+      case_rows = run_case(cases[i], args.case_timeout, pathlib.Path(tmp),
+                           args.case_prefix.split())
       rows.extend(case_rows)
-      print(table(case_rows).splitlines()[-1], flush=True)
+      print(f'case {i}:\n' + '\n'.join(table(case_rows).splitlines()[2:]), flush=True)
       output.write_text(table(rows))  # as it goes: a long table survives an interruption
       output.with_suffix('.json').write_text(json.dumps(rows, indent=1))
   print('\n' + table(rows))

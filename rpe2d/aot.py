@@ -61,11 +61,14 @@ def topology_devices(name: str) -> list:
 @dataclasses.dataclass(frozen=True)
 class Program:
   """One program to compile: `lower()` traces and lowers it for its mesh over `devices`; `flops`
-  is the analytic count per device (model.forward_flops), `what` says what one call does."""
+  is the analytic count of one call per device (model.forward_flops), `visible_flops` the part
+  XLA's cost analysis sees, which counts each loop body once (a solver step of the sampler's
+  `lax.scan`, one block of nn.scan); `what` says what one call does."""
   name: str
   what: str
   lower: callable
   flops: float
+  visible_flops: float
   devices: tuple
 
 
@@ -84,8 +87,9 @@ class Report:
   aliased: float = 0.0           # outputs that reuse a donated argument's memory
   temporaries: float = 0.0
   peak: float = 0.0              # the compiler's peak, the figure it checks against its HBM
-  xla_flops: float | None = None
-  flops: float = 0.0             # analytic, per device
+  xla_flops: float | None = None  # what XLA's cost analysis counts (each loop body once)
+  flops: float = 0.0             # analytic, per device, one call
+  visible_flops: float = 0.0     # analytic, per device, each loop body once: XLA's count's peer
   error: str | None = None       # why it did not compile
 
   @property
@@ -111,9 +115,11 @@ def build(config, platform: str):
 
 def train_program(config, devices, fsdp: int | None = None) -> Program:
   """The train step of `config` (its batch_size, global) on a ('data', 'fsdp') mesh over
-  `devices`; fsdp defaults to the config's mesh.fsdp."""
+  `devices`; fsdp defaults to the config's mesh.fsdp, resolved and checked as train.py does
+  (training.resolve_fsdp: 0 is auto; a train state that cannot fit is refused)."""
   model, plan, _ = build(config, devices[0].platform)
-  mesh = training.make_mesh(config.mesh.fsdp if fsdp is None else fsdp, devices=devices)
+  fsdp = training.resolve_fsdp(config.mesh.fsdp if fsdp is None else fsdp, model, plan, devices)
+  mesh = training.make_mesh(fsdp, devices=devices)
   trainer = training.Trainer(model, plan, mesh)
   batch, size, channels = config.batch_size, config.data.image_size, config.data.channels
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -126,7 +132,12 @@ def train_program(config, devices, fsdp: int | None = None) -> Program:
   what = (f'train step, batch {batch}, {size}x{size}x{channels}, mesh data x fsdp = '
           f'{mesh.shape["data"]} x {mesh.shape["fsdp"]}')
   return Program('train', what, lambda: trainer.step.lower(state, inputs), flops,
-                 tuple(devices))
+                 flops / _scanned_depth(model), tuple(devices))
+
+
+def _scanned_depth(model) -> int:
+  """How many times nn.scan runs the block that XLA's cost analysis counts once (1 unrolled)."""
+  return model_lib.parse_variant(model.variant)[1] if model.scan_layers else 1
 
 
 def sample_program(config, devices, height: int, width: int, batch: int,
@@ -152,14 +163,13 @@ def sample_program(config, devices, height: int, width: int, batch: int,
       return sampler.sample_jit.lower(model, params, key, labels, height=height, width=width,
                                       plan=plan, indices=labels)
 
-  evaluations = plan.steps * (2 if plan.sampler == 'heun' else 1) * (
-      2 if plan.cfg_scale != 1.0 else 1)
-  flops = evaluations * model_lib.forward_flops(model.variant, height, width,
-                                                model.channels) * batch / len(devices)
+  per_step = (2 if plan.sampler == 'heun' else 1) * (2 if plan.cfg_scale != 1.0 else 1) * (
+      model_lib.forward_flops(model.variant, height, width, model.channels) * batch / len(devices))
   name = 'sampler' if steps is None else 'sample_step'
   what = (f'{plan.sampler} x {plan.steps}{", CFG" if plan.cfg_scale != 1.0 else ""}, batch '
           f'{batch}, {height}x{width}x{model.channels}')
-  return Program(name, what, lower, flops, tuple(devices))
+  return Program(name, what, lower, plan.steps * per_step, per_step / _scanned_depth(model),
+                 tuple(devices))
 
 
 def decode_program(devices, latent_height: int, latent_width: int,
@@ -176,7 +186,7 @@ def decode_program(devices, latent_height: int, latent_width: int,
   factor = vae.downsampling
   what = (f'VAE decode, batch {batch}, {latent_height * factor}x{latent_width * factor} from '
           f'{latent_height}x{latent_width}x{vae.latent_channels}')
-  return Program('decode', what, lambda: fn.lower(params, latents), 0.0, tuple(devices))
+  return Program('decode', what, lambda: fn.lower(params, latents), 0.0, 0.0, tuple(devices))
 
 
 def programs(config, devices, *, which=PROGRAMS, resolutions=(), sample_batch: int = 0,
@@ -206,7 +216,8 @@ def compile_program(program: Program) -> Report:
   the compiler refuses (out of memory, an unsupported kernel) gives a Report with `error`."""
   device = program.devices[0]
   report = Report(program.name, program.what, len(program.devices), device.device_kind,
-                  training.device_memory(device), flops=program.flops)
+                  training.device_memory(device), flops=program.flops,
+                  visible_flops=program.visible_flops)
   began = time.perf_counter()
   try:
     lowered = program.lower()

@@ -104,8 +104,8 @@ class jit_on_mesh:  # pylint: disable=invalid-name  # used like jax.jit
 
 def abstract_train_state(model, plan: TrainingPlan) -> TrainState:
   """The train state's shapes and dtypes (nothing computed), traced for the context mesh."""
-  key = jax.random.key(0)  # on this process's devices: the context mesh's may be compile-only
-  return jax.eval_shape(functools.partial(create_state, model, make_optimizer(plan)), key)
+  # The key is made inside the trace: the context mesh's devices may be compile-only.
+  return jax.eval_shape(lambda: create_state(model, make_optimizer(plan), jax.random.key(0)))
 
 
 def state_bytes(abstract_state, fsdp: int) -> float:

@@ -14,7 +14,8 @@ its memory analysis is per chip, and it refuses a program that does not fit the 
 
 import dataclasses
 import functools
-import math
+import importlib.util
+import os
 import re
 import time
 
@@ -47,6 +48,12 @@ def topology_devices(name: str) -> list:
   """The compile-only devices of a TPU slice: a name of TOPOLOGIES (v4-8, v5e-8, v5p-8, ...) or a
   topology name jax takes ('v5e:2x2', 'v4:2x2x2', ...). Needs libtpu; nothing runs on them."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  # Compile-only devices run nothing: several processes compiling at once (a table's cases,
+  # pytest's workers) may share libtpu, which otherwise admits one process per machine.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  if importlib.util.find_spec('libtpu') is None:
+    raise ValueError(f"topology {name!r}: compiling for a TPU needs libtpu, which is not "
+                     "installed here: pip install -e '.[tpu]' (or 'jax[tpu]')")
   topology, options = TOPOLOGIES.get(name, (name, {}))
   try:
     return list(topologies.get_topology_desc(topology_name=topology, platform='tpu',
@@ -54,8 +61,7 @@ def topology_devices(name: str) -> list:
   except Exception as e:  # pylint: disable=broad-except  # jax's words vary: one line of them
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise ValueError(f'topology {name!r}: {reason}; use one of {", ".join(TOPOLOGIES)} or a jax '
-                     "topology name like 'v5e:2x2' (compiling for a TPU needs libtpu: pip "
-                     "install 'jax[tpu]')") from None
+                     "topology name like 'v5e:2x2'") from None
 
 
 @dataclasses.dataclass(frozen=True)

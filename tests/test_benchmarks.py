@@ -109,6 +109,16 @@ def test_device_check_smoke_writes_its_table(tmp_path):
   assert all('data.latent_dir' in r['data_skipped'] for r in rows)
 
 
+@pytest.mark.skipif(importlib.util.find_spec('libtpu') is not None,
+                    reason='libtpu is installed: tests/test_tpu_compile.py runs the command')
+def test_tpu_compile_says_what_to_install():
+  done = run('tpu_compile.py', '--config=configs/default.py', '--topology=v5e-8')
+  assert done.returncode == 1
+  assert done.stderr.strip().splitlines()[-1] == (
+      "error: topology 'v5e-8': compiling for a TPU needs libtpu, which is not installed here: "
+      "pip install -e '.[tpu]' (or 'jax[tpu]')")
+
+
 @pytest.mark.skipif(not TORCH, reason='torch is not importable here')
 def test_torch_dit_starts_as_zero_and_trains():
   import torch  # pylint: disable=g-import-not-at-top

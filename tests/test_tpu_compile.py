@@ -6,11 +6,17 @@ Needs libtpu (`pip install -e '.[tpu]'`); skipped where it is not installed. `.c
 file in its own environment after the main suite (libtpu is about 700 MB).
 """
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import pytest
 
 pytest.importorskip('libtpu', reason="compiling for a TPU needs libtpu: pip install -e '.[tpu]'")
 
+from conftest import REPO  # noqa: E402
 from rpe2d import aot, config as config_lib, training  # noqa: E402
 
 TOPOLOGY = 'v5e:2x2'
@@ -94,3 +100,31 @@ def test_imagenet_xl_recipe_fits_v5e(v5e, optimized):
   report = aot.compile_program(aot.train_program(config, v5e, fsdp=fsdp))
   assert report.error is None, report.error
   assert report.fits, f'{report.peak / 2**30:.2f} GiB per chip of {report.hbm / 2**30:.2f}'
+
+
+def test_command_reports_each_program(tmp_path):
+  """benchmarks/tpu_compile.py as a user runs it: a config, a slice, overrides; per program one
+  report of compile time, memory per chip against the chip's HBM and FLOPs, and a JSON file."""
+  out = tmp_path / 'reports.json'
+  done = subprocess.run(
+      [sys.executable, str(REPO / 'benchmarks' / 'tpu_compile.py'), '--config=configs/default.py',
+       '--topology=v5e-4', '--programs=train,sample_step,sampler', '--resolutions=32',
+       '--sample_batch=4', f'--json={out}', '--config.model.variant=micro/4'],
+      cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
+      timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  text = done.stdout
+  assert 'on v5e-4: 4 x TPU v5 lite' in text
+  assert text.count('of 15.75 GiB: fits') == 3
+  assert 'train: train step, batch 32, 32x32x1, mesh data x fsdp = 4 x 1' in text
+  assert 'sampler: euler x 32, CFG, batch 4, 32x32x1' in text
+  reports = json.loads(out.read_text())
+  assert [r['name'] for r in reports] == ['train', 'sample_step', 'sampler']
+  for r in reports:
+    assert r['fits'] and r['error'] is None and r['compile_s'] > 0 and r['xla_flops'] > 0
+    # Each loop body once: XLA's count is the analytic one's peer (attention's softmax and the
+    # optimizer are not in the analytic count; tiny widths make them visible).
+    assert 0.8 < r['xla_flops'] / r['visible_flops'] < 1.6
+  step, whole = reports[1], reports[2]
+  assert whole['flops'] == pytest.approx(32 * step['flops'])  # the scan hides 31 of 32 steps
+  assert whole['xla_flops'] == pytest.approx(step['xla_flops'], rel=0.05)

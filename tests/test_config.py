@@ -79,8 +79,8 @@ def _base(**changes):
     (dict(model__dtype='float16'), "model.dtype='float16'"),
     (dict(model__attention_implementation='flash'), "model.attention_implementation='flash'"),
     (dict(model__attention_implementation='cudnn'),
-     "model.attention_implementation='cudnn' needs an NVIDIA GPU; this process has cpu devices; "
-     'choose one of: xla, chunked'),
+     "model.attention_implementation='cudnn' needs an NVIDIA GPU; the devices it would run on are "
+     'cpu; choose one of: xla, chunked'),
     (dict(model__remat_policy='everything'), "model.remat_policy='everything' is not allowed"),
     (dict(flow__time_sampling='beta'), "flow.time_sampling='beta' is not allowed"),
     (dict(flow__class_dropout=1.5), r'flow.class_dropout=1.5 must be a finite number in \[0.0, 1.0\)'),

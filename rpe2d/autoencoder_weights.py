@@ -25,7 +25,6 @@ says which known file it is, or that it is unknown.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import pathlib
@@ -36,7 +35,7 @@ import jax
 import numpy as np
 from safetensors import safe_open
 
-from rpe2d import autoencoder
+from rpe2d import autoencoder, files
 
 WEIGHTS_NAME = 'diffusion_pytorch_model.safetensors'
 CONFIG_NAME = 'config.json'
@@ -134,14 +133,6 @@ def _shape_ok(name: str, found: tuple, expected: tuple) -> bool:
 
 # ------------------------------------------------------------------------------------------------
 # Files.
-
-def sha256(path) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      digest.update(chunk)
-  return digest.hexdigest()
-
 
 def identify(digest: str, known: Mapping[str, KnownFile] = KNOWN_FILES) -> str:
   """A phrase saying which known file a sha256 belongs to, or that it is unknown."""
@@ -262,7 +253,7 @@ def load(path, config: autoencoder.Config | str | None = None, expected: str | N
   if not path.is_file():
     raise FileNotFoundError(f'{path}: no such file')
   _refuse_pickles(path)
-  digest = digest or sha256(path)
+  digest = digest or files.sha256_file(path)
   entry = known.get(digest)
   if expected is not None:
     names = sorted(k.name for k in known.values())

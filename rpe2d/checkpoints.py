@@ -13,7 +13,6 @@ without a manifest (written before it existed) get the structural checks only.
 """
 
 import functools
-import hashlib
 import json
 import math
 import pathlib
@@ -174,18 +173,13 @@ def _shared_data_state(data_dir) -> dict:
 # Detecting cut-short and damaged checkpoints.
 
 
-def _sha256(path) -> str:
-  with open(path, 'rb') as f:
-    return hashlib.file_digest(f, 'sha256').hexdigest()
-
-
 def write_manifest(step_dir) -> None:
   step_dir = pathlib.Path(step_dir)
   files = {}
   for path in sorted(p for p in step_dir.rglob('*') if p.is_file()):
     name = path.relative_to(step_dir).as_posix()
     if name not in _COMMIT_FILES and name != MANIFEST:
-      files[name] = [path.stat().st_size, _sha256(path)]
+      files[name] = [path.stat().st_size, files_lib.sha256_file(path)]
   with files_lib.atomic_path(step_dir / MANIFEST) as tmp:
     tmp.write_text(json.dumps({'format': FORMAT_VERSION, 'files': files}, indent=1))
 
@@ -230,7 +224,7 @@ def damage(step_dir) -> str | None:
       return f'{name} is missing'
     if path.stat().st_size != size:
       return f'{name} has {path.stat().st_size} bytes where {size} were written'
-    if _sha256(path) != digest:
+    if files_lib.sha256_file(path) != digest:
       return f'{name} does not match its sha256'
   return None
 

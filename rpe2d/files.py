@@ -1,6 +1,8 @@
-"""Writing files so that a reader, or a crash, never sees half of one."""
+"""Writing files so that a reader, or a crash, never sees half of one; and naming their bytes."""
 
 import contextlib
+import hashlib
+import os
 import pathlib
 
 
@@ -19,3 +21,9 @@ def atomic_path(path):
     tmp.replace(path)
   finally:
     tmp.unlink(missing_ok=True)
+
+
+def sha256_file(path: os.PathLike[str] | str) -> str:
+  """The hex sha256 of a file's bytes, read in one streaming pass (nothing is cached)."""
+  with open(path, 'rb') as f:
+    return hashlib.file_digest(f, 'sha256').hexdigest()

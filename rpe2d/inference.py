@@ -72,7 +72,7 @@ def load_vae(config, vae=None) -> autoencoder_weights.Loaded:
     raise FileNotFoundError(f'{what} {path} does not exist; pass --vae=<the '
                             f'{autoencoder_weights.WEIGHTS_NAME} that made the latents>')
   expected = config.data.get('vae_sha256')
-  digest = autoencoder_weights.sha256(path)
+  digest = files.sha256_file(path)
   if expected and digest != expected:
     raise ValueError(f"{path} is not the VAE of this run: the run's latents were made by "
                      f'{expected}; {path} is {digest}')

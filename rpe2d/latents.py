@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import os
@@ -251,14 +250,9 @@ def _shard_problem(path: pathlib.Path, entry: dict, verify_sha256: bool) -> str 
   if size != entry['bytes']:
     return (f'shard {path.name} has {size} bytes, the manifest says {entry["bytes"]} '
             f'(truncated or changed)')
-  if verify_sha256 and _sha256(path) != entry['sha256']:
+  if verify_sha256 and files.sha256_file(path) != entry['sha256']:
     return f'shard {path.name} has another sha256 than the manifest says (changed on disk)'
   return None
-
-
-def _sha256(path) -> str:
-  with open(path, 'rb') as f:
-    return hashlib.file_digest(f, 'sha256').hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -618,7 +612,7 @@ def _write_shards(plan: _Plan, todo: list, done: dict, progress_path: pathlib.Pa
       with open(tmp, 'rb+') as f:
         os.fsync(f.fileno())  # the bytes are on disk before the name says the shard is whole
       entry = {'name': name, 'records': records, 'bytes': tmp.stat().st_size,
-               'sha256': _sha256(tmp)}
+               'sha256': files.sha256_file(tmp)}
       os.replace(tmp, path)
       done[split] = sorted(done[split] + [entry], key=lambda e: e['name'])  # as a fresh run's
       _write_progress(progress_path, settings, done)

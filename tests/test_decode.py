@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.numpy import save_file
 
 from conftest import REPO, CompileCounter, perturb, subprocess_env, tiny_config
-from rpe2d import autoencoder, autoencoder_weights, checkpoints, config as config_lib, data
+from rpe2d import autoencoder, autoencoder_weights, checkpoints, config as config_lib, data, files
 from rpe2d import inference
 from rpe2d import rundir, training
 from rpe2d.evaluation import metrics, sweep
@@ -34,7 +34,7 @@ def latent_config(**overrides):
   """A micro/2 run on 8x8x4 latents (64x64 images through the f8 fixture VAE)."""
   values = dict(model__variant='micro/2', data__name='latents', data__channels=4,
                 data__image_size=8, data__vae_path=str(VAE_FILE),
-                data__vae_sha256=autoencoder_weights.sha256(VAE_FILE),
+                data__vae_sha256=files.sha256_file(VAE_FILE),
                 data__source_name='animal_mnist', data__source_image_size=64,
                 sampling__resolutions=((8, 8),))
   values.update(overrides)
@@ -133,7 +133,7 @@ def test_pixel_sizes_must_divide(run, height, width, message):
 
 def test_load_run_refuses_another_or_a_missing_vae(run_dir, other_vae, tmp_path):
   with pytest.raises(ValueError, match="the run's latents were made by [0-9a-f]{64}; .* is "
-                                       f'{autoencoder_weights.sha256(other_vae)}'):
+                                       f'{files.sha256_file(other_vae)}'):
     inference.load_run(run_dir, vae=other_vae)
   with pytest.raises(FileNotFoundError, match='--vae'):
     inference.load_run(run_dir, vae=tmp_path / 'nowhere.safetensors')
@@ -196,8 +196,8 @@ def test_cli_refuses_another_vae_a_missing_one_and_bad_sizes(run_dir, other_vae,
   result = cli(f'--workdir={run_dir}', f'--vae={other_vae}', f'--output={out / "a.png"}',
                cwd=out, env=env)
   assert result.returncode == 2
-  assert (f"the run's latents were made by {autoencoder_weights.sha256(VAE_FILE)}; {other_vae} "
-          f'is {autoencoder_weights.sha256(other_vae)}') in result.stderr, result.stderr[-2000:]
+  assert (f"the run's latents were made by {files.sha256_file(VAE_FILE)}; {other_vae} "
+          f'is {files.sha256_file(other_vae)}') in result.stderr, result.stderr[-2000:]
   result = cli(f'--workdir={run_dir}', f'--vae={tmp_path / "gone"}', f'--output={out / "a.png"}',
                cwd=out, env=env)
   assert result.returncode == 2 and 'gone does not exist; pass --vae=' in result.stderr

@@ -14,7 +14,7 @@ import safetensors.numpy
 from PIL import Image
 
 from conftest import REPO, host, read_jsonl, step_dirs, tiny_config
-from rpe2d import autoencoder_weights, config as config_lib, data, inference, latents, rundir
+from rpe2d import autoencoder_weights, config as config_lib, data, files, inference, latents, rundir
 from rpe2d import train_loop
 from rpe2d.evaluation import inception, sweep
 
@@ -69,7 +69,7 @@ def test_folder_to_fid_through_latents(extracted, tmp_path):
   began = time.perf_counter()
   manifest = latents.read_manifest(latent_dir)
   assert manifest.latent_shape == (8, 8, 4) and manifest.flip
-  assert manifest.vae['sha256'] == autoencoder_weights.sha256(VAE_FILE)
+  assert manifest.vae['sha256'] == files.sha256_file(VAE_FILE)
 
   workdir = tmp_path / 'run'
   config = latent_config(images, latent_dir, total_steps=3)

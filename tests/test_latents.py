@@ -20,7 +20,7 @@ import pytest
 from safetensors import numpy as safetensors_numpy
 
 from conftest import REPO, subprocess_env, tiny_config
-from rpe2d import autoencoder, autoencoder_weights, data, latents
+from rpe2d import autoencoder, autoencoder_weights, data, files, latents
 
 pytestmark = pytest.mark.usefixtures('eight_devices', 'compilation_cache')
 
@@ -83,7 +83,7 @@ def test_manifest(reference):
   assert manifest == latents.read_manifest(out)
   assert manifest.complete and manifest.format == latents.FORMAT_VERSION
   assert manifest.latent_shape == (4, 4, 4) and manifest.flip
-  assert manifest.vae['sha256'] == autoencoder_weights.sha256(
+  assert manifest.vae['sha256'] == files.sha256_file(
       VAE / autoencoder_weights.WEIGHTS_NAME)
   assert manifest.vae['path'] == str((VAE / autoencoder_weights.WEIGHTS_NAME).resolve())
   assert manifest.vae['scaling_factor'] == 0.18215 and manifest.vae['shift_factor'] is None
@@ -98,7 +98,7 @@ def test_manifest(reference):
     for shard in info['shards']:
       path = out / shard['name']
       assert path.stat().st_size == shard['bytes']
-      assert autoencoder_weights.sha256(path) == shard['sha256']
+      assert files.sha256_file(path) == shard['sha256']
   latents.check_shards(out, manifest, verify_sha256=True)
   source = latents.LatentSource(out, 'train')
   means = np.stack([source[i]['mean'] for i in range(len(source))]).astype(np.float64)

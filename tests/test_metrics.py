@@ -19,6 +19,7 @@ import pytest
 import scipy.linalg
 from PIL import Image, ImageDraw, ImageFilter
 
+from rpe2d import torch_pickle
 from rpe2d.evaluation import inception, metrics
 
 IMAGE_SIZE = 64
@@ -265,7 +266,7 @@ class _Evil:
 
 
 def _unpickle(data: bytes):
-  return inception.TorchScriptUnpickler(io.BytesIO(data), lambda *a: None).load()
+  return torch_pickle.TorchUnpickler(io.BytesIO(data), lambda *a: None, torchscript=True).load()
 
 
 def test_restricted_unpickler_refuses_code_globals(monkeypatch):
@@ -301,13 +302,13 @@ def test_restricted_unpickler_rebuilds_strided_tensors():
     seen.append((key, dtype, numel))
     return storage
 
-  out = inception.TorchScriptUnpickler(io.BytesIO(data), read_storage).load()
+  out = torch_pickle.TorchUnpickler(io.BytesIO(data), read_storage, torchscript=True).load()
   assert seen == [('0', np.dtype('<f4'), 6)]
   np.testing.assert_array_equal(out, storage.reshape(3, 2).T)
   # A tensor reaching past its storage is refused.
   bad = data.replace(b'(K\x02K\x03t(K\x01K\x02t', b'(K\x02K\x03t(K\x01K\x03t')
   with pytest.raises(pickle.UnpicklingError, match='reaches element'):
-    inception.TorchScriptUnpickler(io.BytesIO(bad), read_storage).load()
+    torch_pickle.TorchUnpickler(io.BytesIO(bad), read_storage, torchscript=True).load()
 
 
 def test_load_torchscript_refuses_crafted_archive(tmp_path):
@@ -315,7 +316,7 @@ def test_load_torchscript_refuses_crafted_archive(tmp_path):
   with zipfile.ZipFile(buf, 'w') as zf:
     zf.writestr('out_jit_module/data.pkl', pickle.dumps(_Evil(), protocol=2))
   with pytest.raises(pickle.UnpicklingError, match='system is not allowed'):
-    inception.load_torchscript(buf.getvalue())
+    torch_pickle.read_torchscript(buf.getvalue())
 
 
 def test_sha1_check_refuses_damaged_archive(tmp_path):

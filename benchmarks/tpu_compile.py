@@ -51,8 +51,8 @@ def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].replace('\n', ' '))
   parser.add_argument('--config', default=CONFIG.format(size='XL', resolution=256))
   parser.add_argument('--topology', default='v5e-8',
-                      help='a Cloud TPU slice (v4-8, v5e-4, v5e-8, v5p-8, v6e-8) or a jax topology '
-                           'name (v5e:2x2, v4:2x2x2, ...)')
+                      help='Cloud TPU slices (v4-8, v5e-4, v5e-8, v5p-8, v6e-8) or jax topology '
+                           'names (v5e:2x2, v4:2x2x2, ...), comma-separated')
   parser.add_argument('--programs', default='train,sample_step,sampler,decode')
   parser.add_argument('--resolutions', default='',
                       help='sampling sizes in pixels, e.g. 256,512,1024 (default: the training '
@@ -114,17 +114,24 @@ def run(args) -> list[dict]:
   import dataclasses  # pylint: disable=g-import-not-at-top
   from rpe2d import aot, config as config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.load(args.config, args.overrides)
-  devices = aot.topology_devices(args.topology)
-  size = config.data.image_size * (8 if config.data.name == 'latents' else 1)
+  size = config.data.image_size * aot.latent_factor(config)
   resolutions = [(r, r) for r in (args.resolutions or [size])]
-  print(f'{args.config} {" ".join(args.overrides)} on {args.topology}: {len(devices)} x '
-        f'{devices[0].device_kind}', flush=True)
+  slices = [(name, aot.topology_devices(name)) for name in args.topology.split(',')]
   reports = []
-  for program in aot.programs(config, devices, which=args.programs, resolutions=resolutions,
-                              sample_batch=args.sample_batch):
-    report = aot.compile_program(program)
-    print(describe(report), flush=True)
-    reports.append(dict(dataclasses.asdict(report), fits=report.fits))
+  for name, devices in slices:
+    print(f'{args.config} {" ".join(args.overrides)} on {name}: {len(devices)} x '
+          f'{devices[0].device_kind}', flush=True)
+    try:
+      programs = aot.programs(config, devices, which=args.programs, resolutions=resolutions,
+                              sample_batch=args.sample_batch)
+    except ValueError as e:  # refused before compiling, as train.py would (a state too large)
+      print(f'refused before compiling: {e}', flush=True)
+      reports.append(dict(name=args.programs[0], what='', error=f'refused: {e}', topology=name))
+      continue
+    for program in programs:
+      report = aot.compile_program(program)
+      print(describe(report), flush=True)
+      reports.append(dict(dataclasses.asdict(report), fits=report.fits, topology=name))
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(reports, indent=1))
   return reports
@@ -135,17 +142,16 @@ def run(args) -> list[dict]:
 def table_cases() -> list[dict]:
   """The cases of the README's table: the ImageNet recipes' train steps (their defaults: global
   batch 256, remat, nn.scan, mesh.fsdp auto) on each slice, the other kernels, the blocks unrolled
-  and remat off; then sampling XL/2 at 256 to 1024 pixels with each kernel."""
+  and remat off; then sampling XL/2 at 256 to 1024 pixels with each kernel, and the VAE decode."""
+  slices = ','.join(TOPOLOGIES)
   recipe = lambda size, resolution, topology, **kw: dict(
       dict(config=CONFIG.format(size=size, resolution=resolution), topology=topology,
            programs='train', kernel='xla', overrides=()), **kw)
-  cases = [recipe(size, resolution, topology) for size in ('XL', 'B') for resolution in (256, 512)
-           for topology in TOPOLOGIES]
+  cases = [recipe(size, resolution, slices) for size in ('XL', 'B') for resolution in (256, 512)]
   cases += [recipe('XL', resolution, 'v5e-8', kernel=kernel) for resolution in (256, 512)
             for kernel in ('splash', 'chunked')]
   cases += [recipe('XL', 256, 'v5e-8', overrides=('--config.model.scan_layers=False',)),
-            recipe('XL', 256, 'v5p-8', overrides=('--config.model.remat=False',)),
-            recipe('XL', 256, 'v5e-8', overrides=('--config.model.remat=False',))]
+            recipe('XL', 256, 'v5p-8,v5e-8', overrides=('--config.model.remat=False',))]
   sampling = dict(programs='sample_step,sampler', resolutions='256,512,1024')
   cases += [recipe('XL', 256, 'v5e-8', kernel=kernel, **sampling) for kernel in KERNELS]
   cases += [recipe('XL', 256, 'v5e-8', programs='decode', resolutions='256,512,1024')]
@@ -194,8 +200,8 @@ def table(rows: list[dict]) -> str:
   for r in rows:
     head = (f"| {config_name(r['config'])} | {r['topology']} | {r['kernel']} | "
             f"{setting(r['overrides'])} | ")
-    if 'name' not in r:  # the case's process failed before any report
-      lines.append(head + f"{r['programs']} | | | | | | | failed: {r['error']} |")
+    if 'name' not in r or not r['what']:  # the process failed, or the setting was refused
+      lines.append(head + f"{r['programs']} | | | | | | | {r['error']} |")
       continue
     parts = r['what'].split(', ')
     batch = next(p.split()[1] for p in parts if p.startswith('batch '))

@@ -195,13 +195,18 @@ def decode_program(devices, latent_height: int, latent_width: int,
   return Program('decode', what, lambda: fn.lower(params, latents), 0.0, 0.0, tuple(devices))
 
 
+def latent_factor(config) -> int:
+  """Image pixels per model pixel: the SD VAE's downsampling for a latent run, else 1."""
+  return autoencoder.PRESETS['sd'].downsampling if inference.is_latent(config) else 1
+
+
 def programs(config, devices, *, which=PROGRAMS, resolutions=(), sample_batch: int = 0,
              fsdp: int | None = None) -> list[Program]:
   """The programs `which` names for `config` on `devices`: the train step, then per resolution
   (pixels) one sampler step, the whole sampler and (latent runs) the VAE decode. sample_batch:
   images per sampler call (default: one per device)."""
   config = config_lib.resolve(config)
-  factor = autoencoder.PRESETS['sd'].downsampling if inference.is_latent(config) else 1
+  factor = latent_factor(config)
   out = []
   if 'train' in which:
     out.append(train_program(config, devices, fsdp))

@@ -14,6 +14,7 @@ its memory analysis is per chip, and it refuses a program that does not fit the 
 
 import dataclasses
 import functools
+from collections.abc import Callable
 import importlib.util
 import os
 import re
@@ -24,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rpe2d import attention, autoencoder, config as config_lib, inference, model as model_lib
-from rpe2d import sampler, training
+from rpe2d import attention, autoencoder, checks, config as config_lib, inference
+from rpe2d import model as model_lib, sampler, training
 
 # Cloud TPU slice names -> (the topology name jax.experimental.topologies takes, its options). A
 # v4 or v5p chip holds two TensorCores that jax drives as one device ('megacore'); a single-host
@@ -72,7 +73,7 @@ class Program:
   `lax.scan`, one block of nn.scan); `what` says what one call does."""
   name: str
   what: str
-  lower: callable
+  lower: Callable
   flops: float
   visible_flops: float
   devices: tuple
@@ -111,7 +112,6 @@ def build(config, platform: str):
   """(model, training plan, sampling plan) of `config` checked for `platform` (the attention
   kernel must exist there), without the data set (compiling needs only shapes)."""
   config = config_lib.resolve(config)
-  from rpe2d import checks  # pylint: disable=g-import-not-at-top
   checks.check(config_lib.SCHEMA, config)
   model_lib.validate_shape(config.model.variant, config.model.position_embedding)
   attention.check_kernel(config.model.attention_implementation, platform)
@@ -124,6 +124,9 @@ def train_program(config, devices, fsdp: int | None = None) -> Program:
   `devices`; fsdp defaults to the config's mesh.fsdp, resolved and checked as train.py does
   (training.resolve_fsdp: 0 is auto; a train state that cannot fit is refused)."""
   model, plan, _ = build(config, devices[0].platform)
+  if config.batch_size % len(devices):
+    raise ValueError(f'batch_size={config.batch_size} is not divisible by the {len(devices)} '
+                     f'devices; use a multiple of {len(devices)}')
   fsdp = training.resolve_fsdp(config.mesh.fsdp if fsdp is None else fsdp, model, plan, devices)
   mesh = training.make_mesh(fsdp, devices=devices)
   trainer = training.Trainer(model, plan, mesh)
@@ -152,17 +155,20 @@ def sample_program(config, devices, height: int, width: int, batch: int,
   the model's space (latents for a latent run), as inference.generate compiles it: weights
   replicated, the batch on the 'data' axis. steps: the solver steps (default: the config's)."""
   model, _, plan = build(config, devices[0].platform)
+  if batch % len(devices):
+    raise ValueError(f'a sampler batch of {batch} does not split over {len(devices)} devices; '
+                     f'use a multiple of {len(devices)}')
   if steps is not None:
     plan = dataclasses.replace(plan, steps=steps)
   plan = sampler.canonical_plan(model, plan, height, width)
   mesh = training.make_mesh(1, devices=devices)
   replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-  key = jax.random.key(0)  # made here: the mesh's devices are compile-only
-  with jax.set_mesh(mesh):
-    params = _abstract(jax.eval_shape(functools.partial(training.init_params, model), key),
+  with jax.set_mesh(mesh):  # keys made inside the traces: the mesh's devices are compile-only
+    params = _abstract(jax.eval_shape(lambda: training.init_params(model, jax.random.key(0))),
                        replicated)
-  key = jax.ShapeDtypeStruct((), key.dtype, sharding=replicated)
-  labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=split)
+    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                               sharding=replicated)
+  labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=split)  # and the example indices
 
   def lower():
     with jax.set_mesh(mesh):

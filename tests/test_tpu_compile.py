@@ -27,7 +27,7 @@ HBM_V5E = training.TPU_HBM['TPU v5 lite']
 def optimized():
   """The compiler at its usual settings (conftest turns most optimisations off for CPU speed):
   memory is measured as a user's run would compile."""
-  before = jax.config.jax_disable_most_optimizations
+  before = jax.config.values['jax_disable_most_optimizations']
   jax.config.update('jax_disable_most_optimizations', False)
   yield
   jax.config.update('jax_disable_most_optimizations', before)

@@ -14,6 +14,7 @@ TPU topology from a CPU host (benchmarks/tpu_compile.py).
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 
 import flax
 import jax
@@ -83,15 +84,18 @@ def make_mesh(fsdp: int = 1, devices=None) -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
-class jit_on_mesh:  # pylint: disable=invalid-name  # used like jax.jit
-  """`jax.jit(fn, **options)` traced, lowered and called with `mesh` as the context mesh
-  (`jax.set_mesh`). The attention kernels read from it the platform the program is compiled for
+def jit_on_mesh(fn, mesh, **options):
+  """`jax.jit(fn, **options)`, traced, lowered and called with `mesh` as the context mesh
+  (`jax.set_mesh`): the attention kernels read from it the platform the program is compiled for
   and the axes a kernel XLA cannot partition runs over under shard_map
-  (docs/methods.md#attention-kernels)."""
+  (docs/methods.md#attention-kernels). Has the jitted function's `__call__` and `lower`."""
+  return _OnMesh(jax.jit(fn, **options), mesh)
 
-  def __init__(self, fn, mesh, **options):
-    self.mesh = mesh
-    self.jitted = jax.jit(fn, **options)
+
+@dataclasses.dataclass(frozen=True)
+class _OnMesh:
+  jitted: Callable
+  mesh: jax.sharding.Mesh
 
   def __call__(self, *args, **kwargs):
     with jax.set_mesh(self.mesh):

@@ -34,10 +34,6 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
-# Compiling for a topology needs no device: this process keeps off any TPU of its host (a training
-# run may own it) and shares libtpu with other compiling processes (rpe2d/aot.py).
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
 RESULT = 'RESULT '
 CONFIG = 'configs/imagenet.py:{size},{resolution},rpe2d'
@@ -264,4 +260,8 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+  # Compiling for a topology needs no device: the command keeps off any TPU of its host (a training
+  # run may own it) and shares libtpu with other compiling processes (rpe2d/aot.py).
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   main()

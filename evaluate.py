@@ -1,25 +1,54 @@
-"""FID, KID, precision and recall of trained runs across resolutions and position methods.
+"""FID, sFID, KID, precision, recall (and IS) of trained runs across resolutions and methods, or
+of any sample batch against an ADM reference batch.
 
   python evaluate.py --runs=runs/grid,runs/default --resolutions=16,32,64,96 --outdir=runs/eval
   python evaluate.py --runs=runs/default --resolutions=64x128 --methods=uniform,yarn,dy-yarn
   python evaluate.py --runs=runs/in256_xl_rpe2d --resolutions=256 \
-      --reference_npz=256x256:VIRTUAL_imagenet256_labeled.npz
+      --reference_npz=256x256:VIRTUAL_imagenet256_labeled.npz --num_samples=50000
+  python evaluate.py --sample_npz=samples.npz --reference_npz=VIRTUAL_imagenet256_labeled.npz \
+      --inception_classifier=inception-2015-12-05.pt
 
-Writes <outdir>/results.{json,csv,md}, fid_vs_resolution.png and grids/<run>/<HxW>_<method>.png.
-Methods are listed in rpe2d/evaluation/sweep.py. The reference at each resolution is the --split of the
-run's data set resized with --resize_filter (or an ADM .npz); a 'real' row measures --real_split
-images against it, the floor a model can reach at this N. Cells already computed are reused.
+With --runs: writes <outdir>/results.{json,csv,md}, fid_vs_resolution.png and
+grids/<run>/<HxW>_<method>.png. Methods are listed in rpe2d/evaluation/sweep.py. The reference at
+each resolution is the --split of the run's data set resized with --resize_filter (or an ADM
+.npz); a 'real' row measures --real_split images against it, the floor a model can reach at this
+N. Cells already computed are reused.
+
+With --sample_npz: ADM's evaluator on a batch written by any codebase (uint8 arr_0, NHWC RGB);
+prints its numbers and writes them to --results_json (rpe2d/evaluation/adm.py).
+
+Both run on every process of a distributed run (the flags of train.py; --outdir shared): each
+process computes its shards of the samples and their features, process 0 measures and writes, and
+a killed evaluation keeps its finished shards.
 """
 
+import json
 import pathlib
+import pickle
+import re
+import sys
 
 from absl import app, flags, logging
+import jax
 
-from rpe2d import checks, cli, config as config_lib, inference, sampler
-from rpe2d.evaluation import inception, sweep
+from rpe2d import checks, checkpoints, cli, config as config_lib, distributed, files, inference
+from rpe2d import sampler
+from rpe2d.evaluation import adm, classifier as classifier_lib, inception, metrics
+from rpe2d.evaluation import sweep
 
-_RUNS = flags.DEFINE_list('runs', None, 'Training run directories.', required=True)
-_RESOLUTIONS = flags.DEFINE_list('resolutions', None, 'Sizes: 64 (square) or HxW.', required=True)
+_RUNS = flags.DEFINE_list('runs', None, 'Training run directories (or --sample_npz).')
+_RESOLUTIONS = flags.DEFINE_list('resolutions', None, 'Sizes: 64 (square) or HxW.')
+_SAMPLE_NPZ = flags.DEFINE_string('sample_npz', None, 'An ADM batch of samples (uint8 arr_0) to '
+                                  'measure against --reference_npz, instead of --runs.')
+_RESULTS_JSON = flags.DEFINE_string('results_json', None, 'With --sample_npz: where the numbers '
+                                    'go; default <outdir>/<sample>_vs_<reference>.json.')
+_CLASSIFIER = flags.DEFINE_string(
+    'inception_classifier', None, "The Inception Score's 1008-way classifier: NVIDIA's "
+    "inception-2015-12-05.pt or pytorch-fid's pt_inception-2015-12-05-6726825d.pth.")
+_DISTANCES = flags.DEFINE_enum('distances', 'float16', list(metrics.DISTANCES),
+                               "Precision / recall distances: ADM's float16 rounding, or float32.")
+_SHARD_SIZE = flags.DEFINE_integer('shard_size', sweep.SHARD_SIZE,
+                                   'Images per shard (what a killed evaluation keeps).')
 _METHODS = flags.DEFINE_list('methods', list(sweep.METHODS),
                              'Methods; position rules apply to RPE-2D runs only.')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 1000, 'Generated images per cell.')
@@ -30,7 +59,8 @@ _REAL_SPLIT = flags.DEFINE_string('real_split', 'train',
 _RESIZE_FILTER = flags.DEFINE_enum('resize_filter', 'bicubic', list(sweep.RESIZE_FILTERS),
                                    'How real images are resized to each resolution (PIL).')
 _REFERENCE_NPZ = flags.DEFINE_list('reference_npz', [],
-                                   'HxW:path of ADM-style mu/sigma statistics, instead of a split.')
+                                   'HxW:path of an ADM reference batch (mu, sigma, mu_s, sigma_s, '
+                                   'arr_0) instead of a split; with --sample_npz, its path.')
 _OUTDIR = flags.DEFINE_string('outdir', 'runs/evaluation', 'Results, grids and the cell cache.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Noise seed; every cell of a run uses the same noise.')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Images per sampling batch.')
@@ -38,8 +68,86 @@ _INCEPTION_BATCH_SIZE = flags.DEFINE_integer('inception_batch_size', 50,
                                              'Images per Inception batch.')
 _STEPS = flags.DEFINE_integer('steps', None, "Sampler steps (default: each run's config).")
 _CFG_SCALE = flags.DEFINE_float('cfg_scale', None, "Guidance scale (default: each run's config).")
-_SAMPLER = flags.DEFINE_enum('sampler', None, list(sampler.SAMPLERS), 'ODE solver.')
+_SAMPLER = flags.DEFINE_enum('sampler', None, list(sampler.SAMPLERS),
+                             "euler, heun, dopri5 (ODE), euler_maruyama (SiT's SDE).")
+_ATOL = flags.DEFINE_float('atol', None, 'dopri5: absolute tolerance.')
+_RTOL = flags.DEFINE_float('rtol', None, 'dopri5: relative tolerance.')
+_MAX_STEPS = flags.DEFINE_integer('max_steps', None, 'dopri5: step attempts before it gives up.')
+_ADAPTIVE_STEP = flags.DEFINE_enum('adaptive_step', None, list(sampler.ADAPTIVE_STEPS),
+                                   'dopri5: a step size per example, or per batch (torchdiffeq).')
+_DIFFUSION_FORM = flags.DEFINE_enum('diffusion_form', None, list(sampler.DIFFUSION_FORMS),
+                                    'euler_maruyama: the diffusion coefficient.')
+_DIFFUSION_NORM = flags.DEFINE_float('diffusion_norm', None, 'euler_maruyama: its magnitude.')
+_LAST_STEP = flags.DEFINE_enum('last_step', None, list(sampler.LAST_STEPS),
+                               'euler_maruyama: the last step to t = 0.')
+_LAST_STEP_SIZE = flags.DEFINE_float('last_step_size', None, 'euler_maruyama: its size.')
+# Sampler flags: the plan field each overrides in every cell (numeric ones checked like the config).
+_PLAN_FLAGS = ((_STEPS, 'steps'), (_CFG_SCALE, 'cfg_scale'), (_SAMPLER, 'sampler'),
+               (_ATOL, 'atol'), (_RTOL, 'rtol'), (_MAX_STEPS, 'max_steps'),
+               (_ADAPTIVE_STEP, 'adaptive_step'), (_DIFFUSION_FORM, 'diffusion_form'),
+               (_DIFFUSION_NORM, 'diffusion_norm'), (_LAST_STEP, 'last_step'),
+               (_LAST_STEP_SIZE, 'last_step_size'))
 _NOEMA = flags.DEFINE_bool('noema', False, 'Use the raw weights instead of the EMA weights.')
+flags.adopt_module_key_flags(distributed)  # --help lists the multi-host flags
+
+
+def load_classifier(num_samples: int):
+  """The IS classifier of --inception_classifier (None without it), checked before any work."""
+  if _CLASSIFIER.value is None:
+    return None
+  if num_samples < metrics.IS_SPLIT:
+    raise ValueError(f'{num_samples} samples are fewer than one Inception Score split '
+                     f'({metrics.IS_SPLIT}, ADM\'s): IS on fewer is not comparable; use at least '
+                     f'{metrics.IS_SPLIT} samples, or no {classifier_lib.FLAG}')
+  return classifier_lib.load(_CLASSIFIER.value)
+
+
+def network():
+  """The Inception network, its batches spread over the local accelerators (one CPU device)."""
+  devices = jax.local_devices() if jax.default_backend() != 'cpu' else None
+  return inception.InceptionV3(batch_size=_INCEPTION_BATCH_SIZE.value, devices=devices)
+
+
+def evaluate_batch():
+  """--sample_npz: ADM's numbers for one sample batch, printed and written as JSON."""
+  if _RUNS.value or _RESOLUTIONS.value:
+    raise ValueError('--sample_npz measures a batch file: it takes no --runs or --resolutions')
+  if len(_REFERENCE_NPZ.value) != 1 or re.match(r'^\d+x\d+:', _REFERENCE_NPZ.value[0]):
+    raise ValueError(f'--sample_npz needs --reference_npz=<path of one ADM reference batch>, got '
+                     f'{",".join(_REFERENCE_NPZ.value) or "none"}')
+  reference_npz = _REFERENCE_NPZ.value[0]
+  samples, reference, stats, notes = adm.check(_SAMPLE_NPZ.value, reference_npz)
+  if jax.process_index() == 0:
+    for note in notes:  # before any work
+      print(f'warning: {note}', file=sys.stderr, flush=True)
+  chosen = load_classifier(len(samples))
+  output = pathlib.Path(_RESULTS_JSON.value or pathlib.Path(_OUTDIR.value) / (
+      f'{pathlib.Path(_SAMPLE_NPZ.value).stem}_vs_{pathlib.Path(reference_npz).stem}.json'))
+  if output.suffix != '.json':
+    raise ValueError(f'--results_json={output} must end in .json')
+  if chosen is None and jax.process_index() == 0:
+    print(f'note: no Inception Score: it needs the classifier file, {classifier_lib.FLAG}='
+          '<inception-2015-12-05.pt or pt_inception-2015-12-05-6726825d.pth>', flush=True)
+  return samples, reference, stats, chosen, output
+
+
+def report(results: dict, output: pathlib.Path) -> None:
+  def number(value, digits):
+    return 'unavailable' if value is None else f'{value:.{digits}f}'
+
+  print(f'Inception Score: {number(results["inception_score"], 4)}')
+  print(f'FID: {number(results["fid"], 5)}')
+  print(f'sFID: {number(results["sfid"], 5)}')
+  print(f'Precision: {number(results["precision"], 5)}')
+  print(f'Recall: {number(results["recall"], 5)}')
+  print(f'KID: {number(results["kid"], 6)}')
+  with files.atomic_path(output) as tmp:
+    tmp.write_text(json.dumps(results, indent=1))
+  print(f'results: {output}', flush=True)
+
+
+BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, inception.WeightsUnavailableError,
+                    checkpoints.CheckpointError, pickle.UnpicklingError)
 
 
 def main(argv):
@@ -47,13 +155,50 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
   try:
+    distributed.initialize_from_flags()  # before any other JAX call
     for flag, check in ((_SEED, checks.non_negative_int), (_BATCH_SIZE, checks.positive_int),
                         (_INCEPTION_BATCH_SIZE, checks.positive_int),
-                        (_NUM_REFERENCE, checks.non_negative_int),
-                        (_STEPS, config_lib.FIELDS['sampling.steps'].check),
-                        (_CFG_SCALE, config_lib.FIELDS['sampling.cfg_scale'].check)):
+                        (_SHARD_SIZE, checks.positive_int),
+                        (_NUM_REFERENCE, checks.non_negative_int)):
       if flag.value is not None:
         check(f'--{flag.name}', flag.value)
+    for flag, field in _PLAN_FLAGS:
+      check = config_lib.FIELDS[f'sampling.{field}'].check
+      if flag.value is not None and check is not None:
+        check(f'--{flag.name}', flag.value)
+    if _SAMPLE_NPZ.value is None and (not _RUNS.value or not _RESOLUTIONS.value):
+      raise ValueError('give --runs and --resolutions (a sweep), or --sample_npz and '
+                       '--reference_npz (a batch file)')
+  except BAD_INPUT_ERRORS as e:
+    cli.fail(str(e), cli.BAD_INPUT)
+  if _SAMPLE_NPZ.value is not None:
+    main_batch()
+  else:
+    main_sweep()
+
+
+def main_batch():
+  """--sample_npz: every check, then ADM's numbers for the batch."""
+  try:
+    samples, reference, stats, chosen, output = evaluate_batch()
+    if jax.process_index() == 0:
+      print('the Inception network (features) ...', flush=True)
+    net = network()
+    cli.check_writable_dir(output.parent, '--results_json directory')
+    cli.check_writable_dir(_OUTDIR.value, '--outdir')  # last: it may create it
+  except BAD_INPUT_ERRORS as e:
+    cli.fail(str(e), cli.BAD_INPUT)
+  with cli.exit_on(cli.FAILED, OSError, ValueError):
+    results = adm.evaluate(samples, reference, stats, net, cache_dir=pathlib.Path(_OUTDIR.value)
+                           / 'features', classifier=chosen, distances=_DISTANCES.value,
+                           shard_size=_SHARD_SIZE.value)
+    if results is not None:
+      report(results, output)
+
+
+def main_sweep():
+  """--runs: every check, then the sweep."""
+  try:
     for method in _METHODS.value:
       sweep.parse_method(method)
     names = [pathlib.Path(r).name for r in _RUNS.value]
@@ -63,24 +208,26 @@ def main(argv):
     resolutions = sweep.parse_resolutions(
         _RESOLUTIONS.value, {(run.model.patch_size, inference.downsampling(run)) for run in runs})
     npz_references = sweep.parse_reference_npz(_REFERENCE_NPZ.value)
-    overrides = {k: v for k, v in (('steps', _STEPS.value), ('cfg_scale', _CFG_SCALE.value),
-                                   ('sampler', _SAMPLER.value)) if v is not None}
+    overrides = {field: flag.value for flag, field in _PLAN_FLAGS if flag.value is not None}
     cells = sweep.plan_cells(runs, names, resolutions, _METHODS.value, overrides)
     sweep.check_inputs(runs, resolutions, num_samples=_NUM_SAMPLES.value,
                        num_reference=_NUM_REFERENCE.value or None, split=_SPLIT.value,
                        real_split=_REAL_SPLIT.value, npz_references=npz_references)
-    print(f'{len(runs)} runs loaded; the Inception network (FID features) ...', flush=True)
-    network = inception.InceptionV3(batch_size=_INCEPTION_BATCH_SIZE.value)
+    chosen = load_classifier(_NUM_SAMPLES.value)
+    if jax.process_index() == 0:
+      print(f'{len(runs)} runs loaded; the Inception network (features) ...', flush=True)
+    net = network()
     cli.check_writable_dir(_OUTDIR.value, '--outdir')  # last: it may create it
-  except (ValueError, FileNotFoundError, inception.WeightsUnavailableError) as e:
+  except BAD_INPUT_ERRORS as e:
     cli.fail(str(e), cli.BAD_INPUT)
 
   with cli.exit_on(cli.FAILED, inference.SamplingError, OSError):
-    sweep.run(runs, names, resolutions, cells, outdir=_OUTDIR.value, feature_fn=network,
+    sweep.run(runs, names, resolutions, cells, outdir=_OUTDIR.value, feature_fn=net,
               num_samples=_NUM_SAMPLES.value, num_reference=_NUM_REFERENCE.value or None,
               split=_SPLIT.value, real_split=_REAL_SPLIT.value,
               resize_filter=_RESIZE_FILTER.value, npz_references=npz_references, seed=_SEED.value,
-              batch_size=_BATCH_SIZE.value)
+              batch_size=_BATCH_SIZE.value, classifier=chosen, shard_size=_SHARD_SIZE.value,
+              distances=_DISTANCES.value)
 
 
 if __name__ == '__main__':

@@ -4,11 +4,20 @@
   python sample.py --workdir=runs/default --resolution=128x128,64x128 --extrapolation=yarn --dype
   python sample.py --workdir=runs/default --resolution=96x96 --num_samples=1000 \
       --output=runs/default/eval.npz
+  python sample.py --workdir=runs/default --sampler=dopri5 --atol=1e-6 --rtol=1e-3
+  python sample.py --workdir=runs/default --sampler=euler_maruyama --steps=250
 
-Defaults (position rule, encoding, sampler, steps, CFG) come from the run's saved config; flags
-override them. Without --output the grids go to <workdir>/samples/sample_<step>_<H>x<W>.png; with
+Defaults (position rule, encoding, sampler and its settings, CFG) come from the run's saved config;
+flags override them. Without --output the grids go to <workdir>/samples/sample_<step>_<H>x<W>.png; with
 several resolutions an --output name gets a _<H>x<W> suffix per resolution. A method that changes
 nothing at a size (its tokens lie inside the trained range) is named in a note.
+
+Under the distributed runtime (the flags of train.py) every process samples its share of the
+examples, a contiguous range of indices, into `<output stem>.part<p>-of-<P>.npz` (arr_0, labels,
+indices); --merge then has process 0 write them as the one ADM batch --output names, in example
+order, and remove the parts. Example i is the same image whatever the process count. Labels cycle
+through the classes, so every contiguous chunk of the batch is class-balanced (ADM's Inception
+Score cuts it into chunks of 5,000 in file order).
 
 A latent run (one trained on VAE latents) writes decoded images: resolutions are pixels (multiples
 of the VAE's factor, 8, times the patch size), the default is the size of the images its latents
@@ -19,10 +28,12 @@ different file is refused by sha256).
 import pathlib
 
 from absl import app, flags, logging
+import jax
 import numpy as np
 
-from rpe2d import attention, checks, checkpoints, cli, config as config_lib, data, inference
-from rpe2d import positions, rope, sampler
+from rpe2d import attention, checks, checkpoints, cli, config as config_lib, data, distributed
+from rpe2d import inference, positions, rope, sampler
+from rpe2d.evaluation import batches, shards
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training run directory.', required=True)
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A step directory; default: the newest.')
@@ -60,10 +71,26 @@ _ATTENTION_SCALE = flags.DEFINE_enum('attention_scale', None, list(rope.ATTENTIO
 _TIME_SHIFT = flags.DEFINE_float('time_shift', None, "Fixed time shift a (1: none).")
 _TIME_SHIFT_BY_RESOLUTION = flags.DEFINE_bool('time_shift_by_resolution', None,
                                               'Multiply the shift by sqrt(N_test / N_train).')
-_SAMPLER = flags.DEFINE_enum('sampler', None, list(sampler.SAMPLERS), 'ODE solver.')
-_STEPS = flags.DEFINE_integer('steps', None, 'Solver steps.')
+_SAMPLER = flags.DEFINE_enum('sampler', None, list(sampler.SAMPLERS),
+                             'euler, heun: ODE, fixed steps; dopri5: ODE, adaptive; '
+                             "euler_maruyama: SiT's SDE.")
+_STEPS = flags.DEFINE_integer('steps', None, "Solver steps (euler_maruyama: SiT's num_steps).")
+_ATOL = flags.DEFINE_float('atol', None, 'dopri5: absolute tolerance.')
+_RTOL = flags.DEFINE_float('rtol', None, 'dopri5: relative tolerance.')
+_MAX_STEPS = flags.DEFINE_integer('max_steps', None, 'dopri5: step attempts before it gives up.')
+_ADAPTIVE_STEP = flags.DEFINE_enum('adaptive_step', None, list(sampler.ADAPTIVE_STEPS),
+                                   'dopri5: a step size per example, or per batch (torchdiffeq).')
+_DIFFUSION_FORM = flags.DEFINE_enum('diffusion_form', None, list(sampler.DIFFUSION_FORMS),
+                                    'euler_maruyama: the diffusion coefficient.')
+_DIFFUSION_NORM = flags.DEFINE_float('diffusion_norm', None, 'euler_maruyama: its magnitude.')
+_LAST_STEP = flags.DEFINE_enum('last_step', None, list(sampler.LAST_STEPS),
+                               'euler_maruyama: the last step to t = 0.')
+_LAST_STEP_SIZE = flags.DEFINE_float('last_step_size', None, 'euler_maruyama: its size.')
 _CFG_SCALE = flags.DEFINE_float('cfg_scale', None, 'Classifier-free guidance scale (1: none).')
 _CFG_INTERVAL = flags.DEFINE_string('cfg_interval', None, 'low,high: guide only for t inside.')
+_MERGE = flags.DEFINE_bool('merge', False, 'Several processes: process 0 merges their .npz parts '
+                            'into the one --output batch (and removes the parts).')
+flags.adopt_module_key_flags(distributed)  # --help lists the multi-host flags
 _ATTENTION = flags.DEFINE_enum('attention', None, list(attention.KERNELS),
                                "Attention kernel (default: the run's); chunked for grids whose "
                                'full attention matrix does not fit in memory.')
@@ -72,7 +99,10 @@ _ATTENTION = flags.DEFINE_enum('attention', None, list(attention.KERNELS),
 # Numeric flags and the config fields whose ranges they share.
 _FLAG_FIELDS = ((_TIME_SHIFT, 'sampling.time_shift'), (_CFG_SCALE, 'sampling.cfg_scale'),
                 (_STEPS, 'sampling.steps'), (_DYPE_LAMBDA_S, 'encoding.dype_lambda_s'),
-                (_DYPE_LAMBDA_T, 'encoding.dype_lambda_t'))
+                (_DYPE_LAMBDA_T, 'encoding.dype_lambda_t'), (_ATOL, 'sampling.atol'),
+                (_RTOL, 'sampling.rtol'), (_MAX_STEPS, 'sampling.max_steps'),
+                (_DIFFUSION_NORM, 'sampling.diffusion_norm'),
+                (_LAST_STEP_SIZE, 'sampling.last_step_size'))
 
 
 def check_flags() -> None:
@@ -102,7 +132,11 @@ def plan_from_flags(run) -> sampler.SamplingPlan:
   plan = {'encoding': config_lib.encoding(config, **encoding)}
   for flag, field in ((_POSITIONS, 'positions'), (_TIME_SHIFT, 'time_shift'),
                       (_TIME_SHIFT_BY_RESOLUTION, 'time_shift_by_resolution'),
-                      (_SAMPLER, 'sampler'), (_STEPS, 'steps'), (_CFG_SCALE, 'cfg_scale')):
+                      (_SAMPLER, 'sampler'), (_STEPS, 'steps'), (_CFG_SCALE, 'cfg_scale'),
+                      (_ATOL, 'atol'), (_RTOL, 'rtol'), (_MAX_STEPS, 'max_steps'),
+                      (_ADAPTIVE_STEP, 'adaptive_step'), (_DIFFUSION_FORM, 'diffusion_form'),
+                      (_DIFFUSION_NORM, 'diffusion_norm'), (_LAST_STEP, 'last_step'),
+                      (_LAST_STEP_SIZE, 'last_step_size')):
     if flag.value is not None:
       plan[field] = flag.value
   if _CFG_INTERVAL.value is not None:
@@ -174,6 +208,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
   try:
+    distributed.initialize_from_flags()  # before any other JAX call
     check_flags()
     run = inference.load_run(_WORKDIR.value, _CHECKPOINT.value, use_ema=not _NOEMA.value,
                              vae=_VAE.value, attention=_ATTENTION.value)
@@ -184,6 +219,12 @@ def main(argv):
     plan = plan_from_flags(run)
     labels = labels_from_flags(run.model.num_classes, _SEED.value)
     paths = output_paths(_OUTPUT.value, resolutions, run)
+    if jax.process_count() > 1 and paths[0].suffix != '.npz':
+      raise ValueError(f'{jax.process_count()} processes write .npz parts: give '
+                       '--output=<name>.npz (a grid is drawn by one process)')
+    if _MERGE.value and jax.process_count() == 1:
+      raise ValueError('--merge joins the parts of several processes; one process writes --output '
+                       'whole')
     available = cli.available_memory()
     for height, width in resolutions:
       sampler.check_resolution(run.model, plan, *inference.model_size(run, height, width))
@@ -198,12 +239,39 @@ def main(argv):
 
   print(f'{_WORKDIR.value}: step {run.step}, {"raw" if _NOEMA.value else "EMA"} weights; '
         f'positions={plan.positions}, extrapolation={plan.encoding.extrapolation}, '
-        f'dype={plan.encoding.dype}, sampler={plan.sampler}x{plan.steps}'
+        f'dype={plan.encoding.dype}, sampler={sampler.describe(plan)}'
         + (f'; decoded by the VAE {run.vae.sha256[:12]}' if run.vae else ''), flush=True)
-  with cli.exit_on(cli.FAILED, inference.SamplingError):
-    inference.write_samples(run, plan, resolutions, paths, labels, seed=_SEED.value,
-                            batch_size=_BATCH_SIZE.value, class_names=class_names(config),
-                            decode_tile=_DECODE_TILE.value)
+  with cli.exit_on(cli.FAILED, inference.SamplingError, OSError, ValueError):
+    if jax.process_count() > 1:
+      write_parts(run, plan, resolutions, paths, labels)
+    else:
+      inference.write_samples(run, plan, resolutions, paths, labels, seed=_SEED.value,
+                              batch_size=_BATCH_SIZE.value, class_names=class_names(config),
+                              decode_tile=_DECODE_TILE.value)
+
+
+def write_parts(run, plan, resolutions, paths, labels) -> None:
+  """This process's share of the examples at each resolution, as `<stem>.part<p>-of-<P>.npz`;
+  with --merge, process 0 then writes each --output whole."""
+  process, processes = jax.process_index(), jax.process_count()
+  start, stop = len(labels) * process // processes, len(labels) * (process + 1) // processes
+  for (height, width), path in zip(resolutions, paths):
+    images = inference.generate(run, height=height, width=width, labels=labels[start:stop],
+                                seed=_SEED.value, plan=plan, batch_size=_BATCH_SIZE.value,
+                                progress=process == 0, decode_tile=_DECODE_TILE.value,
+                                first_index=start) if stop > start else np.zeros(
+                                    (0, height, width, 3 if run.vae else run.config.data.channels),
+                                    np.uint8)
+    part = batches.part_path(path, process, processes)
+    batches.write_part(part, images, labels[start:stop], np.arange(start, stop))
+    print(f'process {process}: examples {start}..{stop - 1} at {height}x{width} -> {part}',
+          flush=True)
+  shards.barrier('rpe2d.sample: every part written')
+  if _MERGE.value and process == 0:
+    for path in paths:
+      count = batches.merge_parts(path, processes)
+      batches.remove_parts(path, processes)
+      print(f'merged {processes} parts: {count} images -> {path}', flush=True)
 
 
 if __name__ == '__main__':

@@ -98,11 +98,13 @@ def describe(report) -> str:
                f'{gib(report.outputs - report.aliased)} GiB (+{gib(report.aliased)} in donated '
                f'arguments), temporaries {gib(report.temporaries)} GiB; peak {gib(report.peak)} '
                f'of {gib(report.hbm)} GiB: {"fits" if report.fits else "does not fit"}')
-  if report.flops:
+  if report.visible_flops:
+    total = (f'analytic {report.flops / 1e12:.3f} T per call' if report.flops else
+             'analytic per call: as many steps as the solve takes')
     seen = (f'; XLA counts {report.xla_flops / 1e12:.3f} T of the '
             f'{report.visible_flops / 1e12:.3f} T it sees (loop bodies once): '
             f'{report.xla_flops / report.visible_flops:.2f}x' if report.xla_flops else '')
-    lines.append(f'  FLOPs per chip: analytic {report.flops / 1e12:.3f} T per call{seen}')
+    lines.append(f'  FLOPs per chip: {total}{seen}')
   return '\n'.join(lines)
 
 

@@ -107,8 +107,10 @@ SCHEMA = (
     Field('flow.class_dropout', 0.1, 'label dropout for classifier-free guidance',
           check=number(0.0, 1.0, high_open=True)),
 
-    Field('sampling.sampler', 'euler', 'ODE solver', allowed=sampler.SAMPLERS),
-    Field('sampling.steps', 32, 'solver steps', check=positive_int),
+    Field('sampling.sampler', 'euler', 'euler, heun: ODE, fixed steps; dopri5: ODE, adaptive; '
+          "euler_maruyama: SiT's SDE (docs/methods.md#sampler)", allowed=sampler.SAMPLERS),
+    Field('sampling.steps', 32, "solver steps (dopri5: unused; euler_maruyama: SiT's num_steps, "
+          'steps - 1 SDE steps then the last step)', check=positive_int),
     Field('sampling.cfg_scale', 3.0, 'classifier-free guidance scale (1: none, 0: unconditional)',
           check=number(0.0, 100.0)),
     Field('sampling.cfg_interval', (0.0, 1.0), 'guide only for t inside [low, high]',
@@ -116,6 +118,23 @@ SCHEMA = (
     Field('sampling.time_shift', 1.0, 'sampling time shift a (1: none)',
           check=number(0.0, low_open=True)),
     Field('sampling.time_shift_by_resolution', False, 'multiply the shift by sqrt(N_test/N_train)'),
+    Field('sampling.atol', 1e-6, 'dopri5: absolute tolerance',
+          check=number(0.0, 1.0, low_open=True)),
+    Field('sampling.rtol', 1e-3, 'dopri5: relative tolerance',
+          check=number(0.0, 1.0, low_open=True)),
+    Field('sampling.max_steps', 1000, 'dopri5: step attempts before sampling stops with an error',
+          check=positive_int),
+    Field('sampling.adaptive_step', 'per_example', 'dopri5: a step size per example (an image '
+          'independent of its batch), or per batch (torchdiffeq exactly, as SiT and FiT sampled)',
+          allowed=sampler.ADAPTIVE_STEPS),
+    Field('sampling.diffusion_form', 'sigma', "euler_maruyama: the diffusion coefficient (SiT's "
+          '--diffusion-form)', allowed=tuple(sampler.DIFFUSION_FORMS)),
+    Field('sampling.diffusion_norm', 1.0, "euler_maruyama: its magnitude (SiT's --diffusion-norm)",
+          check=number(0.0, 100.0)),
+    Field('sampling.last_step', 'mean', "euler_maruyama: the last step to t = 0 (SiT's "
+          '--last-step; its Tweedie is euler here)', allowed=sampler.LAST_STEPS),
+    Field('sampling.last_step_size', 0.04, "euler_maruyama: its size (SiT's --last-step-size)",
+          check=number(0.0, 1.0, low_open=True, high_open=True)),
     Field('sampling.resolutions', ((32, 32), (64, 64), (16, 16)),
           'the sizes of the sample grids written during training', check=checks.resolutions),
     Field('sampling.num_per_class', 2, 'images per class in those grids', check=positive_int),
@@ -345,7 +364,10 @@ def sampling_plan(config, **overrides) -> sampler.SamplingPlan:
                 time_shift=float(s.time_shift),
                 time_shift_by_resolution=bool(s.time_shift_by_resolution),
                 positions=position_rule, round_positions=bool(config.positions.round),
-                encoding=encoding(config))
+                encoding=encoding(config), atol=float(s.atol), rtol=float(s.rtol),
+                max_steps=int(s.max_steps), adaptive_step=s.adaptive_step,
+                diffusion_form=s.diffusion_form, diffusion_norm=float(s.diffusion_norm),
+                last_step=s.last_step, last_step_size=float(s.last_step_size))
   values.update(overrides)
   return sampler.SamplingPlan(**values)
 

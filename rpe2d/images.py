@@ -7,7 +7,9 @@ from rpe2d import files
 
 
 def to_uint8(images) -> np.ndarray:
-  """[-1, 1] floats -> uint8, with the same rounding as the sampler's output."""
+  """[-1, 1] floats -> uint8: round((x + 1) * 127.5), clipped. DiT's rule (its uint8 cast of
+  127.5 x + 128 rounds half up; this rounds half to even, the same but at exact halves), which the
+  papers compared against sample with; ADM's truncates (docs/methods.md#quantisation)."""
   return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 

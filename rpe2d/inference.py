@@ -42,6 +42,10 @@ class NonFiniteSamplesError(SamplingError):
   """Generated samples hold NaN or Inf: never written, never measured."""
 
 
+class UnfinishedSamplesError(SamplingError):
+  """An adaptive solve stopped before t = 0: its samples are never written, never measured."""
+
+
 @dataclasses.dataclass
 class Run:
   config: object
@@ -208,8 +212,9 @@ def _compiled_sampler(run, plan, height, width, labels, indices, key):
     return _COMPILED[cache_key], 0.0
   began = time.perf_counter()
   with jax.set_mesh(labels.sharding.mesh):  # the kernels' platform and shard_map axes
-    lowered = sampler.sample_jit.lower(run.model, run.params, key, labels, height=height,
-                                       width=width, plan=plan, indices=indices)
+    lowered = sampler.sample_with_stats_jit.lower(run.model, run.params, key, labels,
+                                                  height=height, width=width, plan=plan,
+                                                  indices=indices)
   _COMPILED[cache_key] = lowered.compile()
   return _COMPILED[cache_key], time.perf_counter() - began
 
@@ -280,15 +285,17 @@ def decode(run: Run, samples, *, tile: int = 0, devices=None) -> np.ndarray:
 def generate(run: Run, *, height: int, width: int, labels, seed: int = 0,
              plan: sampler.SamplingPlan | None = None, batch_size: int = 64,
              progress: bool = False, stats: dict | None = None,
-             decode_tile: int | None = None) -> np.ndarray:
-  """uint8 images (len(labels), height, width, C) for the given labels.
+             decode_tile: int | None = None, first_index: int = 0) -> np.ndarray:
+  """uint8 images (len(labels), height, width, C) for the given labels: examples first_index,
+  first_index + 1, ... (a share of a larger batch is the same images as in the whole batch).
 
   For a latent run, height and width are pixels: the model samples latents of height / f x
   width / f, which are decoded whole or in tiles as `decode_tiling(run, height, width,
   decode_tile)` says.
 
-  stats, if given, receives compile_seconds (0 when already compiled) and images_per_second,
-  and for a latent run decode_seconds (which includes the decoder's first compile).
+  stats, if given, receives compile_seconds (0 when already compiled), images_per_second,
+  evaluations_per_image and evaluations_max (velocity evaluations: they vary per image with
+  dopri5), and for a latent run decode_seconds (which includes the decoder's first compile).
   """
   plan = plan or config_lib.sampling_plan(run.config)
   latent_height, latent_width = model_size(run, height, width)
@@ -302,16 +309,21 @@ def generate(run: Run, *, height: int, width: int, labels, seed: int = 0,
   batch_size = min(batch_size, -(-len(labels) // len(devices)) * len(devices))
   key = jax.random.key(seed)
   outputs, compile_seconds, sample_seconds, decode_seconds = [], 0.0, 0.0, 0.0
+  evaluations = []
   for start in tqdm.tqdm(range(0, len(labels), batch_size), disable=not progress,
                          desc=f'{height}x{width}'):
     count = min(batch_size, len(labels) - start)
     batch_labels = jax.device_put(np.resize(labels[start:start + count], batch_size), data)
-    indices = jax.device_put(np.arange(start, start + batch_size, dtype=np.int32), data)
+    indices = jax.device_put(np.arange(first_index + start, first_index + start + batch_size,
+                                       dtype=np.int32), data)
     compiled, seconds = _compiled_sampler(run, plan, latent_height, latent_width, batch_labels,
                                           indices, key)
     compile_seconds += seconds
     began = time.perf_counter()
-    generated = compiled(run.params, key, batch_labels, indices=indices)
+    generated, solved = compiled(run.params, key, batch_labels, indices=indices)
+    solved = jax.device_get(solved)
+    check_finished(solved, plan, start, count, height, width)
+    evaluations.append(solved.evaluations[:count])
     if run.vae is not None:
       generated = jax.block_until_ready(generated)
       decoding = time.perf_counter()
@@ -321,18 +333,43 @@ def generate(run: Run, *, height: int, width: int, labels, seed: int = 0,
     finite = np.isfinite(generated.reshape(count, -1)).all(axis=1)
     if not finite.all():  # to_uint8 would make them black images that look like results
       raise NonFiniteSamplesError(
-          f'{int((~finite).sum())} of samples {start}..{start + count - 1} at {height}x{width} are '
-          f'not finite (NaN/Inf; the first is sample {start + int(np.argmin(finite))}): the plan '
-          f'{plan.sampler}x{plan.steps}, cfg_scale={plan.cfg_scale}, time_shift='
+          f'{int((~finite).sum())} of samples {first_index + start}..'
+          f'{first_index + start + count - 1} at {height}x{width} are not finite (NaN/Inf; the '
+          f'first is sample {first_index + start + int(np.argmin(finite))}): the plan '
+          f'{sampler.describe(plan)}, cfg_scale={plan.cfg_scale}, time_shift='
           f'{plan.time_shift}, extrapolation={plan.encoding.extrapolation} diverges for this run')
     outputs.append(images_lib.to_uint8(generated))
     sample_seconds += time.perf_counter() - began
   if stats is not None:
     stats['compile_seconds'] = compile_seconds
     stats['images_per_second'] = len(labels) / sample_seconds
+    evaluations = np.concatenate(evaluations)
+    stats['evaluations_per_image'] = float(evaluations.mean())
+    stats['evaluations_max'] = int(evaluations.max())
     if run.vae is not None:
       stats['decode_seconds'] = decode_seconds
   return np.concatenate(outputs)
+
+
+def check_finished(stats: sampler.Stats, plan: sampler.SamplingPlan, start: int, count: int,
+                   height: int, width: int) -> None:
+  """Raises UnfinishedSamplesError when one of the batch's first `count` examples (samples start,
+  start + 1, ...) did not reach t = 0, saying where it stopped and why."""
+  unfinished = np.flatnonzero(~np.asarray(stats.finished[:count]))
+  if not unfinished.size:
+    return
+  first = int(unfinished[0])
+  steps = int(stats.accepted[first])
+  reached = float(stats.times[first, steps - 1]) if steps else None
+  attempts = steps + int(stats.rejected[first])
+  why = (f'sampling.max_steps={plan.max_steps} step attempts were not enough: raise --max_steps '
+         'or loosen --atol/--rtol' if attempts >= plan.max_steps else
+         'its velocity became NaN/Inf')
+  raise UnfinishedSamplesError(
+      f'{unfinished.size} of samples {start}..{start + count - 1} at {height}x{width} did not '
+      f'reach t = 0 with {sampler.describe(plan)}: sample {start + first} stopped after '
+      f'{attempts} step attempts at t = {"its start" if reached is None else f"{reached:.4g}"}; '
+      f'{why}')
 
 
 def notes(run: Run, plan: sampler.SamplingPlan, height: int, width: int) -> list[str]:
@@ -369,9 +406,8 @@ def write_samples(run: Run, plan: sampler.SamplingPlan, resolutions, paths, labe
       images = generate(run, height=height, width=width, labels=labels, seed=seed, plan=plan,
                         batch_size=batch_size, progress=True, stats=stats,
                         decode_tile=decode_tile)
-    except NonFiniteSamplesError as e:
-      raise NonFiniteSamplesError(f'{e}; nothing is written for {height}x{width}; {kept()}') \
-          from None
+    except (NonFiniteSamplesError, UnfinishedSamplesError) as e:
+      raise type(e)(f'{e}; nothing is written for {height}x{width}; {kept()}') from None
     except (MemoryError, RuntimeError, OSError) as e:  # XLA's out of memory is a RuntimeError
       raise SamplingError(f'sampling {len(labels)} images at {height}x{width} failed '
                           f'({_reason(e)}); {kept()}') from e
@@ -385,9 +421,13 @@ def write_samples(run: Run, plan: sampler.SamplingPlan, resolutions, paths, labe
       tile = decode_tiling(run, height, width, decode_tile)
       decoded = (f', decode {stats["decode_seconds"]:.1f} s '
                  + (f'in {tile}x{tile}-latent tiles' if tile else 'whole'))
+    adaptive = ''
+    if plan.sampler == 'dopri5':
+      adaptive = (f', {stats["evaluations_per_image"]:.1f} velocity evaluations per image (max '
+                  f'{stats["evaluations_max"]})')
     print(f'{height}x{width}: {len(images)} images -> {path}  (compile '
           f'{stats["compile_seconds"]:.1f} s, {stats["images_per_second"]:.1f} images/s'
-          f'{decoded})', flush=True)
+          f'{adaptive}{decoded})', flush=True)
 
 
 def _reason(error) -> str:

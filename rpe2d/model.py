@@ -228,6 +228,13 @@ class DiT(nn.Module):
   def patch_size(self) -> int:
     return parse_variant(self.variant)[3]
 
+  @property
+  def time_range(self) -> tuple[float, float]:
+    """(t_min, t_max): the flow times the model covers. rpe2d's own cover [0, 1]; a model imported
+    from a discrete schedule covers less, and the samplers start at t_max and step from t_min to 0
+    (docs/methods.md#time-range)."""
+    return (0.0, 1.0)
+
   def geometry(self, height: int, width: int) -> rope.Geometry:
     p = self.patch_size
     return rope.Geometry(grid=(height // p, width // p), reference=tuple(self.position_range),

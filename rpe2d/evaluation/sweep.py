@@ -9,16 +9,17 @@
 
 Extrapolation methods keep the run's own position rule ('grid' for grid runs, the config's rule for
 RPE-2D runs). Position rules need an RPE-2D run; for a grid run those cells are skipped. The
-sampler, steps and CFG come from the run's config, with the same overrides for every cell.
+sampler and its settings (steps, tolerances, the SDE's), and CFG come from the run's config, with
+the same overrides for every cell.
 
 A cell (run, method, resolution) is generated from a sampling plan. Methods are exact no-ops where
 the extrapolation scale is 1 on both axes (rope.axis_positions_and_frequencies returns its inputs),
 and the RPE-2D rules coincide where the tokens fill the trained range, so the plan is canonicalised
-first (sampler.canonical_plan) and cells with the same canonical plan share one set of samples and
-numbers; the table marks
-them. Each computed cell is stored as <outdir>/cells/<key>.json under a
-key of everything that determines it (checkpoint, plan, resolution, N, seed, reference), so a rerun
-computes only what is new.
+first (sampler.canonical_plan, which also drops the settings the sampler does not read) and cells
+with the same canonical plan share one set of samples and numbers; the table marks them. Each
+computed cell is stored as <outdir>/cells/<key>.json under a key of everything that determines it
+(checkpoint, the plan's sampler.key_text, resolution, N, seed, reference), so a rerun computes only
+what is new.
 """
 
 import dataclasses
@@ -30,13 +31,13 @@ import sys
 import time
 
 from absl import logging
-
+import jax
 import numpy as np
 from PIL import Image
 
 from rpe2d import config as config_lib, data, files, images as images_lib, inference, positions
 from rpe2d import rope, sampler
-from rpe2d.evaluation import metrics
+from rpe2d.evaluation import batches, inception, metrics, shards
 
 EXTRAPOLATIONS = {
     **{name: dict(extrapolation=name) for name in rope.EXTRAPOLATIONS},
@@ -49,6 +50,9 @@ RESIZE_FILTERS = {'nearest': Image.Resampling.NEAREST, 'box': Image.Resampling.B
 # Below this many images the 2048-d covariance is rank deficient and FID is biased upward.
 STABLE_FID_IMAGES = 2048
 GRID_IMAGES_PER_CLASS = 4
+# Part of every cell's and reference's key: cells measured before sFID are measured again.
+FEATURES_VERSION = 'pool3+mixed_6/conv'
+SHARD_SIZE = 1000  # examples per shard of a cell (what a killed evaluation keeps)
 
 
 def parse_method(text: str) -> tuple[str, str | None]:
@@ -90,11 +94,15 @@ def _key(description: dict) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Reference:
-  """Statistics of the real images at one resolution; features when made from images."""
+  """Statistics of the real images at one resolution: pool3 (FID) and, where known, spatial
+  (sFID); the pool3 features of its images when it has images (KID, precision, recall)."""
   description: dict
   mu: np.ndarray
   sigma: np.ndarray
   features: np.ndarray | None = None
+  mu_s: np.ndarray | None = None
+  sigma_s: np.ndarray | None = None
+  spatial: np.ndarray | None = None
 
   @property
   def size(self) -> int | None:
@@ -133,28 +141,54 @@ def split_reference(data_config, split: str, height: int, width: int, *, resize_
   """Inception features of a data set split resized to (height, width), cached as .npz."""
   description = dict(kind='split', data=data_config.name, image_size=data_config.image_size,
                      channels=data_config.channels, split=split, height=height, width=width,
-                     resize_filter=resize_filter, limit=limit)
+                     resize_filter=resize_filter, limit=limit, features=FEATURES_VERSION)
   path = pathlib.Path(cache_dir) / f'{data_config.name}_{split}_{height}x{width}_' \
                                    f'{resize_filter}_{limit or "all"}_{_key(description)}.npz'
   if path.exists():
     mu, sigma = metrics.load_reference_npz(path)
     with np.load(path, allow_pickle=False) as cached:
       features = cached['features']
+      spatial = cached['spatial'] if 'spatial' in cached.files else None
   else:
     pixels, _ = split_images(data_config, split, limit)
     print(f'  {len(pixels)} {split} images -> {height}x{width} ({resize_filter}) -> Inception '
           'features (compiled once per size)', flush=True)
-    features = feature_fn(resize(pixels, height, width, resize_filter))
+    features, spatial = inception.extract(feature_fn,
+                                          resize(pixels, height, width, resize_filter))
     mu, sigma = metrics.feature_statistics(features)
-    metrics.save_reference_npz(path, mu, sigma, features=features)
+    extra = {} if spatial is None else dict(spatial=spatial)
+    metrics.save_reference_npz(path, mu, sigma, features=features, **extra)
   description['size'] = len(features)
-  return Reference(description, mu, sigma, features)
+  mu_s, sigma_s = (None, None) if spatial is None else metrics.feature_statistics(spatial)
+  return Reference(description, mu, sigma, features, mu_s, sigma_s, spatial)
 
 
 def npz_reference(path) -> Reference:
-  """ADM-style statistics (mu, sigma); FID only, since there are no features for KID or P/R."""
-  mu, sigma = metrics.load_reference_npz(path)
-  return Reference(dict(kind='npz', path=str(pathlib.Path(path).absolute())), mu, sigma)
+  """ADM-style statistics: mu, sigma, and mu_s, sigma_s where present (FID, sFID). When the file
+  also holds images (`arr_0`, ADM's reference batches), `with_batch_images` adds their features
+  (KID, precision and recall, as ADM measures them)."""
+  stats = batches.read_statistics(path)
+  if 'mu' not in stats:
+    mu, sigma = metrics.load_reference_npz(path)  # its error names the missing key
+    stats.update(mu=mu, sigma=sigma)
+  for key in ('sigma', 'sigma_s'):
+    if key in stats:
+      metrics.check_covariance(stats[key], f'{path}: key {key!r}')
+  description = dict(kind='npz', path=str(pathlib.Path(path).absolute()))
+  if batches.has_images(path):
+    description['images'] = len(batches.image_array(path, '--reference_npz'))
+  return Reference(description, stats['mu'], stats['sigma'], mu_s=stats.get('mu_s'),
+                   sigma_s=stats.get('sigma_s'))
+
+
+def with_batch_images(reference: Reference, network, cache_dir) -> Reference:
+  """`reference` with the pool3 features of its batch's images (every process must call it)."""
+  from rpe2d.evaluation import adm  # pylint: disable=g-import-not-at-top
+  array = batches.image_array(reference.description['path'], '--reference_npz')
+  features = adm.batch_features(array, network, cache_dir, what='reference batch')
+  if features is None:  # not process 0: it measures
+    return reference
+  return dataclasses.replace(reference, features=features.pool)
 
 
 def sample_size_warnings(num_samples: int, reference: Reference) -> list[str]:
@@ -174,13 +208,22 @@ def sample_size_warnings(num_samples: int, reference: Reference) -> list[str]:
 # Cells.
 
 
-def image_metrics(features: np.ndarray, reference: Reference) -> dict:
-  """FID (and with reference features KID, precision, recall); raises ValueError rather than
-  return a value that is not finite, so no such number is ever cached."""
-  result = dict(fid=metrics.fid(features, (reference.mu, reference.sigma)))
+def image_metrics(features, reference: Reference, classifier=None,
+                  distances: str = 'float16') -> dict:
+  """FID; sFID where both sides have spatial features; with reference features KID, precision and
+  recall; with a classifier (`rpe2d.evaluation.classifier`) the Inception Score. Raises
+  ValueError rather than return a value that is not finite, so no such number is ever cached."""
+  pool, spatial = inception.as_features(features)
+  result = dict(fid=metrics.fid(pool, (reference.mu, reference.sigma)))
+  if spatial is not None and reference.mu_s is not None:
+    result['sfid'] = metrics.fid(spatial, (reference.mu_s, reference.sigma_s))
   if reference.features is not None:
-    result['kid'] = metrics.kid(features, reference.features)
-    result['precision'], result['recall'] = metrics.precision_recall(reference.features, features)
+    result['kid'] = metrics.kid(pool, reference.features)
+    result['precision'], result['recall'] = metrics.precision_recall(
+        reference.features, pool, distances=distances)
+  if classifier is not None:
+    result['inception_score'] = metrics.inception_score(
+        metrics.class_probabilities(pool, classifier.weights))
   bad = {k: v for k, v in result.items() if not np.isfinite(v)}
   if bad:
     raise ValueError(f'metrics {bad} are not finite')
@@ -213,68 +256,110 @@ def check_inputs(runs, resolutions, *, num_samples: int, num_reference: int | No
 
 
 def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
+  """0, 1, ..., C-1, 0, 1, ...: every contiguous run of examples is balanced over the classes to
+  within one, so ADM's Inception Score chunks (5,000 in file order) see every class equally."""
   return (np.arange(num_samples) % num_classes).astype(np.int32)
 
 
 def cell_description(run, plan, height, width, num_samples, seed, reference) -> dict:
-  return dict(checkpoint=str(run.checkpoint.absolute()), step=run.step, plan=repr(plan),
+  return dict(checkpoint=str(run.checkpoint.absolute()), step=run.step, plan=sampler.key_text(plan),
               height=height, width=width, num_samples=num_samples, seed=seed,
-              reference=reference.description)
+              reference=reference.description, features=FEATURES_VERSION)
+
+
+def _is_main() -> bool:
+  return jax.process_index() == 0
 
 
 def evaluate_cell(run, plan, height, width, *, num_samples, seed, reference, cell_dir,
-                  feature_fn, batch_size=64, class_names=None, label=None) -> dict:
-  """Generates, measures and stores one cell (or reads it back); returns its record. With a
-  `label`, says what it samples and measures as it goes (a bar over the sampling batches)."""
+                  feature_fn, batch_size=64, class_names=None, label=None, classifier=None,
+                  shard_size: int = SHARD_SIZE, distances: str = 'float16') -> dict | None:
+  """Generates, measures and stores one cell (or reads it back); returns its record (None on the
+  processes other than 0, which only compute their shards). With a `label`, says what it samples
+  and measures as it goes.
+
+  The samples are made and measured in shards of `shard_size` examples (rpe2d.evaluation.shards):
+  every process computes its share, a killed evaluation keeps its finished shards, and process 0
+  gathers the features, computes the metrics and writes `<cell_dir>/<key>.json` and the grid."""
   description = cell_description(run, plan, height, width, num_samples, seed, reference)
   key = _key(description)
   path = pathlib.Path(cell_dir) / f'{key}.json'
   if path.exists():
     record = json.loads(path.read_text())
-    if record['description'] == description:
+    if record['description'] == description and (
+        classifier is None or record.get('classifier_sha256') == classifier.sha256):
       record['reused'] = True
       return record
   labels = balanced_labels(num_samples, run.model.num_classes)
-  stats = {}
-  if label:
+  shown = GRID_IMAGES_PER_CLASS * run.model.num_classes
+  timing = dict(compile_seconds=0.0, generate_seconds=0.0, feature_seconds=0.0, evaluations=0.0,
+                generated=0)
+
+  def produce(start, stop):
+    stats = {}
+    began = time.perf_counter()
+    generated = inference.generate(run, height=height, width=width, labels=labels[start:stop],
+                                   seed=seed, plan=plan, batch_size=batch_size, stats=stats,
+                                   progress=bool(label) and _is_main(), first_index=start)
+    timing['generate_seconds'] += time.perf_counter() - began - stats['compile_seconds']
+    timing['compile_seconds'] += stats['compile_seconds']
+    timing['evaluations'] += stats['evaluations_per_image'] * (stop - start)
+    timing['generated'] += stop - start
+    began = time.perf_counter()
+    features = inception.extract(feature_fn, generated)
+    timing['feature_seconds'] += time.perf_counter() - began
+    if not all(f is None or np.all(np.isfinite(f)) for f in features):
+      raise inference.SamplingError(f'the Inception features of {stop - start} samples ({start}..'
+                                    f'{stop - 1}) at {height}x{width} are not finite')
+    return features, ({'images': generated[:shown - start]} if start < shown else {})
+
+  if label and _is_main():
     print(f'{label}: sampling {num_samples} images at {height}x{width} (positions='
           f'{plan.positions}, extrapolation={plan.encoding.extrapolation}'
-          f'{", dype" if plan.encoding.dype else ""}, {plan.sampler}x{plan.steps}, cfg '
+          f'{", dype" if plan.encoding.dype else ""}, {sampler.describe(plan)}, cfg '
           f'{plan.cfg_scale})', flush=True)
-  began = time.perf_counter()
-  generated = inference.generate(run, height=height, width=width, labels=labels, seed=seed,
-                                 plan=plan, batch_size=batch_size, stats=stats,
-                                 progress=bool(label))
-  generate_seconds = time.perf_counter() - began
-  if label:
-    print(f'{label}: Inception features of the {num_samples} samples, FID/KID/P/R', flush=True)
-  began = time.perf_counter()
-  features = feature_fn(generated)
-  if not np.all(np.isfinite(features)):
-    raise inference.SamplingError(f'the Inception features of {num_samples} samples at '
-                                  f'{height}x{width} are not finite')
-  try:
-    measured = image_metrics(features, reference)
-  except ValueError as e:
-    raise inference.SamplingError(f'measuring {num_samples} samples at {height}x{width}: {e}') \
-        from e
-  record = dict(key=key, description=description, **measured,
-                images_per_second=stats['images_per_second'],
-                compile_seconds=stats['compile_seconds'], generate_seconds=generate_seconds,
-                feature_seconds=time.perf_counter() - began)
-  shown = GRID_IMAGES_PER_CLASS * run.model.num_classes
-  inference.save(path.with_suffix('.png'), generated[:shown], labels[:shown], class_names)
-  with files.atomic_path(path) as tmp:
-    tmp.write_text(json.dumps(record, indent=1))
-  record['reused'] = False
+  shard_dir = pathlib.Path(cell_dir) / key
+  log = (lambda text: print(f'{label}: process {jax.process_index()}: {text}', flush=True)) \
+      if label and jax.process_count() > 1 else None
+  shards.compute(shard_dir, key, num_samples, shard_size, produce, log=log)
+  shards.barrier(f'rpe2d.sweep: cell {key} sampled')
+  record = None
+  if _is_main():
+    if label:
+      print(f'{label}: Inception features of the {num_samples} samples, FID/sFID/KID/P/R'
+            + ('/IS' if classifier is not None else ''), flush=True)
+    features, extras = shards.gather(shard_dir, key, num_samples, shard_size, produce)
+    began = time.perf_counter()
+    try:
+      measured = image_metrics(features, reference, classifier, distances)
+    except ValueError as e:
+      raise inference.SamplingError(f'measuring {num_samples} samples at {height}x{width}: {e}') \
+          from e
+    if classifier is not None:
+      measured['classifier_sha256'] = classifier.sha256
+    rate = timing['generated'] / timing['generate_seconds'] if timing['generated'] else None
+    record = dict(key=key, description=description, **measured, images_per_second=rate,
+                  evaluations_per_image=(timing['evaluations'] / timing['generated']
+                                         if timing['generated'] else None),
+                  compile_seconds=timing['compile_seconds'],
+                  generate_seconds=timing['generate_seconds'],
+                  feature_seconds=timing['feature_seconds'] + time.perf_counter() - began)
+    images = extras['images']
+    inference.save(path.with_suffix('.png'), images, labels[:len(images)], class_names)
+    with files.atomic_path(path) as tmp:
+      tmp.write_text(json.dumps(record, indent=1))
+    shutil.rmtree(shard_dir, ignore_errors=True)  # the record holds what they were for
+    record['reused'] = False
+  # Every process sees the record before the next cell (a later cell may share its key).
+  shards.barrier(f'rpe2d.sweep: cell {key} written')
   return record
 
 
 # ------------------------------------------------------------------------------------------------
 # Reports.
 
-COLUMNS = ('run', 'method', 'height', 'width', 'num_samples', 'fid', 'kid', 'precision', 'recall',
-           'same_as', 'key', 'grid')
+METRICS = ('fid', 'sfid', 'kid', 'precision', 'recall', 'inception_score')
+COLUMNS = ('run', 'method', 'height', 'width', 'num_samples') + METRICS + ('same_as', 'key', 'grid')
 
 
 def format_number(value, scale=1.0, digits=1) -> str:
@@ -314,10 +399,15 @@ def write_reports(outdir, rows: list[dict], resolutions, notes: list[str]) -> No
       "method changes nothing at this size (scale 1 on both axes), or it is the run's own "
       'position rule.', '',
       '## FID (lower is better)', '', markdown_table(rows, resolutions, 'fid'), '',
+      '## sFID (spatial features; lower is better)', '',
+      markdown_table(rows, resolutions, 'sfid'), '',
       '## KID ×10³ (unbiased; lower is better)', '',
       markdown_table(rows, resolutions, 'kid', 1e3, 2), '',
       '## Precision (k = 3)', '', markdown_table(rows, resolutions, 'precision', 1.0, 2), '',
       '## Recall (k = 3)', '', markdown_table(rows, resolutions, 'recall', 1.0, 2), '']
+  if any(r.get('inception_score') is not None for r in rows):
+    sections += ['## Inception Score (higher is better)', '',
+                 markdown_table(rows, resolutions, 'inception_score', 1.0, 2), '']
   notes = notes + [f'{r["run"]} {r["method"]} at {r["height"]}x{r["width"]} is n/a: {r["note"]}'
                    for r in rows if r.get('note')]
   if notes:
@@ -431,11 +521,18 @@ def plan_cells(runs, names, resolutions, methods, overrides):
 def run(runs, names, resolutions, cells, *, outdir, feature_fn, num_samples: int,
         num_reference: int | None = None, split: str = 'test', real_split: str = 'train',
         resize_filter: str = 'bicubic', npz_references=None, seed: int = 0,
-        batch_size: int = 64) -> list[dict]:
-  """Computes (or reuses) every cell of `plan_cells`, writes the reports; returns the rows."""
+        batch_size: int = 64, classifier=None, shard_size: int = SHARD_SIZE,
+        distances: str = 'float16') -> list[dict] | None:
+  """Computes (or reuses) every cell of `plan_cells`, writes the reports; returns the rows.
+
+  Under the distributed runtime every process calls it with the same arguments: each samples its
+  shards of every cell, process 0 measures and writes everything (and returns the rows; the
+  others return None). `outdir` must then be shared by the processes."""
   outdir = pathlib.Path(outdir)
   npz_references = npz_references or {}
   references = {}
+  main = _is_main()
+  say = print if main else (lambda *args, **kwargs: None)
 
   def reference_for(run, resolution):
     if resolution in npz_references:
@@ -444,14 +541,33 @@ def run(runs, names, resolutions, cells, *, outdir, feature_fn, num_samples: int
     data_config = data.source_data_config(run.config.data)
     key = (data_config.name, data_config.image_size, resolution)
     if key not in references:
-      print(f'reference: {split} split of {key[0]} at {resolution[0]}x{resolution[1]} '
-            f'({resize_filter})', flush=True)
+      say(f'reference: {split} split of {key[0]} at {resolution[0]}x{resolution[1]} '
+          f'({resize_filter})', flush=True)
       references[key] = split_reference(
           data_config, split, *resolution, resize_filter=resize_filter, limit=num_reference,
           cache_dir=outdir / 'reference', feature_fn=feature_fn)
     return references[key]
 
+  def real_reference(resolution):
+    return split_reference(
+        data.source_data_config(runs[0].config.data), real_split, *resolution,
+        resize_filter=resize_filter, limit=num_samples, cache_dir=outdir / 'reference',
+        feature_fn=feature_fn)
+
   by_name = dict(zip(names, runs))
+  # ADM batches' images are measured by every process; splits by process 0, the others then read
+  # its cache.
+  for resolution, reference in list(npz_references.items()):
+    if reference.description.get('images'):
+      npz_references[resolution] = with_batch_images(reference, feature_fn, outdir / 'reference')
+  for turn in ((0,) if jax.process_count() == 1 else (0, 1)):
+    if main == (turn == 0):
+      for name in names:
+        for resolution in resolutions:
+          reference_for(by_name[name], resolution)
+          if real_split:
+            real_reference(resolution)
+    shards.barrier(f'rpe2d.sweep: references {turn}')
   class_names = {name: data.class_names(data.source_data_config(run.config.data))
                  for name, run in by_name.items()}
   notes = sorted({note for name in names for resolution in resolutions
@@ -459,18 +575,22 @@ def run(runs, names, resolutions, cells, *, outdir, feature_fn, num_samples: int
                                                    reference_for(by_name[name], resolution))})
   notes += sorted({f'{name}: {note}' for name, _, _, plan, _ in cells if plan is not None
                    for note in rope.legacy_notes(plan.encoding)})
-  for note in notes:  # once, on stderr (absl's logging.warning would print it a second time)
+  if classifier is None:
+    notes.append(f'no Inception Score: it needs the classifier file, '
+                 f'--inception_classifier=<inception-2015-12-05.pt or '
+                 f'pt_inception-2015-12-05-6726825d.pth>')
+  for note in notes if main else ():  # once, on stderr (absl's logging would print it twice)
     print(f'warning: {note}', file=sys.stderr, flush=True)
 
   rows, first_method = [], {}
   unique = len({(n, r, p) for n, _, r, p, _ in cells if p is not None})
-  print(f'{len(cells)} cells, {unique} distinct samplings of {num_samples} images', flush=True)
+  say(f'{len(cells)} cells, {unique} distinct samplings of {num_samples} images', flush=True)
   for index, (name, method, (height, width), plan, note) in enumerate(cells, 1):
     label = f'[{index}/{len(cells)}] {name} {height}x{width} {method}'
     row = dict(run=name, method=method, height=height, width=width, num_samples=num_samples,
                same_as=None, note=note)
     if plan is None:
-      print(f'{label}: n/a ({note})', flush=True)
+      say(f'{label}: n/a ({note})', flush=True)
       rows.append(row)
       continue
     first = first_method.setdefault((name, (height, width), plan), method)
@@ -480,36 +600,44 @@ def run(runs, names, resolutions, cells, *, outdir, feature_fn, num_samples: int
           by_name[name], plan, height, width, num_samples=num_samples, seed=seed,
           reference=reference_for(by_name[name], (height, width)), cell_dir=outdir / 'cells',
           feature_fn=feature_fn, batch_size=batch_size, class_names=class_names[name],
-          label=label)
+          label=label, classifier=classifier, shard_size=shard_size, distances=distances)
     except (inference.SamplingError, MemoryError, RuntimeError, OSError) as e:
       done = sum(1 for r in rows if r.get('key'))
       raise inference.SamplingError(
           f'{name} {method} at {height}x{width}: {_reason(e)}; no number is kept for it. The '
-          f'{done} cells computed before it are kept in {outdir / "cells"}: rerun the command '
-          'to compute only the rest') from e
-    row.update({k: record.get(k) for k in ('fid', 'kid', 'precision', 'recall', 'key')})
+          f'{done} cells computed before it are kept in {outdir / "cells"}, and its finished '
+          'shards: rerun the command to compute only the rest') from e
+    if not main:
+      continue
+    row.update({k: record.get(k) for k in METRICS + ('key',)})
     grid = outdir / 'grids' / name / f'{height}x{width}_{method.replace("@", "_at_")}.png'
     grid.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(outdir / 'cells' / f'{record["key"]}.png', grid)
     row['grid'] = str(grid.relative_to(outdir))
     rows.append(row)
-    how = 'reused' if record['reused'] else f'{record["images_per_second"]:.2f} images/s'
+    how = 'reused' if record['reused'] else (
+        f'{record["images_per_second"]:.2f} images/s' if record['images_per_second'] else
+        'sampled by the other processes')
     print(f'{label}: FID {format_number(row["fid"], 1, 2)}'
+          f'  sFID {format_number(row["sfid"], 1, 2)}'
           f'  KID {format_number(row["kid"], 1, 4)}'
           f'  P {format_number(row["precision"], 1, 2)}'
-          f'  R {format_number(row["recall"], 1, 2)}  ({how})', flush=True)
+          f'  R {format_number(row["recall"], 1, 2)}'
+          + (f'  IS {format_number(row["inception_score"], 1, 2)}' if classifier else '')
+          + f'  ({how})', flush=True)
+  if not main:
+    return None
 
   if real_split:
     for resolution in resolutions:
       print(f"real: {real_split} split at {resolution[0]}x{resolution[1]} against the reference "
             '(the floor at this N)', flush=True)
-      real = split_reference(
-          data.source_data_config(runs[0].config.data), real_split, *resolution,
-          resize_filter=resize_filter, limit=num_samples, cache_dir=outdir / 'reference',
-          feature_fn=feature_fn)
+      real = real_reference(resolution)
+      measured = image_metrics(inception.Features(real.features, real.spatial),
+                               reference_for(runs[0], resolution), classifier, distances)
       rows.append(dict(run='real', method=f'{real_split} split', height=resolution[0],
                        width=resolution[1], num_samples=len(real.features), same_as=None,
-                       **image_metrics(real.features, reference_for(runs[0], resolution))))
+                       **measured))
   write_reports(outdir, rows, resolutions, notes)
   print(f'results: {outdir / "results.md"}, {outdir / "results.csv"}, '
         f'{outdir / "fid_vs_resolution.png"}', flush=True)

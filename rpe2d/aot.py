@@ -41,9 +41,9 @@ TOPOLOGIES = {
     'v6e-8': ('v6e:2x4', {'chips_per_host_bounds': (2, 4, 1)}),
 }
 PROGRAMS = ('train', 'sample_step', 'sampler', 'decode')
-# Model evaluations in one step of each solver (sampler.SAMPLERS), CFG's doubled batch aside: a
-# dopri5 step attempt evaluates its six new stages (the seventh is the next step's first).
-EVALUATIONS = {'euler': 1, 'heun': 2, 'dopri5': 6, 'euler_maruyama': 1}
+# Model evaluations in one step of the fixed-step solvers (sampler.SAMPLERS), CFG's doubled batch
+# aside. dopri5 takes as many steps as its solve needs.
+FIXED_STEP_EVALUATIONS = {'euler': 1, 'heun': 2, 'euler_maruyama': 1}
 OUT_OF_MEMORY = re.compile(r'RESOURCE_EXHAUSTED.*?\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)',
                            re.S)
 
@@ -178,15 +178,17 @@ def sample_program(config, devices, height: int, width: int, batch: int,
       return sampler.sample_with_stats_jit.lower(model, params, key, labels, height=height,
                                                  width=width, plan=plan, indices=labels)
 
-  per_step = EVALUATIONS[plan.sampler] * (2 if plan.cfg_scale != 1.0 else 1) * (
-      model_lib.forward_flops(model.variant, height, width, model.channels) * batch / len(devices))
-  adaptive = plan.sampler == 'dopri5'  # its step count is the solve's: no analytic total
+  evaluations = FIXED_STEP_EVALUATIONS.get(plan.sampler, 0) * (2 if plan.cfg_scale != 1.0 else 1)
+  per_step = evaluations * model_lib.forward_flops(model.variant, height, width,
+                                                   model.channels) * batch / len(devices)
+  # dopri5's step count is the solve's, and its stages are a loop inside its loop: no count.
+  adaptive = plan.sampler not in FIXED_STEP_EVALUATIONS
   name = 'sampler' if steps is None else 'sample_step'
   what = (f'{plan.sampler}{"" if adaptive else f" x {plan.steps}"}'
           f'{", CFG" if plan.cfg_scale != 1.0 else ""}, batch {batch}, '
           f'{height}x{width}x{model.channels}')
   return Program(name, what, lower, 0.0 if adaptive else plan.steps * per_step,
-                 per_step / _scanned_depth(model), tuple(devices))
+                 0.0 if adaptive else per_step / _scanned_depth(model), tuple(devices))
 
 
 def decode_program(devices, latent_height: int, latent_width: int,

@@ -204,7 +204,7 @@ def table(rows: list[dict]) -> str:
     parts = r['what'].split(', ')
     batch = next(p.split()[1] for p in parts if p.startswith('batch '))
     mesh = r['what'].split('= ')[1].replace(' ', '') if 'mesh' in r['what'] else '-'
-    size = next((p for p in parts if 'x' in p and p[0].isdigit()), '')
+    size = next((p for p in parts if 'x' in p and p[0].isdigit()), '').split(' from ')[0]
     program = f"{r['name']} {size}" if r['name'] != 'train' else 'train step'
     flops = (f"{r['xla_flops'] / r['visible_flops']:.2f}"
              if r.get('xla_flops') and r['visible_flops'] else '-')

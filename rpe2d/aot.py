@@ -184,9 +184,11 @@ def sample_program(config, devices, height: int, width: int, batch: int,
   # dopri5's step count is the solve's, and its stages are a loop inside its loop: no count.
   adaptive = plan.sampler not in FIXED_STEP_EVALUATIONS
   name = 'sampler' if steps is None else 'sample_step'
+  factor = latent_factor(config)
+  size = f'{height}x{width}x{model.channels}'
   what = (f'{plan.sampler}{"" if adaptive else f" x {plan.steps}"}'
           f'{", CFG" if plan.cfg_scale != 1.0 else ""}, batch {batch}, '
-          f'{height}x{width}x{model.channels}')
+          + (f'{height * factor}x{width * factor} from {size} latents' if factor > 1 else size))
   return Program(name, what, lower, 0.0 if adaptive else plan.steps * per_step,
                  0.0 if adaptive else per_step / _scanned_depth(model), tuple(devices))
 

@@ -31,8 +31,8 @@ import sys
 from absl import app, flags, logging
 import jax
 
-from rpe2d import checks, checkpoints, cli, config as config_lib, distributed, files, inference
-from rpe2d import sampler
+from rpe2d import attention, checks, checkpoints, cli, config as config_lib, distributed, files
+from rpe2d import inference, rundir, sampler
 from rpe2d.evaluation import adm, classifier as classifier_lib, inception, metrics
 from rpe2d.evaluation import sweep
 
@@ -49,8 +49,10 @@ _DISTANCES = flags.DEFINE_enum('distances', 'float16', list(metrics.DISTANCES),
                                "Precision / recall distances: ADM's float16 rounding, or float32.")
 _SHARD_SIZE = flags.DEFINE_integer('shard_size', sweep.SHARD_SIZE,
                                    'Images per shard (what a killed evaluation keeps).')
-_METHODS = flags.DEFINE_list('methods', list(sweep.METHODS),
-                             'Methods; position rules apply to RPE-2D runs only.')
+_METHODS = flags.DEFINE_list('methods', list(sweep.DEFAULT_METHODS),
+                             "Methods; position rules apply to RPE-2D runs only; FiT's settings "
+                             'as fit-<interpolation>[-decouple]; a sin-cos table rule after a +, '
+                             'e.g. pi+native, yarn+interpolate.')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 1000, 'Generated images per cell.')
 _NUM_REFERENCE = flags.DEFINE_integer('num_reference', 0, 'Reference images (0: the whole split).')
 _SPLIT = flags.DEFINE_string('split', 'test', 'The held-out split the reference is made from.')
@@ -69,7 +71,9 @@ _INCEPTION_BATCH_SIZE = flags.DEFINE_integer('inception_batch_size', 50,
 _STEPS = flags.DEFINE_integer('steps', None, "Sampler steps (default: each run's config).")
 _CFG_SCALE = flags.DEFINE_float('cfg_scale', None, "Guidance scale (default: each run's config).")
 _SAMPLER = flags.DEFINE_enum('sampler', None, list(sampler.SAMPLERS),
-                             "euler, heun, dopri5 (ODE), euler_maruyama (SiT's SDE).")
+                             "euler, heun, dopri5 (ODE), euler_maruyama (SiT's SDE), ddpm (DiT's).")
+_CFG_CHANNELS = flags.DEFINE_integer('cfg_channels', None, "Guide only the first k channels "
+                                     "(0: all; default: each run's config).")
 _ATOL = flags.DEFINE_float('atol', None, 'dopri5: absolute tolerance.')
 _RTOL = flags.DEFINE_float('rtol', None, 'dopri5: relative tolerance.')
 _MAX_STEPS = flags.DEFINE_integer('max_steps', None, 'dopri5: step attempts before it gives up.')
@@ -83,11 +87,14 @@ _LAST_STEP = flags.DEFINE_enum('last_step', None, list(sampler.LAST_STEPS),
 _LAST_STEP_SIZE = flags.DEFINE_float('last_step_size', None, 'euler_maruyama: its size.')
 # Sampler flags: the plan field each overrides in every cell (numeric ones checked like the config).
 _PLAN_FLAGS = ((_STEPS, 'steps'), (_CFG_SCALE, 'cfg_scale'), (_SAMPLER, 'sampler'),
-               (_ATOL, 'atol'), (_RTOL, 'rtol'), (_MAX_STEPS, 'max_steps'),
-               (_ADAPTIVE_STEP, 'adaptive_step'), (_DIFFUSION_FORM, 'diffusion_form'),
-               (_DIFFUSION_NORM, 'diffusion_norm'), (_LAST_STEP, 'last_step'),
-               (_LAST_STEP_SIZE, 'last_step_size'))
+               (_CFG_CHANNELS, 'cfg_channels'), (_ATOL, 'atol'), (_RTOL, 'rtol'),
+               (_MAX_STEPS, 'max_steps'), (_ADAPTIVE_STEP, 'adaptive_step'),
+               (_DIFFUSION_FORM, 'diffusion_form'), (_DIFFUSION_NORM, 'diffusion_norm'),
+               (_LAST_STEP, 'last_step'), (_LAST_STEP_SIZE, 'last_step_size'))
 _NOEMA = flags.DEFINE_bool('noema', False, 'Use the raw weights instead of the EMA weights.')
+_ATTENTION = flags.DEFINE_enum('attention', None, list(attention.KERNELS),
+                               "Attention kernel (default: each run's); chunked for grids whose "
+                               'full attention matrix does not fit in memory.')
 flags.adopt_module_key_flags(distributed)  # --help lists the multi-host flags
 
 
@@ -150,34 +157,60 @@ BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, inception.WeightsUnavailableE
                     checkpoints.CheckpointError, pickle.UnpicklingError)
 
 
+def check_flags() -> None:
+  """What can be checked without the runs or a JAX call, before anything is loaded or joined."""
+  for flag, check in ((_SEED, checks.seed), (_BATCH_SIZE, checks.positive_int),
+                      (_INCEPTION_BATCH_SIZE, checks.positive_int),
+                      (_SHARD_SIZE, checks.positive_int),
+                      (_NUM_REFERENCE, checks.non_negative_int)):
+    if flag.value is not None:
+      check(f'--{flag.name}', flag.value)
+  for flag, field in _PLAN_FLAGS:
+    check = config_lib.FIELDS[f'sampling.{field}'].check
+    if flag.value is not None and check is not None:
+      check(f'--{flag.name}', flag.value)
+  if not 0 < _NUM_SAMPLES.value <= sweep.MAX_SAMPLES:
+    raise ValueError(f'--num_samples={_NUM_SAMPLES.value} must be positive and at most '
+                     f'{sweep.MAX_SAMPLES}')
+  if not _OUTDIR.value.strip():
+    raise ValueError('--outdir= is empty; name a directory, e.g. --outdir=runs/evaluation')
+  for flag in (_RUNS, _RESOLUTIONS, _METHODS):
+    if flag.value is not None and any(not v.strip() for v in flag.value):
+      raise ValueError(f'--{flag.name}={",".join(flag.value)} has an empty entry')
+  rundir.check_not_managed(_OUTDIR.value, '--outdir')
+  if _SAMPLE_NPZ.value is None and (not _RUNS.value or not _RESOLUTIONS.value):
+    raise ValueError('give --runs and --resolutions (a sweep), or --sample_npz and '
+                     '--reference_npz (a batch file)')
+
+
+def take_outdir(log) -> pathlib.Path:
+  """--outdir, created and written by this command alone (process 0 takes its lock; the library
+  log goes there)."""
+  outdir = cli.check_writable_dir(_OUTDIR.value, '--outdir')  # last: it may create it
+  log.path = outdir / 'evaluate.log'
+  if jax.process_index() == 0:
+    files.DirectoryLock(outdir, sweep.LOCK, 'evaluate.py').acquire(
+        f'--outdir {outdir}', 'wait for it to finish or stop it, or choose another --outdir')
+  return outdir
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
+  log = cli.quiet_libraries('evaluate.py')
   try:
+    check_flags()  # no JAX call: bad flags are refused before joining a multi-process run
     distributed.initialize_from_flags()  # before any other JAX call
-    for flag, check in ((_SEED, checks.non_negative_int), (_BATCH_SIZE, checks.positive_int),
-                        (_INCEPTION_BATCH_SIZE, checks.positive_int),
-                        (_SHARD_SIZE, checks.positive_int),
-                        (_NUM_REFERENCE, checks.non_negative_int)):
-      if flag.value is not None:
-        check(f'--{flag.name}', flag.value)
-    for flag, field in _PLAN_FLAGS:
-      check = config_lib.FIELDS[f'sampling.{field}'].check
-      if flag.value is not None and check is not None:
-        check(f'--{flag.name}', flag.value)
-    if _SAMPLE_NPZ.value is None and (not _RUNS.value or not _RESOLUTIONS.value):
-      raise ValueError('give --runs and --resolutions (a sweep), or --sample_npz and '
-                       '--reference_npz (a batch file)')
   except BAD_INPUT_ERRORS as e:
     cli.fail(str(e), cli.BAD_INPUT)
   if _SAMPLE_NPZ.value is not None:
-    main_batch()
+    main_batch(log)
   else:
-    main_sweep()
+    main_sweep(log)
 
 
-def main_batch():
+def main_batch(log):
   """--sample_npz: every check, then ADM's numbers for the batch."""
   try:
     samples, reference, stats, chosen, output = evaluate_batch()
@@ -185,7 +218,7 @@ def main_batch():
       print('the Inception network (features) ...', flush=True)
     net = network()
     cli.check_writable_dir(output.parent, '--results_json directory')
-    cli.check_writable_dir(_OUTDIR.value, '--outdir')  # last: it may create it
+    take_outdir(log)
   except BAD_INPUT_ERRORS as e:
     cli.fail(str(e), cli.BAD_INPUT)
   with cli.exit_on(cli.FAILED, OSError, ValueError):
@@ -196,28 +229,33 @@ def main_batch():
       report(results, output)
 
 
-def main_sweep():
+def main_sweep(log):
   """--runs: every check, then the sweep."""
   try:
-    for method in _METHODS.value:
-      sweep.parse_method(method)
+    methods = sweep.distinct_methods(_METHODS.value)
     names = [pathlib.Path(r).name for r in _RUNS.value]
     if len(set(names)) != len(names):
       raise ValueError(f'--runs={_RUNS.value}: run directories need distinct names')
-    runs = [inference.load_run(r, use_ema=not _NOEMA.value) for r in _RUNS.value]
-    resolutions = sweep.parse_resolutions(
-        _RESOLUTIONS.value, {(run.model.patch_size, inference.downsampling(run)) for run in runs})
-    npz_references = sweep.parse_reference_npz(_REFERENCE_NPZ.value)
+    runs = [inference.load_run(r, use_ema=not _NOEMA.value, attention=_ATTENTION.value)
+            for r in _RUNS.value]
+    resolutions = inference.distinct_sizes(sweep.parse_resolutions(
+        _RESOLUTIONS.value, {(run.model.patch_size, inference.downsampling(run)) for run in runs}),
+        '--resolutions')
+    npz_references = sweep.parse_reference_npz(_REFERENCE_NPZ.value, resolutions)
     overrides = {field: flag.value for flag, field in _PLAN_FLAGS if flag.value is not None}
-    cells = sweep.plan_cells(runs, names, resolutions, _METHODS.value, overrides)
+    cells = sweep.plan_cells(runs, names, resolutions, methods, overrides)
     sweep.check_inputs(runs, resolutions, num_samples=_NUM_SAMPLES.value,
                        num_reference=_NUM_REFERENCE.value or None, split=_SPLIT.value,
                        real_split=_REAL_SPLIT.value, npz_references=npz_references)
+    sweep.check_memory(runs, resolutions, num_samples=_NUM_SAMPLES.value,
+                       batch_size=_BATCH_SIZE.value, available=cli.available_memory())
+    files.check_names_fit(_OUTDIR.value, sweep.written_names(names, resolutions, methods),
+                          f'--outdir {_OUTDIR.value}')
     chosen = load_classifier(_NUM_SAMPLES.value)
     if jax.process_index() == 0:
       print(f'{len(runs)} runs loaded; the Inception network (features) ...', flush=True)
     net = network()
-    cli.check_writable_dir(_OUTDIR.value, '--outdir')  # last: it may create it
+    take_outdir(log)
   except BAD_INPUT_ERRORS as e:
     cli.fail(str(e), cli.BAD_INPUT)
 

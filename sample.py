@@ -7,8 +7,11 @@
   python sample.py --workdir=runs/default --sampler=dopri5 --atol=1e-6 --rtol=1e-3
   python sample.py --workdir=runs/default --sampler=euler_maruyama --steps=250
 
-Defaults (position rule, encoding, sampler and its settings, CFG) come from the run's saved config;
-flags override them. Without --output the grids go to <workdir>/samples/sample_<step>_<H>x<W>.png; with
+Defaults (position rule, encoding, sampler and its settings, CFG) come from the config saved in the
+checkpoint (the truth about its weights; another run's checkpoint whose model, positions or data
+differ from the workdir's is refused); flags override them. Everything is checked before anything
+is loaded or sampled, in `check_flags` and `main`. Without --output the grids go to
+<workdir>/samples/sample_<step>_<H>x<W>.png; with
 several resolutions an --output name gets a _<H>x<W> suffix per resolution. A method that changes
 nothing at a size (its tokens lie inside the trained range) is named in a note.
 
@@ -20,9 +23,9 @@ through the classes, so every contiguous chunk of the batch is class-balanced (A
 Score cuts it into chunks of 5,000 in file order).
 
 A latent run (one trained on VAE latents) writes decoded images: resolutions are pixels (multiples
-of the VAE's factor, 8, times the patch size), the default is the size of the images its latents
-came from, and the VAE is the file the run recorded unless --vae names another copy of it (a
-different file is refused by sha256).
+of the VAE's factor, 8 for the SD VAE and 16 for the VA-VAE, times the patch size), the default is
+the size of the images its latents came from, and the VAE is the file the run recorded unless
+--vae names another copy of it (a different file is refused by sha256).
 """
 
 import pathlib
@@ -32,11 +35,12 @@ import jax
 import numpy as np
 
 from rpe2d import attention, checks, checkpoints, cli, config as config_lib, data, distributed
-from rpe2d import inference, positions, rope, sampler
+from rpe2d import files, inference, positions, rope, rundir, sampler
 from rpe2d.evaluation import batches, shards
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training run directory.', required=True)
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A step directory; default: the newest.')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A step directory (<run>/checkpoints/<step>); '
+                                  'default: the newest of --workdir.')
 _NOEMA = flags.DEFINE_bool('noema', False, 'Use the raw weights instead of the EMA weights.')
 _RESOLUTION = flags.DEFINE_string('resolution', None,
                                   'HxW, or a comma list; default: the training resolution.')
@@ -48,8 +52,9 @@ _LABELS = flags.DEFINE_string('labels', None,
                               "Comma list of class ids, or 'random'; default: every class.")
 _SEED = flags.DEFINE_integer('seed', 0, 'Images depend on the seed and their index only.')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Images per device batch (all devices).')
-_VAE = flags.DEFINE_string('vae', None, "Latent runs: the VAE's diffusion_pytorch_model"
-                           '.safetensors (default: the path the run recorded).')
+_VAE = flags.DEFINE_string('vae', None, "Latent runs: the VAE file (a diffusers folder or "
+                           "safetensors file, the VA-VAE's .pt; default: the path the run "
+                           'recorded).')
 _DECODE_TILE = flags.DEFINE_integer('decode_tile', None, 'Latent runs: decode in tiles of this '
                                     'many latent pixels (0: whole; default: tiles above '
                                     f'{inference.AUTO_TILE_ABOVE} latent pixels).')
@@ -68,13 +73,19 @@ _POSITIONS = flags.DEFINE_enum('positions', None, list(positions.INFERENCE_RULES
                                'Inference position rule, RPE-2D models only.')
 _ATTENTION_SCALE = flags.DEFINE_enum('attention_scale', None, list(rope.ATTENTION_SCALES),
                                      'Attention logit scale for more tokens.')
+_AXIS_SCALE = flags.DEFINE_enum('axis_scale', None, list(rope.AXIS_SCALES),
+                                'Extrapolation scale per axis, or the larger for both (shared).')
+_SINCOS = flags.DEFINE_enum('sincos', None, list(rope.SINCOS_RULES),
+                            'How a sin-cos table extrapolates: with the method, at the native '
+                            'positions, or the native table resized bilinearly (EI).')
 _TIME_SHIFT = flags.DEFINE_float('time_shift', None, "Fixed time shift a (1: none).")
 _TIME_SHIFT_BY_RESOLUTION = flags.DEFINE_bool('time_shift_by_resolution', None,
                                               'Multiply the shift by sqrt(N_test / N_train).')
 _SAMPLER = flags.DEFINE_enum('sampler', None, list(sampler.SAMPLERS),
                              'euler, heun: ODE, fixed steps; dopri5: ODE, adaptive; '
-                             "euler_maruyama: SiT's SDE.")
-_STEPS = flags.DEFINE_integer('steps', None, "Solver steps (euler_maruyama: SiT's num_steps).")
+                             "euler_maruyama: SiT's SDE; ddpm: DiT's ancestral sampler.")
+_STEPS = flags.DEFINE_integer('steps', None, "Solver steps (euler_maruyama: SiT's num_steps; "
+                              "ddpm: DiT's respaced steps).")
 _ATOL = flags.DEFINE_float('atol', None, 'dopri5: absolute tolerance.')
 _RTOL = flags.DEFINE_float('rtol', None, 'dopri5: relative tolerance.')
 _MAX_STEPS = flags.DEFINE_integer('max_steps', None, 'dopri5: step attempts before it gives up.')
@@ -88,6 +99,8 @@ _LAST_STEP = flags.DEFINE_enum('last_step', None, list(sampler.LAST_STEPS),
 _LAST_STEP_SIZE = flags.DEFINE_float('last_step_size', None, 'euler_maruyama: its size.')
 _CFG_SCALE = flags.DEFINE_float('cfg_scale', None, 'Classifier-free guidance scale (1: none).')
 _CFG_INTERVAL = flags.DEFINE_string('cfg_interval', None, 'low,high: guide only for t inside.')
+_CFG_CHANNELS = flags.DEFINE_integer('cfg_channels', None, 'Guide only the first k channels, the '
+                                     'rest conditional (0: all; 3: DiT/SiT published numbers).')
 _MERGE = flags.DEFINE_bool('merge', False, 'Several processes: process 0 merges their .npz parts '
                             'into the one --output batch (and removes the parts).')
 flags.adopt_module_key_flags(distributed)  # --help lists the multi-host flags
@@ -98,6 +111,7 @@ _ATTENTION = flags.DEFINE_enum('attention', None, list(attention.KERNELS),
 
 # Numeric flags and the config fields whose ranges they share.
 _FLAG_FIELDS = ((_TIME_SHIFT, 'sampling.time_shift'), (_CFG_SCALE, 'sampling.cfg_scale'),
+                (_CFG_CHANNELS, 'sampling.cfg_channels'),
                 (_STEPS, 'sampling.steps'), (_DYPE_LAMBDA_S, 'encoding.dype_lambda_s'),
                 (_DYPE_LAMBDA_T, 'encoding.dype_lambda_t'), (_ATOL, 'sampling.atol'),
                 (_RTOL, 'sampling.rtol'), (_MAX_STEPS, 'sampling.max_steps'),
@@ -105,15 +119,54 @@ _FLAG_FIELDS = ((_TIME_SHIFT, 'sampling.time_shift'), (_CFG_SCALE, 'sampling.cfg
                 (_LAST_STEP_SIZE, 'sampling.last_step_size'))
 
 
+# The most images one call samples: example indices are int32.
+MAX_SAMPLES = 2**31 - 1
+
+
 def check_flags() -> None:
-  """Every numeric flag in its range (NaN and Inf refused), before anything is loaded."""
+  """Every flag that can be checked without the run, before anything is loaded: numeric flags in
+  their ranges (NaN and Inf refused), the seed within 64 bits, names that are not empty, and the
+  syntax of --resolution, --labels and --cfg_interval."""
   for flag, key in _FLAG_FIELDS:
     if flag.value is not None:
       config_lib.FIELDS[key].check(f'--{flag.name}', flag.value)
-  for flag, check in ((_SEED, checks.non_negative_int), (_BATCH_SIZE, checks.positive_int),
-                      (_DECODE_TILE, checks.non_negative_int)):
-    if flag.value is not None:
-      check(f'--{flag.name}', flag.value)
+  for flag, check in ((_SEED, checks.seed), (_BATCH_SIZE, checks.positive_int)):
+    check(f'--{flag.name}', flag.value)
+  for note in inference.check_decode_tile('--decode_tile', _DECODE_TILE.value):
+    print(note, flush=True)
+  if _NUM_SAMPLES.value is not None and not 0 < _NUM_SAMPLES.value <= MAX_SAMPLES:
+    raise ValueError(f'--num_samples={_NUM_SAMPLES.value} must be positive and at most '
+                     f'{MAX_SAMPLES}')
+  for flag in (_WORKDIR, _CHECKPOINT, _OUTPUT, _VAE, _RESOLUTION, _LABELS):
+    if flag.value is not None and not flag.value.strip():
+      raise ValueError(f'--{flag.name}= is empty; give a value or leave the flag out')
+  if _RESOLUTION.value is not None:
+    for text in _RESOLUTION.value.split(','):
+      inference.parse_resolution(text, 1)
+  chosen_labels()
+  cfg_interval()
+
+
+def cfg_interval():
+  if _CFG_INTERVAL.value is None:
+    return None
+  try:
+    low, high = (float(v) for v in _CFG_INTERVAL.value.split(','))
+  except ValueError:
+    raise ValueError(f'--cfg_interval={_CFG_INTERVAL.value!r} must be low,high, e.g. 0.1,0.7') \
+        from None
+  return low, high
+
+
+def chosen_labels() -> list[int] | None:
+  """--labels as a list of ints (None: every class, or 'random')."""
+  text = _LABELS.value
+  if not text or text == 'random':
+    return None
+  try:
+    return [int(v) for v in text.split(',')]
+  except ValueError:
+    raise ValueError(f"--labels={text!r} must be a comma list of integers or 'random'") from None
 
 
 def plan_from_flags(run) -> sampler.SamplingPlan:
@@ -126,51 +179,48 @@ def plan_from_flags(run) -> sampler.SamplingPlan:
   for flag, field in ((_EXTRAPOLATION, 'extrapolation'), (_YARN_FORM, 'yarn_form'),
                       (_TEMPERATURE, 'temperature'), (_DYPE, 'dype'), (_TASR_FORM, 'tasr_form'),
                       (_DYPE_LAMBDA_S, 'dype_lambda_s'), (_DYPE_LAMBDA_T, 'dype_lambda_t'),
-                      (_DYPE_VARIANT, 'dype_variant'), (_ATTENTION_SCALE, 'attention_scale')):
+                      (_DYPE_VARIANT, 'dype_variant'), (_ATTENTION_SCALE, 'attention_scale'),
+                      (_AXIS_SCALE, 'axis_scale'), (_SINCOS, 'sincos')):
     if flag.value is not None:
       encoding[field] = flag.value
   plan = {'encoding': config_lib.encoding(config, **encoding)}
   for flag, field in ((_POSITIONS, 'positions'), (_TIME_SHIFT, 'time_shift'),
                       (_TIME_SHIFT_BY_RESOLUTION, 'time_shift_by_resolution'),
                       (_SAMPLER, 'sampler'), (_STEPS, 'steps'), (_CFG_SCALE, 'cfg_scale'),
-                      (_ATOL, 'atol'), (_RTOL, 'rtol'), (_MAX_STEPS, 'max_steps'),
-                      (_ADAPTIVE_STEP, 'adaptive_step'), (_DIFFUSION_FORM, 'diffusion_form'),
-                      (_DIFFUSION_NORM, 'diffusion_norm'), (_LAST_STEP, 'last_step'),
-                      (_LAST_STEP_SIZE, 'last_step_size')):
+                      (_CFG_CHANNELS, 'cfg_channels'), (_ATOL, 'atol'), (_RTOL, 'rtol'),
+                      (_MAX_STEPS, 'max_steps'), (_ADAPTIVE_STEP, 'adaptive_step'),
+                      (_DIFFUSION_FORM, 'diffusion_form'), (_DIFFUSION_NORM, 'diffusion_norm'),
+                      (_LAST_STEP, 'last_step'), (_LAST_STEP_SIZE, 'last_step_size')):
     if flag.value is not None:
       plan[field] = flag.value
   if _CFG_INTERVAL.value is not None:
-    try:
-      low, high = (float(v) for v in _CFG_INTERVAL.value.split(','))
-    except ValueError:
-      raise ValueError(f'--cfg_interval={_CFG_INTERVAL.value!r} must be low,high, e.g. 0.1,0.7') \
-          from None
-    plan['cfg_interval'] = (low, high)
+    plan['cfg_interval'] = cfg_interval()
   return config_lib.sampling_plan(config, **plan)
 
 
+def label_count(num_classes: int) -> int:
+  """How many images each resolution gets: --num_samples, else 2 per label."""
+  chosen = chosen_labels()
+  return _NUM_SAMPLES.value or 2 * (num_classes if chosen is None else len(chosen))
+
+
 def labels_from_flags(num_classes: int, seed: int) -> np.ndarray:
-  text = _LABELS.value
-  count = _NUM_SAMPLES.value
-  if count is not None and count <= 0:
-    raise ValueError(f'--num_samples={count} must be positive')
-  if text == 'random':
-    return np.random.default_rng(seed).integers(0, num_classes, count or 2 * num_classes)
-  if text:
-    try:
-      chosen = [int(v) for v in text.split(',')]
-    except ValueError:
-      raise ValueError(f"--labels={text!r} must be a comma list of integers or 'random'") from None
-  else:
-    chosen = list(range(num_classes))
-  labels = inference.check_labels(chosen, num_classes)
-  count = count or 2 * len(labels)
+  count = label_count(num_classes)
+  if _LABELS.value == 'random':
+    return np.random.default_rng(seed).integers(0, num_classes, count)
+  chosen = chosen_labels()
+  labels = inference.check_labels(list(range(num_classes)) if chosen is None else chosen,
+                                  num_classes)
   return np.resize(np.sort(labels), count) if count != len(labels) else labels
 
 
 def default_output(run, height: int, width: int) -> pathlib.Path:
-  """Beside the run's training-time grids (samples/step_<step>_<H>x<W>.png), never the cwd."""
-  return pathlib.Path(_WORKDIR.value) / 'samples' / f'sample_{run.step:07d}_{height}x{width}.png'
+  """Beside the run's training-time grids (samples/step_<step>_<H>x<W>.png), never the cwd; a
+  checkpoint of another run (--checkpoint) is named by that run too."""
+  workdir = rundir.RunDir(_WORKDIR.value)
+  owner = run.checkpoint.parent.parent
+  name = '' if run.checkpoint.parent == workdir.checkpoints else f'{owner.name}_'
+  return workdir.root / 'samples' / f'sample_{name}{run.step:07d}_{height}x{width}.png'
 
 
 def output_paths(output: str | None, resolutions, run=None) -> list[pathlib.Path]:
@@ -203,20 +253,46 @@ def class_names(config):
     return None
 
 
+def check_outputs(paths) -> None:
+  """The files the command will write: distinct, not directories, outside any run's checkpoints,
+  names (with the temporary name each is first written under) that the file system allows."""
+  if len(set(paths)) != len(paths):
+    raise ValueError(f'--output gives the same file {paths[0]} to several resolutions')
+  for path in paths:
+    names = [files.tmp_name(path).name] + [
+        files.tmp_name(batches.part_path(path, p, jax.process_count())).name
+        for p in range(jax.process_count()) if jax.process_count() > 1]
+    files.check_names_fit(path.parent, names, '--output')
+    if path.is_dir():
+      raise ValueError(f'--output {path} is a directory; name a .png or .npz file')
+    rundir.check_not_managed(path, '--output')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
+  log = cli.quiet_libraries('sample.py')
   try:
+    check_flags()  # no JAX call: bad flags are refused before joining a multi-process run
     distributed.initialize_from_flags()  # before any other JAX call
-    check_flags()
     run = inference.load_run(_WORKDIR.value, _CHECKPOINT.value, use_ema=not _NOEMA.value,
                              vae=_VAE.value, attention=_ATTENTION.value)
     config = run.config
     patch, factor = run.model.patch_size, inference.downsampling(run)
     text = _RESOLUTION.value or default_resolution(run)
-    resolutions = [inference.parse_resolution(r, patch, factor) for r in text.split(',')]
+    resolutions = inference.distinct_sizes(
+        [inference.parse_resolution(r, patch, factor) for r in text.split(',')], '--resolution')
     plan = plan_from_flags(run)
+    count = label_count(run.model.num_classes)
+    available = cli.available_memory()
+    for height, width in resolutions:
+      sampler.check_resolution(run.model, plan, *inference.model_size(run, height, width))
+      inference.check_memory(run.model, height, width, num_samples=count,
+                             batch_size=_BATCH_SIZE.value, channels=3 if run.vae else
+                             config.data.channels, factor=factor, available=available,
+                             flags={'num_samples': '--num_samples', 'batch_size': '--batch_size',
+                                    'attention': '--attention'})
     labels = labels_from_flags(run.model.num_classes, _SEED.value)
     paths = output_paths(_OUTPUT.value, resolutions, run)
     if jax.process_count() > 1 and paths[0].suffix != '.npz':
@@ -225,19 +301,13 @@ def main(argv):
     if _MERGE.value and jax.process_count() == 1:
       raise ValueError('--merge joins the parts of several processes; one process writes --output '
                        'whole')
-    available = cli.available_memory()
-    for height, width in resolutions:
-      sampler.check_resolution(run.model, plan, *inference.model_size(run, height, width))
-      needed = inference.memory_estimate(run, height, width, len(labels), _BATCH_SIZE.value)
-      if available is not None and needed > available:
-        raise ValueError(f'{len(labels)} images at {height}x{width} need at least '
-                         f'{cli.gib(needed)} of memory and {cli.gib(available)} is available; '
-                         'use a smaller --num_samples or --batch_size')
+    check_outputs(paths)
     cli.check_writable_dir(paths[0].parent, '--output directory')  # last: it may create it
+    log.path = paths[0].parent / 'sample.log'
   except (ValueError, FileNotFoundError, checkpoints.CheckpointError) as e:
     cli.fail(str(e), cli.BAD_INPUT)
 
-  print(f'{_WORKDIR.value}: step {run.step}, {"raw" if _NOEMA.value else "EMA"} weights; '
+  print(f'{run.checkpoint}: step {run.step}, {"raw" if _NOEMA.value else "EMA"} weights; '
         f'positions={plan.positions}, extrapolation={plan.encoding.extrapolation}, '
         f'dype={plan.encoding.dype}, sampler={sampler.describe(plan)}'
         + (f'; decoded by the VAE {run.vae.sha256[:12]}' if run.vae else ''), flush=True)

@@ -9,11 +9,10 @@
 
 import pathlib
 import pickle
-import sys
 
 from absl import app, flags, logging
 
-from rpe2d import checkpoints, config as config_lib, distributed, train_loop
+from rpe2d import checkpoints, cli, config as config_lib, distributed, rundir, train_loop
 
 _HERE = pathlib.Path(__file__).resolve().parent
 _CONFIG = flags.DEFINE_string(
@@ -28,14 +27,17 @@ def main(argv):
   if extra:
     raise app.UsageError(f'unexpected arguments: {extra}')
   logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file they touch at INFO
+  log = cli.quiet_libraries('train.py')
   try:
+    run = rundir.RunDir(_WORKDIR.value)  # refuses an empty --workdir=
+    log.path = run.root / 'train.log'
     distributed.initialize_from_flags()  # before any other JAX call
+    log.path = run.library_log  # train.<p>.log for process p > 0
     config = config_lib.load(_CONFIG.value, overrides)
     train_loop.train(config, _WORKDIR.value)
   except (ValueError, OSError, FloatingPointError, checkpoints.CheckpointError,
           pickle.UnpicklingError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+    cli.fail(str(e), 1)
 
 
 if __name__ == '__main__':

@@ -1,4 +1,5 @@
-"""One command for a machine with one accelerator: DiT-XL/2 training throughput at 256px latents.
+"""One command for a machine with one accelerator: DiT-XL/2 training throughput at 256px latents,
+and the imported FiTv2-XL/2 architecture's sampling speed at 256^2 to 512^2.
 
   PYTHONPATH=. python benchmarks/device_check.py                    # GPU: ~8 minutes at most
   PYTHONPATH=. python benchmarks/device_check.py --smoke            # any CPU: a micro model
@@ -9,6 +10,11 @@ and scan_layers off and on. Each case is its own process with a
 time cap, so a case that runs out of memory or fails takes only itself down; one that runs out of
 memory is retried once at half the batch. Writes a markdown table (img/s, TFLOP/s, MFU, compile
 time, peak memory) to stdout and to --output.
+
+Then, on a GPU or TPU (and tiny with --smoke), benchmarks/fitv2_sampling.py samples the FiTv2-XL/2
+architecture convert.py builds (random weights) at 256^2, 320^2, 384^2 and 512^2, one process per
+resolution, static YaRN against DY-YaRN: images/s, compile time and peak memory per resolution and
+method. DyPE recomputes its frequencies at every step; the table shows what that costs.
 """
 
 import argparse
@@ -26,6 +32,10 @@ CONFIG = str(REPO / 'configs' / 'imagenet.py') + ':XL,256,rpe2d'
 SMOKE_VARIANT = 'micro/2'
 OUT_OF_MEMORY = ('RESOURCE_EXHAUSTED', 'Out of memory', 'out of memory')
 MIN_CASE_S = 30  # a case given less than this would only measure its own start-up
+# FiTv2-XL/2 sampling: pixels (SD VAE latents of a 16x16-token model: 256 is its native grid) and
+# the methods compared, static first (the 'vs static' column divides by its img/s).
+FITV2_RESOLUTIONS = (256, 320, 384, 512)
+FITV2_METHODS = ('yarn', 'dy-yarn')
 
 
 def child_env() -> dict:
@@ -118,6 +128,40 @@ def table(rows: list[dict], title: str) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def run_fitv2(resolution: int, args, timeout: float) -> list[dict]:
+  """benchmarks/fitv2_sampling.py at one resolution: a row per method, or one row saying why
+  none came back."""
+  command = [sys.executable, str(HERE / 'fitv2_sampling.py'), f'--resolution={resolution}',
+             f'--methods={",".join(FITV2_METHODS)}', f'--batch={args.fitv2_batch}',
+             f'--steps={args.fitv2_steps}', f'--repeats={1 if args.smoke else 2}']
+  if args.smoke:
+    command.append('--smoke')
+  failed = lambda why: [dict(resolution=f'{resolution}x{resolution}', method=m, failed=why)
+                        for m in FITV2_METHODS]
+  try:
+    done = subprocess.run(command, env=child_env(), capture_output=True, text=True,
+                          timeout=timeout, check=False)
+  except subprocess.TimeoutExpired:
+    return failed(f'over the {timeout:.0f} s cap')
+  rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{')]
+  if done.returncode and len(rows) < len(FITV2_METHODS):
+    rows += failed(last_error(done.stderr + done.stdout))[len(rows):]
+  return rows
+
+
+def fitv2_table(rows: list[dict], title: str) -> str:
+  lines = [title, '', '| resolution | method | img/s | vs static | compile s | peak memory GiB | '
+           'note |', '|---|---|---|---|---|---|---|']
+  static = {r['resolution']: r.get('images_per_s') for r in rows if r['method'] == FITV2_METHODS[0]}
+  for r in rows:
+    ips, base = r.get('images_per_s'), static.get(r['resolution'])
+    ratio = f'{ips / base:.3f}' if ips and base else '-'
+    lines.append(f"| {r['resolution']} | {r['method']} | {cell(ips, '.2f')} | {ratio} | "
+                 f"{cell(r.get('compile_s'), '.1f')} | {cell(r.get('peak_memory_gib'), '.2f')} | "
+                 f"{r.get('failed', '')} |")
+  return '\n'.join(lines) + '\n'
+
+
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--smoke', action='store_true',
@@ -131,10 +175,17 @@ def parse_args(argv=None):
   parser.add_argument('--sample_batch', type=int, default=16)
   parser.add_argument('--case_timeout', type=float, default=150, help='seconds per case at most')
   parser.add_argument('--budget', type=float, default=450, help='seconds for all cases')
+  parser.add_argument('--fitv2_batch', type=int, default=0,
+                      help='FiTv2 sampling: images per call (0: 16, 1 with --smoke)')
+  parser.add_argument('--fitv2_steps', type=int, default=0,
+                      help='FiTv2 sampling: Euler steps (0: 8, 1 with --smoke)')
+  parser.add_argument('--fitv2_budget', type=float, default=240,
+                      help='seconds for the FiTv2 sampling rows (0: skip them)')
   parser.add_argument('--output', default=str(pathlib.Path(tempfile.gettempdir()) /
                                               'rpe2d_device_check' / 'device_check.md'))
   args = parser.parse_args(argv)
-  for flag in ('batch', 'steps', 'warmup', 'sample_steps', 'sample_batch'):
+  for flag in ('batch', 'steps', 'warmup', 'sample_steps', 'sample_batch', 'fitv2_batch',
+               'fitv2_steps', 'fitv2_budget'):
     if getattr(args, flag) < 0:
       parser.error(f'--{flag}={getattr(args, flag)} must be >= 0')
   for flag in ('case_timeout', 'budget'):
@@ -143,6 +194,8 @@ def parse_args(argv=None):
   if args.smoke:
     args.warmup = min(args.warmup, 1)
     args.sample_steps, args.sample_batch = min(args.sample_steps, 1), min(args.sample_batch, 1)
+  args.fitv2_batch = args.fitv2_batch or (1 if args.smoke else 16)
+  args.fitv2_steps = args.fitv2_steps or (1 if args.smoke else 8)
   return args
 
 
@@ -181,8 +234,29 @@ def main(argv=None):
   kind = next((r['device_kind'] for r in rows if 'device_kind' in r), platform)
   text = table(rows, f'## DiT {SMOKE_VARIANT if args.smoke else "XL/2"}, 32x32x4 latents '
                f'(256 tokens), synthetic batches, on {kind}')
+
+  fitv2_rows = []
+  if (accelerator or args.smoke) and args.fitv2_budget:
+    began = time.perf_counter()
+    # The smoke run: FiTv2's blocks at the mini size, one resolution beyond the native grid.
+    for resolution in (320,) if args.smoke else FITV2_RESOLUTIONS:
+      left = args.fitv2_budget - (time.perf_counter() - began)
+      if left < MIN_CASE_S:
+        fitv2_rows += [dict(resolution=f'{resolution}x{resolution}', method=m,
+                            failed='not run: the time budget is spent') for m in FITV2_METHODS]
+        continue
+      fitv2_rows += run_fitv2(resolution, args, left)
+      for r in fitv2_rows[-len(FITV2_METHODS):]:
+        status = r.get('failed') or f"{r['images_per_s']:.2f} img/s"
+        print(f"  FiTv2 {r['resolution']} {r['method']}: {status}", flush=True)
+    model = 'FiTv2 blocks at mini/2' if args.smoke else 'FiTv2-XL/2'
+    text += '\n' + fitv2_table(
+        fitv2_rows, f'## {model} sampling (random weights): {args.fitv2_steps} Euler steps, cfg '
+        f'1.5 on 3 channels, batch {args.fitv2_batch}, bfloat16, latents not decoded, on {kind}')
   output.write_text(text)
   output.with_suffix('.json').write_text(json.dumps(rows, indent=1))
+  if fitv2_rows:
+    output.with_name(f'{output.stem}_fitv2.json').write_text(json.dumps(fitv2_rows, indent=1))
   print('\n' + text)
   print(f'written to {output} (and {output.with_suffix(".json").name}); '
         f'{time.perf_counter() - started:.0f} s in all')

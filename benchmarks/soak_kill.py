@@ -84,7 +84,8 @@ class Launcher:
       log = open(f'{workdir}.{i}.log', 'a')
       procs.append(subprocess.Popen(
           [sys.executable, str(REPO / 'train.py'), f'--workdir={workdir}', *flags]
-          + ([f'--process_id={i}'] if n > 1 else []), stdout=log, stderr=subprocess.STDOUT))
+          + ([f'--process_id={i}'] if n > 1 else []), env=env, stdout=log,
+          stderr=subprocess.STDOUT))
     return procs
 
 

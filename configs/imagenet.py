@@ -27,15 +27,33 @@ POSITIONS = ('rpe2d', 'grid')
 VAE_FACTOR = 8  # the SD VAEs downsample by 8
 
 
+def parse(arg: str) -> tuple[str, int, str, bool]:
+  """'XL,256,rpe2d[,pixels]' -> (size, resolution, positions, pixels); a missing, extra or wrong
+  part is refused in one line naming it and what is allowed (case and spaces do not matter)."""
+  usage = (f'configs/imagenet.py:{arg}: expected <size>,<resolution>,<positions>[,pixels] with '
+           f'size in {"|".join(SIZES)}, resolution in {"|".join(map(str, RESOLUTIONS))}, '
+           f'positions in {"|".join(POSITIONS)}')
+  parts = [part.strip() for part in str(arg).split(',')]
+  if not 3 <= len(parts) <= 4:
+    raise ValueError(f'{usage}; got {len(parts)} part{"s" if len(parts) != 1 else ""}')
+  size, resolution, positions = parts[0].upper(), parts[1].lower().removesuffix('px'), \
+      parts[2].lower()
+  space = [part.lower() for part in parts[3:]]
+  bad = [what for what, ok in (
+      (f'size {parts[0]!r}', size in SIZES),
+      (f'resolution {parts[1]!r}', resolution.isdigit() and int(resolution) in RESOLUTIONS),
+      (f'positions {parts[2]!r}', positions in POSITIONS),
+      (f'{",".join(parts[3:])!r} (only pixels may follow)', space in ([], ['pixels']))) if not ok]
+  if bad:
+    raise ValueError(f'{usage}; not allowed: {", ".join(bad)}')
+  canonical = ','.join([size, resolution, positions] + space)
+  if canonical != str(arg):
+    print(f'note: configs/imagenet.py:{arg} read as configs/imagenet.py:{canonical}', flush=True)
+  return size, int(resolution), positions, space == ['pixels']
+
+
 def get_config(arg='B,256,rpe2d'):
-  size, resolution, positions, *space = arg.split(',')
-  resolution = int(resolution)
-  if (size not in SIZES or resolution not in RESOLUTIONS or positions not in POSITIONS
-      or space not in ([], ['pixels'])):
-    raise ValueError(f'configs/imagenet.py:{arg}: expected <size>,<resolution>,<positions>'
-                     f'[,pixels] with size in {SIZES}, resolution in {RESOLUTIONS}, positions in '
-                     f'{POSITIONS}')
-  pixels = bool(space)
+  size, resolution, positions, pixels = parse(arg)
   config = config_lib.base()
   config.total_steps = 400_000
   config.batch_size = 256
@@ -67,7 +85,7 @@ def get_config(arg='B,256,rpe2d'):
   config.data.augment = 'auto' if positions == 'rpe2d' else 'center_crop_flip'  # auto: the crop
 
   config.model.dtype = 'bfloat16'
-  config.model.qk_norm = True
+  config.model.qk_norm = 'rmsnorm'
   config.model.attention_implementation = 'xla'   # 'cudnn' on NVIDIA GPUs, 'splash' on TPUs
   # Global batch 256 fits the TPU slices the README names (v4-8, v5e-8, v5p-8; its table "Compiling
   # for a TPU"): blocks recomputed in the backward under nn.scan, and the fsdp axis sized at start

@@ -1,28 +1,36 @@
-"""The KL autoencoder of Stable Diffusion (diffusers' `AutoencoderKL`) in Flax Linen, NHWC.
+"""The KL autoencoder of latent diffusion (LDM's `AutoencoderKL`, diffusers' `AutoencoderKL`) in
+Flax Linen, NHWC: Stable Diffusion's VAE, and any other configuration of the same family, such as
+LightningDiT's VA-VAE (docs/methods.md#autoencoders).
 
-The architecture, top to bottom (`C = block_out_channels`, `L = layers_per_block`):
+The architecture, top to bottom (`C = block_out_channels`, `L = layers_per_block`, level i of
+`attention_levels` holding self-attention after each of its ResnetBlocks):
 
-  Encoder   conv_in 3x3 -> for each C[i]: L ResnetBlocks, then (except the last) Downsample
-            (pad right/bottom by 1, conv 3x3 stride 2) -> mid block (resnet, single-head self-
-            attention over H*W, resnet) -> GroupNorm, SiLU, conv_out 3x3 to 2 * latent_channels
+  Encoder   conv_in 3x3 -> for each C[i]: L ResnetBlocks (each followed by an attention block at
+            an attention level), then (except the last) Downsample (pad right/bottom by 1, conv
+            3x3 stride 2) -> mid block (resnet, single-head self-attention over H*W, resnet) ->
+            GroupNorm, SiLU, conv_out 3x3 to 2 * latent_channels
   quant_conv 1x1 -> (mean, logvar), logvar clipped to [-30, 20]
   post_quant_conv 1x1
-  Decoder   conv_in 3x3 -> mid block -> for each C[i] reversed: L + 1 ResnetBlocks, then (except
-            the last) nearest 2x Upsample + conv 3x3 -> GroupNorm, SiLU, conv_out 3x3
+  Decoder   conv_in 3x3 -> mid block -> for each C[i] reversed: L + 1 ResnetBlocks (each followed
+            by an attention block at an attention level: the same resolution as the encoder's),
+            then (except the last) nearest 2x Upsample + conv 3x3 -> GroupNorm, SiLU, conv_out 3x3
 
 Module and parameter names follow diffusers' state dict with each '.<index>' written '_<index>'
-(module 'down_blocks_0_resnets_1', submodule 'conv1' is `down_blocks.0.resnets.1.conv1`), so
-`autoencoder_weights` maps a checkpoint name by name.
+(module 'down_blocks_0_resnets_1', submodule 'conv1' is `down_blocks.0.resnets.1.conv1`; the
+attention blocks of a level are 'down_blocks_<i>_attentions_<j>', as diffusers'
+`AttnDownEncoderBlock2D` names them), so `autoencoder_weights` maps a checkpoint name by name; it
+also reads LDM's own names (`encoder.down.0.block.1.conv1`).
 
 Compute runs in float32 or bfloat16 (`dtype`); parameters stay float32, and GroupNorm statistics
 and the attention softmax are computed in float32 whatever the compute dtype.
 
 Usage::
 
-  config = autoencoder.PRESETS['sd']
+  config = autoencoder.PRESETS['sd']                            # or 'vavae-f16d32'
   params = autoencoder.init_params(config, jax.random.key(0))   # or autoencoder_weights.load
   mean, logvar = autoencoder.encode(params, images, config=config)  # images in [-1, 1], NHWC
   z = autoencoder.latents_to_model(mean, config)                 # what the diffusion model sees
+  # (a VAE with per-channel statistics: latents_to_model(mean, config, loaded.statistics))
   images = autoencoder.decode(params, autoencoder.latents_from_model(z, config), config=config)
   encode_sharded = autoencoder.sharded(functools.partial(autoencoder.encode, config=config))
 """
@@ -57,8 +65,14 @@ class Config:
     in_channels: image channels into the encoder.
     out_channels: image channels out of the decoder.
     norm_num_groups: GroupNorm groups; must divide every entry of block_out_channels.
-    scaling_factor: the diffusion model sees scaling_factor * (z - shift_factor).
+    scaling_factor: the diffusion model sees scaling_factor * (z - shift_factor); a VAE with
+      per-channel latent statistics (autoencoder_weights.Statistics) scaling_factor * (z - mean)
+      / std instead (LightningDiT's latent_multiplier, 1 for the VA-VAE).
     shift_factor: None (no shift) for the SD and SDXL VAEs.
+    attention_levels: the levels (indices into block_out_channels, 0 at full resolution) whose
+      ResnetBlocks are each followed by a self-attention block, in the encoder and at the same
+      resolution in the decoder; () for the SD VAE (attention in the mid blocks only), (4,) for
+      the VA-VAE (LDM's attn_resolutions=(16,) at its nominal 256 x 256: the deepest level).
   """
   block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
   layers_per_block: int = 2
@@ -68,6 +82,7 @@ class Config:
   norm_num_groups: int = 32
   scaling_factor: float = 0.18215
   shift_factor: float | None = None
+  attention_levels: tuple[int, ...] = ()
 
   def __post_init__(self):
     channels = tuple(self.block_out_channels)
@@ -75,6 +90,12 @@ class Config:
     if not channels or any(not isinstance(c, int) or c < 1 for c in channels):
       raise ValueError(f'block_out_channels={channels!r}; allowed: a non-empty tuple of positive '
                        f'ints')
+    levels = tuple(self.attention_levels)
+    object.__setattr__(self, 'attention_levels', levels)
+    if (any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(channels)
+            for i in levels) or list(levels) != sorted(set(levels))):
+      raise ValueError(f'attention_levels={levels!r}; allowed: increasing level indices in '
+                       f'0..{len(channels) - 1} (one per entry of block_out_channels)')
     for name in ('layers_per_block', 'latent_channels', 'in_channels', 'out_channels',
                  'norm_num_groups'):
       value = getattr(self, name)
@@ -97,6 +118,11 @@ PRESETS = {
     'sd': Config(),
     # stabilityai/sdxl-vae: the same architecture, retrained; its latents are scaled differently.
     'sdxl': Config(scaling_factor=0.13025),
+    # hustvl/vavae-imagenet256-f16d32-dinov2 (LightningDiT's VA-VAE): 5 levels (f16), 32 latent
+    # channels, attention inside the deepest level; its latents are normalised per channel by
+    # the statistics file published beside it (latents_stats.pt), not by a scalar factor.
+    'vavae-f16d32': Config(block_out_channels=(128, 128, 256, 256, 512), latent_channels=32,
+                           scaling_factor=1.0, attention_levels=(4,)),
 }
 
 
@@ -192,6 +218,8 @@ class Encoder(nn.Module):
       for j in range(cfg.layers_per_block):
         x = ResnetBlock(width, groups, dtype,
                         name=f'down_blocks_{i}_resnets_{j}')(x)        # (B, H/s, W/s, C[i])
+        if i in cfg.attention_levels:
+          x = Attention(groups, dtype, name=f'down_blocks_{i}_attentions_{j}')(x)  # same shape
       if i < len(channels) - 1:
         # diffusers pads right and bottom only, then convolves without padding.
         x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))               # (B, H/s+1, W/s+1, C[i])
@@ -212,10 +240,13 @@ class Decoder(nn.Module):
     groups, channels = cfg.norm_num_groups, tuple(reversed(cfg.block_out_channels))
     x = conv(channels[0], 3, dtype, 'conv_in')(z)                      # (B, h, w, C[-1])
     x = MidBlock(channels[0], groups, dtype, name='mid_block')(x)      # (B, h, w, C[-1])
+    levels = len(channels)
     for i, width in enumerate(channels):                               # at s = 2^i:
       for j in range(cfg.layers_per_block + 1):
         x = ResnetBlock(width, groups, dtype,
                         name=f'up_blocks_{i}_resnets_{j}')(x)          # (B, h*s, w*s, C[-1-i])
+        if levels - 1 - i in cfg.attention_levels:                     # the encoder's level
+          x = Attention(groups, dtype, name=f'up_blocks_{i}_attentions_{j}')(x)  # same shape
       if i < len(channels) - 1:
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)            # (B, 2hs, 2ws, C[-1-i])
         x = conv(width, 3, dtype, f'up_blocks_{i}_upsamplers_0_conv')(x)  # same shape
@@ -298,8 +329,10 @@ def init_params(config: Config, key) -> dict:
   return jax.jit(model(config).init)(key, images)['params']  # eager init is ~10x slower
 
 
+@functools.cache  # tracing the model is most of the time a weights file takes to load
 def param_shapes(config: Config) -> dict:
-  """The parameter tree as jax.ShapeDtypeStruct leaves, without computing anything."""
+  """The parameter tree as jax.ShapeDtypeStruct leaves, without computing anything (shared: do
+  not modify it)."""
   return jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
 
 
@@ -329,15 +362,23 @@ def decode(params, latents, config: Config = PRESETS['sd'], dtype: str = 'float3
   return model(config, dtype).apply({'params': params}, latents, method='decode')
 
 
-def latents_to_model(z, config: Config):
-  """VAE latents -> the diffusion model's space: scaling * (z - shift)."""
+def latents_to_model(z, config: Config, statistics=None):
+  """VAE latents -> the diffusion model's space: scaling * (z - shift), or with per-channel
+  `statistics` (anything with `mean` and `std` sequences, autoencoder_weights.Statistics)
+  scaling * (z - mean) / std."""
+  if statistics is not None:
+    mean, std = (jnp.asarray(v, jnp.float32) for v in (statistics.mean, statistics.std))
+    return (z - mean) / std * config.scaling_factor
   if config.shift_factor is not None:
     z = z - config.shift_factor
   return z * config.scaling_factor
 
 
-def latents_from_model(x, config: Config):
+def latents_from_model(x, config: Config, statistics=None):
   """The diffusion model's space -> VAE latents, the inverse of latents_to_model."""
+  if statistics is not None:
+    mean, std = (jnp.asarray(v, jnp.float32) for v in (statistics.mean, statistics.std))
+    return x / config.scaling_factor * std + mean
   z = x / config.scaling_factor
   if config.shift_factor is not None:
     z = z + config.shift_factor

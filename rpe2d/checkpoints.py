@@ -10,11 +10,18 @@ Orbax writes a checkpoint into <step>.orbax-checkpoint-tmp and renames it when c
 manifest is written just before that rename, so it is part of the atomic commit. Resuming checks
 it first: tensorstore restores a flipped byte in an array file without complaint. Checkpoints
 without a manifest (written before it existed) get the structural checks only.
+
+Retention (keep_checkpoints, keep_every_steps) is rpe2d's, not orbax's (`prune`): it deletes only
+the files a step's manifest lists, and only when the step directory holds nothing else; a step
+that a reader (sample.py, evaluate.py) holds a lease on (`lease`) waits for the next prune.
 """
 
+import contextlib
+import fcntl
 import functools
 import json
 import math
+import os
 import pathlib
 import shutil
 
@@ -32,6 +39,7 @@ MANIFEST = 'rpe2d_manifest.json'
 _TMP_SUFFIX = '.orbax-checkpoint-tmp'  # orbax's unfinished saves: <step>.orbax-checkpoint-tmp
 # Written by orbax after the manifest, so outside it (their presence is checked instead).
 _COMMIT_FILES = ('commit_success.txt', '_CHECKPOINT_METADATA')
+_CONFIG_FILE = 'config/metadata'  # the run's config, as JSON
 
 
 class CheckpointError(RuntimeError):
@@ -62,21 +70,23 @@ def check_retention(config) -> None:
                      f'{every}, e.g. {(keep // every + 1) * every}')
 
 
-def manager(workdir, config, *, read_only: bool = False) -> ocp.CheckpointManager:
-  """read_only: for inspecting a run (it never creates, saves or deletes anything)."""
+def manager(workdir, config, *, read_only: bool = False,
+            item_handlers=None) -> ocp.CheckpointManager:
+  """read_only: for inspecting a run (it never creates, saves or deletes anything). Orbax keeps
+  every checkpoint: retention is `prune`'s.
+  item_handlers: orbax's handler of each item, where the defaults will not do."""
   directory = rundir.RunDir(workdir).checkpoints
   if not read_only:
     check_retention(config)
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=config.keep_checkpoints,
-      keep_period=config.keep_every_steps or None,
+      max_to_keep=None,
       enable_async_checkpointing=True,
       create=not read_only,
       read_only=read_only,
       async_options=None if read_only else ocp.AsyncOptions(
           post_finalization_callback=functools.partial(_write_manifests, directory)),
   )
-  return ocp.CheckpointManager(directory, options=options)
+  return ocp.CheckpointManager(directory, options=options, item_handlers=item_handlers)
 
 
 def save(mngr, step: int, state, data_iterator, config, *, force: bool = False) -> bool:
@@ -90,6 +100,34 @@ def save(mngr, step: int, state, data_iterator, config, *, force: bool = False) 
     return mngr.save(step, args=args, force=force)
   except Exception as e:  # orbax and tensorstore raise many types for one disk-full
     raise _save_error(mngr, step, e) from e
+
+
+def save_weights(workdir, step: int, weights, config) -> None:
+  """Writes a checkpoint of weights alone at `step`: {'step', 'params', 'ema_params'} (no optimizer
+  or data iterator state), with the run's config and manifest, and waits for it. An imported
+  model's run directory (rpe2d.importing) is this: everything that reads weights
+  (restore_weights: sample.py, evaluate.py, init_from) reads it; resuming it is refused
+  (`holds_training_state`).
+
+  The weights are written at most a GiB at a time: orbax's default (96 GiB in flight) copies
+  every array at once, which for params and EMA params of an XL/2 (2 x 2.7 GB) doubled the
+  memory of the import; it makes no difference to what is written."""
+  mngr = manager(workdir, config, item_handlers={
+      'state': ocp.StandardCheckpointHandler(save_concurrent_gb=1),
+      'config': ocp.JsonCheckpointHandler()})
+  args = ocp.args.Composite(state=ocp.args.StandardSave(weights),
+                            config=ocp.args.JsonSave(config.to_dict()))
+  try:
+    mngr.save(step, args=args, force=True)
+  except Exception as e:  # orbax and tensorstore raise many types for one disk-full
+    raise _save_error(mngr, step, e) from e
+  close(mngr, step)
+
+
+def holds_training_state(step_dir) -> bool:
+  """Whether a checkpoint can resume training (it has the data iterator's state): not one written
+  by save_weights."""
+  return (pathlib.Path(step_dir) / 'data').is_dir()
 
 
 def wait(mngr, step: int | None) -> None:
@@ -108,13 +146,33 @@ def close(mngr, step: int | None) -> None:
     raise _save_error(mngr, step, e) from e
 
 
+def _root_cause(error: BaseException) -> BaseException:
+  """The innermost exception of a chain: orbax and tensorstore wrap an OSError several times."""
+  seen = set()
+  while id(error) not in seen:
+    seen.add(id(error))
+    inner = error.__cause__ or error.__context__
+    if inner is None:
+      break
+    error = inner
+  return error
+
+
+def _one_line(error: BaseException) -> str:
+  """An error of a library in one line: the OS error at the root of its chain if there is one
+  (orbax and tensorstore wrap a full disk several times), else the first line of its text."""
+  from rpe2d import cli  # pylint: disable=g-import-not-at-top  # cli is imported by data
+  root = _root_cause(error)
+  return cli.reason(root if isinstance(root, OSError) else error)
+
+
 def _save_error(mngr, step, error) -> CheckpointError:
   directory = pathlib.Path(mngr.directory)
   intact = [s for s in steps(directory) if s != step]
   kept = f'the newest is step {max(intact)}' if intact else 'there are none yet'
   return CheckpointError(
-      f'could not save the checkpoint at step {step} in {directory}: {error}\n'
-      f'Checkpoints saved before it are untouched ({kept}); fix the cause (disk space?) and run '
+      f'could not save the checkpoint at step {step} in {directory}: {_one_line(error)}; '
+      f'checkpoints saved before it are untouched ({kept}); fix the cause (disk space?) and run '
       'again to resume from the newest.')
 
 
@@ -135,8 +193,7 @@ def restore(mngr, step: int, abstract_state, data_iterator):
   try:
     state = mngr.restore(step, args=ocp.args.Composite(**args)).state
   except Exception as e:
-    raise CheckpointError(f'could not restore the checkpoint {step_dir}: {type(e).__name__}: '
-                          f'{e}') from e
+    raise CheckpointError(f'could not restore the checkpoint {step_dir}: {_one_line(e)}') from e
   if not own_data.is_file():
     data_iterator.set_state(data_state)
     if hasattr(data_iterator, 'start_prefetch'):  # as grain's CheckpointHandler.restore does
@@ -242,8 +299,8 @@ def recover(workdir) -> int | None:
 
   Unfinished saves (a run killed while writing) are removed, with a warning naming them. Finished
   checkpoints that are cut short or damaged, newest first until an intact one, are moved to
-  <workdir>/damaged_checkpoints/ with a warning: never deleted, and out of reach of max_to_keep and
-  of a later save of the same step.
+  <workdir>/damaged_checkpoints/ with a warning: never deleted, and out of reach of retention and
+  of a later save of the same step. A step directory that holds another run is left alone.
   """
   run = rundir.RunDir(workdir)
   directory = run.checkpoints
@@ -254,6 +311,10 @@ def recover(workdir) -> int | None:
       shutil.rmtree(tmp)
     for step in reversed(steps(directory)):
       step_dir = directory / str(step)
+      if any((step_dir / marker).exists() for marker in rundir.RUN_MARKERS):
+        logging.warning('%s holds another run, not a checkpoint: left alone (move that run out of '
+                        'this run\'s checkpoints)', step_dir)
+        continue
       problem = damage(step_dir)
       if problem is None:
         break
@@ -298,17 +359,51 @@ def find_step_dir(source) -> pathlib.Path:
 
 
 def check_init_from(source, config) -> pathlib.Path:
-  """The step directory init_from names, refused before compiling if its model differs."""
+  """The step directory init_from names, refused before compiling if its model differs.
+
+  One difference is allowed: micro-conditioning turned on over a model without it (RPE-2D
+  fine-tuning from a grid-trained run or an import). Its crop embedder is new; its output layer
+  starts at zero, so the model starts out computing what the weights it loads computed.
+  """
   try:
     step_dir = find_step_dir(source)
   except FileNotFoundError as e:
     raise FileNotFoundError(f'init_from={e}') from None
-  saved = rundir.RunDir(step_dir.parent.parent).read_config()
-  differences = [] if saved is None else rundir.differing_keys(saved, config, rundir.MODEL_KEYS)
+  saved = saved_config(step_dir)  # the checkpoint's own config: the truth about its weights
+  if saved is None:
+    raise ValueError(f'init_from={source}: the checkpoint {step_dir} holds no readable config, so '
+                     'what its weights are cannot be checked; use another step')
+  keys = rundir.MODEL_KEYS
+  if not saved.model.micro_conditioning and config.model.micro_conditioning:
+    keys = tuple(k for k in keys if k != 'model.micro_conditioning')
+  differences = rundir.differing_keys(saved, config, keys)
   if differences:
     raise ValueError(f'init_from={source} holds weights of another model; differing keys:\n  '
                      + '\n  '.join(differences))
   return step_dir
+
+
+def saved_config(step_dir):
+  """The config a checkpoint was saved with (fields it predates at their defaults), or None when
+  it has none that reads back intact: the config file is checked against the manifest's sha256
+  (not the arrays: see `damage`)."""
+  from rpe2d import config as config_lib  # pylint: disable=g-import-not-at-top
+  step_dir = pathlib.Path(step_dir)
+  path = step_dir / _CONFIG_FILE
+  try:
+    manifest = json.loads((step_dir / MANIFEST).read_text())
+    size, digest = manifest['files'][_CONFIG_FILE]
+    if path.stat().st_size != size or files_lib.sha256_file(path) != digest:
+      return None
+  except FileNotFoundError:
+    pass  # a checkpoint from before manifests: its config is read as it is
+  except (OSError, ValueError, TypeError, KeyError):
+    return None
+  try:
+    saved = rundir.read_config(path)
+  except (OSError, ValueError):
+    return None
+  return None if saved is None else config_lib.complete(saved)
 
 
 def restore_weights(step_dir, abstract_params, *, names=('params', 'ema_params')) -> dict:
@@ -322,5 +417,157 @@ def restore_weights(step_dir, abstract_params, *, names=('params', 'ema_params')
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
         partial_restore=True))
   except Exception as e:
-    raise CheckpointError(f'could not restore the checkpoint {step_dir}: {type(e).__name__}: '
-                          f'{e}') from e
+    raise CheckpointError(f'could not restore the checkpoint {step_dir}: {_one_line(e)}') from e
+
+
+# ------------------------------------------------------------------------------------------------
+# Retention, and the readers it waits for.
+
+
+class CheckpointGone(CheckpointError):
+  """A step directory deleted (by its run's retention) before a reader could take its lease."""
+
+
+def retained(all_steps, keep_checkpoints: int, keep_every_steps: int) -> set[int]:
+  """The steps retention keeps: the newest `keep_checkpoints`, plus every `keep_every_steps`-th."""
+  all_steps = sorted(all_steps)
+  kept = set(all_steps[-keep_checkpoints:])
+  if keep_every_steps:
+    kept |= {s for s in all_steps if s % keep_every_steps == 0}
+  return kept
+
+
+def _lease_path(step_dir: pathlib.Path) -> pathlib.Path | None:
+  if step_dir.parent.name != 'checkpoints' or not step_dir.name.isdigit():
+    return None
+  return rundir.RunDir(step_dir.parent.parent).readers / f'{step_dir.name}.lock'
+
+
+@contextlib.contextmanager
+def lease(step_dir):
+  """Holds a reader's lease on a checkpoint while the block reads it: `prune` leaves a leased
+  step for a later prune. A shared `flock` on <run>/readers/<step>.lock, dropped by the kernel
+  when the reader dies. Raises CheckpointGone when the step was deleted before the lease was
+  held. A run no train.py holds (train.lock) is read without a lease, and where none can be taken
+  (a run directory the reader cannot write) the block runs without one; `inference.load_run` then
+  retries with the newest step if the read fails."""
+  step_dir = pathlib.Path(step_dir)
+  path, fd = _lease_path(step_dir), None
+  if path is not None and _live(step_dir.parent.parent):
+    try:
+      path.parent.mkdir(exist_ok=True)
+      fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+      fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while a prune deletes this very step
+    except OSError:
+      if fd is not None:
+        os.close(fd)
+      fd = None
+  try:
+    if not all((step_dir / name).is_file() for name in _COMMIT_FILES):
+      if fd is not None and path is not None:
+        path.unlink(missing_ok=True)  # a lease of a step that is gone
+      raise CheckpointGone(f'{step_dir} was deleted by its run\'s retention before it was read')
+    yield step_dir
+  finally:
+    if fd is not None:
+      os.close(fd)
+
+
+def _live(workdir: pathlib.Path) -> bool:
+  """Whether a train.py holds the workdir's lock now (only then can retention run meanwhile; a
+  finished run is read without writing a lease into it)."""
+  try:
+    fd = os.open(rundir.RunDir(workdir).lock_path, os.O_RDONLY)
+  except OSError:
+    return False
+  try:
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    return False
+  except BlockingIOError:
+    return True
+  except OSError:
+    return False
+  finally:
+    os.close(fd)
+
+
+_REFUSED = set()  # step directories retention already said it leaves alone (said once)
+
+
+def _deletable(step_dir: pathlib.Path) -> tuple[list[pathlib.Path], str | None]:
+  """(the files of a checkpoint, None) when the step directory holds only what its manifest lists
+  (and orbax's commit files); else ([], why it is left alone)."""
+  try:
+    listed = set(json.loads((step_dir / MANIFEST).read_text())['files'])
+  except FileNotFoundError:
+    return [], (f'it has no {MANIFEST} (written before rpe2d had manifests), so nothing proves '
+                'rpe2d wrote all of it')
+  except (OSError, ValueError, TypeError, KeyError) as e:
+    return [], f'its {MANIFEST} is unreadable ({type(e).__name__})'
+  ours = listed | set(_COMMIT_FILES) | {MANIFEST}
+  present = [p for p in step_dir.rglob('*') if p.is_symlink() or not p.is_dir()]
+  foreign = sorted(p.relative_to(step_dir).as_posix() for p in present
+                   if p.is_symlink() or p.relative_to(step_dir).as_posix() not in ours)
+  if foreign:
+    shown = ', '.join(foreign[:3]) + (', ...' if len(foreign) > 3 else '')
+    return [], f'it holds {len(foreign)} files no checkpoint save wrote ({shown})'
+  return present, None
+
+
+def _delete(step_dir: pathlib.Path, present: list[pathlib.Path]) -> None:
+  for path in present:
+    path.unlink()
+  for directory in sorted((p for p in step_dir.rglob('*') if p.is_dir()),
+                          key=lambda p: len(p.parts), reverse=True):
+    directory.rmdir()  # empty by now; a file that appeared meanwhile stops it (OSError)
+  step_dir.rmdir()
+
+
+def prune(workdir, config) -> list[int]:
+  """Deletes the checkpoints that retention does not keep (`retained`), on process 0; returns
+  their steps. Safe at any moment: it reads only finished step directories, and keeps the newest.
+
+  A step is deleted only when everything in it is listed in its manifest (or is one of orbax's
+  commit files): a step directory holding anything else, or written before manifests, is left
+  alone with one warning. A step a reader holds a lease on (`lease`) is left for a later prune.
+  """
+  if jax.process_index() != 0:
+    return []
+  run = rundir.RunDir(workdir)
+  all_steps = steps(run.checkpoints)
+  kept = retained(all_steps, config.keep_checkpoints, config.keep_every_steps)
+  deleted = []
+  for step in all_steps:
+    if step in kept:
+      continue
+    step_dir = run.checkpoints / str(step)
+    lease_path, fd = _lease_path(step_dir), None
+    try:
+      lease_path.parent.mkdir(exist_ok=True)
+      fd = os.open(lease_path, os.O_RDWR | os.O_CREAT, 0o644)
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # a reader is reading it
+      os.close(fd)
+      continue
+    except OSError as e:
+      if fd is not None:
+        os.close(fd)
+      logging.warning('Retention leaves %s: its reader lease cannot be taken (%s)', step_dir, e)
+      continue
+    try:
+      present, why = _deletable(step_dir)
+      if why is not None:
+        if step_dir not in _REFUSED:
+          _REFUSED.add(step_dir)
+          logging.warning('Retention leaves %s: %s; delete it yourself if it is not needed',
+                          step_dir, why)
+        continue
+      _delete(step_dir, present)
+      lease_path.unlink(missing_ok=True)
+      deleted.append(step)
+    except OSError as e:
+      logging.warning('Retention could not delete %s (%s); it is tried again at the next save',
+                      step_dir, e)
+    finally:
+      os.close(fd)
+  return deleted

@@ -19,6 +19,24 @@ def non_negative_int(key, value):
     raise ValueError(f'{key}={value!r} must be an integer >= 0')
 
 
+MAX_STEPS = 100_000  # sampler steps: beyond, a time grid alone is a memory hazard, not a method
+
+
+def steps(key, value):
+  """Sampler steps: a positive integer, at most MAX_STEPS."""
+  positive_int(key, value)
+  if value > MAX_STEPS:
+    raise ValueError(f'{key}={value!r} must be at most {MAX_STEPS} (sampler steps)')
+
+
+SEED_LIMIT = 2**64  # seeds are 64-bit: rpe2d.training.seed_key keeps every bit
+
+
+def seed(key, value):
+  if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
+    raise ValueError(f'{key}={value!r} must be an integer in [0, 2**64)')
+
+
 def number(low=-math.inf, high=math.inf, *, low_open=False, high_open=False):
   """A check for a finite number in [low, high] (open ends where asked)."""
   def check(key, value):

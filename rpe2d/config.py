@@ -14,6 +14,7 @@ micro-conditioning that tells the model about the crop
 
 import dataclasses
 import importlib.util
+import json
 import os
 import re
 
@@ -28,8 +29,8 @@ AUTO = data.AUTO
 
 
 SCHEMA = (
-    Field('seed', 0, 'seeds the parameters, the data order, positions and noise',
-          check=non_negative_int),
+    Field('seed', 0, 'seeds the parameters, the data order, positions and noise (64 bits)',
+          check=checks.seed),
     Field('total_steps', 800, 'optimizer steps', check=positive_int),
     Field('batch_size', 64, 'global batch, over all devices and hosts', check=positive_int),
     Field('log_every_steps', 50, 'metrics.jsonl and the progress bar', check=positive_int),
@@ -51,13 +52,25 @@ SCHEMA = (
 
     Field('model.variant', 'tiny/4',
           '<size>/<patch>, size one of: ' + ', '.join(model_lib.VARIANTS)),
-    Field('model.position_embedding', 'rope', 'how positions enter the model',
-          allowed=model_lib.POSITION_EMBEDDINGS),
+    Field('model.position_embedding', 'rope', 'how positions enter the model: RoPE, a sin-cos '
+          'table, or both (LightningDiT)', allowed=model_lib.POSITION_EMBEDDINGS),
     Field('model.rope_base', 10000.0, 'the RoPE base', check=number(1.0, low_open=True)),
-    Field('model.qk_norm', False, 'RMSNorm on queries and keys'),
+    Field('model.qk_norm', 'none', 'the norm on queries and keys, before RoPE (a saved false / '
+          'true reads as none / rmsnorm)', allowed=tuple(model_lib.QK_NORMS)),
     Field('model.micro_conditioning', None, 'embed the crop window into the conditioning '
           '(unset: on exactly when data.augment is rpe2d_crop)', value_type=bool),
-    Field('model.mlp_ratio', 4.0, 'MLP width / model width', check=number(0.0, low_open=True)),
+    Field('model.mlp_ratio', 4.0, 'MLP width / model width (swiglu: 2/3 of it)',
+          check=number(0.0, low_open=True)),
+    Field('model.mlp', 'gelu', "the block's MLP: DiT's tanh-GELU, or SwiGLU (FiTv2)",
+          allowed=tuple(model_lib.MLPS)),
+    Field('model.norm', 'layernorm', 'the norm before each branch and the final layer: '
+          "LayerNorm without affine (DiT), or RMSNorm with a weight (LightningDiT)",
+          allowed=tuple(model_lib.NORMS)),
+    Field('model.adaln', 'full', 'adaLN-Zero: one Linear per block (full), or a rank-r '
+          'bottleneck per block plus one shared Linear (lora, FiTv2)',
+          allowed=tuple(model_lib.ADALNS)),
+    Field('model.adaln_rank', None, 'adaln=lora: the rank r (unset: width / 4)',
+          value_type=int, check=checks.optional(positive_int)),
     Field('model.attention_implementation', 'xla', 'attention kernel',
           allowed=tuple(attention.KERNELS)),
     Field('model.dtype', 'float32',
@@ -68,6 +81,16 @@ SCHEMA = (
           allowed=tuple(model_lib.REMAT_POLICIES)),
     Field('model.scan_layers', False, 'run the blocks under nn.scan: compile time independent of '
           'depth (checkpoints load either way)'),
+    Field('model.prediction', 'velocity', "what the network predicts: velocity, or DiT's "
+          'ddpm_epsilon (eps on its 1000-step DDPM, reached through a change of variables)',
+          allowed=model_lib.PREDICTIONS),
+    Field('model.time_scale', 1000.0, 'the time the network sees (flow time; the DDPM index for '
+          'ddpm_epsilon) times this enters its sinusoids (imported SiT and DiT: 1)',
+          check=number(0.0, low_open=True)),
+    Field('model.sincos_order', 'yx', 'sin-cos layout: yx = [sin y, cos y, sin x, cos x]; xy = '
+          "DiT's, the column coordinate first", allowed=model_lib.SINCOS_ORDERS),
+    Field('model.learned_variance', False, "the network also outputs DiT's learned-variance "
+          'channels (read only by sampling.sampler=ddpm)'),
 
     Field('positions.train', 'grid', 'training positions; rpe2d also turns on the crop',
           allowed=positions.TRAIN_RULES),
@@ -84,10 +107,18 @@ SCHEMA = (
           allowed=rope.EXTRAPOLATIONS),
     Field('encoding.yarn_form', 'paper', 'YaRN variant', allowed=rope.YARN_FORMS),
     Field('encoding.temperature', 'rope', "where YaRN's temperature goes: rope = on q and k "
-          '(the logits get tau^2, as in the reference code); logits = tau once (before 0.2)',
+          '(the logits get tau^2, as in the reference code); rope_max = the same with the larger '
+          "axis's tau on both (FiT's code); logits = tau once (before 0.2)",
           allowed=rope.TEMPERATURE_PLACES),
-    Field('encoding.attention_scale', 'none', 'attention logit scale for more tokens',
+    Field('encoding.attention_scale', 'none', 'attention logit scale for more tokens: '
+          "Lumina-Next's log_n, FiT's by side (ntkpro1) or by tokens (ntkpro2)",
           allowed=rope.ATTENTION_SCALES),
+    Field('encoding.axis_scale', 'per_axis', 'the extrapolation scale: each axis its own (as '
+          "FiT's --decouple), or the larger one for both axes (shared)",
+          allowed=rope.AXIS_SCALES),
+    Field('encoding.sincos', 'method', 'how a sin-cos table (sincos, rope+sincos) extrapolates: '
+          'with the method, at the native positions, or the native table resized bilinearly (EI)',
+          allowed=rope.SINCOS_RULES),
     Field('encoding.dype', False, 'make the extrapolation follow the diffusion time (DyPE)'),
     Field('encoding.dype_lambda_s', None, 'DyPE kappa(t) = lambda_s t^lambda_t (unset: the '
           "method's default)", value_type=float, check=checks.optional(number(0.0))),
@@ -110,11 +141,14 @@ SCHEMA = (
     Field('sampling.sampler', 'euler', 'euler, heun: ODE, fixed steps; dopri5: ODE, adaptive; '
           "euler_maruyama: SiT's SDE (docs/methods.md#sampler)", allowed=sampler.SAMPLERS),
     Field('sampling.steps', 32, "solver steps (dopri5: unused; euler_maruyama: SiT's num_steps, "
-          'steps - 1 SDE steps then the last step)', check=positive_int),
+          'steps - 1 SDE steps then the last step)', check=checks.steps),
     Field('sampling.cfg_scale', 3.0, 'classifier-free guidance scale (1: none, 0: unconditional)',
           check=number(0.0, 100.0)),
     Field('sampling.cfg_interval', (0.0, 1.0), 'guide only for t inside [low, high]',
           check=checks.unit_interval),
+    Field('sampling.cfg_channels', 0, 'guide only the first k channels, the rest take the '
+          'conditional prediction (0: all; 3: the published DiT/SiT numbers)',
+          check=non_negative_int),
     Field('sampling.time_shift', 1.0, 'sampling time shift a (1: none)',
           check=number(0.0, low_open=True)),
     Field('sampling.time_shift_by_resolution', False, 'multiply the shift by sqrt(N_test/N_train)'),
@@ -156,6 +190,15 @@ SCHEMA = (
     Field('mesh.fsdp', 1, 'devices on the fsdp axis (the rest form the data axis); 0: the '
           'fewest whose share of the train state fits the device memory (docs/methods.md#memory)',
           check=non_negative_int),
+
+    # Written by convert.py (rpe2d.importing): where an imported run's weights came from.
+    Field('imported.family', '', 'the checkpoint family the weights were imported as (empty: '
+          'trained by rpe2d)'),
+    Field('imported.weights', '', 'the file they were read from'),
+    Field('imported.sha256', '', "that file's sha256"),
+    Field('imported.known', '', 'which public file that is, by sha256 (empty: not a known one)'),
+    Field('imported.unwrapped', '', "the entry of a wrapped checkpoint that was taken ('ema', "
+          "'model', 'state_dict'; empty: a plain state dict)"),
 )
 FIELDS = {f.key: f for f in SCHEMA}
 
@@ -259,9 +302,14 @@ def _check_config_module(file: str) -> None:
                      'an ml_collections.ConfigDict (e.g. configs/default.py)')
 
 
+# Values older configs saved that a field no longer takes: key -> {old value: its name now}.
+LEGACY_VALUES = {'model.qk_norm': model_lib.QK_NORM_LEGACY}
+
+
 def complete(saved: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Adds, in place, the fields a saved config predates, at their defaults. A field added to the
-  schema must default to the behaviour from before it existed."""
+  """Adds, in place, the fields a saved config predates, at their defaults, and renames the values
+  it saved that have a new name (LEGACY_VALUES). A field added to the schema must default to the
+  behaviour from before it existed."""
   for f in SCHEMA:
     *sections, name = f.key.split('.')
     node = saved
@@ -271,7 +319,34 @@ def complete(saved: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       node = node[section]
     if name not in node:
       node[name] = config_dict.placeholder(f.value_type) if f.default is None else f.default
+    renamed = LEGACY_VALUES.get(f.key, {})
+    if isinstance(node[name], bool) and node[name] in renamed:
+      value = renamed[node[name]]
+      del node[name]  # a ConfigDict keeps a field's type: a bool cannot become a name in place
+      node[name] = value
   return saved
+
+
+def _as_tuples(value):
+  return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def from_saved(saved) -> ml_collections.ConfigDict:
+  """base() holding a saved config's values (a run's config.json, rundir.read_config), each in its
+  field's type: JSON's lists become tuples again. What a config file built on a run starts from
+  (configs/finetune.py); fields the saved config predates keep their defaults."""
+  config = base()
+  flat = json.loads(saved.to_json_best_effort()) if hasattr(saved, 'to_json_best_effort') else saved
+  for f in SCHEMA:
+    *sections, name = f.key.split('.')
+    source, target = flat, config
+    for section in sections:
+      source, target = source.get(section, {}), target[section]
+    if name in source:
+      value = source[name]
+      target[name] = _as_tuples(value) if isinstance(f.default, tuple) or \
+          f.value_type is tuple else value
+  return config
 
 
 def _unknown_field(path, overrides) -> str:
@@ -351,7 +426,8 @@ def encoding(config, **overrides) -> rope.Encoding:
   values = dict(extrapolation=e.extrapolation, yarn_form=e.yarn_form, temperature=e.temperature,
                 attention_scale=e.attention_scale, dype=bool(e.dype),
                 dype_lambda_s=e.dype_lambda_s, dype_lambda_t=e.dype_lambda_t,
-                dype_variant=e.dype_variant, tasr_form=e.tasr_form)
+                dype_variant=e.dype_variant, tasr_form=e.tasr_form, axis_scale=e.axis_scale,
+                sincos=e.sincos)
   values.update(overrides)
   return rope.Encoding(**values)
 
@@ -363,7 +439,8 @@ def sampling_plan(config, **overrides) -> sampler.SamplingPlan:
                 cfg_interval=tuple(float(v) for v in s.cfg_interval),
                 time_shift=float(s.time_shift),
                 time_shift_by_resolution=bool(s.time_shift_by_resolution),
-                positions=position_rule, round_positions=bool(config.positions.round),
+                cfg_channels=int(s.cfg_channels), positions=position_rule,
+                round_positions=bool(config.positions.round),
                 encoding=encoding(config), atol=float(s.atol), rtol=float(s.rtol),
                 max_steps=int(s.max_steps), adaptive_step=s.adaptive_step,
                 diffusion_form=s.diffusion_form, diffusion_norm=float(s.diffusion_norm),
@@ -391,6 +468,9 @@ def build_model(config) -> model_lib.DiT:
       variant=m.variant, channels=config.data.channels, num_classes=config.data.num_classes,
       train_grid=train_grid(config), position_range=position_range(config),
       position_embedding=m.position_embedding, rope_base=float(m.rope_base), qk_norm=m.qk_norm,
-      micro_conditioning=bool(m.micro_conditioning), mlp_ratio=m.mlp_ratio,
+      micro_conditioning=bool(m.micro_conditioning), mlp_ratio=m.mlp_ratio, mlp=m.mlp,
+      norm=m.norm, adaln=m.adaln, adaln_rank=m.adaln_rank,
       attention_implementation=m.attention_implementation, dtype=m.dtype, remat=m.remat,
-      remat_policy=m.remat_policy, scan_layers=m.scan_layers)
+      remat_policy=m.remat_policy, scan_layers=m.scan_layers, time_scale=float(m.time_scale),
+      sincos_order=m.sincos_order, prediction=m.prediction,
+      learned_variance=bool(m.learned_variance))

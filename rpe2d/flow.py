@@ -48,6 +48,12 @@ def loss(apply_fn, params, key, images, labels, positions, crop=None, *, num_cla
                   shift=time_shift)
   noise = jax.random.normal(key_noise, images.shape, images.dtype)
   labels = drop_labels(key_drop, labels, class_dropout, num_classes)
+  return velocity_loss(apply_fn, params, images, noise, t, labels, positions, crop)
+
+
+def velocity_loss(apply_fn, params, images, noise, t, labels, positions, crop=None):
+  """The mean squared error of the velocity predicted at x_t = (1 - t) images + t noise against
+  the target noise - images, for given noise, times and labels."""
   x_t = interpolate(images, noise, t)
   prediction = apply_fn(params, x_t, t, labels, positions, crop)
   return jnp.mean(jnp.square(prediction - (noise - images)))

@@ -1,7 +1,7 @@
 """Image grids as PNG files."""
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, PngImagePlugin
 
 from rpe2d import files
 
@@ -33,6 +33,12 @@ def grid(images, rows: int, row_labels=None, padding: int = 2, label_width: int 
   return picture
 
 
-def save_grid(path, images, rows: int, row_labels=None) -> None:
+def save_grid(path, images, rows: int, row_labels=None, text: dict | None = None) -> None:
+  """A grid as a PNG; `text` becomes its tEXt chunks (e.g. the checkpoint it was sampled from)."""
+  info = None
+  if text:
+    info = PngImagePlugin.PngInfo()
+    for key, value in text.items():
+      info.add_text(key, str(value))
   with files.atomic_path(path) as tmp:
-    grid(images, rows, row_labels).save(tmp, format='PNG')
+    grid(images, rows, row_labels).save(tmp, format='PNG', pnginfo=info)

@@ -29,6 +29,7 @@ from rpe2d import rundir, sampler, training
 # Latent runs decode whole up to this many latent pixels per image (128x128: 1024x1024 pixels
 # with the SD VAE, ~4 GiB on CPU, benchmarks/vae_decode_sizes.py); beyond, in tiles.
 AUTO_TILE_ABOVE = 128 * 128
+SOURCE_KEY = 'rpe2d:checkpoint'  # the PNG text chunk naming the checkpoint a grid came from
 DECODE_TILE, DECODE_OVERLAP = 64, 16  # latent pixels: 512 px tiles sharing 128 px
 # Latent pixels one device decodes per call: bounds the decoder's activations for big batches.
 DECODE_PIXELS_PER_DEVICE = 4 * 64 * 64
@@ -73,8 +74,8 @@ def load_vae(config, vae=None) -> autoencoder_weights.Loaded:
     path = path / autoencoder_weights.WEIGHTS_NAME
   if not path.is_file():
     what = '--vae' if vae else "the run's VAE (data.vae_path)"
-    raise FileNotFoundError(f'{what} {path} does not exist; pass --vae=<the '
-                            f'{autoencoder_weights.WEIGHTS_NAME} that made the latents>')
+    raise FileNotFoundError(f'{what} {path} does not exist; pass --vae=<the VAE file (e.g. '
+                            f'{autoencoder_weights.WEIGHTS_NAME}) that made the latents>')
   expected = config.data.get('vae_sha256')
   digest = files.sha256_file(path)
   if expected and digest != expected:
@@ -82,7 +83,9 @@ def load_vae(config, vae=None) -> autoencoder_weights.Loaded:
                      f'{expected}; {path} is {digest}')
   loaded = autoencoder_weights.load(path, digest=digest)
   recorded = config.data.get('latent_std')
-  if config.data.get('latent_scaling') == 'vae' and recorded:
+  # With a statistics file the recorded std is the file's, per channel: nothing to compare here.
+  if (config.data.get('latent_scaling') == 'vae' and recorded
+      and not config.data.get('vae_statistics_sha256')):
     trained = 1.0 / recorded[0]
     if abs(loaded.config.scaling_factor - trained) > 1e-6 * trained:
       raise ValueError(f'{path} has scaling_factor {loaded.config.scaling_factor}; the run trained '
@@ -128,9 +131,9 @@ def model_size(run, height: int, width: int) -> tuple[int, int]:
 def checkpoint_dir(workdir, checkpoint=None) -> pathlib.Path:
   """The step directory to load: `checkpoint` if given, else the newest intact one (damaged ones
   are skipped with a warning)."""
-  if checkpoint:
-    path = pathlib.Path(checkpoint)
-    if not (path / 'state').is_dir():
+  if checkpoint is not None:
+    path = pathlib.Path(checkpoint).expanduser()
+    if not str(checkpoint).strip() or not (path / 'state').is_dir():
       raise FileNotFoundError(f'--checkpoint={checkpoint} is not a checkpoint step directory '
                               f'(<workdir>/checkpoints/<step> holding state/)')
     return checkpoints.find_step_dir(path)
@@ -141,21 +144,77 @@ def checkpoint_dir(workdir, checkpoint=None) -> pathlib.Path:
   return checkpoints.find_step_dir(directory)
 
 
+def run_config(workdir, step_dir: pathlib.Path):
+  """The config to sample a checkpoint with: the checkpoint's own (the truth about its weights:
+  shapes, positions and range, data, VAE), checked against the workdir's config.json.
+
+  A checkpoint of another run (outside <workdir>/checkpoints) whose model, position or data keys
+  (rundir.CHECKPOINT_KEYS) differ from the workdir's is refused, listing them; one that agrees is
+  sampled with its own config, with a note. A damaged or missing config.json is noted and the
+  checkpoint's config used."""
+  run = rundir.RunDir(workdir)
+  try:
+    own = run.read_config()
+  except ValueError as e:
+    print(f'note: {e}; using the config saved in the checkpoint', flush=True)
+    own = None
+  saved = checkpoints.saved_config(step_dir)
+  if saved is None:
+    if own is None:
+      raise FileNotFoundError(f'workdir {workdir} has no readable config.json and the checkpoint '
+                              f'{step_dir} no readable config: not a training run, or damaged')
+    print(f'note: the checkpoint {step_dir} holds no readable config; using {run.config_path}',
+          flush=True)
+    return own
+  owner = step_dir.parent.parent
+  inside = step_dir.parent == run.checkpoints
+  differences = [] if own is None else rundir.differing_keys(saved, own, rundir.CHECKPOINT_KEYS)
+  if differences and not inside:
+    raise ValueError(f'--checkpoint={step_dir} belongs to the run {owner}, whose model, positions '
+                     f'or data differ from those of --workdir={workdir}; differing keys (saved '
+                     'in the checkpoint, now in config.json): ' + '; '.join(differences)
+                     + f'. Sample it with --workdir={owner}')
+  if not inside:
+    print(f'note: {step_dir} is a checkpoint of another run ({owner}); it is sampled with the '
+          'config saved in it', flush=True)
+  elif differences:
+    print(f'note: the checkpoint {step_dir} was saved with other settings than config.json holds '
+          f'now ({"; ".join(differences)}); it is sampled with the config saved in it', flush=True)
+  return saved
+
+
 def load_run(workdir, checkpoint=None, *, use_ema: bool = True, vae=None,
              attention: str | None = None) -> Run:
-  """Reads the run's config and restores its EMA (or raw) weights, replicated on the local
-  devices. Only those weights are read: no optimizer state, no training state is built.
+  """Reads the checkpoint's config (`run_config`) and restores its EMA (or raw) weights,
+  replicated on the local devices. Only those weights are read: no optimizer state, no training
+  state is built.
 
   `attention` picks the attention kernel (default: the run's own; a kernel this platform lacks,
   e.g. a GPU run's cudnn on a CPU, becomes xla, with a note). Kernels compute the same thing, so
   any serves any run.
 
   A latent run also gets its VAE (`load_vae`: `vae` if given, else data.vae_path), checked before
-  the weights are read."""
-  config = rundir.RunDir(workdir).read_config()
-  if config is None:
+  the weights are read. The checkpoint is read under a lease (checkpoints.lease), so a live run's
+  retention does not delete it meanwhile; without a `checkpoint`, a newest step deleted before
+  its lease was taken gives way to the new newest."""
+  if not rundir.RunDir(workdir).config_path.exists() and not checkpoints.steps(
+      rundir.RunDir(workdir).checkpoints) and checkpoint is None:
     raise FileNotFoundError(f'workdir {workdir} has no config.json: not a training run')
-  path = checkpoint_dir(workdir, checkpoint)
+  for attempt in range(3):
+    path = checkpoint_dir(workdir, checkpoint)
+    try:
+      with checkpoints.lease(path):
+        return _load(workdir, path, use_ema=use_ema, vae=vae, attention=attention)
+    except checkpoints.CheckpointError:
+      if checkpoint is not None or attempt == 2 or path.is_dir():
+        raise
+      print(f'note: {path} was deleted by the live run\'s retention while it was being read; '
+            'loading the newest checkpoint instead', flush=True)
+  raise AssertionError('unreachable')
+
+
+def _load(workdir, path: pathlib.Path, *, use_ema, vae, attention) -> Run:
+  config = run_config(workdir, path)
   loaded = load_vae(config, vae) if is_latent(config) or vae else None
   model = config_lib.build_model(config)
   if attention is not None:
@@ -192,6 +251,15 @@ def parse_resolution(text: str, patch: int, factor: int = 1) -> tuple[int, int]:
   return height, width
 
 
+def distinct_sizes(sizes, what: str) -> list[tuple[int, int]]:
+  """`sizes` with repeats dropped (first occurrence kept), with a note naming what was dropped."""
+  distinct = list(dict.fromkeys(sizes))
+  if len(distinct) != len(sizes):
+    print(f'note: {what} lists {", ".join(f"{h}x{w}" for h, w in sizes)}; each size is sampled '
+          f'once: {", ".join(f"{h}x{w}" for h, w in distinct)}', flush=True)
+  return distinct
+
+
 def check_labels(labels, num_classes: int) -> np.ndarray:
   labels = np.asarray(labels, np.int32)
   bad = labels[(labels < 0) | (labels > num_classes)]
@@ -222,15 +290,33 @@ def _compiled_sampler(run, plan, height, width, labels, indices, key):
 _DECODERS = {}
 
 
+def check_decode_tile(key: str, tile) -> list[str]:
+  """A decode tile size: None (automatic), 0 (whole) or a positive number of latent pixels.
+  Returns a note for a tile smaller than twice DECODE_OVERLAP: its neighbours then share only
+  tile // 2 latent pixels, and seams may show."""
+  if tile is None:
+    return []
+  if isinstance(tile, bool) or not isinstance(tile, int) or tile < 0:
+    raise ValueError(f'{key}={tile!r} must be an integer >= 0 (latent pixels; 0: decode whole)')
+  if 0 < tile < 2 * DECODE_OVERLAP:
+    return [f'note: {key}={tile} is smaller than twice the {DECODE_OVERLAP}-latent-pixel overlap '
+            f'tiles are blended over: tiles overlap by {decode_overlap(tile)} only, and seams may '
+            f'show (use {2 * DECODE_OVERLAP} or more, or 0 to decode whole)']
+  return []
+
+
+def decode_overlap(tile: int) -> int:
+  """Latent pixels neighbouring tiles share: DECODE_OVERLAP, or half of a smaller tile."""
+  return min(DECODE_OVERLAP, tile // 2)
+
+
 def decode_tiling(run: Run, height: int, width: int, tile: int | None = None) -> int:
   """The latent tile size a latent run's images of height x width pixels are decoded in; 0: whole.
 
   tile: None (automatic: tiles of DECODE_TILE above AUTO_TILE_ABOVE latent pixels), 0 (whole), or
   a tile size in latent pixels (whole when one tile covers the image).
   """
-  if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 0):
-    raise ValueError(f'decode_tile={tile!r} must be an integer >= 0 (latent pixels; 0: decode '
-                     'whole)')
+  check_decode_tile('decode_tile', tile)
   h, w = model_size(run, height, width)
   if tile is None:
     tile = DECODE_TILE if h * w > AUTO_TILE_ABOVE else 0
@@ -276,7 +362,7 @@ def decode(run: Run, samples, *, tile: int = 0, devices=None) -> np.ndarray:
     part = latents[start:start + chunk]
     if tile:
       out.append(autoencoder.decode_tiled(params, part, config=run.vae.config, tile=tile,
-                                          overlap=min(DECODE_OVERLAP, tile // 2), decode_fn=fn))
+                                          overlap=decode_overlap(tile), decode_fn=fn))
     else:
       out.append(np.asarray(fn(params, part)))
   return np.concatenate(out)
@@ -307,7 +393,7 @@ def generate(run: Run, *, height: int, width: int, labels, seed: int = 0,
   # A batch is a multiple of the device count; the last one is padded and the padding dropped.
   batch_size = max(len(devices), batch_size - batch_size % len(devices))
   batch_size = min(batch_size, -(-len(labels) // len(devices)) * len(devices))
-  key = jax.random.key(seed)
+  key = training.seed_key(seed)
   outputs, compile_seconds, sample_seconds, decode_seconds = [], 0.0, 0.0, 0.0
   evaluations = []
   for start in tqdm.tqdm(range(0, len(labels), batch_size), disable=not progress,
@@ -412,7 +498,7 @@ def write_samples(run: Run, plan: sampler.SamplingPlan, resolutions, paths, labe
       raise SamplingError(f'sampling {len(labels)} images at {height}x{width} failed '
                           f'({_reason(e)}); {kept()}') from e
     try:
-      save(path, images, labels, class_names)
+      save(path, images, labels, class_names, source=run.checkpoint)
     except (OSError, MemoryError, ValueError) as e:
       raise SamplingError(f'writing {path} failed ({_reason(e)}); {kept()}') from e
     written.append(path)
@@ -435,27 +521,59 @@ def _reason(error) -> str:
   return cli.reason(error)
 
 
-def memory_estimate(run: Run, height: int, width: int, num_samples: int,
-                    batch_size: int) -> int:
-  """A lower bound on the bytes sampling needs: the images kept for writing, and one batch's
-  attention logits (conditional and unconditional) on the host's devices."""
-  channels = 3 if run.vae else run.config.data.channels
+def attention_bytes(model, tokens: int, batch: int) -> int:
+  """A lower bound on the host memory one sampler call's attention takes on a CPU: the scores of
+  the conditional and unconditional batch (`xla`: whole, or one (example, head) at a time past
+  attention.CPU_PER_HEAD_ABOVE; `chunked`: one block pair per head). 0 on an accelerator, which
+  holds them in its own memory."""
+  if jax.default_backend() != 'cpu':
+    return 0
+  heads = model_lib.parse_variant(model.variant)[2]
+  if model.attention_implementation == 'chunked':
+    return 2 * batch * heads * attention_lib.Q_CHUNK * attention_lib.KV_CHUNK * 4
+  whole = 2 * batch * heads * tokens * tokens * 4
+  return whole if whole <= attention_lib.CPU_PER_HEAD_ABOVE else 2 * tokens * tokens * 4
+
+
+def check_memory(model, height: int, width: int, *, num_samples: int, batch_size: int,
+                 channels: int, factor: int = 1, available: int | None, flags: dict) -> None:
+  """Refuses, before any work, a sampling whose lower bound of memory (the images kept for
+  writing, one batch's attention) exceeds `available` bytes, with the advice that fixes it:
+  `flags` names the command's flag (or config key) for 'num_samples', 'batch_size' and
+  'attention'. height, width: pixels; `factor` image pixels per model pixel (latent runs)."""
+  if available is None:
+    return
+  from rpe2d import cli  # pylint: disable=g-import-not-at-top
   images = num_samples * height * width * channels
-  h, w = model_size(run, height, width)
-  tokens = (h // run.model.patch_size) * (w // run.model.patch_size)
-  heads = model_lib.parse_variant(run.model.variant)[2]
+  tokens = (height // factor // model.patch_size) * (width // factor // model.patch_size)
   batch = min(batch_size, num_samples)
-  attention = 2 * batch * heads * tokens * tokens * 4 if jax.default_backend() == 'cpu' else 0
-  return images + attention  # an accelerator holds the attention in its own memory
+  needed = images + attention_bytes(model, tokens, batch)
+  if needed <= available:
+    return
+  if images + attention_bytes(model, tokens, 1) > available and images <= available // 2:
+    advice = (f'one image\'s attention scores alone ({tokens} tokens) do not fit: use '
+              f'{flags["attention"]}=chunked, which never holds them whole')
+    if model.attention_implementation == 'chunked':
+      advice = 'use a smaller resolution'
+  elif images > available // 2:
+    advice = (f'the {num_samples} images are kept in memory until written: use a smaller '
+              f'{flags["num_samples"]}')
+  else:
+    advice = f'use a smaller {flags["batch_size"]}'
+  raise ValueError(f'{num_samples} images at {height}x{width} need at least {cli.gib(needed)} of '
+                   f'memory and {cli.gib(available)} is available; {advice}')
 
 
-def save(path, images, labels, class_names=None) -> None:
-  """A PNG grid with one titled row per label, or an ADM-style .npz (arr_0 uint8 NHWC, labels)."""
+def save(path, images, labels, class_names=None, source=None) -> None:
+  """A PNG grid with one titled row per label, or an ADM-style .npz (arr_0 uint8 NHWC, labels).
+  `source`, the checkpoint the images came from, is recorded in it (the PNG's tEXt chunk
+  `rpe2d:checkpoint`, the .npz's string array `checkpoint`)."""
   path = pathlib.Path(path)
   images, labels = np.asarray(images, np.uint8), np.asarray(labels)
   if path.suffix == '.npz':
+    extra = {} if source is None else {'checkpoint': np.asarray(str(source))}
     with files.atomic_path(path) as tmp:
-      np.savez(tmp, arr_0=images, labels=labels.astype(np.int64))
+      np.savez(tmp, arr_0=images, labels=labels.astype(np.int64), **extra)
     return
   distinct = sorted(set(labels.tolist()))
   width = max(int(np.sum(labels == label)) for label in distinct)
@@ -466,4 +584,5 @@ def save(path, images, labels, class_names=None) -> None:
     rows.extend(row + [blank] * (width - len(row)))
   names = [class_names[l] if class_names is not None and l < len(class_names) else
            ('uncond' if class_names is not None else str(l)) for l in distinct]
-  images_lib.save_grid(path, np.stack(rows), rows=len(distinct), row_labels=names)
+  images_lib.save_grid(path, np.stack(rows), rows=len(distinct), row_labels=names,
+                       text=None if source is None else {SOURCE_KEY: source})

@@ -1,7 +1,10 @@
-"""Latent extraction: a data set encoded once by the SD VAE, resumable and exact, and its reader.
+"""Latent extraction: a data set encoded once by a VAE (the SD VAE, the VA-VAE: rpe2d.autoencoder),
+resumable and exact, and its reader.
 
   manifest = latents.extract(config.data, 'vae/diffusion_pytorch_model.safetensors',
                              'latents/animals', flip=True)
+  manifest = latents.extract(config.data, 'vavae-imagenet256-f16d32-dinov2.pt', 'latents/in256',
+                             vae_statistics='latents_stats.pt')
   source = latents.LatentSource('latents/animals', 'train')   # random access, for grain
 
 Format
@@ -25,8 +28,9 @@ Each record is fixed-size little-endian bytes, no pickle (h, w, c = `latent_shap
 
 The latents are the VAE's own (unscaled); the diffusion model sees
 `autoencoder.latents_to_model(z, config)` (the manifest keeps `scaling_factor` and
-`shift_factor`), or a normalisation by `channel_mean` / `channel_std` (per channel over the
-posterior means of the `train` split; None when `train` was not extracted).
+`shift_factor`, and the VAE's per-channel `statistics` when it has a statistics file: then
+scaling_factor * (z - mean) / std), or a normalisation by `channel_mean` / `channel_std` (per
+channel over the posterior means of the `train` split; None when `train` was not extracted).
 
 Exactness: encoding is deterministic (posterior moments, no sampling), shards end on batch
 boundaries (`shard_size` is a multiple of `batch_size`), so every batch is the same in a run that
@@ -52,6 +56,7 @@ import json
 import math
 import os
 import pathlib
+import pickle
 import re
 import struct
 import time
@@ -78,10 +83,16 @@ WRITER_OPTIONS = 'group_size:1,uncompressed'
 _SPLIT_NAME = re.compile(r'^[A-Za-z0-9_]+$')
 _PROGRESS_NAME = re.compile(r'^progress-\d{5}\.json$')
 _OWN_FILE = re.compile(r'^((manifest\.json|progress-\d{5}\.json|[A-Za-z0-9_]+-\d{5}\.array_record)'
-                       r'(\.tmp(\.json)?)?|\.write-probe-\d+-\d+)$')
+                       r'(\.tmp(\.json)?|\.damaged)?|\.write-probe-\d+-\d+|extract\.(lock|log))$')
+LOCK = 'extract.lock'  # held (fcntl.flock) by the one extraction writing the directory
+DAMAGED_SUFFIX = '.damaged'  # a manifest or progress file that could not be read, kept
 # What decides the bytes of the shards; a restart with any other value is refused.
 SETTINGS = ('vae.sha256', 'vae.config', 'source.name', 'source.image_dir', 'source.image_size',
-            'source.channels', 'latent_shape', 'flip', 'dtype', 'shard_size', 'batch_size')
+            'source.channels', 'latent_shape', 'flip', 'dtype', 'shard_size', 'batch_size',
+            'vae.statistics.sha256')
+# Fields of vae.config that extractions from before they existed did not record, at the value that
+# was implied then.
+_VAE_CONFIG_ADDED = {'attention_levels': []}
 
 
 class InputError(ValueError):
@@ -146,7 +157,8 @@ def _means(records: Sequence[bytes], latent_shape, flip: bool) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class Manifest:
   """`manifest.json`. `splits`: {name: {'count': n, 'shards': [{'name', 'records', 'bytes',
-  'sha256'}, ...]}}; `vae`: {'path', 'sha256', 'config', 'scaling_factor', 'shift_factor'};
+  'sha256'}, ...]}}; `vae`: {'path', 'sha256', 'config', 'scaling_factor', 'shift_factor',
+  'statistics'} (statistics: None, or {'path', 'sha256', 'mean', 'std'} of its statistics file);
   `source`: {'name', 'image_dir', 'image_size', 'channels'}."""
   format: int
   vae: dict
@@ -186,6 +198,8 @@ def _settings(record: dict) -> dict:
     value = record
     for part in key.split('.'):
       value = value.get(part) if isinstance(value, dict) else None
+    if key == 'vae.config' and isinstance(value, dict):
+      value = {**_VAE_CONFIG_ADDED, **value}
     out[key] = list(value) if isinstance(value, tuple) else value
   return out
 
@@ -197,7 +211,7 @@ def _differing(found: dict, wanted: dict) -> list[str]:
 
 def _read_json(path: pathlib.Path, directory) -> dict:
   try:
-    raw = json.loads(path.read_text())
+    raw = json.loads(path.read_bytes().decode('utf-8'))
   except (OSError, ValueError) as e:
     raise LatentsError(f'latents directory {directory}: cannot read {path.name} ({e})') from None
   if not isinstance(raw, dict) or not isinstance(raw.get('format'), int):
@@ -216,11 +230,19 @@ def read_manifest(directory) -> Manifest:
   if not path.is_file():
     raise LatentsError(f'latents directory {directory}: no {MANIFEST} (not a latents directory, '
                        f'or its extraction never finished: run extract.py again to finish it)')
-  raw = _read_json(path, directory)
+  rebuild = ('run extract.py again with the same flags: it verifies the shards and writes the '
+             'manifest again')
+  try:
+    raw = _read_json(path, directory)
+  except LatentsError as e:
+    if 'newer than this rpe2d' in str(e):
+      raise
+    raise LatentsError(f'{e}; {rebuild}') from None
   try:
     manifest = Manifest.from_dict(raw)
   except (TypeError, ValueError) as e:
-    raise LatentsError(f'latents directory {directory}: {MANIFEST} is malformed ({e})') from None
+    raise LatentsError(f'latents directory {directory}: {MANIFEST} is malformed ({e}); '
+                       f'{rebuild}') from None
   if manifest.complete is not True:
     raise LatentsError(f'latents directory {directory}: {MANIFEST} says the extraction is not '
                        f'complete; run extract.py again to finish it')
@@ -368,21 +390,30 @@ def _positive_int(name: str, value) -> int:
   return int(value)
 
 
-def _plan(data_config, vae_path, out_dir, *, splits, flip, shard_size, batch_size,
-          dtype) -> _Plan:
-  """Checks every input and the output directory; raises InputError, writes nothing."""
-  shard_size = _positive_int('shard_size', shard_size)
-  batch_size = _positive_int('batch_size', batch_size)
+def check_arguments(*, splits, shard_size, batch_size, dtype, prefix: str = '') -> None:
+  """The plain arguments of `extract`, named as the caller knows them: `prefix` '--' names
+  extract.py's flags (--shard_size=...), '' the Python arguments. Raises InputError."""
+  shard_size = _positive_int(f'{prefix}shard_size', shard_size)
+  batch_size = _positive_int(f'{prefix}batch_size', batch_size)
   if shard_size % batch_size:
-    raise InputError(f'shard_size={shard_size} is not a multiple of batch_size={batch_size}; '
-                     f'shards must end on batch boundaries (exact restarts)')
+    raise InputError(f'{prefix}shard_size={shard_size} is not a multiple of {prefix}batch_size='
+                     f'{batch_size}; shards must end on batch boundaries (exact restarts)')
   if dtype not in autoencoder.DTYPES:
-    raise InputError(f'dtype={dtype!r}; allowed: {", ".join(autoencoder.DTYPES)}')
+    raise InputError(f'{prefix}dtype={dtype!r}; allowed: {", ".join(autoencoder.DTYPES)}')
   splits = tuple(splits)
   bad = [s for s in splits if not isinstance(s, str) or not _SPLIT_NAME.match(s)]
   if not splits or bad or len(set(splits)) != len(splits):
-    raise InputError(f'splits={splits!r}; allowed: distinct split names of letters, digits and '
-                     f'_ (e.g. train,test)')
+    shown = ','.join(map(str, splits)) if prefix else repr(splits)
+    raise InputError(f'{prefix}splits={shown}; allowed: distinct split names of letters, digits '
+                     f'and _ (e.g. train,test)')
+
+
+def _plan(data_config, vae_path, out_dir, *, splits, flip, shard_size, batch_size,
+          dtype, vae_statistics=None) -> _Plan:
+  """Checks every input and the output directory; raises InputError, writes nothing but the
+  directory and its lock."""
+  check_arguments(splits=splits, shard_size=shard_size, batch_size=batch_size, dtype=dtype)
+  shard_size, batch_size, splits = int(shard_size), int(batch_size), tuple(splits)
   try:
     opts = data.parse_config(data_config)
   except ValueError as e:
@@ -392,8 +423,15 @@ def _plan(data_config, vae_path, out_dir, *, splits, flip, shard_size, batch_siz
     vae_path = vae_path / autoencoder_weights.WEIGHTS_NAME
   try:
     loaded = autoencoder_weights.load(vae_path)
-  except (ValueError, OSError) as e:
+  except (ValueError, OSError, pickle.UnpicklingError) as e:
     raise InputError(f'--vae: {e}') from None
+  statistics = None
+  if vae_statistics is not None:
+    try:
+      statistics = autoencoder_weights.read_statistics(vae_statistics,
+                                                       loaded.config.latent_channels)
+    except (ValueError, OSError, pickle.UnpicklingError) as e:
+      raise InputError(f'--vae_statistics: {e}') from None
   config = loaded.config
   if opts.image_size % config.downsampling:
     raise InputError(f'data.image_size={opts.image_size} is not divisible by the VAE\'s '
@@ -407,15 +445,25 @@ def _plan(data_config, vae_path, out_dir, *, splits, flip, shard_size, batch_siz
       'format': FORMAT_VERSION,
       'vae': {'path': str(vae_path.resolve()), 'sha256': loaded.sha256,
               'config': dataclasses.asdict(config), 'scaling_factor': config.scaling_factor,
-              'shift_factor': config.shift_factor},
+              'shift_factor': config.shift_factor,
+              'statistics': None if statistics is None else {
+                  'path': statistics.path, 'sha256': statistics.sha256,
+                  'mean': list(statistics.mean), 'std': list(statistics.std)}},
       'source': {'name': opts.name, 'image_dir': opts.image_dir, 'image_size': opts.image_size,
                  'channels': opts.channels},
       'latent_shape': (size, size, config.latent_channels),
       'flip': bool(flip), 'dtype': dtype, 'shard_size': shard_size, 'batch_size': batch_size,
   }
   settings['vae']['config']['block_out_channels'] = list(config.block_out_channels)
+  settings['vae']['config']['attention_levels'] = list(config.attention_levels)
   out_dir = pathlib.Path(out_dir).expanduser().absolute()
-  previous = _check_out_dir(out_dir, settings)
+  try:
+    files.check_names_fit(out_dir, [shard_name(split, 99999) + TMP_SUFFIX for split in splits]
+                          + [PROGRESS.format(99999) + '.tmp.json', MANIFEST + DAMAGED_SUFFIX],
+                          f'--output {out_dir}')
+  except ValueError as e:
+    raise InputError(str(e)) from None
+  _check_out_dir(out_dir, settings, repair=False)
   batches = {}
   for split in splits:
     try:
@@ -423,11 +471,20 @@ def _plan(data_config, vae_path, out_dir, *, splits, flip, shard_size, batch_siz
     except (ValueError, OSError) as e:
       raise InputError(f'data: {e}') from None
   _check_writable(out_dir)
+  if jax.process_index() == 0:  # one writer per directory; the checks below read what it wrote
+    try:
+      files.DirectoryLock(out_dir, LOCK, 'extract.py').acquire(
+          f'--output {out_dir}', 'wait for it to finish or stop it, or choose another --output')
+    except files.InUseError as e:
+      raise InputError(str(e)) from None
+  previous = _check_out_dir(out_dir, settings, repair=jax.process_index() == 0)
   return _Plan(out_dir, loaded, settings, splits, batches, previous, opts)
 
 
-def _check_out_dir(out_dir: pathlib.Path, settings: dict) -> Manifest | None:
-  """Refuses a directory of another extraction or with foreign files; the old manifest if any."""
+def _check_out_dir(out_dir: pathlib.Path, settings: dict, *, repair: bool) -> Manifest | None:
+  """Refuses a directory of another extraction or with foreign files; the old manifest if any.
+  A damaged manifest or progress file is skipped, and with `repair` (the writer, holding the
+  lock) set aside as <name>.damaged, with a warning: it is rebuilt."""
   if not out_dir.is_dir():
     return None
   foreign = sorted(p.name for p in out_dir.iterdir() if not _OWN_FILE.match(p.name))
@@ -443,7 +500,14 @@ def _check_out_dir(out_dir: pathlib.Path, settings: dict) -> Manifest | None:
     try:
       raw = _read_json(path, out_dir)
     except LatentsError as e:
-      raise InputError(str(e)) from None
+      if 'newer than this rpe2d' in str(e):
+        raise InputError(str(e)) from None
+      # Our own bookkeeping, damaged (a kill mid-write, a bad disk): set aside, and rebuilt from
+      # the shards (a progress file's shards are verified or encoded again; the manifest is
+      # written again from the progress files).
+      if repair:
+        _set_aside(path, e)
+      continue
     differ = _differing(raw, settings)
     if differ:
       raise InputError(f'--output {out_dir} holds latents of another extraction ({path.name} '
@@ -452,8 +516,15 @@ def _check_out_dir(out_dir: pathlib.Path, settings: dict) -> Manifest | None:
       try:
         previous = read_manifest(out_dir)
       except LatentsError as e:
-        raise InputError(str(e)) from None
+        if repair:
+          _set_aside(path, e)
   return previous
+
+
+def _set_aside(path: pathlib.Path, error: Exception) -> None:
+  aside = path.with_name(path.name + DAMAGED_SUFFIX)
+  path.replace(aside)
+  logging.warning('%s; moved it to %s (kept for inspection) and rebuilding it', error, aside.name)
 
 
 def _check_writable(out_dir: pathlib.Path) -> None:
@@ -668,7 +739,7 @@ def _write_manifest(plan: _Plan) -> Manifest:
 
 def extract(data_config, vae_path, out_dir, *, splits: Sequence[str] = ('train', 'test'),
             flip: bool = False, shard_size: int = 1024, batch_size: int = 64,
-            dtype: str = 'float32', progress: bool = True) -> Manifest:
+            dtype: str = 'float32', progress: bool = True, vae_statistics=None) -> Manifest:
   """Encodes `splits` of the data set of `data_config` (centre-cropped, no augmentation) with the
   VAE at `vae_path` into `out_dir` (see the module doc); resumes an unfinished extraction and
   does nothing for a finished one. Returns the manifest.
@@ -677,7 +748,8 @@ def extract(data_config, vae_path, out_dir, *, splits: Sequence[str] = ('train',
     data_config: `config.data` of a config from `rpe2d.config.load` (which resolves
       `data.augment='auto'`; augmentation is never applied here).
     vae_path: a diffusers `diffusion_pytorch_model.safetensors` (or its folder, with
-      `config.json` beside it unless the file is a known one).
+      `config.json` beside it unless the file is a known one), or an LDM-layout checkpoint such
+      as the VA-VAE's `.pt` (rpe2d.autoencoder_weights.load).
     out_dir: the latents directory; created if needed.
     splits: split names of the data set.
     flip: also encode each image flipped horizontally.
@@ -685,6 +757,8 @@ def extract(data_config, vae_path, out_dir, *, splits: Sequence[str] = ('train',
     batch_size: images per encoder call, over all local devices (padded to a multiple of them).
     dtype: the VAE's compute dtype, 'float32' or 'bfloat16'.
     progress: show a tqdm bar.
+    vae_statistics: the VAE's per-channel latent statistics file (the VA-VAE's latents_stats.pt),
+      recorded in the manifest: with data.latent_scaling='vae' a run normalises by it.
 
   Raises:
     InputError: before any work, for a bad argument, VAE file, data config, image size or
@@ -692,7 +766,14 @@ def extract(data_config, vae_path, out_dir, *, splits: Sequence[str] = ('train',
       other settings (naming the keys that differ).
   """
   plan = _plan(data_config, vae_path, out_dir, splits=splits, flip=flip, shard_size=shard_size,
-               batch_size=batch_size, dtype=dtype)
+               batch_size=batch_size, dtype=dtype, vae_statistics=vae_statistics)
+  try:
+    return _extract(plan, progress)
+  finally:
+    files.DirectoryLock(plan.out_dir, LOCK, 'extract.py').release()
+
+
+def _extract(plan: _Plan, progress: bool) -> Manifest:
   if plan.previous is not None and all(s in plan.previous.splits for s in plan.splits):
     try:
       check_shards(plan.out_dir, plan.previous, verify_sha256=False)

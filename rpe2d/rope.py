@@ -19,10 +19,39 @@ import jax.numpy as jnp
 EXTRAPOLATIONS = ('none', 'pi', 'ntk', 'yarn', 'tasr')
 YARN_FORMS = ('paper', 'index', 'fit')
 # Where YaRN's tau goes. 'rope' (the default): on cos and sin of q and k, so the logits see tau^2
-# per axis, as the reference code does. 'logits': tau once on the logits, the legacy default.
-TEMPERATURE_PLACES = ('logits', 'rope', 'none')
+# per axis, as the reference code does. 'rope_max': the same with tau of the larger axis scale on
+# both axes (FiT's code, decoupled or not). 'logits': tau once on the logits, the legacy default.
+TEMPERATURE_PLACES = ('logits', 'rope', 'rope_max', 'none')
 TASR_FORMS = ('continuous', 'switch')
-ATTENTION_SCALES = ('none', 'log_n')
+# Factors on the attention logits for more tokens (docs/methods.md#attention-scales): Lumina-Next's
+# log_n, and FiT's two "attention scale" forms, by side length (ntk-aware-pro1) and by token count
+# (ntk-aware-pro2).
+ATTENTION_SCALES = ('none', 'log_n', 'fit_side', 'fit_tokens')
+# One extrapolation scale per axis (FiT's --decouple, the default), or the larger for both.
+AXIS_SCALES = ('per_axis', 'shared')
+# How an absolute sin-cos table extrapolates (docs/methods.md#rope-and-sin-cos-together): it follows
+# the method (its positions and frequencies, as RoPE does), stays native (the table of the given
+# positions, no method), or is the native table resized bilinearly to the grid ("EI").
+SINCOS_RULES = ('method', 'native', 'interpolate')
+
+# FiT's RoPE options (its sampler's --interpolation) as encodings, docs/methods.md#fits-options.
+# Each entry sets every field it depends on, so none is inherited from a run's own encoding.
+_FIT_NONE = dict(extrapolation='none', yarn_form='paper', temperature='rope',
+                 attention_scale='none', dype=False)
+FIT_INTERPOLATIONS = {
+    'linear': dict(_FIT_NONE, extrapolation='pi'),
+    'dynntk': dict(_FIT_NONE, extrapolation='ntk'),
+    'partntk': dict(_FIT_NONE, extrapolation='yarn', yarn_form='fit', temperature='none'),
+    'yarn': dict(_FIT_NONE, extrapolation='yarn', yarn_form='index', temperature='rope_max'),
+    'ntkpro1': dict(_FIT_NONE, extrapolation='ntk', attention_scale='fit_side'),
+    'ntkpro2': dict(_FIT_NONE, extrapolation='ntk', attention_scale='fit_tokens'),
+}
+
+
+def fit_interpolation(name: str, decouple: bool) -> dict:
+  """The Encoding fields of FiT's `--interpolation <name> [--decouple]`."""
+  _check_choice('FiT interpolation', name, tuple(FIT_INTERPOLATIONS))
+  return dict(FIT_INTERPOLATIONS[name], axis_scale='per_axis' if decouple else 'shared')
 DYPE_VARIANTS = ('scaled', 'power')
 DYPE_EXTRAPOLATIONS = ('pi', 'ntk', 'yarn')
 
@@ -57,9 +86,13 @@ class Encoding:
   dype_lambda_t: float | None = None
   dype_variant: str = 'scaled'
   tasr_form: str = 'continuous'
+  axis_scale: str = 'per_axis'
+  sincos: str = 'method'
 
   def __post_init__(self):
     _check_choice('extrapolation method', self.extrapolation, EXTRAPOLATIONS)
+    _check_choice('axis_scale', self.axis_scale, AXIS_SCALES)
+    _check_choice('sincos rule', self.sincos, SINCOS_RULES)
     _check_choice('yarn_form', self.yarn_form, YARN_FORMS)
     _check_choice('temperature', self.temperature, TEMPERATURE_PLACES)
     _check_choice('tasr_form', self.tasr_form, TASR_FORMS)
@@ -264,12 +297,20 @@ class Geometry:
     return tuple(scale_factor(n, length) for n, length in zip(self.grid, self.reference))
 
 
+def axis_scales(geometry: Geometry, encoding: Encoding) -> tuple[float, float]:
+  """The extrapolation scale (s_y, s_x) a method uses (docs/methods.md#scale): each axis its own
+  ('per_axis'), or the larger of the two on both ('shared', FiT without --decouple)."""
+  if encoding.axis_scale == 'shared':
+    return (max(geometry.scales),) * 2
+  return geometry.scales
+
+
 def angles_2d(positions, t, *, dim: int, geometry: Geometry, encoding: Encoding):
   """(batch, N, 2) positions -> (batch, N, 2, dim/2) angles: axis 0 rotates with y, axis 1 with x."""
+  scales = axis_scales(geometry, encoding)
   per_axis = [
-      axis_angles(positions[..., axis], t, dim=dim, base=geometry.base,
-                  scale=geometry.scales[axis], reference_length=geometry.reference[axis],
-                  encoding=encoding)
+      axis_angles(positions[..., axis], t, dim=dim, base=geometry.base, scale=scales[axis],
+                  reference_length=geometry.reference[axis], encoding=encoding)
       for axis in (0, 1)
   ]
   return jnp.stack(per_axis, axis=-2)
@@ -278,33 +319,54 @@ def angles_2d(positions, t, *, dim: int, geometry: Geometry, encoding: Encoding)
 def rope_temperatures(geometry: Geometry, encoding: Encoding) -> tuple[float, float]:
   """YaRN's tau per axis when it is placed on the rotary embedding (both q and k: logits see tau^2).
 
-  This is the default placement and the reference code's (docs/methods.md#yarn-temperature). It only
-  reaches models with RoPE: a sin-cos model has no rotation table to carry it.
+  'rope' is the default placement and the reference code's, each axis with its own scale;
+  'rope_max' puts tau of the larger scale on both axes, as FiT's code does
+  (docs/methods.md#yarn-temperature). It only reaches models with RoPE: a sin-cos model has no
+  rotation table to carry it.
   """
-  if encoding.extrapolation != 'yarn' or encoding.temperature != 'rope':
+  if encoding.extrapolation != 'yarn' or encoding.temperature not in ('rope', 'rope_max'):
     return (1.0, 1.0)
-  return tuple(yarn_temperature(s) for s in geometry.scales)
+  scales = axis_scales(geometry, encoding)
+  if encoding.temperature == 'rope_max':
+    scales = (max(scales),) * 2
+  return tuple(yarn_temperature(s) for s in scales)
+
+
+def fit_attention_scale(tokens: float, reference_tokens: float) -> float:
+  """FiT's logit factor ln(2 L_test) / ln(L_train), 1 while 2 L_test <= L_train: the square of the
+  factor FiT's code puts on cos and sin of q and k (docs/methods.md#attention-scales)."""
+  if 2 * tokens <= reference_tokens or reference_tokens <= 1:
+    return 1.0
+  return math.log(2 * tokens) / math.log(reference_tokens)
 
 
 def logit_multiplier(geometry: Geometry, encoding: Encoding, *, rotary: bool = True) -> float:
-  """Static factor on attention logits: YaRN's tau (legacy placement 'logits') times log_n's.
+  """Static factor on attention logits: YaRN's tau (legacy placement 'logits') times the attention
+  scale's.
 
   For 2D the YaRN tau uses the geometric-mean scale sqrt(s_y * s_x), which is the 1D rule when the
   two axes stretch equally. A model without a rotation table (rotary=False: sin-cos) takes the
-  default placement 'rope', tau on q and k, as tau^2 on the logits. See
-  docs/methods.md#yarn-temperature and docs/methods.md#log-n-attention-scale.
+  placements on q and k ('rope', 'rope_max') as tau^2 on the logits. See
+  docs/methods.md#yarn-temperature and docs/methods.md#attention-scales.
   """
   multiplier = 1.0
+  scales = axis_scales(geometry, encoding)
   if encoding.extrapolation == 'yarn' and encoding.temperature != 'none':
-    tau = yarn_temperature(math.sqrt(geometry.scales[0] * geometry.scales[1]))
+    tau = yarn_temperature(math.sqrt(scales[0] * scales[1]))
     if encoding.temperature == 'logits':
       multiplier *= tau
     elif not rotary:
+      if encoding.temperature == 'rope_max':
+        tau = yarn_temperature(max(scales))
       multiplier *= tau * tau
+  (h, w), (length_h, length_w) = geometry.grid, geometry.reference
   if encoding.attention_scale == 'log_n':
-    tokens = geometry.grid[0] * geometry.grid[1]
     if geometry.train_tokens > 1:
-      multiplier *= math.sqrt(max(1.0, math.log(tokens) / math.log(geometry.train_tokens)))
+      multiplier *= math.sqrt(max(1.0, math.log(h * w) / math.log(geometry.train_tokens)))
+  elif encoding.attention_scale == 'fit_side':
+    multiplier *= fit_attention_scale(max(h, w), max(length_h, length_w))
+  elif encoding.attention_scale == 'fit_tokens':
+    multiplier *= fit_attention_scale(h * w, length_h * length_w)
   return multiplier
 
 
@@ -332,8 +394,45 @@ def apply_rope(x, rotation_table):
   return rotated.reshape(x.shape).astype(x.dtype)
 
 
-def sincos_embedding(positions, t, *, width: int, geometry: Geometry, encoding: Encoding):
-  """2D sin-cos absolute embedding (batch, N, width): [sin y, cos y, sin x, cos x], a quarter each."""
-  angles = angles_2d(positions, t, dim=width // 2, geometry=geometry, encoding=encoding)
-  y, x = angles[..., 0, :], angles[..., 1, :]
-  return jnp.concatenate([jnp.sin(y), jnp.cos(y), jnp.sin(x), jnp.cos(x)], axis=-1)
+def _interpolated_sincos(positions, *, dim: int, base: float, tokens: int, length: int):
+  """One axis of the native table (integer positions 0..L-1) resized linearly from L to n entries
+  at the tokens' positions: source coordinate clip((m + 0.5) L / n - 0.5, 0, L - 1), as torch's
+  bilinear interpolation with align_corners=False places it; the native table when n <= L (like
+  every method, only beyond the trained range: docs/methods.md#scale). positions (batch, N) ->
+  ([sin, cos] features (batch, N, dim/2) each)."""
+  ratio = length / max(tokens, length)
+  source = jnp.clip((positions + 0.5) * ratio - 0.5, 0.0, length - 1.0)
+  low = jnp.floor(source)
+  high = jnp.minimum(low + 1.0, length - 1.0)
+  weight = (source - low)[..., None]                                    # (batch, N, 1)
+  theta = axis_frequencies(dim, base)
+  low_angles, high_angles = low[..., None] * theta, high[..., None] * theta
+  return ((1.0 - weight) * jnp.sin(low_angles) + weight * jnp.sin(high_angles),
+          (1.0 - weight) * jnp.cos(low_angles) + weight * jnp.cos(high_angles))
+
+
+def sincos_embedding(positions, t, *, width: int, geometry: Geometry, encoding: Encoding,
+                     order: str = 'yx'):
+  """2D sin-cos absolute embedding (batch, N, width): [sin y, cos y, sin x, cos x], a quarter each
+  (order 'yx'), or the column coordinate first, [sin x, cos x, sin y, cos y] (order 'xy', DiT's
+  get_2d_sincos_pos_embed).
+
+  `encoding.sincos` says how the table extrapolates: 'method' (the positions and frequencies of
+  the encoding's method, DyPE included), 'native' (the given positions, no method), or
+  'interpolate' (the native table of the reference grid resized bilinearly to the sampled grid,
+  "EI": on a table whose halves each depend on one axis, bilinear is linear along that axis).
+  """
+  dim = width // 2
+  if encoding.sincos == 'interpolate':
+    (sin_y, cos_y), (sin_x, cos_x) = (
+        _interpolated_sincos(positions[..., axis], dim=dim, base=geometry.base,
+                             tokens=geometry.grid[axis], length=geometry.reference[axis])
+        for axis in (0, 1))
+  else:
+    rule = encoding if encoding.sincos == 'method' else Encoding()
+    angles = angles_2d(positions, t, dim=dim, geometry=geometry, encoding=rule)
+    y, x = angles[..., 0, :], angles[..., 1, :]
+    (sin_y, cos_y), (sin_x, cos_x) = (jnp.sin(y), jnp.cos(y)), (jnp.sin(x), jnp.cos(x))
+  if order == 'yx':
+    return jnp.concatenate([sin_y, cos_y, sin_x, cos_x], axis=-1)
+  return jnp.concatenate([sin_x, cos_x, sin_y, cos_y], axis=-1)

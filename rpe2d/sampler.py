@@ -1,10 +1,12 @@
 """Samplers from t = t_max (noise) to t = 0 (data) (docs/methods.md#sampler).
 
-Four solvers, chosen by name (SAMPLERS): the fixed-grid ODE solvers euler and heun, each one
-`lax.scan`; dopri5, adaptive Dormand-Prince 5(4) in one `lax.while_loop`, its step size per example
-or per batch (docs/methods.md#dopri5); and euler_maruyama, SiT's reverse-time SDE with its last
-step (docs/methods.md#euler-maruyama). A model covers the times `model.time_range` = (t_min,
-t_max), (0, 1) for rpe2d's own: every solver starts at t_max and ends with a step from t_min to 0.
+Four solvers of rpe2d's flow, chosen by name (SAMPLERS): the fixed-grid ODE solvers euler and
+heun, each one `lax.scan`; dopri5, adaptive Dormand-Prince 5(4) in one `lax.while_loop`, its step
+size per example or per batch (docs/methods.md#dopri5); and euler_maruyama, SiT's reverse-time SDE
+with its last step (docs/methods.md#euler-maruyama). A model covers the times `model.time_range` =
+(t_min, t_max), (0, 1) for rpe2d's own: every solver starts at t_max and ends with a step from
+t_min to 0. And ddpm, DiT's ancestral sampler on its own respaced DDPM, for imported DiT models
+(docs/methods.md#dits-ancestral-sampler).
 
 The position rule is applied once per sample; the encoding (extrapolation, DyPE) is evaluated by the
 model from the t of every velocity evaluation (every step, every Runge-Kutta stage), so DyPE costs
@@ -22,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rpe2d import flow, model as model_lib, positions as positions_lib, rope
+from rpe2d import ddpm, flow, model as model_lib, positions as positions_lib, rope
 
-SAMPLERS = ('euler', 'heun', 'dopri5', 'euler_maruyama')
+SAMPLERS = ('euler', 'heun', 'dopri5', 'euler_maruyama', 'ddpm')
 POSITION_RULES = ('grid',) + positions_lib.INFERENCE_RULES
 ADAPTIVE_STEPS = ('per_example', 'per_batch')
 # SiT's diffusion coefficients w (its --diffusion-form, named in SiT's time t_SiT = 1 - t, so
@@ -42,8 +44,8 @@ DIFFUSION_FORMS = {
 LAST_STEPS = ('mean', 'euler', 'none')
 
 # Every sampler reads these settings of the plan ...
-COMMON_SETTINGS = ('sampler', 'cfg_scale', 'cfg_interval', 'positions', 'round_positions',
-                   'encoding')
+COMMON_SETTINGS = ('sampler', 'cfg_scale', 'cfg_interval', 'cfg_channels', 'positions',
+                   'round_positions', 'encoding')
 # ... and these are its own. Time shift and steps mean nothing to an adaptive solver.
 SAMPLER_SETTINGS = {
     'euler': ('steps', 'time_shift', 'time_shift_by_resolution'),
@@ -51,6 +53,7 @@ SAMPLER_SETTINGS = {
     'dopri5': ('atol', 'rtol', 'max_steps', 'adaptive_step'),
     'euler_maruyama': ('steps', 'time_shift', 'time_shift_by_resolution', 'diffusion_form',
                        'diffusion_norm', 'last_step', 'last_step_size'),
+    'ddpm': ('steps',),
 }
 # A sample key's stream for the SDE's Brownian increments (noise and positions split the key).
 BROWNIAN_STREAM = 0x5DE
@@ -63,6 +66,7 @@ class SamplingPlan:
   steps: int = 32
   cfg_scale: float = 1.0
   cfg_interval: tuple[float, float] = (0.0, 1.0)
+  cfg_channels: int = 0                # guide the first k channels only (0: all)
   time_shift: float = 1.0              # a in t' = a t / (1 + (a - 1) t)
   time_shift_by_resolution: bool = False  # multiply a by sqrt(N_test / N_train)
   positions: str = 'grid'              # 'grid' for grid-trained models; an RPE-2D inference rule
@@ -92,6 +96,16 @@ class SamplingPlan:
       raise ValueError(f'cfg_interval must satisfy 0 <= low <= high <= 1, got {self.cfg_interval}')
     if not (isinstance(self.time_shift, (int, float)) and self.time_shift > 0):
       raise ValueError(f'time_shift must be a positive number, got {self.time_shift!r}')
+    if isinstance(self.cfg_channels, bool) or not isinstance(self.cfg_channels, int) \
+        or self.cfg_channels < 0:
+      raise ValueError(f'cfg_channels must be an integer >= 0 (0: all), got {self.cfg_channels!r}')
+    if self.sampler == 'ddpm':
+      if self.steps > ddpm.STEPS:
+        raise ValueError(f"sampler='ddpm' with steps={self.steps}: DiT's DDPM has {ddpm.STEPS} "
+                         f'steps; allowed: 1 to {ddpm.STEPS}')
+      if self.time_shift != 1.0 or self.time_shift_by_resolution:
+        raise ValueError("sampler='ddpm' walks DiT's respaced DDPM indices, which a time shift "
+                         'does not move; use time_shift=1 without time_shift_by_resolution')
     for name in ('atol', 'rtol'):
       value = getattr(self, name)
       if not (isinstance(value, (int, float)) and 0 < value <= 1):
@@ -139,6 +153,8 @@ def key_text(plan: SamplingPlan) -> str:
   and heun this is the plan's repr from before the other solvers, so cached evaluations stay
   valid."""
   kept = set(COMMON_SETTINGS + SAMPLER_SETTINGS[plan.sampler]) - {'max_steps'}
+  if not plan.cfg_channels:  # guidance on every channel: what a plan meant before the setting
+    kept.discard('cfg_channels')
   fields = (f for f in dataclasses.fields(plan) if f.name in kept)
   return f'SamplingPlan({", ".join(f"{f.name}={getattr(plan, f.name)!r}" for f in fields)})'
 
@@ -151,8 +167,21 @@ def check_time_range(model) -> tuple[float, float]:
   return t_min, t_max
 
 
+def check_model(model, plan: SamplingPlan) -> None:
+  """Errors for a plan the model cannot be sampled with, before anything compiles."""
+  if plan.sampler == 'ddpm' and (model.prediction != 'ddpm_epsilon' or not model.learned_variance):
+    raise ValueError(f"sampler='ddpm' is DiT's ancestral sampler: it needs a model with "
+                     f"prediction='ddpm_epsilon' and learned_variance=True (an imported DiT); "
+                     f'this one has prediction={model.prediction!r}, learned_variance='
+                     f'{model.learned_variance}: use euler or heun')
+  if plan.cfg_channels and plan.cfg_channels > model.channels:
+    raise ValueError(f'cfg_channels={plan.cfg_channels} exceeds the model\'s {model.channels} '
+                     f'channels; allowed: 0 (all) to {model.channels}')
+
+
 def check_resolution(model, plan: SamplingPlan, height: int, width: int) -> None:
   """Errors for a (model, plan, resolution) that cannot be sampled, before anything compiles."""
+  check_model(model, plan)
   patch = model.patch_size
   model_lib.check_resolution(height, width, patch)
   grid = (height // patch, width // patch)
@@ -207,8 +236,13 @@ def sampling_positions(model, plan: SamplingPlan, height: int, width: int, keys)
 
 
 def guided_velocity(apply_fn, params, x, t, labels, positions, crop, *, null_class: int,
-                    cfg_scale: float, cfg_interval=(0.0, 1.0)):
-  """v_uncond + w (v_cond - v_uncond), with w = 1 outside the t-interval. Both branches share t."""
+                    cfg_scale: float, cfg_interval=(0.0, 1.0), cfg_channels: int = 0):
+  """v_uncond + w (v_cond - v_uncond), with w = 1 outside the t-interval. Both branches share t.
+
+  cfg_channels k > 0 guides the first k output channels only and gives the others the
+  conditional prediction, as DiT's and SiT's forward_with_cfg do ("for exact reproducibility":
+  k = 3 of 4 latent channels behind their published numbers; docs/methods.md#guidance-channels).
+  """
   if cfg_scale == 1.0:
     return apply_fn(params, x, t, labels, positions, crop)
   both = lambda a: jnp.concatenate([a, a], axis=0)
@@ -217,10 +251,14 @@ def guided_velocity(apply_fn, params, x, t, labels, positions, crop, *, null_cla
                None if crop is None else both(crop))
   v_cond, v_uncond = jnp.split(v, 2, axis=0)
   if tuple(cfg_interval) == (0.0, 1.0):  # everywhere, also where dopri5 steps past t = 0
-    return v_uncond + cfg_scale * (v_cond - v_uncond)
-  inside = (t >= cfg_interval[0]) & (t <= cfg_interval[1])
-  scale = jnp.where(inside, cfg_scale, 1.0).reshape(-1, *([1] * (x.ndim - 1)))
-  return v_uncond + scale * (v_cond - v_uncond)
+    guided = v_uncond + cfg_scale * (v_cond - v_uncond)
+  else:
+    inside = (t >= cfg_interval[0]) & (t <= cfg_interval[1])
+    scale = jnp.where(inside, cfg_scale, 1.0).reshape(-1, *([1] * (x.ndim - 1)))
+    guided = v_uncond + scale * (v_cond - v_uncond)
+  if cfg_channels:
+    guided = jnp.concatenate([guided[..., :cfg_channels], v_cond[..., cfg_channels:]], axis=-1)
+  return guided
 
 
 def _per_example(a, x):
@@ -502,10 +540,26 @@ def sample_with_stats(model, params, key, labels, *, height: int, width: int, pl
   # (DiT's x_T ~ N(0, I) mapped to rpe2d's state); exactly the noise at t_max = 1.
   x = noise * math.sqrt((1.0 - t_max) ** 2 + t_max ** 2)
 
+  guide = functools.partial(
+      guided_velocity, labels=labels, positions=positions, crop=crop,
+      null_class=model.num_classes, cfg_scale=plan.cfg_scale, cfg_interval=plan.cfg_interval,
+      cfg_channels=plan.cfg_channels)
+  if plan.sampler == 'ddpm':
+    def network(params, x, t, labels, positions, crop):
+      # The VP state as it is, at the index of t: on the ancestral grid exactly the integer.
+      return model.apply(params, x, ddpm.fractional_index(t), t, labels, positions, crop,
+                         encoding=plan.encoding, method=model_lib.DiT.network)
+    # DiT's x_T is the noise itself, its VP state; each step's noise from the example's key.
+    step_keys = example_keys(noise_key, indices)
+    step_noise = lambda k: jax.vmap(lambda key: jax.random.normal(
+        jax.random.fold_in(key, k + 1), (height, width, channels)))(step_keys)
+    x = ddpm_ancestral(functools.partial(guide, network, params, cfg_channels=(
+        plan.cfg_channels or channels)), noise, step_noise, plan.steps)
+    ends = np.append(ddpm.ancestral(plan.steps).times[::-1][1:], 0.0)
+    return x, _fixed_steps(batch, plan.steps, plan.steps, jnp.asarray(ends, jnp.float32))
+
   apply_fn = functools.partial(model.apply, encoding=plan.encoding)
-  velocity = functools.partial(
-      guided_velocity, apply_fn, params, labels=labels, positions=positions, crop=crop,
-      null_class=model.num_classes, cfg_scale=plan.cfg_scale, cfg_interval=plan.cfg_interval)
+  velocity = functools.partial(guide, apply_fn, params)
 
   if plan.sampler == 'euler_maruyama':
     if brownian is None:
@@ -536,6 +590,30 @@ def sample(model, params, key, labels, *, height: int, width: int, plan: Samplin
                                     plan=plan, indices=indices, crop=crop, channels=channels,
                                     noise=noise, brownian=brownian)
   return jnp.where(_per_example(stats.finished, images), images, jnp.nan)
+
+
+def ddpm_ancestral(network, x, step_noise, steps: int):
+  """DiT's ancestral sampler with learned variance, respaced to `steps` of its 1000 indices
+  (rpe2d.ddpm.ancestral; DiT's p_sample_loop with clip_denoised off), in one `lax.scan`.
+
+  network(x, t) -> (batch, H, W, 2C): epsilon and the variance channels at the VP state x and the
+  flow time t of a DDPM index (guided); step_noise(k) -> the noise added at step k (none at the
+  last, k = 0). x starts as DiT's x_T ~ N(0, I) and ends as its sample, the latent.
+  """
+  schedule = ddpm.ancestral(steps)
+  tables = {f.name: jnp.asarray(getattr(schedule, f.name), jnp.float32)
+            for f in dataclasses.fields(schedule)}
+  channels = x.shape[-1]
+
+  def step(x, k):
+    entries = {name: table[k] for name, table in tables.items()}
+    out = network(x, jnp.full((x.shape[0],), entries['times']))
+    x = ddpm.ancestral_step(entries, x, out[..., :channels], out[..., channels:2 * channels],
+                            step_noise(k), k == 0)
+    return x, None
+
+  x, _ = jax.lax.scan(step, x, jnp.arange(steps - 1, -1, -1))
+  return x
 
 
 # One compile per (model, plan, height, width, batch shape).

@@ -118,13 +118,23 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
   return tensors
 
 
-def read_tensors(path: str | os.PathLike[str], *, unwrap: str | None = None) -> TensorFile:
+def _holds_tensors(value) -> bool:
+  return (isinstance(value, dict) and bool(value)
+          and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in value.items()))
+
+
+def read_tensors(path: str | os.PathLike[str], *,
+                 unwrap: str | tuple[str, ...] | None = None,
+                 sha256: str | None = None) -> TensorFile:
   """The tensors of a safetensors or torch checkpoint file, whatever its name says.
 
   Args:
     path: the file.
     unwrap: for a torch checkpoint wrapping its state dicts ({'model': ..., 'ema': ...}), the key
-      to take; None (or 'none') for a plain state dict or a safetensors file.
+      to take; None (or 'none') for a plain state dict or a safetensors file. A tuple of keys
+      names wrappers a file may or may not have (a Lightning checkpoint's ('state_dict',)): the
+      first of them that holds tensors is taken, and a file without any is read as it is.
+    sha256: the file's sha256 when the caller has just computed it (it is not hashed again).
 
   Raises:
     FileNotFoundError: no such file.
@@ -137,7 +147,10 @@ def read_tensors(path: str | os.PathLike[str], *, unwrap: str | None = None) -> 
   if not path.is_file():
     raise FileNotFoundError(f'{path}: no such file')
   kind = torch_pickle.sniff(path)
+  optional = unwrap if isinstance(unwrap, tuple) else ()
   if kind == 'safetensors':
+    if optional:
+      unwrap = None
     if unwrap not in (None, 'none'):
       raise ValueError(f"{path}: unwrap={unwrap!r}, but safetensors files hold one flat set of "
                        "tensors; pass no unwrap (or 'none')")
@@ -147,11 +160,14 @@ def read_tensors(path: str | os.PathLike[str], *, unwrap: str | None = None) -> 
       logging.warning('%s is named .safetensors but is a torch %s archive; reading it through '
                       'the allow-listed unpickler', path, kind.removeprefix('torch_'))
     obj = torch_pickle.read(path, extra_globals=torch_pickle.STATE_DICT_GLOBALS)
+    if optional:
+      unwrap = next((k for k in optional if isinstance(obj, dict) and k in obj
+                     and _holds_tensors(obj[k])), None)
     tensors, description, key = torch_pickle.split_state_dict(obj, str(path), unwrap)
     kind, unwrapped = 'torch_zip' if kind == 'zip' else kind, (
         description if key is not None else None)
   else:
     raise ValueError(f'{path} is neither safetensors nor a torch file: '
                      f'{torch_pickle.describe_head(path)}; it is not read')
-  return TensorFile(path=path, format=kind, tensors=tensors, sha256=sha256_file(path),
+  return TensorFile(path=path, format=kind, tensors=tensors, sha256=sha256 or sha256_file(path),
                     unwrapped=unwrapped)

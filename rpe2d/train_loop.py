@@ -2,8 +2,13 @@
 
 `train(config, workdir)` is what train.py runs, and what a notebook or a test calls: it trains (or
 resumes) to config.total_steps and returns the final state. Bad input fails in `preflight`, before
-anything compiles. A step's loss and gradient are checked for NaN/Inf on the host only at log,
-save and sample steps (no per-step sync), and a non-finite step is never applied.
+anything compiles: the sample grids the run will draw are checked there too (position rule and
+range, memory). A step's loss and gradient are checked for NaN/Inf on the host only at log, save
+and sample steps (no per-step sync), and a non-finite step is never applied.
+
+A side task that fails (the metrics, the examples log, TensorBoard, the sample grids) stops the
+run only after the current step is saved: nothing trained is lost, and the error names the
+checkpoint. With several processes they agree on it at the log and sample steps.
 """
 
 import collections
@@ -11,6 +16,7 @@ import json
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -32,7 +38,12 @@ def preflight(config, run: rundir.RunDir):
   config, the workdir's saved config (None for a new run), init_from's step directory, a latent
   run's VAE and the mesh (mesh.fsdp=0 resolved from the devices' memory)."""
   built = config_lib.validate(config)
+  if config.model.prediction != 'velocity':
+    raise ValueError(f'model.prediction={config.model.prediction!r}: training fits velocity models '
+                     "(flow matching); an imported DiT ('ddpm_epsilon') samples, but does not "
+                     'train here')
   checkpoints.check_retention(config)
+  normalise_resolutions(config)
   vae = record_latents(config) if inference.is_latent(config) else None
   devices = jax.device_count()
   if config.batch_size % devices:
@@ -40,17 +51,83 @@ def preflight(config, run: rundir.RunDir):
                      f'use a multiple of {devices}')
   mesh = training.make_mesh(training.resolve_fsdp(config.mesh.fsdp, built.model, built.training,
                                                   jax.devices()))
+  check_sample_grids(config, built, vae)
+  run.check_layout(written_names(config))
+  run.check_not_nested()
   created = run.check_writable()
+  newest = checkpoints.steps(run.checkpoints)
+  newest = run.checkpoints / str(newest[-1]) if newest else None
+  # An intact checkpoint without the data order: weights only, which convert.py writes.
+  if newest and not checkpoints.holds_training_state(newest) and not checkpoints.damage(newest):
+    raise ValueError(f'workdir {run.root} holds weights only (an import by convert.py): there is '
+                     'no training to resume; fine-tune from it into a new workdir with '
+                     f'--config.init_from={run.root}')
   try:
     saved_config = rundir.check_compatible(run, config)
     init_dir = checkpoints.check_init_from(config.init_from, config) if config.init_from else None
     run.lock()  # after the read-only checks, before anything in the workdir changes
+    run.set_aside_config()
     _prepare_data_once(config.data)
   except BaseException:
     run.discard(created)  # a refused run leaves no empty workdir behind
     raise
   checkpoints.recover(run.root)
+  checkpoints.prune(run.root, config)  # a resume may keep fewer than the run kept so far
   return built, saved_config, init_dir, vae, mesh
+
+
+def normalise_resolutions(config) -> None:
+  """Drops repeated sizes from sampling.resolutions (each grid is drawn once), with a note."""
+  sizes = [tuple(int(v) for v in size) for size in config.sampling.resolutions]
+  distinct = tuple(dict.fromkeys(sizes))
+  if len(distinct) != len(sizes) and jax.process_index() == 0:
+    print(f'note: sampling.resolutions lists {", ".join(f"{h}x{w}" for h, w in sizes)}; each size '
+          f'is drawn once: {", ".join(f"{h}x{w}" for h, w in distinct)}', flush=True)
+  if len(distinct) != len(sizes):
+    config.sampling.resolutions = distinct
+
+
+def check_sample_grids(config, built, vae) -> None:
+  """Every sample grid the run will draw (sampling.resolutions, with the run's own sampling plan)
+  can be drawn: its position rule fits its tokens (e.g. 'random' positions need the tokens inside
+  the trained range), and its images and attention fit in memory. A grid that could not be drawn
+  would otherwise stop the run at the first sample step."""
+  factor = 1 if vae is None else vae.config.downsampling
+  channels = 3 if vae is not None else config.data.channels
+  count = built.model.num_classes * config.sampling.num_per_class
+  available = cli.available_memory()
+  for i, (height, width) in enumerate(config.sampling.resolutions):
+    what = f'sampling.resolutions[{i}]={height}x{width}'
+    try:
+      sampler.check_resolution(built.model, built.sampling, height // factor, width // factor)
+      inference.check_memory(
+          built.model, height, width, num_samples=count, batch_size=count, channels=channels,
+          factor=factor, available=available,
+          flags={'num_samples': '--config.sampling.num_per_class',
+                 'batch_size': '--config.sampling.num_per_class',
+                 'attention': '--config.model.attention_implementation'})
+    except ValueError as e:
+      raise ValueError(f'{what}: the sample grid drawn there during training cannot be drawn: {e}'
+                       '; change --config.sampling.resolutions (or what the message names)'
+                       ) from None
+
+
+def written_names(config) -> list[str]:
+  """The longest names (relative to the workdir) of the files a run writes, temporary ones
+  included, so that a workdir too long for them is refused before any work."""
+  step, processes = config.total_steps, jax.process_count()
+  zeros = '0' * 20
+  names = [
+      f'checkpoints/{step}.orbax-checkpoint-tmp-{zeros}/state/ocdbt.process_{processes - 1}/d/'
+      f'{"0" * 32}.{zeros}',
+      f'checkpoints/{step}.orbax-checkpoint-tmp-{zeros}/data/process_{processes - 1}-of-'
+      f'{processes}.json',
+      f'damaged_checkpoints/{step}.{zeros}', f'readers/{step}.lock',
+      f'tensorboard/events.out.tfevents.{zeros}.{socket.gethostname()}.{zeros}',
+      'metrics.jsonl.damaged', 'examples.jsonl.damaged', 'config.json.tmp.json', 'train.log',
+  ]
+  names += [f'samples/step_{step:07d}_{h}x{w}.png.tmp.png' for h, w in config.sampling.resolutions]
+  return names
 
 
 def _prepare_data_once(data_config):
@@ -84,6 +161,49 @@ class Interrupted(InterruptedError):
 class TrainingFailed(checkpoints.CheckpointError):
   """A failure after training started (memory, disk, the device); the message names what failed
   and the checkpoint that is kept (train.py prints it as one error line)."""
+
+
+class SideTaskFailed(TrainingFailed):
+  """A side task (metrics, examples log, TensorBoard, sample grids) failed; the current step was
+  saved first, and the message names that checkpoint."""
+
+
+def side_task(what: str, fn, *args):
+  """Runs a side task of the loop; (what, the error) if it failed, else None. The loop saves the
+  current step before it stops for a failed one (it never loses a trained step to it)."""
+  try:
+    fn(*args)
+  except Exception as e:  # pylint: disable=broad-except  # whatever it was, the step is saved
+    return what, e
+  return None
+
+
+def _write_line(log, record: dict) -> None:
+  log.write(json.dumps(record) + '\n')
+  log.flush()
+
+
+def _failed_anywhere(side_failure) -> int | None:
+  """The first process whose side task failed (this one: side_failure), or None; with several
+  processes a collective, so every process decides the same."""
+  if jax.process_count() == 1:
+    return None if side_failure is None else 0
+  flags = np.asarray(multihost_utils.process_allgather(np.int32(side_failure is not None)))
+  failed = np.flatnonzero(flags)
+  return int(failed[0]) if failed.size else None
+
+
+def side_failure_message(side_failure, process: int, step: int, run: rundir.RunDir,
+                         config) -> str:
+  if side_failure is not None:
+    what, error = side_failure
+    failed = f'{what} failed ({cli.reason(error)})'
+  else:
+    failed = f'a side task failed on process {process} (its error says which)'
+  then = ('training is complete: draw the grids with python sample.py --workdir=' + str(run.root)
+          if step == config.total_steps else 'fix the cause and run the same command to resume')
+  return (f'step {step}: {failed}; the step was saved first: the newest checkpoint, step {step}, '
+          f'is in {run.checkpoints}: {then}')
 
 
 class Preemption:
@@ -201,13 +321,17 @@ def check_finite(window, policy: str, saved_step, run: rundir.RunDir):
 
 def record_latents(config):
   """A latent run's facts from its extraction, recorded in the config (sampling needs them after
-  the latents are gone): the VAE's path and sha256, the source images, the channel statistics.
+  the latents are gone): the VAE's path and sha256 (and its statistics file's), the source images,
+  the per-channel normalisation the model sees (data.latent_mean, data.latent_std).
   Returns the VAE, checked by sha256, which decodes the sample grids."""
   d = config.data
   opts = data.parse_config(d)
   manifest = data.latent_manifest(opts)
   d.vae_path = d.vae_path or manifest.vae['path']
   d.vae_sha256 = manifest.vae['sha256']
+  statistics = manifest.vae.get('statistics')
+  if statistics is not None:
+    d.vae_statistics, d.vae_statistics_sha256 = statistics['path'], statistics['sha256']
   d.source_name = manifest.source['name']
   d.source_image_size = int(manifest.source['image_size'])
   d.image_dir = manifest.source['image_dir']
@@ -239,7 +363,7 @@ def save_sample_grids(config, model, plan, ema_params, step, run: rundir.RunDir,
   mesh = training.make_mesh(1) if mesh is None else mesh
   for height, width in config.sampling.resolutions:
     with jax.set_mesh(mesh):  # the attention kernels' platform and shard_map axes
-      generated = sampler.sample_jit(model, ema_params, jax.random.key(config.seed), labels,
+      generated = sampler.sample_jit(model, ema_params, training.seed_key(config.seed), labels,
                                      height=height // factor, width=width // factor, plan=plan)
     if jax.process_index() == 0:
       if decoder is not None:
@@ -310,13 +434,36 @@ def describe(config, built, trainer, run: rundir.RunDir, step: int) -> str:
   return '\n'.join(lines)
 
 
+def start_from(trainer, state, init_dir, config) -> training.TrainState:
+  """The fresh state with init_from's weights (params and EMA) in place of the initial ones.
+  Modules the init_from model lacks (the crop embedder, when micro-conditioning is new:
+  checkpoints.check_init_from) keep their initial values, and the message names them."""
+  saved_config = rundir.RunDir(init_dir.parent.parent).read_config()
+  saved_model = trainer.model if saved_config is None else config_lib.build_model(saved_config)
+  abstract = training.abstract_saved_params(saved_model, trainer.mesh)
+  weights = checkpoints.restore_weights(init_dir, abstract)
+  fresh = trainer.to_saved(state)
+  new = sorted(set(fresh.params['params']) - set(weights['params']['params']))
+  merged = {name: {'params': {**getattr(fresh, name)['params'], **weights[name]['params']}}
+            for name in ('params', 'ema_params')}
+  state = state.replace(**trainer.from_saved(merged))
+  print(f'Starting from the weights in {config.init_from} (fresh optimizer, step 0)'
+        + (f'; new in this model, initialised here: {", ".join(new)} (a zero output layer: the '
+           'model starts out computing what the loaded one did)' if new else ''), flush=True)
+  return state
+
+
 def _sizes(config) -> str:
   return ', '.join(f'{h}x{w}' for h, w in config.sampling.resolutions)
 
 
-def describe_results(config, run: rundir.RunDir, saved_step) -> str:
+def describe_results(config, run: rundir.RunDir, saved_step, bad_records: int = 0) -> str:
   """Where the results of a finished (or stopped) run are."""
   lines = [f'results in {run.root}:']
+  if bad_records:
+    lines.insert(0, f'{bad_records} unreadable data records were skipped and replaced by the next '
+                 'readable ones (data.bad_records=skip; counted per log step as bad_records in '
+                 f'{run.metrics.name})')
   if saved_step is not None:
     lines.append(f'  checkpoint    {run.checkpoints / str(saved_step)}')
   samples = [run.sample_grid(saved_step, h, w) for h, w in config.sampling.resolutions
@@ -358,10 +505,7 @@ def _train(config, run: rundir.RunDir, preemption: Preemption) -> training.Train
   else:
     state = trainer.init_state()
     if init_dir is not None:
-      weights = checkpoints.restore_weights(init_dir, abstract_state.params)
-      state = state.replace(**trainer.from_saved(weights))
-      print(f'Starting from the weights in {config.init_from} (fresh optimizer, step 0)',
-            flush=True)
+      state = start_from(trainer, state, init_dir, config)
   run.truncate_logs(int(state.step))
   run.write_config(config)
 
@@ -387,8 +531,8 @@ def _train(config, run: rundir.RunDir, preemption: Preemption) -> training.Train
   window_start, window_steps = time.perf_counter(), 0
   saved_step = latest  # the newest checkpoint (None: none yet)
   unchecked = []  # (step, metrics on the device) not yet checked for NaN/Inf: no per-step sync
-  skipped_steps = bad_records = 0  # since the last log line
-  doing = 'the train step'  # what a failure in the loop was doing, for its one error line
+  skipped_steps = bad_records = total_bad_records = 0  # since the last log line; in all
+  side_failure = None  # (what, error) of a side task that failed on this process
   try:
     while step < config.total_steps:
       local_batch = next(iterator)
@@ -399,9 +543,9 @@ def _train(config, run: rundir.RunDir, preemption: Preemption) -> training.Train
       bad_records += int(local_batch['skipped'].sum())
       if log_examples:
         indices = _global_rows(local_batch['index'])
-        if examples_log:
-          examples_log.write(json.dumps({'step': step, 'index': indices.tolist()}) + '\n')
-          examples_log.flush()
+        if examples_log and side_failure is None:
+          side_failure = side_task('writing examples.jsonl', lambda: _write_line(
+              examples_log, {'step': step, 'index': indices.tolist()}))
       window_steps += 1
       progress.dispatched(step, metrics['loss'])
 
@@ -415,15 +559,18 @@ def _train(config, run: rundir.RunDir, preemption: Preemption) -> training.Train
         metrics, skipped = check_finite(jax.device_get(unchecked), config.nonfinite, saved_step,
                                         run)
         unchecked, skipped_steps = [], skipped_steps + skipped
+        checkpoints.prune(run.root, config)  # what retention no longer keeps (process 0)
       if log_now:
-        doing = 'writing the metrics'
         seconds = time.perf_counter() - window_start
         images_per_second = window_steps * config.batch_size / seconds
         tflops = images_per_second * flops_per_image / 1e12
+        window_bad = _global_sum(bad_records)
+        total_bad_records += window_bad
         scalars = dict(metrics, images_per_second=images_per_second, tflops=tflops,
                        mfu=tflops * 1e12 / (peak * jax.device_count()) if peak else None,
-                       skipped_steps=skipped_steps, bad_records=_global_sum(bad_records))
-        writer.write(step, scalars)
+                       skipped_steps=skipped_steps, bad_records=window_bad)
+        if side_failure is None:
+          side_failure = side_task('writing the metrics', writer.write, step, scalars)
         bar.set_postfix(loss=f'{metrics["loss"]:.4f}', img_s=f'{images_per_second:.0f}')
         window_start, window_steps = time.perf_counter(), 0
         skipped_steps = bad_records = 0
@@ -443,11 +590,21 @@ def _train(config, run: rundir.RunDir, preemption: Preemption) -> training.Train
                             f'{run.checkpoints / str(step)}; run the same command to resume')
         print(f'SIGTERM: saved the checkpoint at step {step}; exiting', flush=True)
         break
-      if sample_now:
-        doing = 'writing the sample grids'
-        save_sample_grids(config, built.model, built.sampling, state.ema_params, step, run,
-                          class_names, vae, writer, trainer.mesh)
-      doing = 'the train step'
+      if sample_now and side_failure is None:
+        side_failure = side_task('drawing the sample grids', save_sample_grids, config,
+                                 built.model, built.sampling, state.ema_params, step, run,
+                                 class_names, vae, writer, trainer.mesh)
+      # Every process reaches the log and sample steps together: there they agree to stop.
+      if jax.process_count() == 1 or log_now or sample_now:
+        failed = _failed_anywhere(side_failure)
+        if failed is not None:
+          if saved_step != step:
+            checkpoints.wait(manager, saved_step)
+            checkpoints.save(manager, step, trainer.to_saved(state), iterator, config,
+                             force=True)
+            saved_step = step
+          checkpoints.wait(manager, step)
+          raise SideTaskFailed(side_failure_message(side_failure, failed, step, run, config))
   except (OSError, MemoryError, RuntimeError) as e:
     if isinstance(e, (checkpoints.CheckpointError, Interrupted)):  # they name their checkpoint
       raise
@@ -459,16 +616,17 @@ def _train(config, run: rundir.RunDir, preemption: Preemption) -> training.Train
              f'batch_size={config.batch_size}: set model.remat=True, a larger mesh.fsdp or a '
              'smaller batch_size (benchmarks/tpu_compile.py measures a setting without running '
              'it)')
-    raise TrainingFailed(f'step {step}: {doing} failed ({cli.reason(e)}); {kept} in '
+    raise TrainingFailed(f'step {step}: the train step failed ({cli.reason(e)}); {kept} in '
                          f'{run.checkpoints}: {fix} and run again to resume') from e
   finally:
     bar.close()
     try:
       checkpoints.close(manager, saved_step)  # waits for the save in flight
+      checkpoints.prune(run.root, config)
     finally:
       writer.close()
       if examples_log:
         examples_log.close()
   if jax.process_index() == 0:
-    print(describe_results(config, run, saved_step), flush=True)
+    print(describe_results(config, run, saved_step, total_bad_records), flush=True)
   return state

@@ -215,6 +215,15 @@ def create_state(model, optimizer, key) -> TrainState:
                     opt_state=optimizer.init(params), ema_params=params)
 
 
+def abstract_saved_params(model, mesh):
+  """A model's parameters as a checkpoint holds them (per-block layout), as jax.ShapeDtypeStruct
+  leaves sharded for `mesh` like a Trainer's: for restoring another model's weights."""
+  abstract = jax.eval_shape(lambda key: model_lib.unstack_blocks(init_params(model, key)),
+                            jax.random.key(0))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, state_sharding(abstract, mesh))
+
+
 def train_positions(model, plan: TrainingPlan, key, batch: int):
   """(batch, h0*w0, 2) positions of one training batch
   (docs/methods.md#rpe-2d-training-positions)."""
@@ -226,6 +235,16 @@ def train_positions(model, plan: TrainingPlan, key, batch: int):
                          continuous=plan.continuous)
 
 
+def seed_key(seed: int) -> jax.Array:
+  """The PRNG key of a 64-bit seed. jax.random.key keeps only the low 32 bits of a seed unless
+  x64 is on (seed 2**32 would give the key of seed 0); this builds threefry's key from both halves
+  as jax does with x64, so seeds below 2**32 give the same key as jax.random.key."""
+  seed = int(seed)
+  if seed < 2**32 or jax.config.jax_default_prng_impl != 'threefry2x32':
+    return jax.random.key(seed)
+  return jax.random.wrap_key_data(jnp.array([seed >> 32, seed & 0xFFFFFFFF], jnp.uint32))
+
+
 def train_step(state: TrainState, batch, *, model, optimizer, plan: TrainingPlan):
   """One optimizer step. Randomness derives from (seed, step): a resumed run repeats it exactly.
 
@@ -233,7 +252,7 @@ def train_step(state: TrainState, batch, *, model, optimizer, plan: TrainingPlan
   step where they were not changes nothing but the step counter (config.nonfinite decides whether
   training goes on).
   """
-  key = jax.random.fold_in(jax.random.key(plan.seed), state.step)
+  key = jax.random.fold_in(seed_key(plan.seed), state.step)
   key_positions, key_loss = jax.random.split(key)
   images, labels = batch['image'], batch['label']
   token_positions = train_positions(model, plan, key_positions, images.shape[0])
@@ -287,7 +306,7 @@ class Trainer:
     self._from_saved = jax.jit(model_lib.stack_blocks, out_shardings=self.state_sharding)
 
   def init_state(self) -> TrainState:
-    return self._init(jax.random.key(self.plan.seed))
+    return self._init(seed_key(self.plan.seed))
 
   def abstract_sharded_state(self) -> TrainState:
     """The state as a checkpoint holds it (per-block layout), as jax.ShapeDtypeStruct leaves with

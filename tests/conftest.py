@@ -206,6 +206,23 @@ def host(tree):
   return jax.device_get(tree)
 
 
+def edit_run_config(workdir, edit) -> None:
+  """Applies `edit` (a function of the config as a dict, changing it in place) to a run's
+  config.json and to the config saved in each of its checkpoints, whose manifests are written
+  again: the run then looks as if trained with the edited config (e.g. the same weights as a
+  grid-position run), since a checkpoint's own config is what sampling reads."""
+  from rpe2d import checkpoints  # pylint: disable=g-import-not-at-top
+  workdir = pathlib.Path(workdir)
+  paths = [workdir / 'config.json'] + [workdir / 'checkpoints' / str(step) / 'config' / 'metadata'
+                                       for step in step_dirs(workdir)]
+  for path in paths:
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+  for step in step_dirs(workdir):
+    checkpoints.write_manifest(workdir / 'checkpoints' / str(step))
+
+
 def step_dirs(workdir) -> list[int]:
   path = pathlib.Path(workdir) / 'checkpoints'
   return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) if path.is_dir() else []
@@ -262,6 +279,7 @@ LONGEST_FIRST = (
     'tests/test_reliability.py',
     'tests/test_multihost.py',
     'tests/test_latent_pipeline.py',
+    'tests/test_fitv2.py',
 )
 
 

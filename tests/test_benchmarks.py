@@ -107,6 +107,13 @@ def test_device_check_smoke_writes_its_table(tmp_path):
   assert {r['dtype'] for r in rows} == {'float32', 'bfloat16'}
   # The ImageNet latents are not there: the data rows say so, the synthetic rows still ran.
   assert all('data.latent_dir' in r['data_skipped'] for r in rows)
+  # FiTv2's blocks sample at 320^2 (20x20 tokens past its 16x16 grid), static YaRN and DY-YaRN.
+  fitv2 = json.loads((tmp_path / 'check_fitv2.json').read_text())
+  assert [(r['resolution'], r['method']) for r in fitv2] == [('320x320', 'yarn'),
+                                                             ('320x320', 'dy-yarn')]
+  assert all(r['images_per_s'] > 0 and r['peak_memory_gib'] > 0 for r in fitv2)
+  [row] = table_rows(text, '320x320 | dy-yarn')
+  assert float(row.strip('|').split('|')[3]) > 0  # its speed relative to static YaRN
 
 
 @pytest.mark.skipif(importlib.util.find_spec('libtpu') is not None,

@@ -1,10 +1,12 @@
+import json
 import pathlib
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
-from rpe2d import config as config_lib, training
+from rpe2d import config as config_lib, rundir, training
 
 CONFIGS = sorted((pathlib.Path(__file__).parent.parent / 'configs').glob('*.py'))
 
@@ -20,8 +22,16 @@ def test_imagenet_config_argument_errors():
 
 IMAGENET_ARGS = [f'{s},{r},{p}{space}' for s in ('B', 'XL') for r in (256, 512)
                  for p in ('rpe2d', 'grid') for space in ('', ',pixels')]
-CONFIG_SPECS = [str(p) for p in CONFIGS] + [
+# configs/finetune.py takes a run directory: tests/test_families.py loads it on an import.
+CONFIG_SPECS = [str(p) for p in CONFIGS if p.name != 'finetune.py'] + [
     str(CONFIGS[0].parent / f'imagenet.py:{arg}') for arg in IMAGENET_ARGS]
+
+
+def test_finetune_config_names_the_run_it_needs(tmp_path):
+  with pytest.raises(ValueError, match='name the run to fine-tune'):
+    config_lib.load(str(CONFIGS[0].parent / 'finetune.py'))
+  with pytest.raises(ValueError, match='has no config.json'):
+    config_lib.load(str(CONFIGS[0].parent / f'finetune.py:{tmp_path}'))
 
 
 @pytest.mark.parametrize('path', CONFIG_SPECS, ids=lambda p: p.rsplit('/', 1)[-1])
@@ -82,6 +92,10 @@ def _base(**changes):
      "model.attention_implementation='cudnn' needs an NVIDIA GPU; the devices it would run on are "
      'cpu; choose one of: xla, chunked'),
     (dict(model__remat_policy='everything'), "model.remat_policy='everything' is not allowed"),
+    (dict(model__mlp='geglu'), "model.mlp='geglu' is not allowed; choose one of: gelu, swiglu"),
+    (dict(model__adaln='lora', model__adaln_rank=0), 'model.adaln_rank=0 must be a positive'),
+    (dict(model__qk_norm='true'),
+     "model.qk_norm='true' is not allowed; choose one of: none, rmsnorm, layernorm"),
     (dict(flow__time_sampling='beta'), "flow.time_sampling='beta' is not allowed"),
     (dict(flow__class_dropout=1.5), r'flow.class_dropout=1.5 must be a finite number in \[0.0, 1.0\)'),
     (dict(sampling__sampler='ddim'), "sampling.sampler='ddim' is not allowed; choose one of: euler"),
@@ -122,6 +136,19 @@ def test_encoding_defaults_and_runs_saved_before_tasr_form():
   config.encoding.tasr_form = 'ntk_v2'
   with pytest.raises(ValueError, match="encoding.tasr_form='ntk_v2' is not allowed"):
     config_lib.validate(config)
+
+
+def test_runs_saved_with_qk_norm_as_a_bool_read_it_as_a_name():
+  for saved_value, name in ((False, 'none'), (True, 'rmsnorm')):
+    saved = ml_collections.ConfigDict(json.loads(config_lib.base().to_json()))
+    del saved.model['qk_norm'], saved.model['mlp']
+    saved.model.qk_norm = saved_value
+    config = config_lib.complete(saved)
+    assert config.model.qk_norm == name and config.model.mlp == 'gelu'
+    assert config_lib.build_model(config).qk_norm == name
+    now = config_lib.base()
+    now.model.qk_norm = name
+    assert rundir.differing_keys(config, now, rundir.MODEL_KEYS) == []
 
 
 def test_rpe2d_is_one_switch():

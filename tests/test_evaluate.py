@@ -1,7 +1,6 @@
 """evaluate.py and rpe2d.evaluation: methods, shared and reused cells, references, reports."""
 
 import csv
-import json
 import pathlib
 import shutil
 import subprocess
@@ -12,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, subprocess_env, tiny_config
+from conftest import REPO, edit_run_config, subprocess_env, tiny_config
 from rpe2d import config as config_lib, rope, sampler
 from rpe2d.evaluation import metrics, sweep
 
@@ -27,6 +26,13 @@ def test_parse_method():
     sweep.parse_method('linear')
   with pytest.raises(ValueError, match="unknown position rule 'spiral'"):
     sweep.parse_method('pi@spiral')
+  # A sin-cos rule for models with an absolute table (rope+sincos, sincos) after a '+'.
+  assert sweep.parse_method('dy-yarn+interpolate@contiguous') == ('dy-yarn', 'contiguous')
+  assert [sweep.sincos_rule(m) for m in ('pi+native', 'PI+Interpolate@uniform', 'pi')] == [
+      'native', 'interpolate', None]
+  with pytest.raises(ValueError, match="unknown sin-cos rule 'ei' in method 'pi\\+ei'; allowed: "
+                                       'method, native, interpolate'):
+    sweep.parse_method('pi+ei')
 
 
 def test_method_plans(synthetic_animals):
@@ -38,6 +44,8 @@ def test_method_plans(synthetic_animals):
   grid = tiny_config(synthetic_animals)
   grid.positions.train = 'grid'
   assert sweep.method_plan(grid, 'tasr').positions == 'grid'
+  assert sweep.method_plan(grid, 'pi+native').encoding.sincos == 'native'
+  assert sweep.method_plan(grid, 'pi').encoding.sincos == 'method'
   with pytest.raises(ValueError, match="RPE-2D position rule 'uniform'.*positions.train='grid'"):
     sweep.method_plan(grid, 'uniform')
 
@@ -59,6 +67,20 @@ def test_canonical_plan_merges_exactly_the_no_op_methods(micro_model):
         sampler.sampling_positions(micro_model, sampler.SamplingPlan(positions='contiguous'), 16,
                                    16, keys))
     assert sampler.canonical_plan(micro_model, plan, 16, 12).positions == rule
+
+
+def test_fit_methods_set_every_field_of_their_encoding(micro_model):
+  """fit-<name>[-decouple] is FiT's sampler option whatever the run's own encoding says."""
+  config = config_lib.base()
+  config.encoding.update(yarn_form='paper', attention_scale='log_n', axis_scale='shared',
+                         temperature='logits', dype=True, extrapolation='ntk')
+  assert sweep.method_plan(config, 'fit-yarn-decouple').encoding == rope.Encoding(
+      'yarn', yarn_form='index', temperature='rope_max', axis_scale='per_axis')
+  ntkpro2 = sweep.method_plan(config, 'FiT-ntkpro2')
+  assert ntkpro2.encoding == rope.Encoding('ntk', attention_scale='fit_tokens', axis_scale='shared')
+  # FiT's attention scale is not 1 at the native size: never merged with 'none' there.
+  assert sampler.canonical_plan(micro_model, ntkpro2, 8, 8) == ntkpro2
+  assert 'fit-linear' in sweep.METHODS and 'fit-linear' not in sweep.DEFAULT_METHODS
 
 
 def test_resize():
@@ -105,9 +127,7 @@ def runs(tiny_run, tmp_path_factory):
   root = tmp_path_factory.mktemp('runs')
   shutil.copytree(tiny_run, root / 'rpe')
   shutil.copytree(tiny_run, root / 'grid')
-  config = json.loads((root / 'grid' / 'config.json').read_text())
-  config['positions']['train'] = 'grid'
-  (root / 'grid' / 'config.json').write_text(json.dumps(config))
+  edit_run_config(root / 'grid', lambda config: config['positions'].update(train='grid'))
   return root
 
 
@@ -183,7 +203,7 @@ def test_sweep_writes_every_report_and_reuses_cells(runs, jax_cache_dir, tmp_pat
     (['--cfg_scale=nan'], '--cfg_scale=nan must be a finite number in [0.0, 100.0]'),
     (['--steps=0'], '--steps=0 must be a positive integer'),
     (['--sampler=dopri5', '--rtol=-1'], '--rtol=-1.0 must be a finite number in (0.0, 1.0]'),
-    (['--seed=-1'], '--seed=-1 must be an integer >= 0'),
+    (['--seed=-1'], '--seed=-1 must be an integer in [0, 2**64)'),
     (['--batch_size=0'], '--batch_size=0 must be a positive integer'),
     (['--reference_npz=16x16:{negative_npz}'], "is not a covariance: it has a negative eigenvalue"),
     (['--reference_npz=16x16:{asymmetric_npz}'], 'is not a covariance: it is not symmetric'),

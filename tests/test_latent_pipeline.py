@@ -13,7 +13,7 @@ import pytest
 import safetensors.numpy
 from PIL import Image
 
-from conftest import REPO, host, read_jsonl, step_dirs, tiny_config
+from conftest import REPO, edit_run_config, host, read_jsonl, step_dirs, tiny_config
 from rpe2d import autoencoder_weights, config as config_lib, data, files, inference, latents, rundir
 from rpe2d import train_loop
 from rpe2d.evaluation import inception, sweep
@@ -177,9 +177,8 @@ def test_sampling_a_latent_run_without_its_vae_or_with_another(extracted, tmp_pa
   with pytest.raises(FileNotFoundError, match='does not exist; pass --vae'):
     inference.load_run(workdir, vae=tmp_path / 'missing.safetensors')
   # The run's own VAE moved away: named, with what to pass.
-  config = json.loads((workdir / 'config.json').read_text())
-  config['data']['vae_path'] = str(tmp_path / 'gone' / autoencoder_weights.WEIGHTS_NAME)
-  (workdir / 'config.json').write_text(json.dumps(config))
+  gone = str(tmp_path / 'gone' / autoencoder_weights.WEIGHTS_NAME)
+  edit_run_config(workdir, lambda config: config['data'].update(vae_path=gone))
   with pytest.raises(FileNotFoundError, match=r"the run's VAE \(data.vae_path\) .* does not exist"):
     inference.load_run(workdir)
 

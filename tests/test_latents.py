@@ -36,7 +36,9 @@ def data_config(data_dir, **overrides):
 
 
 def file_contents(path) -> dict[str, bytes]:
-  return {p.name: p.read_bytes() for p in sorted(pathlib.Path(path).iterdir())}
+  """Every file of a latents directory but its lock (which names its last holder)."""
+  return {p.name: p.read_bytes() for p in sorted(pathlib.Path(path).iterdir())
+          if p.name != latents.LOCK}
 
 
 @pytest.fixture(scope='module')
@@ -116,11 +118,11 @@ def test_manifest(reference):
 def test_rerunning_a_complete_extraction_does_nothing(reference, data_dir, tmp_path, capsys):
   out = tmp_path / 'latents'
   shutil.copytree(reference[0], out)
-  before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+  before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != latents.LOCK}
   manifest = latents.extract(data_config(data_dir), VAE, out, **SETTINGS)
   assert manifest == reference[1]
   assert 'already complete (train, test); nothing to do' in capsys.readouterr().out
-  assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+  assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != latents.LOCK} == before
 
 
 def test_truncated_shard_is_refused_and_encoded_again(reference, data_dir, tmp_path):
@@ -144,6 +146,38 @@ def test_truncated_shard_is_refused_and_encoded_again(reference, data_dir, tmp_p
   # A rerun takes nothing damaged as complete: it encodes that shard again, exactly.
   latents.extract(data_config(data_dir), VAE, out, **SETTINGS)
   assert file_contents(out) == file_contents(reference[0])
+
+
+def test_damaged_manifest_and_progress_files_are_set_aside_and_rebuilt(reference, data_dir,
+                                                                        tmp_path, caplog):
+  """The project's own bookkeeping, cut short (issue 24, class 5): the reader names the manifest
+  and says what rebuilds it; extract.py sets the damaged file aside (kept) and rebuilds it, to
+  the same bytes."""
+  out = tmp_path / 'latents'
+  shutil.copytree(reference[0], out)
+  (out / latents.MANIFEST).write_bytes((out / latents.MANIFEST).read_bytes()[:60])
+  with pytest.raises(latents.LatentsError, match=r'cannot read manifest.json .*; run extract.py '
+                                                 r'again with the same flags: it verifies the '
+                                                 r'shards and writes the manifest again'):
+    latents.LatentSource(out, 'train')
+  with caplog.at_level('WARNING'):
+    assert latents.extract(data_config(data_dir), VAE, out, **SETTINGS) == reference[1]
+  assert 'moved it to manifest.json.damaged (kept for inspection) and rebuilding it' in caplog.text
+  aside = {'manifest.json.damaged'}
+  assert {k: v for k, v in file_contents(out).items() if k not in aside} == \
+      file_contents(reference[0])
+  # An unfinished extraction (no manifest yet) whose progress file is damaged: its shards are
+  # verified against nothing, so encoded again, to the same bytes.
+  (out / latents.MANIFEST).unlink()
+  progress = out / 'progress-00000.json'
+  progress.write_bytes(progress.read_bytes()[:60])
+  caplog.clear()
+  with caplog.at_level('WARNING'):
+    assert latents.extract(data_config(data_dir), VAE, out, **SETTINGS) == reference[1]
+  assert 'moved it to progress-00000.json.damaged' in caplog.text
+  aside.add('progress-00000.json.damaged')
+  assert {k: v for k, v in file_contents(out).items() if k not in aside} == \
+      file_contents(reference[0])
 
 
 def test_unreadable_manifests_are_refused(reference, tmp_path):
@@ -194,7 +228,8 @@ def test_bad_input_is_refused_before_any_work(reference, data_dir, tmp_path):
   cases = [
       (dict(vae_path=tmp_path / 'missing.safetensors'), f'--vae: {tmp_path}/missing.safetensors: '
        'no such file'),
-      (dict(vae_path=pickled), '.ckpt checkpoints are pickles and are never loaded'),
+      (dict(vae_path=pickled), 'model.ckpt is neither safetensors nor a torch file: first bytes '
+       '80 04 95'),
       (dict(config=dict(data__image_size=36)), "data.image_size=36 is not divisible by the VAE's "
        'downsampling factor 8'),
       (dict(config=dict(data__channels=1)), 'data.channels=1, but the VAE encodes 3-channel '
@@ -247,11 +282,15 @@ def test_command_line_bad_input_exits_2(data_dir, tmp_path, compilation_cache):
                        subprocess_env(compilation_cache))
   assert result.returncode == 2, result.stderr[-3000:]
   lines = result.stderr.strip().splitlines()
-  assert lines[-1].startswith(f'error: --vae: {pickled}: .ckpt checkpoints are pickles'), lines
+  assert lines[-1].startswith(f'error: --vae: {pickled} is neither safetensors nor a torch file'
+                             ), lines
+  assert 'a pickle, not a torch archive; it is never unpickled' in lines[-1]
   assert 'Traceback' not in result.stderr
   assert not out.exists()
   result = run_extract(['--help'], subprocess_env(compilation_cache))
-  assert result.returncode == 0 and '--vae: A diffusers' in result.stdout, result.stderr[-3000:]
+  assert result.returncode == 0 and '--vae: The VAE (required)' in result.stdout, \
+      result.stderr[-3000:]
+  assert '--vae_statistics:' in result.stdout
   assert '--config.data.image_size=32' in result.stdout
 
 

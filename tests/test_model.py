@@ -1,6 +1,7 @@
 import functools
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -164,7 +165,7 @@ def test_block_layouts_convert_inside_optimizer_state(micro_params):
 
 
 def test_qk_norm_and_micro_conditioning(micro_model):
-  model = micro_model.clone(qk_norm=True)
+  model = micro_model.clone(qk_norm='rmsnorm')
   x, t, labels, pos = _inputs(8, 8)
   params = perturb(model.init(jax.random.key(0), x, t, labels, pos), jax.random.key(3))
   assert 'q_norm' in params['params']['block_0']['Attention_0']
@@ -173,6 +174,59 @@ def test_qk_norm_and_micro_conditioning(micro_model):
   cropped = forward(model, params, x, t, labels, pos, jnp.array([[0.2, 0.1, 0.5, 0.5]] * 2))
   np.testing.assert_array_equal(whole, default_crop)
   assert np.abs(whole - cropped).max() > 1e-4
+
+
+@pytest.fixture(scope='module')
+def fitv2_blocks_micro():
+  """micro/2 with FiTv2's blocks (SwiGLU, adaLN-LoRA of rank 8 plus the global adaLN,
+  QK-LayerNorm), its initial parameters and random ones."""
+  model = model_lib.DiT(variant='micro/2', channels=1, num_classes=4, train_grid=(4, 4),
+                        position_range=(4, 4), mlp='swiglu', adaln='lora', qk_norm='layernorm')
+  init = jax.jit(model.init)(jax.random.key(0), *_inputs(8, 8))
+  rng = np.random.default_rng(2)  # numpy: a jitted perturb would be one more compile
+  return model, init, jax.tree.map(
+      lambda p: p + 0.05 * rng.standard_normal(p.shape, np.float32), init)
+
+
+def test_fitv2_blocks_have_their_shapes_and_start_as_the_identity(fitv2_blocks_micro):
+  model, init, params = fitv2_blocks_micro
+  inputs = _inputs(8, 8)
+  assert jnp.all(forward(model, init, *inputs) == 0.0)
+  top = init['params']
+  block = top['block_1']
+  shapes = {name: block[name]['kernel'].shape for name in block if name != 'Attention_0'}
+  hidden = 4 * 32 * 2 // 3  # timm's SwiGLU: 2/3 of the GELU MLP's width
+  assert shapes == {'fc1_g': (32, hidden), 'fc1_x': (32, hidden), 'fc2': (hidden, 32),
+                    'adaLN_down': (32, 8), 'adaLN_up': (8, 6 * 32)}
+  assert set(block['Attention_0']) == {'qkv', 'proj'}  # LayerNorm on q and k has no parameters
+  assert top['global_adaLN']['kernel'].shape == (32, 6 * 32)
+  assert not top['global_adaLN']['kernel'].any() and not block['adaLN_up']['kernel'].any()
+  assert np.abs(forward(model, params, *inputs)).max() > 1e-3
+  # The blocks under nn.scan take the shared modulation as the loop does.
+  scanned = forward(model.clone(scan_layers=True), model_lib.stack_blocks(params), *inputs)
+  np.testing.assert_allclose(scanned, forward(model, params, *inputs), rtol=1e-5, atol=1e-6)
+
+
+def test_swiglu_and_adaln_lora_compute_their_formulas(fitv2_blocks_micro):
+  _, _, params = fitv2_blocks_micro
+  block = jax.tree.map(np.asarray, params['params']['block_0'])
+  silu = lambda a: a / (1 + np.exp(-a))
+  linear = lambda a, layer: a @ layer['kernel'] + layer['bias']
+  # A part creates its layers in the module that calls it: here a bare wrapper.
+  wrapped = lambda fn: type('Part', (nn.Module,), {'__call__': nn.compact(
+      lambda self, a: fn(a))})()
+
+  h = np.asarray(jax.random.normal(jax.random.key(4), (2, 5, 32)))
+  swiglu = wrapped(lambda a: model_lib.swiglu_mlp(a, model_lib.dense, 32, 4.0))
+  got = swiglu.apply({'params': {k: block[k] for k in ('fc1_g', 'fc1_x', 'fc2')}}, h)
+  want = linear(silu(linear(h, block['fc1_g'])) * linear(h, block['fc1_x']), block['fc2'])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+  c = h[:, 0]
+  lora = wrapped(lambda a: model_lib.lora_adaln(a, 32, 8))
+  got = lora.apply({'params': {k: block[k] for k in ('adaLN_down', 'adaLN_up')}}, c)
+  np.testing.assert_allclose(got, linear(linear(silu(c), block['adaLN_down']), block['adaLN_up']),
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_null_class_and_labels(micro_model, micro_params):

@@ -121,7 +121,10 @@ def two_process_run(tmp_path_factory, jax_cache_dir, data_dir):
 def test_two_processes_train_exactly_like_one(two_process_run, reference, abstract_state):
   workdir, outputs = two_process_run
   assert 'distributed: process 0 of 2, 4 local of 8 devices (cpu)' in outputs[0]
-  assert 'distributed:' not in outputs[1]  # process 0 prints the summary
+  assert 'local of 8 devices' not in outputs[1]  # process 0 prints the summary
+  # Start-up says what each process waits for (issue 24, class 7).
+  assert 'distributed: process 0 of 2: waiting for process 1 at port' in outputs[0]
+  assert 'distributed: process 1 of 2: waiting for the coordinator, process 0, at' in outputs[1]
   assert step_dirs(workdir) == [2, 4, 6]
   # Each process saved its data state, and they are the same one (the global step).
   data_dir = workdir / 'checkpoints' / '6' / 'data'

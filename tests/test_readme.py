@@ -49,6 +49,13 @@ IMAGENET_INPUTS = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar', 'sd-vae
                    'VIRTUAL_imagenet512.npz', 'openai/guided-diffusion',
                    'openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/'
                    '256/VIRTUAL_imagenet256_labeled.npz')
+PRETRAINED_INPUTS = ('SiT-XL-2-256x256.pt', 'DiT-XL-2-256x256.pt', 'DiT-XL-2-512x512.pt',
+                     'dl.fbaipublicfiles.com/DiT/models', 'SiT-XL-2-256.pt?rlkey',
+                     'stabilityai/sd-vae-ft-ema')
+FITV2_INPUTS = ('InfImagine/FiTv2/resolve/main/FiTv2_XL/model_ema.safetensors', 'FiTv2_XL_HRFT',
+                'sd-vae-ft-ema')
+LIGHTNINGDIT_INPUTS = ('lightningdit-xl-imagenet256-800ep.pt', 'vavae-imagenet256-f16d32-dinov2.pt',
+                       'latents_stats.pt', 'VIRTUAL_imagenet256_labeled.npz')
 SKIPPED = (
     (r'^python3? -m venv |^\. \S*activate$', 'makes and enters a virtual environment; the test '
      'runs in its own interpreter', ()),
@@ -58,6 +65,15 @@ SKIPPED = (
     (r'^tensorboard ', 'a server that runs until stopped (and needs pip install tensorboard)', ()),
     (r'imagenet|in256|extract\.py', 'ImageNet: the manual download, the SD VAE, the ADM reference '
      'batches and an accelerator-sized budget', IMAGENET_INPUTS),
+    (r'convert\.py|sit_xl_|dit_xl_', 'the published DiT and SiT checkpoints and the SD VAE (2.7 GB '
+     'each, downloaded by you; XL/2 on a GPU); tests/test_families.py runs convert.py, sampling and '
+     'fine-tuning on reduced models built by the reference code', PRETRAINED_INPUTS),
+    (r'fitv2_', 'the published FiTv2 files and the SD VAE (2.7 GB each, downloaded by you; XL/2 '
+     'on a GPU); tests/test_fitv2.py imports and samples a reduced FiTv2 built by its own code',
+     FITV2_INPUTS),
+    (r'lightningdit', 'the published LightningDiT files, its VA-VAE and statistics (2.7 and 2.15 '
+     'GB, downloaded by you; XL/1 on a GPU); tests/test_lightningdit.py imports, samples and '
+     'decodes a reduced LightningDiT and VA-VAE built by its own code', LIGHTNINGDIT_INPUTS),
     (r'--coordinator_address', 'two cooperating processes; tests/test_multihost.py runs this '
      'layout', ()),
     (r'benchmarks/', 'a measurement of minutes; tests/test_benchmarks.py runs every benchmark '
@@ -118,10 +134,12 @@ def test_commands_use_only_runs_an_earlier_command_created():
     if script == 'train.py':
       used = [flag(words, 'config.init_from')] if flag(words, 'config.init_from') else []
       created.add(flag(words, 'workdir', 'runs/default'))
+    elif script == 'convert.py':
+      created.add(flag(words, 'workdir'))
     elif script == 'sample.py':
       used = [flag(words, 'workdir')]
     elif script == 'evaluate.py':
-      used = flag(words, 'runs').split(',')
+      used = [r for r in (flag(words, 'runs') or '').split(',') if r]  # --sample_npz: none
     for run in used:
       assert run in created, f'{command!r} uses {run}, which no earlier command creates'
 

@@ -300,7 +300,7 @@ def test_damaged_checkpoints_are_put_aside_and_training_falls_back(reference, da
   assert f'checkpoint at step 8: {flipped} does not match its sha256' in log
   assert f'checkpoint at step 6: {cut} has' in log and 'bytes where' in log
   assert 'checkpoint at step 4: commit_success.txt is missing' in log
-  # Put aside untouched, out of reach of max_to_keep and of the new saves of the same steps.
+  # Put aside untouched, out of reach of retention and of the new saves of the same steps.
   aside = rundir.RunDir(workdir).damaged_checkpoints
   assert sorted(p.name for p in aside.iterdir()) == ['4', '6', '8']
   for s in (4, 6, 8):
@@ -573,7 +573,7 @@ def test_bad_records_raise_a_clear_error_by_default(bad_data, data_dir):
     with pytest.raises(data.BadRecordError, match=rf'^animal_mnist\[train\] record {index}: '
                                                   rf'{expected[kind]}') as error:
       source[index]
-    assert 'Set --config.data.bad_records=skip' in str(error.value)
+    assert '--config.data.bad_records=skip skips them' in str(error.value)
   # Through the whole pipeline (grain's reader threads) the same error arrives.
   iterator = data.make_iterator(config.data, split='train', seed=0, global_batch_size=8,
                                 process_index=0, process_count=1)
@@ -614,12 +614,19 @@ def test_disk_full_while_saving_loses_nothing(reference, data_dir, tmp_path, com
        *flag_args(data_dir, total_steps=STEPS + 2, checkpoint_every_steps=EVERY)],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 1, result.stderr[-3000:]
-  # orbax's and tensorstore's threads log their failures with tracebacks, interleaved with ours.
   for message in (f'error: could not save the checkpoint at step {STEPS + 2} in '
                   f'{workdir}/checkpoints: ', 'File too large',
-                  f'Checkpoints saved before it are untouched (the newest is step {STEPS}); fix '
+                  f'checkpoints saved before it are untouched (the newest is step {STEPS}); fix '
                   'the cause (disk space?) and run again'):
     assert message in result.stderr, result.stderr[-3000:]
+  # orbax's and tensorstore's threads log their failures with tracebacks: those go to train.log,
+  # and the console shows the one error line, which names that file (issue 24, class 6).
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1 and errors[0].endswith(f'tracebacks: {workdir}/train.log)'), errors
+  assert 'Traceback' not in result.stderr and 'Traceback' in (workdir / 'train.log').read_text()
+  noise = [line for line in result.stderr.splitlines() if not line.startswith(('error: ', 'W'))
+           and 'train:' not in line and line.strip()]
+  assert not noise, noise
   assert 'CheckpointError' not in result.stderr  # handled, not a crash
   # Nothing saved before is lost or changed; the failed save never became a checkpoint.
   assert step_dirs(workdir) == [2, 4, 6, 8]
@@ -647,7 +654,8 @@ def test_checkpoint_of_a_newer_format_is_refused(reference, data_dir, tmp_path):
 # 7. No pickle is loaded from user-supplied files.
 
 
-def test_crafted_pickles_in_a_checkpoint_are_never_loaded(reference, data_dir, tmp_path, caplog):
+def test_crafted_pickles_in_a_checkpoint_are_never_loaded(reference, data_dir, tmp_path, caplog,
+                                                          capsys):
   marker = tmp_path / 'pwned'
   payload = pickle.dumps(Evil(marker))
   workdir = copy_run(reference[0], tmp_path)
@@ -673,12 +681,19 @@ def test_crafted_pickles_in_a_checkpoint_are_never_loaded(reference, data_dir, t
     train_loop.train(tiny_config(data_dir, total_steps=STEPS + 2), workdir)
   with pytest.raises(checkpoints.CheckpointError, match=r'checkpoints/6: '):  # sample.py
     inference.load_run(workdir)
-  # A pickled config.json.
+  # A pickled config.json: read as JSON only, named as damaged, and the checkpoint's own config
+  # used instead (the crafted checkpoint 6 then fails to restore, as above).
   (workdir / 'config.json').write_bytes(payload)
-  with pytest.raises(ValueError, match=r'config\.json is not a JSON config .* never unpickled'):
+  capsys.readouterr()
+  with pytest.raises(checkpoints.CheckpointError, match=r'checkpoints/6: '):
     inference.load_run(workdir)
-  with pytest.raises(ValueError, match=r'config\.json is not a JSON config'):
+  assert re.search(r'config\.json is not a JSON config .* never unpickled', capsys.readouterr().out)
+  caplog.clear()
+  with caplog.at_level('WARNING'), pytest.raises(checkpoints.CheckpointError,
+                                                 match=r'checkpoints/6: '):
     train_loop.train(tiny_config(data_dir, total_steps=STEPS + 2), workdir)
+  assert re.search(r'config\.json is not a JSON config .* never unpickled', caplog.text)
+  assert (workdir / 'config.json.damaged').read_bytes() == payload  # kept, never loaded
   assert not marker.exists()
 
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rpe2d import rope
+from rpe2d import positions, rope
 
 DIM, BASE = 16, 10000.0
 
@@ -156,6 +156,46 @@ def test_log_n_attention_scale():
   np.testing.assert_allclose(rope.logit_multiplier(bigger, enc),
                              math.sqrt(math.log(1024) / math.log(256)))
   assert rope.logit_multiplier(smaller, enc) == 1.0
+
+
+def test_fit_attention_scales():
+  """FiT's ntk-aware-pro1 / pro2 factors on the logits: ln(2 L_test) / ln(L_train), by side or by
+  tokens, already above 1 at the native size (the 2 in FiT's get_proportion)."""
+  side = rope.Encoding(attention_scale='fit_side')
+  tokens = rope.Encoding(attention_scale='fit_tokens')
+  at = lambda h, w: rope.Geometry(grid=(h, w), reference=(16, 16), train_tokens=256)
+  np.testing.assert_allclose(rope.logit_multiplier(at(16, 16), tokens),
+                             math.log(512) / math.log(256))
+  np.testing.assert_allclose(rope.logit_multiplier(at(16, 16), side), 1.25)
+  np.testing.assert_allclose(rope.logit_multiplier(at(20, 20), tokens), 1.2055, atol=1e-4)
+  np.testing.assert_allclose(rope.logit_multiplier(at(14, 28), side), math.log(56) / math.log(16))
+  np.testing.assert_allclose(rope.logit_multiplier(at(14, 28), tokens),
+                             math.log(2 * 14 * 28) / math.log(256))
+  assert rope.logit_multiplier(at(8, 8), tokens) == rope.logit_multiplier(at(8, 8), side) == 1.0
+  # Above 1 below the native size too (scale 1): the sampler must not drop it there.
+  assert rope.logit_multiplier(at(12, 12), tokens) > 1.0  # 288 tokens x 2 > 256
+
+
+def test_shared_axis_scale_uses_the_larger_scale_on_both_axes():
+  wide = rope.Geometry(grid=(16, 32), reference=(16, 16), train_tokens=256)
+  per_axis, shared = rope.Encoding('pi'), rope.Encoding('pi', axis_scale='shared')
+  assert rope.axis_scales(wide, per_axis) == (1.0, 2.0)
+  assert rope.axis_scales(wide, shared) == (2.0, 2.0)
+  pos = positions.grid(16, 32, 1)
+  angles = lambda enc: rope.angles_2d(pos, jnp.ones(1), dim=8, geometry=wide, encoding=enc)
+  np.testing.assert_allclose(angles(shared)[..., 0, :], angles(per_axis)[..., 0, :] / 2)
+  np.testing.assert_array_equal(angles(shared)[..., 1, :], angles(per_axis)[..., 1, :])
+  # YaRN's tau: per axis, or the larger on both (FiT's code, decoupled or not).
+  tau = 0.1 * math.log(2.0) + 1
+  np.testing.assert_allclose(rope.rope_temperatures(wide, rope.Encoding('yarn')), (1.0, tau))
+  np.testing.assert_allclose(rope.rope_temperatures(wide, rope.Encoding(
+      'yarn', temperature='rope_max')), (tau, tau))
+  np.testing.assert_allclose(rope.rope_temperatures(wide, rope.Encoding(
+      'yarn', axis_scale='shared')), (tau, tau))
+  np.testing.assert_allclose(rope.logit_multiplier(wide, rope.Encoding(
+      'yarn', temperature='rope_max'), rotary=False), tau * tau)
+  with pytest.raises(ValueError, match="unknown axis_scale 'decoupled'; allowed: per_axis, shared"):
+    rope.Encoding(axis_scale='decoupled')
 
 
 # --- DyPE -------------------------------------------------------------------------------------

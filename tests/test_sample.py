@@ -1,6 +1,5 @@
 """sample.py and rpe2d.inference on a tiny checkpoint trained in the test."""
 
-import json
 import pathlib
 import shutil
 import subprocess
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, subprocess_env
+from conftest import REPO, edit_run_config, subprocess_env
 from rpe2d import config as config_lib, inference, rope
 
 
@@ -118,7 +117,8 @@ def test_cli_png_and_npz(run_dir, jax_cache_dir, tmp_path):
                cache=jax_cache_dir)
   assert result.returncode == 0, result.stderr[-3000:]
   with np.load(tmp_path / 'batch.npz') as batch:
-    assert sorted(batch.files) == ['arr_0', 'labels']
+    assert sorted(batch.files) == ['arr_0', 'checkpoint', 'labels']
+    assert str(batch['checkpoint']) == str(run_dir / 'checkpoints' / '2')
     assert batch['arr_0'].dtype == np.uint8 and batch['arr_0'].shape == (5, 8, 12, 1)
     assert batch['labels'].shape == (5,) and batch['labels'].max() < 10
 
@@ -145,9 +145,7 @@ def grid_run_dir(run_dir, tmp_path_factory):
   """The same weights presented as a grid-trained run (positions do not change weight shapes)."""
   workdir = tmp_path_factory.mktemp('grid_run') / 'run'
   shutil.copytree(run_dir, workdir)
-  config = json.loads((workdir / 'config.json').read_text())
-  config['positions']['train'] = 'grid'
-  (workdir / 'config.json').write_text(json.dumps(config))
+  edit_run_config(workdir, lambda config: config['positions'].update(train='grid'))
   return workdir
 
 

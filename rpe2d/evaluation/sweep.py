@@ -4,6 +4,9 @@
 
   none | pi | ntk | yarn | tasr      static extrapolation (docs/methods.md#encodings)
   dy-pi | dy-ntk | dy-yarn           DyPE (docs/methods.md#dype)
+  fit-<name>[-decouple]              FiT's sampler's --interpolation <name> [--decouple], name one
+                                     of linear, dynntk, partntk, yarn, ntkpro1, ntkpro2
+                                     (docs/methods.md#fits-options)
   uniform | contiguous | random      an RPE-2D inference position rule, no extrapolation
   <method>@<rule>                    both, e.g. dy-yarn@contiguous
 
@@ -29,6 +32,7 @@ import pathlib
 import shutil
 import sys
 import time
+import zipfile
 
 from absl import logging
 import jax
@@ -42,35 +46,70 @@ from rpe2d.evaluation import batches, inception, metrics, shards
 EXTRAPOLATIONS = {
     **{name: dict(extrapolation=name) for name in rope.EXTRAPOLATIONS},
     **{f'dy-{name}': dict(extrapolation=name, dype=True) for name in rope.DYPE_EXTRAPOLATIONS},
+    **{f'fit-{name}' + ('-decouple' if decouple else ''): rope.fit_interpolation(name, decouple)
+       for name in rope.FIT_INTERPOLATIONS for decouple in (False, True)},
 }
 METHODS = tuple(EXTRAPOLATIONS) + positions.INFERENCE_RULES
+# What evaluate.py sweeps unless told: rpe2d's own methods, not FiT's settings (named on request).
+DEFAULT_METHODS = tuple(m for m in METHODS if not m.startswith('fit-'))
 RESIZE_FILTERS = {'nearest': Image.Resampling.NEAREST, 'box': Image.Resampling.BOX,
                   'bilinear': Image.Resampling.BILINEAR, 'bicubic': Image.Resampling.BICUBIC,
                   'lanczos': Image.Resampling.LANCZOS}
 # Below this many images the 2048-d covariance is rank deficient and FID is biased upward.
 STABLE_FID_IMAGES = 2048
 GRID_IMAGES_PER_CLASS = 4
+MAX_SAMPLES = 2**31 - 1  # example indices are int32
+LOCK = 'evaluate.lock'  # held (fcntl.flock) by the one evaluate.py writing an --outdir
+DAMAGED_SUFFIX = '.damaged'  # a cache file that could not be read, kept for inspection
 # Part of every cell's and reference's key: cells measured before sFID are measured again.
 FEATURES_VERSION = 'pool3+mixed_6/conv'
 SHARD_SIZE = 1000  # examples per shard of a cell (what a killed evaluation keeps)
 
 
 def parse_method(text: str) -> tuple[str, str | None]:
-  """'dy-yarn@contiguous' -> ('dy-yarn', 'contiguous'); 'uniform' -> ('none', 'uniform')."""
-  name, _, rule = text.strip().lower().partition('@')
+  """'dy-yarn@contiguous' -> ('dy-yarn', 'contiguous'); 'uniform' -> ('none', 'uniform'). A
+  sin-cos rule after the name ('pi+native', rope.SINCOS_RULES) is checked here and read by
+  `sincos_rule`."""
+  head, _, rule = text.strip().lower().partition('@')
+  name, plus, sincos = head.partition('+')
   if name in positions.INFERENCE_RULES and not rule:
     name, rule = 'none', name
   if name not in EXTRAPOLATIONS:
     raise ValueError(f'unknown method {text!r}; allowed: {", ".join(METHODS)}, or '
-                     f'<extrapolation>@<{"|".join(positions.INFERENCE_RULES)}>')
+                     f'<extrapolation>[+<{"|".join(rope.SINCOS_RULES)}>]'
+                     f'@<{"|".join(positions.INFERENCE_RULES)}>')
+  if plus and sincos not in rope.SINCOS_RULES:
+    raise ValueError(f'unknown sin-cos rule {sincos!r} in method {text!r}; allowed: '
+                     f'{", ".join(rope.SINCOS_RULES)}')
   if rule and rule not in positions.INFERENCE_RULES:
     raise ValueError(f'unknown position rule {rule!r} in method {text!r}; allowed: '
                      f'{", ".join(positions.INFERENCE_RULES)}')
   return name, rule or None
 
 
+def distinct_methods(methods) -> list[str]:
+  """--methods with repeats (and synonyms: 'uniform' is 'none@uniform') dropped, with a note; each
+  is checked by parse_method."""
+  seen, kept = {}, []
+  for method in methods:
+    key = parse_method(method)
+    if key in seen:
+      continue
+    seen[key] = method
+    kept.append(method)
+  if len(kept) != len(methods):
+    print(f'note: --methods lists {",".join(methods)}; each method is evaluated once: '
+          f'{",".join(kept)}', flush=True)
+  return kept
+def sincos_rule(text: str) -> str | None:
+  """The sin-cos rule a method names after a '+' ('pi+native' -> 'native'), None without one."""
+  name, plus, sincos = text.strip().lower().partition('@')[0].partition('+')
+  del name
+  return sincos if plus else None
+
+
 def method_plan(config, method: str, **overrides) -> sampler.SamplingPlan:
-  """The run's sampling plan with the method's encoding and position rule.
+  """The run's sampling plan with the method's encoding (and sin-cos rule) and position rule.
 
   Raises ValueError when the method needs an RPE-2D run and this one is not.
   """
@@ -78,7 +117,10 @@ def method_plan(config, method: str, **overrides) -> sampler.SamplingPlan:
   if rule and config.positions.train != 'rpe2d':
     raise ValueError(f'method {method!r} uses the RPE-2D position rule {rule!r}; this run was '
                      f'trained with positions.train={config.positions.train!r}')
-  plan = dict(overrides, encoding=config_lib.encoding(config, **EXTRAPOLATIONS[name]))
+  fields = dict(EXTRAPOLATIONS[name])
+  if sincos_rule(method):
+    fields['sincos'] = sincos_rule(method)
+  plan = dict(overrides, encoding=config_lib.encoding(config, **fields))
   if rule:
     plan['positions'] = rule
   return config_lib.sampling_plan(config, **plan)
@@ -144,11 +186,9 @@ def split_reference(data_config, split: str, height: int, width: int, *, resize_
                      resize_filter=resize_filter, limit=limit, features=FEATURES_VERSION)
   path = pathlib.Path(cache_dir) / f'{data_config.name}_{split}_{height}x{width}_' \
                                    f'{resize_filter}_{limit or "all"}_{_key(description)}.npz'
-  if path.exists():
-    mu, sigma = metrics.load_reference_npz(path)
-    with np.load(path, allow_pickle=False) as cached:
-      features = cached['features']
-      spatial = cached['spatial'] if 'spatial' in cached.files else None
+  cached = _read_reference_cache(path) if path.exists() else None
+  if cached is not None:
+    mu, sigma, features, spatial = cached
   else:
     pixels, _ = split_images(data_config, split, limit)
     print(f'  {len(pixels)} {split} images -> {height}x{width} ({resize_filter}) -> Inception '
@@ -161,6 +201,36 @@ def split_reference(data_config, split: str, height: int, width: int, *, resize_
   description['size'] = len(features)
   mu_s, sigma_s = (None, None) if spatial is None else metrics.feature_statistics(spatial)
   return Reference(description, mu, sigma, features, mu_s, sigma_s, spatial)
+
+
+def _set_aside(path: pathlib.Path, problem: str) -> None:
+  """A damaged cache file is moved to <name>.damaged (kept for inspection), with a warning naming
+  it; what it held is computed again."""
+  aside = path.with_name(path.name + DAMAGED_SUFFIX)
+  path.replace(aside)
+  print(f'warning: the cache file {path} is damaged ({problem}): moved it to {aside.name} and '
+        'computing it again', file=sys.stderr, flush=True)
+
+
+def _read_reference_cache(path: pathlib.Path):
+  """(mu, sigma, features, spatial or None) of a cached reference, or None (set aside, with a
+  warning) when it is damaged."""
+  try:
+    mu, sigma = metrics.load_reference_npz(path)
+    with np.load(path, allow_pickle=False) as cached:
+      features = np.asarray(cached['features'])
+      spatial = np.asarray(cached['spatial']) if 'spatial' in cached.files else None
+    if features.ndim != 2 or features.shape[1] != mu.shape[0] or not np.isfinite(features).all():
+      raise ValueError(f'features of shape {features.shape}')
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    _set_aside(path, cli_reason(e))
+    return None
+  return mu, sigma, features, spatial
+
+
+def cli_reason(error) -> str:
+  from rpe2d import cli  # pylint: disable=g-import-not-at-top
+  return cli.reason(error)
 
 
 def npz_reference(path) -> Reference:
@@ -243,16 +313,52 @@ def check_inputs(runs, resolutions, *, num_samples: int, num_reference: int | No
   if num_reference is not None and num_reference < metrics.PR_K + 1:
     raise ValueError(f'--num_reference={num_reference} must be 0 (the whole split) or >= '
                      f'{metrics.PR_K + 1} (precision and recall use k = {metrics.PR_K})')
+  reads = [(flag, name) for flag, name in (('--split', split if needs_features else ''),
+                                            ('--real_split', real_split)) if name]
+  if not reads:  # .npz references everywhere and no 'real' row: no data set is read
+    return
   for data_config in {id(c): c for c in (data.source_data_config(run.config.data)
                                           for run in runs)}.values():
-    for flag, name in (('--split', split if needs_features else ''),
-                       ('--real_split', real_split)):
-      if name:
-        try:
-          data.make_dataset(data_config, split=name, seed=0, global_batch_size=1,
-                            process_index=0, process_count=1, train=False, num_epochs=1)
-        except ValueError as e:
-          raise ValueError(f'{flag}={name}: {e}') from None
+    for flag, name in reads:
+      try:
+        size = data.split_size(data_config, name)
+      except ValueError as e:
+        raise ValueError(f'{flag}={name}: {e}') from None
+      if size < metrics.PR_K + 1:
+        raise ValueError(f'{flag}={name}: {data_config.name}[{name}] holds {size} images; the '
+                         f'metrics need at least {metrics.PR_K + 1} (precision and recall use '
+                         f'k = {metrics.PR_K}): use a larger split'
+                         + (', or --real_split= for no real row' if flag == '--real_split' else ''))
+      if flag == '--split' and num_reference is not None and num_reference > size:
+        print(f'note: --num_reference={num_reference} is more than {data_config.name}[{name}] '
+              f'holds; the reference is all its {size} images', flush=True)
+
+
+def check_memory(runs, resolutions, *, num_samples: int, batch_size: int,
+                 available: int | None) -> None:
+  """A cell keeps its samples in memory for the Inception network: refuses, before any work, a
+  sweep whose samples (and one batch's attention) cannot fit (inference.check_memory)."""
+  for run in runs:
+    for height, width in resolutions:
+      inference.check_memory(run.model, height, width, num_samples=num_samples,
+                             batch_size=batch_size, channels=3 if run.vae else
+                             run.config.data.channels, factor=inference.downsampling(run),
+                             available=available,
+                             flags={'num_samples': '--num_samples', 'batch_size': '--batch_size',
+                                    'attention': '--attention'})
+
+
+def written_names(names, resolutions, methods) -> list[str]:
+  """The longest names, relative to --outdir, of the files a sweep writes (temporary names
+  included), so that an --outdir too long for them is refused before any work."""
+  key = '0' * 16
+  out = [f'cells/{key}.json.tmp.json', f'cells/{key}.json{DAMAGED_SUFFIX}', 'results.json.tmp.json',
+         f'cells/{key}/shard_00000.npz.tmp.npz',
+         f'reference/{"x" * 64}_{key}.npz.tmp.npz', 'fid_vs_resolution.png.tmp.png', LOCK,
+         'evaluate.log']
+  out += [f'grids/{name}/{h}x{w}_{method.replace("@", "_at_")}.png' for name in names
+          for h, w in resolutions for method in methods]
+  return out
 
 
 def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
@@ -271,6 +377,22 @@ def _is_main() -> bool:
   return jax.process_index() == 0
 
 
+def _read_cell(path: pathlib.Path) -> dict | None:
+  """A cached cell's record, or None (set aside, with its grid) when it or its grid is damaged."""
+  try:
+    record = json.loads(path.read_bytes().decode('utf-8'))
+    if not isinstance(record, dict) or not isinstance(record.get('description'), dict):
+      raise ValueError('not a cell record')
+    if not isinstance(record.get('fid'), (int, float)):
+      raise ValueError('it holds no FID')
+    with Image.open(path.with_suffix('.png')) as grid:
+      grid.verify()
+  except (OSError, ValueError, SyntaxError) as e:  # PIL's verify raises SyntaxError too
+    _set_aside(path, cli_reason(e))
+    return None
+  return record
+
+
 def evaluate_cell(run, plan, height, width, *, num_samples, seed, reference, cell_dir,
                   feature_fn, batch_size=64, class_names=None, label=None, classifier=None,
                   shard_size: int = SHARD_SIZE, distances: str = 'float16') -> dict | None:
@@ -284,12 +406,11 @@ def evaluate_cell(run, plan, height, width, *, num_samples, seed, reference, cel
   description = cell_description(run, plan, height, width, num_samples, seed, reference)
   key = _key(description)
   path = pathlib.Path(cell_dir) / f'{key}.json'
-  if path.exists():
-    record = json.loads(path.read_text())
-    if record['description'] == description and (
-        classifier is None or record.get('classifier_sha256') == classifier.sha256):
-      record['reused'] = True
-      return record
+  record = _read_cell(path) if path.exists() else None
+  if record is not None and record['description'] == description and (
+      classifier is None or record.get('classifier_sha256') == classifier.sha256):
+    record['reused'] = True
+    return record
   labels = balanced_labels(num_samples, run.model.num_classes)
   shown = GRID_IMAGES_PER_CLASS * run.model.num_classes
   timing = dict(compile_seconds=0.0, generate_seconds=0.0, feature_seconds=0.0, evaluations=0.0,
@@ -388,11 +509,11 @@ def markdown_table(rows: list[dict], resolutions, metric: str, scale=1.0, digits
 
 def write_reports(outdir, rows: list[dict], resolutions, notes: list[str]) -> None:
   outdir = pathlib.Path(outdir)
-  (outdir / 'results.json').write_text(json.dumps(dict(rows=rows, notes=notes), indent=1))
-  with open(outdir / 'results.csv', 'w', encoding='utf-8') as f:
-    f.write(','.join(COLUMNS) + '\n')
-    for row in rows:
-      f.write(','.join('' if row.get(c) is None else str(row[c]) for c in COLUMNS) + '\n')
+  with files.atomic_path(outdir / 'results.json') as tmp:
+    tmp.write_text(json.dumps(dict(rows=rows, notes=notes), indent=1))
+  with files.atomic_path(outdir / 'results.csv') as tmp:
+    tmp.write_text(''.join(','.join('' if row.get(c) is None else str(row[c]) for c in COLUMNS)
+                           + '\n' for row in [dict(zip(COLUMNS, COLUMNS))] + rows))
   sections = [
       '# Resolution sweep', '',
       '† the same sampling as an earlier row of the run (results.csv names it in `same_as`): the '
@@ -412,8 +533,10 @@ def write_reports(outdir, rows: list[dict], resolutions, notes: list[str]) -> No
                    for r in rows if r.get('note')]
   if notes:
     sections += ['## Notes', ''] + [f'- {n}' for n in notes] + ['']
-  (outdir / 'results.md').write_text('\n'.join(sections))
-  plot(outdir / 'fid_vs_resolution.png', rows, resolutions)
+  with files.atomic_path(outdir / 'results.md') as tmp:
+    tmp.write_text('\n'.join(sections))
+  with files.atomic_path(outdir / 'fid_vs_resolution.png') as tmp:
+    plot(tmp, rows, resolutions)
 
 
 def plot(path, rows: list[dict], resolutions) -> None:
@@ -473,16 +596,25 @@ def parse_resolutions(texts, patch_sizes) -> list[tuple[int, int]]:
   return resolutions
 
 
-def parse_reference_npz(entries) -> dict:
-  """['HxW:path.npz', ...] -> {(height, width): Reference}."""
-  references = {}
+def parse_reference_npz(entries, resolutions=None) -> dict:
+  """['HxW:path.npz', ...] -> {(height, width): Reference}. Two entries for one size, or (given
+  the evaluated `resolutions`) an entry for a size not evaluated, are refused before any file is
+  read."""
+  paths = {}
   for entry in entries:
     size, sep, path = entry.partition(':')
     if not sep:
       raise ValueError(f'--reference_npz entry {entry!r} must be HxW:path.npz')
+    size = size if 'x' in size.lower() else f'{size}x{size}'
     height, width = inference.parse_resolution(size, 1)
-    references[(height, width)] = npz_reference(path)
-  return references
+    if (height, width) in paths:
+      raise ValueError(f'--reference_npz names two references for {height}x{width}; give one')
+    if resolutions is not None and (height, width) not in resolutions:
+      raise ValueError(f'--reference_npz entry {entry!r} is for {height}x{width}, which is not '
+                       f'evaluated (--resolutions: {", ".join(f"{h}x{w}" for h, w in resolutions)}'
+                       '); add the size to --resolutions or drop the entry')
+    paths[(height, width)] = path
+  return {size: npz_reference(path) for size, path in paths.items()}
 
 
 def _reason(error) -> str:
@@ -490,6 +622,15 @@ def _reason(error) -> str:
     return str(error)
   from rpe2d import cli  # pylint: disable=g-import-not-at-top
   return cli.reason(error)
+
+
+def _class_names(run) -> list[str] | None:
+  """The label names of the grids: those of the run's source data set when it is at hand; None
+  (label ids) when it is not, e.g. an imported model evaluated against .npz references only."""
+  try:
+    return data.class_names(data.source_data_config(run.config.data))
+  except (ValueError, OSError):
+    return None
 
 
 def plan_cells(runs, names, resolutions, methods, overrides):
@@ -568,8 +709,7 @@ def run(runs, names, resolutions, cells, *, outdir, feature_fn, num_samples: int
           if real_split:
             real_reference(resolution)
     shards.barrier(f'rpe2d.sweep: references {turn}')
-  class_names = {name: data.class_names(data.source_data_config(run.config.data))
-                 for name, run in by_name.items()}
+  class_names = {name: _class_names(run) for name, run in by_name.items()}
   notes = sorted({note for name in names for resolution in resolutions
                   for note in sample_size_warnings(num_samples,
                                                    reference_for(by_name[name], resolution))})

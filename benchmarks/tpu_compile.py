@@ -140,7 +140,8 @@ def run(args) -> list[dict]:
 def table_cases() -> list[dict]:
   """The cases of the README's table: the ImageNet recipes' train steps (their defaults: global
   batch 256, remat, nn.scan, mesh.fsdp auto) on each slice, the other kernels, the blocks unrolled
-  and remat off; then sampling XL/2 at 256 to 1024 pixels with each kernel, and the VAE decode."""
+  and remat off; then sampling XL/2 at 256 to 1024 pixels with each kernel, the VAE decode, and
+  sampling the imported FiTv2-XL/2."""
   slices = ','.join(TOPOLOGIES)
   recipe = lambda size, resolution, topology, **kw: dict(
       dict(config=CONFIG.format(size=size, resolution=resolution), topology=topology,
@@ -153,6 +154,9 @@ def table_cases() -> list[dict]:
   sampling = dict(programs='sample_step,sampler', resolutions='256,512,1024')
   cases += [recipe('XL', 256, 'v5e-8', kernel=kernel, **sampling) for kernel in KERNELS]
   cases += [recipe('XL', 256, 'v5e-8', programs='decode', resolutions='256,512,1024')]
+  # FiTv2-XL/2 as convert.py imports it (DyPE's Table 4 model: SwiGLU, adaLN-LoRA, RoPE; dopri5).
+  cases += [dict(config='configs/published.py:fitv2-xl2', topology='v5e-8', kernel=kernel,
+                 overrides=(), **sampling) for kernel in ('xla', 'splash')]
   return cases
 
 
@@ -178,7 +182,10 @@ def run_case(case: dict, timeout: float, workdir: pathlib.Path, prefix=()) -> li
 
 
 def config_name(config: str) -> str:
-  """'configs/imagenet.py:XL,256,rpe2d' -> 'XL/2 256'."""
+  """'configs/imagenet.py:XL,256,rpe2d' -> 'XL/2 256'; 'configs/published.py:fitv2-xl2' ->
+  'fitv2-xl2'."""
+  if config.startswith('configs/published.py:'):
+    return config.split(':', 1)[1]
   if not config.startswith('configs/imagenet.py:'):
     return config
   size, resolution, *rest = config.split(':', 1)[1].split(',')

@@ -114,7 +114,8 @@ def measure(config, steps: int, warmup: int, sample: bool, sample_steps: int, sa
         f'{config.data.channels}, batch {batch}, {config.model.dtype}, attention '
         f'{config.model.attention_implementation}, scan_layers {config.model.scan_layers}', flush=True)
 
-  trainer = training.Trainer(built.model, built.training, training.make_mesh(config.mesh.fsdp))
+  trainer = training.Trainer(built.model, built.training, training.make_mesh(
+      training.resolve_fsdp(config.mesh.fsdp, built.model, built.training, jax.devices())))
   state = trainer.init_state()
   device_batch = trainer.device_batch(synthetic_batch(config, batch // jax.process_count()))
   began = time.perf_counter()
@@ -199,8 +200,12 @@ def measure(config, steps: int, warmup: int, sample: bool, sample_steps: int, sa
   sample_batch = sample_batch or max(batch // count, 1)
   labels = jnp.arange(sample_batch, dtype=jnp.int32) % built.model.num_classes
   size = config.data.image_size
-  draw = lambda: sampler.sample_jit(built.model, state.ema_params, jax.random.key(0), labels,
-                                      height=size, width=size, plan=plan)
+  key = jax.random.key(0)
+
+  def draw():
+    with jax.set_mesh(trainer.mesh):  # the kernels' platform and shard_map axes, as in training
+      return sampler.sample_jit(built.model, state.ema_params, key, labels, height=size,
+                                width=size, plan=plan)
   began = time.perf_counter()
   jax.block_until_ready(draw())
   out['sample_compile_s'] = time.perf_counter() - began

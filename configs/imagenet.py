@@ -14,7 +14,9 @@ once; the latent grid and the extraction must agree (checked when training start
 `,pixels`: the same token grid on pixels with /16 patches, the setting of rpe2d 0.1.
 
 Settings of DiT/SiT and the papers: AdamW 1e-4 without weight decay, global batch 256, EMA
-0.9999, horizontal flips, CFG 1.5 at sampling. Needs the manual download: see the README.
+0.9999, horizontal flips, CFG 1.5 at sampling. Needs the manual download: see the README. To fit a
+TPU chip's memory the blocks are rematerialised under nn.scan and mesh.fsdp is 0 (sized from the
+chip's memory at start); benchmarks/tpu_compile.py measures any setting for any slice.
 """
 
 from rpe2d import config as config_lib
@@ -84,7 +86,13 @@ def get_config(arg='B,256,rpe2d'):
 
   config.model.dtype = 'bfloat16'
   config.model.qk_norm = 'rmsnorm'
-  config.model.attention_implementation = 'xla'   # 'cudnn' on NVIDIA GPUs
+  config.model.attention_implementation = 'xla'   # 'cudnn' on NVIDIA GPUs, 'splash' on TPUs
+  # Global batch 256 fits the TPU slices the README names (v4-8, v5e-8, v5p-8; its table "Compiling
+  # for a TPU"): blocks recomputed in the backward under nn.scan, and the fsdp axis sized at start
+  # from the chip's memory. Where memory allows (v5p, 80 GB GPUs), model.remat=False is faster.
+  config.model.remat = True
+  config.model.scan_layers = True
+  config.mesh.fsdp = 0
 
   grid = resolution // patch
   config.positions.train = positions

@@ -6,15 +6,23 @@ Every kernel takes q, k, v of shape (batch, tokens, heads, head_dim) (the layout
 q's dtype. `KERNELS` maps each `model.attention_implementation` name to a `Kernel`, which is
 callable as `fn(q, k, v, *, scale)` and knows the platforms it runs on; `check_kernel` turns a
 name the platform lacks into a one-line error.
+
+The platform is that of the devices a program is compiled for (`target_platform`): the context
+mesh's (`jax.set_mesh`, which the train step and the sampler set), so a CPU host compiling for a TPU
+topology picks the TPU kernels and paths. A kernel XLA cannot partition (splash) runs under
+`jax.shard_map` over that mesh: the batch split over the mesh axes that divide it, the heads over
+the rest.
 """
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 # Default block sizes of the chunked kernel: a (q_chunk x kv_chunk) f32 score block per head is
 # the largest intermediate, 2 MiB per head at 512 x 1024.
@@ -46,6 +54,60 @@ def current_platform() -> str:
   if device.platform != 'gpu':
     return device.platform
   return 'rocm' if 'rocm' in device.client.platform_version.lower() else 'cuda'
+
+
+def target_platform() -> str:
+  """The platform of the devices the program being traced is compiled for, named as by
+  `current_platform`: the context mesh's (`jax.set_mesh`) when there is one, else this process's.
+
+  A CPU host compiling for a TPU topology (benchmarks/tpu_compile.py) thus gets 'tpu'.
+  """
+  device = jax.sharding.get_abstract_mesh().abstract_device
+  if device is None:
+    return current_platform()
+  if device.platform not in ('gpu', 'cuda', 'rocm'):
+    return device.platform
+  if current_platform() in ('cuda', 'rocm'):  # the mesh's GPUs are this process's
+    return current_platform()
+  return 'rocm' if 'amd' in device.device_kind.lower() else 'cuda'
+
+
+def _context_mesh():
+  """The context mesh (`jax.set_mesh`) when it spans more than one device, else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty or mesh.size == 1 else mesh
+
+
+def shard_split(mesh, batch: int, heads: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(the mesh axes the batch splits over, those the heads split over) for a kernel under
+  shard_map: each axis in mesh order goes to the batch while the batch stays divisible, then to
+  the heads likewise; an axis that divides neither computes the same values on each of its
+  devices."""
+  batch_axes, head_axes, batch_split, head_split = [], [], 1, 1
+  for name, size in mesh.shape.items():
+    if size == 1:
+      continue
+    if batch % (batch_split * size) == 0:
+      batch_axes.append(name)
+      batch_split *= size
+    elif heads % (head_split * size) == 0:
+      head_axes.append(name)
+      head_split *= size
+  return tuple(batch_axes), tuple(head_axes)
+
+
+def shard_over_mesh(fn, q, k, v):
+  """fn(q, k, v) -> out, all (batch, tokens, heads, d), run per device under `jax.shard_map` over
+  the context mesh (batch and heads split by `shard_split`); called as is without one. For kernels
+  XLA cannot partition (a Pallas call is opaque to it)."""
+  mesh = _context_mesh()
+  if mesh is None:
+    return fn(q, k, v)
+  batch_axes, head_axes = shard_split(mesh, q.shape[0], q.shape[2])
+  spec = P(batch_axes or None, None, head_axes or None, None)
+  # check_vma=False: a Pallas call's outputs carry no varying-axes type to check.
+  return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                       check_vma=False)(q, k, v)
 
 
 # --- xla ------------------------------------------------------------------------------------------
@@ -106,7 +168,7 @@ def _per_head_attention(q, k, v, scale):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _xla_attention(q, k, v, scale):
   batch, tokens, heads, _ = q.shape
-  if (jax.default_backend() == 'cpu'
+  if (target_platform() == 'cpu'
       and 4 * batch * heads * tokens * k.shape[1] > CPU_PER_HEAD_ABOVE):
     return _per_head_attention(q, k, v, scale)
   return _xla_forward(q, k, v, scale)[0]
@@ -152,15 +214,25 @@ def cudnn(q, k, v, *, scale):
 def splash(q, k, v, *, scale, interpret: bool = False):
   """TPU splash attention (Pallas), full non-causal mask, one kernel call per example (vmap).
 
-  Tokens are zero-padded to a multiple of `SPLASH_MIN_BLOCK`; the padding gets segment id 1 and
-  the real tokens id 0, so no real query sees a padded key. `interpret=True` runs the same kernel
-  in the Pallas interpreter on any backend (slow; for tests).
+  Under a context mesh of several devices the kernel runs per device inside `jax.shard_map`
+  (`shard_over_mesh`): XLA cannot partition a Mosaic kernel itself. Tokens are zero-padded to a
+  multiple of `SPLASH_MIN_BLOCK`; the padding gets segment id 1 and the real tokens id 0, so no real
+  query sees a padded key. `interpret=True` runs the same kernel in the Pallas interpreter on any
+  backend (slow; for tests).
   """
+  if k.shape[1] != q.shape[1]:
+    raise ValueError(f"attention kernel 'splash' is self-attention only: {q.shape[1]} query tokens "
+                     f"vs {k.shape[1]} key tokens")
+  # The kernel has no logit scale: fold it into q (in float32, then back to q's dtype).
+  q_scaled = (q.astype(jnp.float32) * scale).astype(q.dtype)
+  local = functools.partial(_splash_per_device, interpret=interpret)
+  return shard_over_mesh(local, q_scaled, k, v).astype(q.dtype)
+
+
+def _splash_per_device(q, k, v, *, interpret: bool):
+  """Splash attention with logit scale 1 on one device's (batch, tokens, heads, d)."""
   from jax.experimental.pallas.ops.tpu import splash_attention as sa  # TPU-only module; lazy
-  batch, tokens, heads, head_dim = q.shape
-  if k.shape[1] != tokens:
-    raise ValueError(f"attention kernel 'splash' is self-attention only: {tokens} query tokens vs "
-                     f"{k.shape[1]} key tokens")
+  _, tokens, heads, _ = q.shape
   padded = -(-tokens // SPLASH_MIN_BLOCK) * SPLASH_MIN_BLOCK
   block = next(b for b in SPLASH_BLOCKS if padded % b == 0)
   blocks = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
@@ -174,15 +246,13 @@ def splash(q, k, v, *, scale, interpret: bool = False):
     x = jnp.pad(x, ((0, 0), (0, padded - tokens), (0, 0), (0, 0)))
     return x.transpose(0, 2, 1, 3)
 
-  # The kernel has no logit scale: fold it into q (in float32, then back to q's dtype).
-  q_scaled = (q.astype(jnp.float32) * scale).astype(q.dtype)
   segments = None
   if padded != tokens:
     ids = (jnp.arange(padded) >= tokens).astype(jnp.int32)
     segments = sa.SegmentIds(q=ids, kv=ids)
-  out = jax.vmap(kernel, in_axes=(0, 0, 0, None))(
-      heads_major(q_scaled), heads_major(k), heads_major(v), segments)
-  return out.transpose(0, 2, 1, 3)[:, :tokens].astype(q.dtype)
+  out = jax.vmap(kernel, in_axes=(0, 0, 0, None))(heads_major(q), heads_major(k), heads_major(v),
+                                                   segments)
+  return out.transpose(0, 2, 1, 3)[:, :tokens]
 
 
 # --- chunked --------------------------------------------------------------------------------------
@@ -344,20 +414,21 @@ KERNELS = {
 
 def check_kernel(kernel: str, platform: str | None = None) -> Kernel:
   """The registry entry for `kernel`, or a one-line ValueError when the name is unknown or the
-  platform (default: this process's, from `current_platform`) lacks it."""
+  platform (default: the one being compiled for, `target_platform`) lacks it."""
   if kernel not in KERNELS:
     raise ValueError(f'unknown model.attention_implementation={kernel!r}; choose one of: '
                      f'{", ".join(KERNELS)}')
-  platform = current_platform() if platform is None else platform
+  platform = target_platform() if platform is None else platform
   entry = KERNELS[kernel]
   if platform not in entry.platforms:
     needs = ' or '.join(PLATFORM_NEEDS.get(p, p) for p in entry.platforms)
     usable = ', '.join(name for name, e in KERNELS.items() if platform in e.platforms)
-    raise ValueError(f'model.attention_implementation={kernel!r} needs {needs}; this process has '
-                     f'{platform} devices; choose one of: {usable}')
+    raise ValueError(f'model.attention_implementation={kernel!r} needs {needs}; the devices it '
+                     f'would run on are {platform}; choose one of: {usable}')
   return entry
 
 
 def attend(q, k, v, *, scale, kernel: str = 'xla'):
-  """softmax(scale * q k^T) v with the named kernel (checked once, when traced)."""
+  """softmax(scale * q k^T) v with the named kernel, checked once, when traced, against the
+  platform the program is compiled for (`target_platform`)."""
   return check_kernel(kernel)(q, k, v, scale=scale)

@@ -411,6 +411,7 @@ def sharded(fn: Callable, mesh: Mesh | None = None) -> Callable:
                        f'allowed: a multiple of {mesh.size}')
     return compiled(params, batch)
 
+  call.lower = compiled.lower  # ahead-of-time compilation (rpe2d/aot.py)
   return call
 
 

@@ -187,8 +187,9 @@ SCHEMA = (
     Field('optim.ema_decay', 0.995, 'EMA of the parameters',
           check=number(0.0, 1.0, high_open=True)),
 
-    Field('mesh.fsdp', 1, 'devices on the fsdp axis; the rest form the data axis',
-          check=positive_int),
+    Field('mesh.fsdp', 1, 'devices on the fsdp axis (the rest form the data axis); 0: the '
+          'fewest whose share of the train state fits the device memory (docs/methods.md#memory)',
+          check=non_negative_int),
 
     # Written by convert.py (rpe2d.importing): where an imported run's weights came from.
     Field('imported.family', '', 'the checkpoint family the weights were imported as (empty: '
@@ -394,13 +395,14 @@ class Built:
   sampling: sampler.SamplingPlan
 
 
-def validate(config) -> Built:
+def validate(config, platform: str | None = None) -> Built:
   """Resolves `config`, checks every field and builds the typed objects; raises ValueError naming
-  the first bad value and what is allowed."""
+  the first bad value and what is allowed. `platform`: where the programs will run, as
+  `attention.current_platform` names it (default: this process's devices)."""
   resolve(config)
   checks.check(SCHEMA, config)
   model_lib.validate_shape(config.model.variant, config.model.position_embedding)
-  attention.check_kernel(config.model.attention_implementation)  # this platform has it
+  attention.check_kernel(config.model.attention_implementation, platform)  # the platform has it
   if config.data.augment == 'rpe2d_crop' and not config.model.micro_conditioning:
     raise ValueError("data.augment='rpe2d_crop' with model.micro_conditioning=False: the model "
                      'would see crops without being told the window; set '

@@ -279,9 +279,11 @@ def _compiled_sampler(run, plan, height, width, labels, indices, key):
   if cache_key in _COMPILED:
     return _COMPILED[cache_key], 0.0
   began = time.perf_counter()
-  _COMPILED[cache_key] = sampler.sample_with_stats_jit.lower(
-      run.model, run.params, key, labels, height=height, width=width, plan=plan,
-      indices=indices).compile()
+  with jax.set_mesh(labels.sharding.mesh):  # the kernels' platform and shard_map axes
+    lowered = sampler.sample_with_stats_jit.lower(run.model, run.params, key, labels,
+                                                  height=height, width=width, plan=plan,
+                                                  indices=indices)
+  _COMPILED[cache_key] = lowered.compile()
   return _COMPILED[cache_key], time.perf_counter() - began
 
 

@@ -96,11 +96,11 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def _float32_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-  """A Dense layer's dot in its compute dtype, accumulated into and returned as float32; on CPU
-  with a backward whose weight gradient XLA:CPU computes at full speed."""
+  """A Dense layer's dot in its compute dtype, accumulated into and returned as float32; compiled
+  for a CPU, with a backward whose weight gradient XLA:CPU computes at full speed."""
   del preferred_element_type  # always float32
   (lhs_contract, rhs_contract), (lhs_batch, _) = dimension_numbers
-  if (jax.default_backend() == 'cpu' and tuple(lhs_contract) == (lhs.ndim - 1,)
+  if (attention.target_platform() == 'cpu' and tuple(lhs_contract) == (lhs.ndim - 1,)
       and tuple(rhs_contract) == (0,) and rhs.ndim == 2 and not lhs_batch):
     return _matmul(lhs, rhs)
   return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision,

@@ -35,8 +35,8 @@ from rpe2d.metric_writer import MetricWriter
 def preflight(config, run: rundir.RunDir):
   """Every check that needs no compilation, so bad input fails in seconds; then puts aside
   unfinished and damaged checkpoints (checkpoints.recover). Returns the typed objects of the
-  config, the workdir's saved config (None for a new run), init_from's step directory and a
-  latent run's VAE."""
+  config, the workdir's saved config (None for a new run), init_from's step directory, a latent
+  run's VAE and the mesh (mesh.fsdp=0 resolved from the devices' memory)."""
   built = config_lib.validate(config)
   if config.model.prediction != 'velocity':
     raise ValueError(f'model.prediction={config.model.prediction!r}: training fits velocity models '
@@ -49,8 +49,8 @@ def preflight(config, run: rundir.RunDir):
   if config.batch_size % devices:
     raise ValueError(f'batch_size={config.batch_size} is not divisible by the {devices} devices; '
                      f'use a multiple of {devices}')
-  if devices % config.mesh.fsdp:
-    raise ValueError(f'mesh.fsdp={config.mesh.fsdp} must divide the {devices} devices')
+  mesh = training.make_mesh(training.resolve_fsdp(config.mesh.fsdp, built.model, built.training,
+                                                  jax.devices()))
   check_sample_grids(config, built, vae)
   run.check_layout(written_names(config))
   run.check_not_nested()
@@ -73,7 +73,7 @@ def preflight(config, run: rundir.RunDir):
     raise
   checkpoints.recover(run.root)
   checkpoints.prune(run.root, config)  # a resume may keep fewer than the run kept so far
-  return built, saved_config, init_dir, vae
+  return built, saved_config, init_dir, vae, mesh
 
 
 def normalise_resolutions(config) -> None:
@@ -351,17 +351,20 @@ def record_latents(config):
 
 
 def save_sample_grids(config, model, plan, ema_params, step, run: rundir.RunDir, class_names,
-                      vae=None, writer=None):
+                      vae=None, writer=None, mesh=None):
   """EMA samples at sampling.resolutions (pixels; a latent run samples latents and decodes them
-  with its VAE), as PNG grids and, given a MetricWriter, as TensorBoard images."""
+  with its VAE), as PNG grids and, given a MetricWriter, as TensorBoard images. `mesh`: the
+  training mesh the EMA weights live on (default: all devices, data-parallel)."""
   num_classes, per_class = model.num_classes, config.sampling.num_per_class
   labels = np.repeat(np.arange(num_classes), per_class).astype(np.int32)
   factor = 1 if vae is None else vae.config.downsampling
   decoder = None if vae is None else inference.Run(config=config, model=model, params=None,
                                                    step=step, checkpoint=None, vae=vae)
+  mesh = training.make_mesh(1) if mesh is None else mesh
   for height, width in config.sampling.resolutions:
-    generated = sampler.sample_jit(model, ema_params, training.seed_key(config.seed), labels,
-                                   height=height // factor, width=width // factor, plan=plan)
+    with jax.set_mesh(mesh):  # the attention kernels' platform and shard_map axes
+      generated = sampler.sample_jit(model, ema_params, training.seed_key(config.seed), labels,
+                                     height=height // factor, width=width // factor, plan=plan)
     if jax.process_index() == 0:
       if decoder is not None:
         generated = inference.decode(decoder, jax.device_get(generated), devices=jax.devices()[:1])
@@ -421,7 +424,8 @@ def describe(config, built, trainer, run: rundir.RunDir, step: int) -> str:
       f'{d.num_classes} classes, in {d.data_dir or "~/tensorflow_datasets"}',
       f'devices   {len(devices)} x {", ".join(kinds)} ({jax.default_backend()}'
       + (f', {jax.process_count()} processes' if jax.process_count() > 1 else '')
-      + f'; mesh data x fsdp = {len(devices) // config.mesh.fsdp} x {config.mesh.fsdp})',
+      + f'; mesh data x fsdp = {trainer.mesh.shape["data"]} x {trainer.mesh.shape["fsdp"]}'
+      + (' (fsdp auto)' if not config.mesh.fsdp else '') + ')',
       f'workdir   {run.root}',
       f'training  batch {config.batch_size}, steps {step} -> {config.total_steps}; logs every '
       f'{config.log_every_steps}, checkpoints every {config.checkpoint_every_steps}, sample grids '
@@ -485,8 +489,7 @@ def train(config, workdir) -> training.TrainState:
 
 
 def _train(config, run: rundir.RunDir, preemption: Preemption) -> training.TrainState:
-  built, saved_config, init_dir, vae = preflight(config, run)
-  mesh = training.make_mesh(config.mesh.fsdp)
+  built, saved_config, init_dir, vae, mesh = preflight(config, run)
   trainer = training.Trainer(built.model, built.training, mesh)
   iterator = data.make_iterator(config.data, split='train', seed=config.seed,
                                 global_batch_size=config.batch_size)
@@ -590,7 +593,7 @@ def _train(config, run: rundir.RunDir, preemption: Preemption) -> training.Train
       if sample_now and side_failure is None:
         side_failure = side_task('drawing the sample grids', save_sample_grids, config,
                                  built.model, built.sampling, state.ema_params, step, run,
-                                 class_names, vae, writer)
+                                 class_names, vae, writer, trainer.mesh)
       # Every process reaches the log and sample steps together: there they agree to stop.
       if jax.process_count() == 1 or log_now or sample_now:
         failed = _failed_anywhere(side_failure)
@@ -607,8 +610,14 @@ def _train(config, run: rundir.RunDir, preemption: Preemption) -> training.Train
       raise
     kept = (f'the newest checkpoint, step {saved_step}, is kept' if saved_step is not None
             else 'no checkpoint was saved yet')
+    fix = 'fix the cause'
+    if 'RESOURCE_EXHAUSTED' in str(e) or isinstance(e, MemoryError):
+      fix = (f'the step does not fit the device memory with mesh.fsdp={mesh.shape["fsdp"]} and '
+             f'batch_size={config.batch_size}: set model.remat=True, a larger mesh.fsdp or a '
+             'smaller batch_size (benchmarks/tpu_compile.py measures a setting without running '
+             'it)')
     raise TrainingFailed(f'step {step}: the train step failed ({cli.reason(e)}); {kept} in '
-                         f'{run.checkpoints}: fix the cause and run again to resume') from e
+                         f'{run.checkpoints}: {fix} and run again to resume') from e
   finally:
     bar.close()
     try:

@@ -6,13 +6,15 @@ model's.
 
 The mesh has axes ('data', 'fsdp'). Batches split over both; parameters and optimizer state split
 their largest divisible dimension over 'fsdp' (replicated when that axis has size 1). The step is one
-`jax.jit` with explicit in/out shardings and a donated state, so the same code runs on one CPU, one
-GPU or a TPU slice.
+`jax.jit` with explicit in/out shardings and a donated state, traced with the mesh as the context
+mesh (`jit_on_mesh`), so the same code runs on one CPU, one GPU or a TPU slice, and compiles for a
+TPU topology from a CPU host (benchmarks/tpu_compile.py).
 """
 
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 
 import flax
 import jax
@@ -26,11 +28,19 @@ BATCH_AXES = ('data', 'fsdp')
 # What the loop does after a step whose loss or gradient is not finite (never applied either way).
 NONFINITE_POLICIES = ('error', 'skip')
 MIN_SHARDED_SIZE = 2**14   # smaller arrays stay replicated: splitting them costs more than it saves
+# mesh.fsdp=0 (auto): the fewest fsdp devices whose share of the train state and gradients takes at
+# most this share of a device's memory; the rest is left for activations (docs/methods.md#memory).
+AUTO_FSDP_SHARE = 0.5
 
-# Peak dense bf16 FLOP/s per device (docs/methods.md#flop-accounting), matched against jax's
-# device_kind.
-PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'TPU v5p': 459e12,
-              'TPU v5 lite': 197e12, 'TPU v4': 275e12, 'TPU v6': 918e12}
+# Peak dense bf16 FLOP/s per device (docs/methods.md#flop-accounting), by jax's device_kind: the
+# whole kind, else a part of it (GPU kinds carry the board's name). A v5p chip's kind is 'TPU v5'.
+PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'TPU v5': 459e12,
+              'TPU v5 lite': 197e12, 'TPU v4': 275e12, 'TPU v6 lite': 918e12}
+# A TPU chip's memory as XLA:TPU counts it when it checks that a program fits (the 'available HBM'
+# of its out-of-memory error, libtpu 0.0.42.1), by device_kind: a real device reports its own
+# (memory_stats), compile-only devices (rpe2d/aot.py) do not.
+TPU_HBM = {'TPU v2': 7.48 * 2**30, 'TPU v3': 15.48 * 2**30, 'TPU v4': 30.75 * 2**30,
+           'TPU v5 lite': 15.75 * 2**30, 'TPU v5': 95.74 * 2**30, 'TPU v6 lite': 31.25 * 2**30}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +82,70 @@ def make_mesh(fsdp: int = 1, devices=None) -> jax.sharding.Mesh:
   # Auto axes: the compiler propagates shardings through the model without per-op annotations.
   return jax.make_mesh((len(devices) // fsdp, fsdp), BATCH_AXES, devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def jit_on_mesh(fn, mesh, **options):
+  """`jax.jit(fn, **options)`, traced, lowered and called with `mesh` as the context mesh
+  (`jax.set_mesh`): the attention kernels read from it the platform the program is compiled for
+  and the axes a kernel XLA cannot partition runs over under shard_map
+  (docs/methods.md#attention-kernels). Has the jitted function's `__call__` and `lower`."""
+  return _OnMesh(jax.jit(fn, **options), mesh)
+
+
+@dataclasses.dataclass(frozen=True)
+class _OnMesh:
+  jitted: Callable
+  mesh: jax.sharding.Mesh
+
+  def __call__(self, *args, **kwargs):
+    with jax.set_mesh(self.mesh):
+      return self.jitted(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    with jax.set_mesh(self.mesh):
+      return self.jitted.lower(*args, **kwargs)
+
+
+def abstract_train_state(model, plan: TrainingPlan) -> TrainState:
+  """The train state's shapes and dtypes (nothing computed), traced for the context mesh."""
+  # The key is made inside the trace: the context mesh's devices may be compile-only.
+  return jax.eval_shape(lambda: create_state(model, make_optimizer(plan), jax.random.key(0)))
+
+
+def state_bytes(abstract_state, fsdp: int) -> float:
+  """Bytes per device of the train state (parameters, AdamW moments, EMA) and the gradients (one
+  more copy of the parameters) when the fsdp axis has `fsdp` devices, under `fsdp_spec`."""
+  def per_device(x):
+    return math.prod(x.shape) * x.dtype.itemsize / (fsdp if fsdp_spec(x.shape, fsdp) else 1)
+  return (sum(per_device(x) for x in jax.tree.leaves(abstract_state))
+          + sum(per_device(x) for x in jax.tree.leaves(abstract_state.params)))
+
+
+def resolve_fsdp(fsdp: int, model, plan: TrainingPlan, devices) -> int:
+  """mesh.fsdp on `devices`: `fsdp` itself, or for 0 (auto) the smallest divisor of the device
+  count whose `state_bytes` take at most AUTO_FSDP_SHARE of a device's memory (1 where the memory
+  is unknown, e.g. on CPUs). Refuses, before anything compiles, an fsdp whose train state and
+  gradients alone exceed a device's memory, naming the fsdp that fits."""
+  count = len(devices)
+  if fsdp < 0 or (fsdp and count % fsdp):
+    raise ValueError(f'mesh.fsdp={fsdp} must divide the {count} devices (or be 0: auto)')
+  memory = device_memory(devices[0])
+  if memory is None:
+    return fsdp or 1
+  with jax.set_mesh(make_mesh(1, devices)):  # traced for these devices' platform
+    state = abstract_train_state(model, plan)
+  divisors = [d for d in range(1, count + 1) if count % d == 0]
+  fitting = [d for d in divisors if state_bytes(state, d) <= AUTO_FSDP_SHARE * memory]
+  if not fsdp:
+    return fitting[0] if fitting else divisors[-1]
+  needed = state_bytes(state, fsdp)
+  if needed > memory:
+    fix = (f'set --config.mesh.fsdp={fitting[0]} ({state_bytes(state, fitting[0]) / 2**30:.1f} '
+           'GiB) or 0 (auto)' if fitting else 'use more devices or a smaller model')
+    raise ValueError(f'mesh.fsdp={fsdp}: the train state and gradients alone take '
+                     f'{needed / 2**30:.1f} GiB per device, more than the {memory / 2**30:.2f} GiB '
+                     f'of a {devices[0].device_kind}; {fix}')
+  return fsdp
 
 
 def batch_sharding(mesh) -> NamedSharding:
@@ -216,14 +290,15 @@ class Trainer:
     self.model, self.plan, self.mesh = model, plan, mesh
     self.optimizer = make_optimizer(plan)
     new_state = functools.partial(create_state, model, self.optimizer)
-    self.abstract_state = jax.eval_shape(new_state, jax.random.key(0))
+    with jax.set_mesh(mesh):  # traced for the mesh's platform, like the step
+      self.abstract_state = abstract_train_state(model, plan)
     self.state_sharding = state_sharding(self.abstract_state, mesh)
     self.batch_sharding = batch_sharding(mesh)
     replicated = NamedSharding(mesh, P())
     step = functools.partial(train_step, model=model, optimizer=self.optimizer, plan=plan)
-    self.step = jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding),
-                        out_shardings=(self.state_sharding, replicated), donate_argnums=0)
-    self._init = jax.jit(new_state, out_shardings=self.state_sharding)
+    self.step = jit_on_mesh(step, mesh, in_shardings=(self.state_sharding, self.batch_sharding),
+                            out_shardings=(self.state_sharding, replicated), donate_argnums=0)
+    self._init = jit_on_mesh(new_state, mesh, out_shardings=self.state_sharding)
     # Checkpoints hold the per-block layout whatever model.scan_layers is, so a run can change it.
     self.abstract_saved_state = jax.eval_shape(model_lib.unstack_blocks, self.abstract_state)
     self.saved_sharding = state_sharding(self.abstract_saved_state, mesh)
@@ -260,9 +335,25 @@ class Trainer:
                                          self.model.channels)
 
 
+def _by_kind(table: dict, kind: str):
+  """table[kind], else the entry with the longest name inside kind (None: no entry)."""
+  if kind in table:
+    return table[kind]
+  names = [name for name in table if name.lower() in kind.lower()]
+  return table[max(names, key=len)] if names else None
+
+
 def peak_flops_per_device() -> float | None:
-  kind = jax.devices()[0].device_kind
-  for name, flops in PEAK_FLOPS.items():
-    if name.lower() in kind.lower():
-      return flops
-  return None
+  return _by_kind(PEAK_FLOPS, jax.devices()[0].device_kind)
+
+
+def device_memory(device) -> float | None:
+  """Bytes of memory a program may use on `device`: what the device reports (its allocator's
+  limit), else, for a TPU kind, what XLA:TPU's compiler counts (TPU_HBM); None when unknown."""
+  try:
+    stats = device.memory_stats()
+  except Exception:  # pylint: disable=broad-except  # compile-only and some CPU devices have none
+    stats = None
+  if stats and stats.get('bytes_limit'):
+    return float(stats['bytes_limit'])
+  return TPU_HBM.get(device.device_kind) if device.platform == 'tpu' else None

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import jaxpr_equations
-from rpe2d import attention, positions
+from rpe2d import attention, positions, training
 from rpe2d import config as config_lib
 
 HEADS, HEAD_DIM, SCALE = 3, 16, 0.3
@@ -170,12 +170,12 @@ def test_registry_names_and_config():
 
 
 @pytest.mark.parametrize('kernel,platform,message', [
-    ('cudnn', 'cpu', "model.attention_implementation='cudnn' needs an NVIDIA GPU; this process has "
-                     "cpu devices; choose one of: xla, chunked"),
-    ('splash', 'cpu', "model.attention_implementation='splash' needs a TPU; this process has cpu "
-                      "devices; choose one of: xla, chunked"),
-    ('cudnn', 'tpu', "model.attention_implementation='cudnn' needs an NVIDIA GPU; this process has "
-                     "tpu devices; choose one of: xla, splash, chunked"),
+    ('cudnn', 'cpu', "model.attention_implementation='cudnn' needs an NVIDIA GPU; the devices it "
+                     "would run on are cpu; choose one of: xla, chunked"),
+    ('splash', 'cpu', "model.attention_implementation='splash' needs a TPU; the devices it would "
+                      "run on are cpu; choose one of: xla, chunked"),
+    ('cudnn', 'tpu', "model.attention_implementation='cudnn' needs an NVIDIA GPU; the devices it "
+                     "would run on are tpu; choose one of: xla, splash, chunked"),
     ('flash', None, "unknown model.attention_implementation='flash'; choose one of: xla, cudnn, "
                     "splash, chunked"),
 ])
@@ -193,5 +193,58 @@ def test_check_kernel_accepts():
 
 def test_attend_refuses_before_tracing_the_kernel():
   q, k, v, _ = qkv(8, jnp.bfloat16)
-  with pytest.raises(ValueError, match="'cudnn' needs an NVIDIA GPU; this process has cpu"):
+  with pytest.raises(ValueError, match="'cudnn' needs an NVIDIA GPU; the devices it would run on "
+                                      'are cpu'):
     jax.jit(functools.partial(attention.attend, scale=SCALE, kernel='cudnn'))(q, k, v)
+
+
+TPU_MESH = jax.sharding.AbstractMesh(
+    (2, 2), training.BATCH_AXES, abstract_device=jax.sharding.AbstractDevice(
+        device_kind='TPU v5 lite', num_cores=1, platform='tpu'))
+
+
+def test_platform_is_the_meshs():
+  """The kernels' platform is that of the mesh the program is traced for, not this process's: a
+  CPU host tracing for a TPU mesh may choose splash (under shard_map), and not cudnn."""
+  q, k, v, _ = qkv(128, jnp.bfloat16, batch=4)
+  assert attention.target_platform() == 'cpu'
+  with jax.sharding.use_abstract_mesh(TPU_MESH):
+    assert attention.target_platform() == 'tpu'
+    jaxpr = jax.make_jaxpr(functools.partial(attention.attend, scale=SCALE, kernel='splash'))(
+        q, k, v)
+    with pytest.raises(ValueError, match="'cudnn' needs an NVIDIA GPU; the devices it would run "
+                                         'on are tpu; choose one of: xla, splash, chunked'):
+      jax.make_jaxpr(functools.partial(attention.attend, scale=SCALE, kernel='cudnn'))(q, k, v)
+  assert 'shard_map' in {e.primitive.name for e in jaxpr_equations(jaxpr.jaxpr)}
+
+
+@pytest.mark.parametrize('batch,heads,expected', [
+    (8, 16, (('data', 'fsdp'), ())),
+    (2, 16, (('data',), ('fsdp',))),
+    (1, 16, ((), ('data', 'fsdp'))),
+    (6, 3, (('data',), ())),       # fsdp divides neither: its two devices compute the same
+])
+def test_shard_split(batch, heads, expected):
+  mesh = jax.sharding.AbstractMesh((2, 4), training.BATCH_AXES)
+  assert attention.shard_split(mesh, batch, heads) == expected
+
+
+def test_splash_under_a_mesh_matches_reference():
+  """On a data x fsdp = 2 x 2 mesh, splash runs per device under shard_map (the batch over data,
+  the heads over fsdp); in the Pallas interpreter its values and gradients are the reference's."""
+  mesh = training.make_mesh(2, devices=jax.devices()[:4])
+  keys = jax.random.split(jax.random.key(5), 4)
+  q, k, v, weights = (jax.random.normal(key, (2, 200, 4, HEAD_DIM)) for key in keys)
+  fn = functools.partial(attention.splash, interpret=True)
+
+  def value_and_grads(q, k, v):
+    out = fn(q, k, v, scale=SCALE)
+    return out, grads(fn, q, k, v, weights)
+
+  with jax.set_mesh(mesh):
+    jaxpr = jax.make_jaxpr(value_and_grads)(q, k, v)
+    out, got = jax.jit(value_and_grads)(q, k, v)
+  assert 'shard_map' in {e.primitive.name for e in jaxpr_equations(jaxpr.jaxpr)}
+  np.testing.assert_allclose(out, reference_f64(q, k, v, SCALE), atol=2e-6, rtol=0)
+  for g, want in zip(got, grads(reference, q, k, v, weights)):
+    np.testing.assert_allclose(g, want, atol=2e-5, rtol=0)

@@ -116,6 +116,18 @@ def test_device_check_smoke_writes_its_table(tmp_path):
   assert float(row.strip('|').split('|')[3]) > 0  # its speed relative to static YaRN
 
 
+@pytest.mark.skipif(importlib.util.find_spec('libtpu') is not None,
+                    reason='libtpu is installed: tests/test_tpu_compile.py runs the command')
+def test_tpu_compile_says_what_to_install():
+  sys.path.insert(0, str(BENCH))
+  import tpu_compile  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit) as exit_:
+    tpu_compile.main(['--config=configs/default.py', '--topology=v5e-8'])
+  assert str(exit_.value) == (
+      "error: topology 'v5e-8': compiling for a TPU needs libtpu, which is not installed here: "
+      "pip install -e '.[tpu]' (or 'jax[tpu]')")
+
+
 @pytest.mark.skipif(not TORCH, reason='torch is not importable here')
 def test_torch_dit_starts_as_zero_and_trains():
   import torch  # pylint: disable=g-import-not-at-top

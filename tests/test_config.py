@@ -89,8 +89,8 @@ def _base(**changes):
     (dict(model__dtype='float16'), "model.dtype='float16'"),
     (dict(model__attention_implementation='flash'), "model.attention_implementation='flash'"),
     (dict(model__attention_implementation='cudnn'),
-     "model.attention_implementation='cudnn' needs an NVIDIA GPU; this process has cpu devices; "
-     'choose one of: xla, chunked'),
+     "model.attention_implementation='cudnn' needs an NVIDIA GPU; the devices it would run on are "
+     'cpu; choose one of: xla, chunked'),
     (dict(model__remat_policy='everything'), "model.remat_policy='everything' is not allowed"),
     (dict(model__mlp='geglu'), "model.mlp='geglu' is not allowed; choose one of: gelu, swiglu"),
     (dict(model__adaln='lora', model__adaln_rank=0), 'model.adaln_rank=0 must be a positive'),

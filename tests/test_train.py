@@ -181,6 +181,12 @@ def test_sharded_step_matches_single_device(data_dir):
       # Adam's moments follow their parameters.
       assert sum(_is_fsdp_sharded(leaf) for leaf in jax.tree.leaves(state.opt_state)) \
           == 2 * len(sharded)
+      # state_bytes (what mesh.fsdp=0 and preflight count) is what one device holds, plus the
+      # gradients: one more copy of its parameters.
+      first = mesh.devices.flat[0]
+      held = lambda tree: sum(s.data.nbytes for leaf in jax.tree.leaves(tree)
+                              for s in leaf.addressable_shards if s.device == first)
+      assert training.state_bytes(trainer.abstract_state, 4) == held(state) + held(state.params)
     new_state, step_metrics = trainer.step(state, device_batch)
     if name == 'data2_fsdp4':
       assert sum(_is_fsdp_sharded(leaf) for leaf in jax.tree.leaves(new_state.params)) \
@@ -225,13 +231,13 @@ def _assert_fails_fast(config, workdir, exception, match):
     ({'data__name': 'cifar10'}, ValueError, r"data\.name='cifar10' is not allowed; choose one "
                                             r"of: animal_mnist"),
     ({'mesh__fsdp': 3}, ValueError, r'mesh\.fsdp=3 must divide the 8 devices'),
-    ({'mesh__fsdp': 0}, ValueError, r'mesh\.fsdp=0 must be a positive integer'),
+    ({'mesh__fsdp': -1}, ValueError, r'mesh\.fsdp=-1 must be an integer >= 0'),
     ({'nonfinite': 'ignore'}, ValueError, r"nonfinite='ignore' is not allowed; choose one of: "
                                           r"error, skip"),
     ({'data__bad_records': 'drop'}, ValueError, r"data\.bad_records='drop' is not allowed; "
                                                 r"choose one of: error, skip"),
 ], ids=['batch_12_on_8_devices', 'image_size_18_patch_4', 'unknown_data_set', 'fsdp_3',
-        'fsdp_0', 'nonfinite', 'bad_records'])
+        'fsdp_negative', 'nonfinite', 'bad_records'])
 def test_bad_config_fails_fast(data_dir, tmp_path, overrides, exception, match):
   _assert_fails_fast(tiny_config(data_dir, **overrides), tmp_path / 'run', exception, match)
 

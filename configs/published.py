@@ -1,0 +1,36 @@
+"""The configs of the published models that convert.py imports, without their weights.
+
+  python benchmarks/tpu_compile.py --config=configs/published.py:fitv2-xl2 --programs=sampler
+  python train.py --config=configs/published.py:sit-xl2 --workdir=runs/sit_xl2_scratch ...
+
+Each is the config `convert.py --family=<family>` writes for the published file (rpe2d.families:
+the blocks, positions, time and prediction conventions and published sampler settings), built
+from the architecture the file's shapes give, so a published model's programs can be compiled,
+measured or trained from scratch before (or without) downloading it. Sampling needs the weights:
+import them with convert.py.
+"""
+
+from rpe2d.families import common, dit, fitv2, lightningdit, sit
+
+_DIT_XL2 = common.DiTArchitecture(width=1152, depth=28, patch=2, channels=4, out_channels=8,
+                                  grid=16, num_classes=1000, mlp_hidden=4608)
+_SIT_XL2 = common.DiTArchitecture(width=1152, depth=28, patch=2, channels=4, out_channels=4,
+                                  grid=16, num_classes=1000, mlp_hidden=4608)
+_FITV2_XL2 = fitv2.FiTArchitecture(width=1152, depth=36, patch=2, num_classes=1000,
+                                   mlp_hidden=3072, adaln_rank=288)
+_LIGHTNINGDIT_XL1 = lightningdit.LightningArchitecture(
+    width=1152, depth=28, patch=1, channels=32, out_channels=32, grid=16, head_dim=72,
+    num_classes=1000, mlp_hidden=3072)
+
+PUBLISHED = {
+    'dit-xl2': lambda: dit.config(_DIT_XL2),            # DiT-XL-2-256x256.pt
+    'sit-xl2': lambda: sit.config(_SIT_XL2),            # SiT-XL-2-256x256.pt
+    'fitv2-xl2': lambda: fitv2.config(_FITV2_XL2),      # FiTv2_XL/model_ema.safetensors
+    'lightningdit-xl1': lambda: lightningdit.config(_LIGHTNINGDIT_XL1),  # ...-800ep.pt
+}
+
+
+def get_config(name=None):
+  if name not in PUBLISHED:
+    raise ValueError(f'configs/published.py:{name}: allowed: {", ".join(PUBLISHED)}')
+  return PUBLISHED[name]()

@@ -1,13 +1,13 @@
 """The configs of the published models that convert.py imports, without their weights.
 
-  python benchmarks/tpu_compile.py --config=configs/published.py:fitv2-xl2 --programs=sampler
-  python train.py --config=configs/published.py:sit-xl2 --workdir=runs/sit_xl2_scratch ...
+  python benchmarks/tpu_compile.py --config=configs/published.py:fitv2-xl2 --programs=sampler \
+      --topology=v5e-8 --resolutions=256,512
 
 Each is the config `convert.py --family=<family>` writes for the published file (rpe2d.families:
 the blocks, positions, time and prediction conventions and published sampler settings), built
-from the architecture the file's shapes give, so a published model's programs can be compiled,
-measured or trained from scratch before (or without) downloading it. Sampling needs the weights:
-import them with convert.py.
+from the architecture the file's shapes give, so a published model's programs can be compiled or
+measured before (or without) downloading it. Sampling needs the weights: import them with
+convert.py.
 """
 
 from rpe2d.families import common, dit, fitv2, lightningdit, sit
@@ -22,7 +22,9 @@ _LIGHTNINGDIT_XL1 = lightningdit.LightningArchitecture(
     width=1152, depth=28, patch=1, channels=32, out_channels=32, grid=16, head_dim=72,
     num_classes=1000, mlp_hidden=3072)
 
-PUBLISHED = {
+ARCHITECTURES = {'dit-xl2': _DIT_XL2, 'sit-xl2': _SIT_XL2, 'fitv2-xl2': _FITV2_XL2,
+                 'lightningdit-xl1': _LIGHTNINGDIT_XL1}
+PUBLISHED = {  # each config, from its family's mapping of the published file
     'dit-xl2': lambda: dit.config(_DIT_XL2),            # DiT-XL-2-256x256.pt
     'sit-xl2': lambda: sit.config(_SIT_XL2),            # SiT-XL-2-256x256.pt
     'fitv2-xl2': lambda: fitv2.config(_FITV2_XL2),      # FiTv2_XL/model_ema.safetensors

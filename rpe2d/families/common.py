@@ -71,6 +71,16 @@ def variant_name(width: int, depth: int, patch: int) -> str:
 _BLOCK = re.compile(r'^blocks\.(\d+)\.')
 
 
+def block_count(shapes: Shapes) -> int:
+  """How many `blocks.<i>.` a state dict holds."""
+  return 1 + max((int(m[1]) for k in shapes if (m := _BLOCK.match(k))), default=-1)
+
+
+def swiglu_hidden(width: int, mlp_ratio: float) -> int:
+  """The hidden width of FiT's and LightningDiT's SwiGLU: two thirds of width x mlp_ratio."""
+  return int(width * mlp_ratio) * 2 // 3
+
+
 @dataclasses.dataclass(frozen=True)
 class DiTArchitecture:
   """What a DiT-layout state dict says about its model, read from shapes alone."""
@@ -111,7 +121,7 @@ def dit_architecture(shapes: Shapes) -> DiTArchitecture:
   tokens = tuple(shapes['pos_embed'])[1] if len(shapes['pos_embed']) == 3 else 0
   grid = math.isqrt(tokens)
   out_rows = tuple(shapes['final_layer.linear.weight'])[0]
-  depth = 1 + max(int(m[1]) for k in shapes if (m := _BLOCK.match(k)))
+  depth = block_count(shapes)
   problems = []
   if patch != patch_w or patch < 1:
     problems.append(f'x_embedder.proj.weight {tuple(shapes["x_embedder.proj.weight"])} is not a '

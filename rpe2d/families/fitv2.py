@@ -21,7 +21,6 @@ first 3 latent channels, dopri5 (atol 1e-6, rtol 1e-3).
 """
 
 import dataclasses
-import re
 
 import numpy as np
 
@@ -50,7 +49,6 @@ ROPE_BASE = 10000.0
 REFERENCE_TOKENS = 16
 CFG_CHANNELS = 3
 
-_BLOCK = re.compile(r'^blocks\.(\d+)\.')
 # The shapes the architecture is read from; a file lacking one of them is not of this layout.
 _ANCHORS = ('x_embedder.proj.weight', 'y_embedder.embedding_table.weight',
             'global_adaLN_modulation.1.weight', 'blocks.0.mlp.fc1_g.weight',
@@ -94,13 +92,13 @@ def architecture(shapes) -> FiTArchitecture:
   if len(shapes['x_embedder.proj.weight']) != 2 or patch * patch * CHANNELS != patch_inputs:
     problems.append(f'x_embedder.proj.weight {tuple(shapes["x_embedder.proj.weight"])} is not a '
                     f'Linear on p x p patches of {CHANNELS} latent channels')
-  if mlp_hidden != int(width * MLP_RATIO) * 2 // 3:
+  if mlp_hidden != common.swiglu_hidden(width, MLP_RATIO):
     problems.append(f'blocks.0.mlp.fc1_g.weight has {mlp_hidden} rows; FiTv2\'s SwiGLU at width '
-                    f'{width} has {int(width * MLP_RATIO) * 2 // 3}')
+                    f'{width} has {common.swiglu_hidden(width, MLP_RATIO)}')
   if problems:
     raise ValueError('; '.join(problems))
   return FiTArchitecture(
-      width=width, depth=1 + max(int(m[1]) for k in shapes if (m := _BLOCK.match(k))),
+      width=width, depth=common.block_count(shapes),
       patch=patch, num_classes=tuple(shapes['y_embedder.embedding_table.weight'])[0] - 1,
       mlp_hidden=mlp_hidden, adaln_rank=tuple(shapes['blocks.0.adaLN_modulation.1.weight'])[0])
 

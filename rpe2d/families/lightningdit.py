@@ -27,7 +27,6 @@ t <= 0.875 (docs/methods.md#lightningdits-sampler), cfg 6.7 on the first 3 of 32
 
 import dataclasses
 import math
-import re
 
 import numpy as np
 
@@ -70,7 +69,6 @@ CFG_INTERVAL_START = 0.125
 CFG_SCALE = 6.7           # 800 epochs; the 64-epoch file: 10.0
 CFG_CHANNELS = 3
 
-_BLOCK = re.compile(r'^blocks\.(\d+)\.')
 # The shapes the architecture is read from; a file lacking one of them is not of this layout.
 _ANCHORS = ('x_embedder.proj.weight', 'pos_embed', 'feat_rope.freqs_cos',
             'y_embedder.embedding_table.weight', 'blocks.0.mlp.w12.weight',
@@ -128,13 +126,13 @@ def architecture(shapes) -> LightningArchitecture:
   if patch and out_rows % (patch * patch):
     problems.append(f'final_layer.linear.weight has {out_rows} rows, not a multiple of the '
                     f'{patch}x{patch} patch')
-  if mlp_hidden != int(width * MLP_RATIO) * 2 // 3:
+  if mlp_hidden != common.swiglu_hidden(width, MLP_RATIO):
     problems.append(f"blocks.0.mlp.w12.weight has {2 * mlp_hidden} rows; LightningDiT's SwiGLU at "
-                    f'width {width} has 2 x {int(width * MLP_RATIO) * 2 // 3}')
+                    f'width {width} has 2 x {common.swiglu_hidden(width, MLP_RATIO)}')
   if problems:
     raise ValueError('; '.join(problems))
   arch = LightningArchitecture(
-      width=width, depth=1 + max(int(m[1]) for k in shapes if (m := _BLOCK.match(k))),
+      width=width, depth=common.block_count(shapes),
       patch=patch, channels=channels, out_channels=out_rows // (patch * patch), grid=grid,
       head_dim=head_dim, num_classes=tuple(shapes['y_embedder.embedding_table.weight'])[0] - 1,
       mlp_hidden=mlp_hidden)

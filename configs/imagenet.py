@@ -89,7 +89,8 @@ def get_config(arg='B,256,rpe2d'):
   config.model.attention_implementation = 'xla'   # 'cudnn' on NVIDIA GPUs, 'splash' on TPUs
   # Global batch 256 fits the TPU slices the README names (v4-8, v5e-8, v5p-8; its table "Compiling
   # for a TPU"): blocks recomputed in the backward under nn.scan, and the fsdp axis sized at start
-  # from the chip's memory. Where memory allows (v5p, 80 GB GPUs), model.remat=False is faster.
+  # from the chip's memory. Without remat the XL/2 step keeps every block's activations: 98.5 GiB
+  # per chip at 64 images per v5p chip, so model.remat=False needs a far smaller batch per chip.
   config.model.remat = True
   config.model.scan_layers = True
   config.mesh.fsdp = 0

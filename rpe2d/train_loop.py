@@ -613,7 +613,9 @@ def _train(config, run: rundir.RunDir, preemption: Preemption) -> training.Train
     fix = 'fix the cause'
     if 'RESOURCE_EXHAUSTED' in str(e) or isinstance(e, MemoryError):
       fix = (f'the step does not fit the device memory with mesh.fsdp={mesh.shape["fsdp"]} and '
-             f'batch_size={config.batch_size}: set model.remat=True, a larger mesh.fsdp or a '
+             f'batch_size={config.batch_size} and the {config.model.attention_implementation!r} '
+             'attention kernel: set model.remat=True, a larger mesh.fsdp, '
+             "model.attention_implementation='splash' (TPU) or 'chunked' (any device), or a "
              'smaller batch_size (benchmarks/tpu_compile.py measures a setting without running '
              'it)')
     raise TrainingFailed(f'step {step}: the train step failed ({cli.reason(e)}); {kept} in '

@@ -1,11 +1,11 @@
 """The full-size FiTv2-XL/2 (random weights) through FiT's own code and through rpe2d's import.
 
   # 1. FiT's side (torch, timm, einops, safetensors; github.com/whlzy/FiT at b22b7b0):
-  /work/venv-ref/bin/python benchmarks/fitv2_full_size.py reference --fit=<FiT checkout> \
-      --out=/work/scratch/fitv2_full
+  <python with torch> benchmarks/fitv2_full_size.py reference --fit=<FiT checkout> \
+      --out=/tmp/fitv2_full
   # 2. rpe2d's side (no torch), with the import's time and peak memory:
   /usr/bin/time -v env PYTHONPATH=. python benchmarks/fitv2_full_size.py check \
-      --out=/work/scratch/fitv2_full
+      --out=/tmp/fitv2_full
 
 Never run by CI (2.7 GB of weights; peak RSS 6 GB on FiT's side, 14 GB on rpe2d's). `reference`
 builds FiT(**configs/fitv2/config_fitv2_xl.yaml) with every parameter redrawn as

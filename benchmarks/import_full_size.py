@@ -2,10 +2,10 @@
 
   # 1. With torch and the reference code (a separate environment; --sit: a checkout of
   #    github.com/willisma/SiT at 947f95b, --dit: github.com/facebookresearch/DiT at ed81ce2):
-  /work/venv-ref/bin/python benchmarks/import_full_size.py make --sit=SiT --dit=DiT \
-      --dir=/work/scratch/import_xl
+  <python with torch> benchmarks/import_full_size.py make --sit=SiT --dit=DiT \
+      --dir=/tmp/import_xl
   # 2. With rpe2d (no torch): import it as SiT and as DiT and measure.
-  python benchmarks/import_full_size.py measure --dir=/work/scratch/import_xl \
+  python benchmarks/import_full_size.py measure --dir=/tmp/import_xl \
       --vae=sd-vae-ft-ema
 
 `make` builds SiT-XL/2 (256x256: 32x32x4 latents, learned sigma, 1000 classes) with every weight

@@ -3,10 +3,10 @@ memory, and the VA-VAE's decode speed.
 
   # 1. With torch and the reference code (a separate environment; a checkout of
   #    github.com/hustvl/LightningDiT at 2725fed):
-  /work/venv-ref/bin/python benchmarks/lightningdit_full_size.py make \
-      --checkout=LightningDiT --dir=/work/scratch/lightningdit_xl
+  <python with torch> benchmarks/lightningdit_full_size.py make \
+      --checkout=LightningDiT --dir=/tmp/lightningdit_xl
   # 2. With rpe2d (no torch): import and measure.
-  python benchmarks/lightningdit_full_size.py measure --dir=/work/scratch/lightningdit_xl
+  python benchmarks/lightningdit_full_size.py measure --dir=/tmp/lightningdit_xl
 
 `make` builds, with LightningDiT's own code, the VA-VAE f16d32 (tokenizer/autoencoder.py as
 VA_VAE.load builds it) and LightningDiT-XL/1 (models/lightningdit.py with the reproduction

@@ -147,8 +147,9 @@ def table_cases() -> list[dict]:
       dict(config=CONFIG.format(size=size, resolution=resolution), topology=topology,
            programs='train', kernel='xla', overrides=()), **kw)
   cases = [recipe(size, resolution, slices) for size in ('XL', 'B') for resolution in (256, 512)]
-  cases += [recipe('XL', resolution, 'v5e-8', kernel=kernel) for resolution in (256, 512)
-            for kernel in ('splash', 'chunked')]
+  cases += [recipe('XL', resolution, slices if (resolution, kernel) == (512, 'chunked') else
+                   'v5e-8', kernel=kernel)  # chunked: the XL/2 512 recipe's own kernel
+            for resolution in (256, 512) for kernel in ('splash', 'chunked')]
   cases += [recipe('XL', 256, 'v5e-8', overrides=('--config.model.scan_layers=False',)),
             recipe('XL', 256, 'v5p-8,v5e-8', overrides=('--config.model.remat=False',))]
   sampling = dict(programs='sample_step,sampler', resolutions='256,512,1024')

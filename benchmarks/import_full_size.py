@@ -20,14 +20,13 @@ tests/fixtures/sd_vae_tiny does: the VAE only decodes, which is not measured her
 """
 
 import argparse
-import os
 import pathlib
-import re
-import subprocess
 import sys
 import time
 
 import numpy as np
+
+from timed_convert import timed_convert
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WEIGHTS = 'SiT-XL-2-random.pt'
@@ -69,22 +68,10 @@ def make(args):
 
 def convert(args, family) -> pathlib.Path:
   workdir = pathlib.Path(args.dir) / f'{family}_run'
-  if workdir.exists():
-    import shutil  # pylint: disable=g-import-not-at-top
-    shutil.rmtree(workdir)
-  done = subprocess.run(
-      ['/usr/bin/time', '-v', sys.executable, str(REPO / 'convert.py'), f'--family={family}',
-       f'--weights={pathlib.Path(args.dir) / WEIGHTS}', f'--vae={args.vae}',
-       f'--workdir={workdir}'],
-      capture_output=True, text=True, check=False, env=dict(os.environ, JAX_PLATFORMS='cpu'))
-  if done.returncode:
-    sys.exit(f'convert.py failed:\n{done.stderr[-3000:]}')
-  wall = re.search(r'Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)', done.stderr)[1]
-  rss = int(re.search(r'Maximum resident set size \(kbytes\): (\d+)', done.stderr)[1])
-  cpu = sum(float(re.search(rf'{kind} time \(seconds\): ([\d.]+)', done.stderr)[1])
-            for kind in ('User', 'System'))
-  print(done.stdout.strip())
-  print(f'| convert.py --family={family} | {wall} | {cpu:.1f} | {rss / 2**20:.2f} GiB |')
+  wall, cpu, rss = timed_convert([f'--family={family}',
+                                  f'--weights={pathlib.Path(args.dir) / WEIGHTS}',
+                                  f'--vae={args.vae}'], workdir)
+  print(f'| convert.py --family={family} | {wall} | {cpu:.1f} | {rss:.2f} GiB |')
   return workdir
 
 

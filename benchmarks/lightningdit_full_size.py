@@ -26,14 +26,13 @@ import argparse
 import functools
 import os
 import pathlib
-import re
-import subprocess
 import sys
 import time
 
 import numpy as np
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from timed_convert import timed_convert
+
 WEIGHTS, VAE, STATS = 'lightningdit-xl-random.pt', 'vavae-random.pt', 'latents_stats.pt'
 T, LABEL = 0.3, 207  # LightningDiT's time (1 is data) and a class of the forward reference
 
@@ -87,23 +86,11 @@ def make(args):
 def convert(args) -> pathlib.Path:
   out = pathlib.Path(args.dir)
   workdir = out / 'run'
-  if workdir.exists():
-    import shutil  # pylint: disable=g-import-not-at-top
-    shutil.rmtree(workdir)
-  done = subprocess.run(
-      ['/usr/bin/time', '-v', sys.executable, str(REPO / 'convert.py'), '--family=lightningdit',
-       f'--weights={out / WEIGHTS}', f'--vae={out / VAE}', f'--vae_statistics={out / STATS}',
-       f'--workdir={workdir}'],
-      capture_output=True, text=True, check=False, env=dict(os.environ, JAX_PLATFORMS='cpu'))
-  if done.returncode:
-    sys.exit(f'convert.py failed:\n{done.stderr[-3000:]}')
-  wall = re.search(r'Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)', done.stderr)[1]
-  rss = int(re.search(r'Maximum resident set size \(kbytes\): (\d+)', done.stderr)[1])
-  cpu = sum(float(re.search(rf'{kind} time \(seconds\): ([\d.]+)', done.stderr)[1])
-            for kind in ('User', 'System'))
-  print(done.stdout.strip())
+  wall, cpu, rss = timed_convert(['--family=lightningdit', f'--weights={out / WEIGHTS}',
+                                  f'--vae={out / VAE}', f'--vae_statistics={out / STATS}'],
+                                 workdir)
   print('| import | wall (h:mm:ss) | CPU s | peak RSS |\n| --- | --- | --- | --- |')
-  print(f'| convert.py --family=lightningdit | {wall} | {cpu:.1f} | {rss / 2**20:.2f} GiB |')
+  print(f'| convert.py --family=lightningdit | {wall} | {cpu:.1f} | {rss:.2f} GiB |')
   return workdir
 
 

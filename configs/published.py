@@ -12,27 +12,22 @@ convert.py.
 
 from rpe2d.families import common, dit, fitv2, lightningdit, sit
 
-_DIT_XL2 = common.DiTArchitecture(width=1152, depth=28, patch=2, channels=4, out_channels=8,
-                                  grid=16, num_classes=1000, mlp_hidden=4608)
-_SIT_XL2 = common.DiTArchitecture(width=1152, depth=28, patch=2, channels=4, out_channels=4,
-                                  grid=16, num_classes=1000, mlp_hidden=4608)
-_FITV2_XL2 = fitv2.FiTArchitecture(width=1152, depth=36, patch=2, num_classes=1000,
-                                   mlp_hidden=3072, adaln_rank=288)
-_LIGHTNINGDIT_XL1 = lightningdit.LightningArchitecture(
-    width=1152, depth=28, patch=1, channels=32, out_channels=32, grid=16, head_dim=72,
-    num_classes=1000, mlp_hidden=3072)
+_XL2 = dict(width=1152, depth=28, patch=2, channels=4, grid=16, num_classes=1000, mlp_hidden=4608)
 
-ARCHITECTURES = {'dit-xl2': _DIT_XL2, 'sit-xl2': _SIT_XL2, 'fitv2-xl2': _FITV2_XL2,
-                 'lightningdit-xl1': _LIGHTNINGDIT_XL1}
-PUBLISHED = {  # each config, from its family's mapping of the published file
-    'dit-xl2': lambda: dit.config(_DIT_XL2),            # DiT-XL-2-256x256.pt
-    'sit-xl2': lambda: sit.config(_SIT_XL2),            # SiT-XL-2-256x256.pt
-    'fitv2-xl2': lambda: fitv2.config(_FITV2_XL2),      # FiTv2_XL/model_ema.safetensors
-    'lightningdit-xl1': lambda: lightningdit.config(_LIGHTNINGDIT_XL1),  # ...-800ep.pt
+# name: (the family that imports the published file, the architecture its shapes give)
+PUBLISHED = {
+    'dit-xl2': (dit, common.DiTArchitecture(out_channels=8, **_XL2)),  # DiT-XL-2-256x256.pt
+    'sit-xl2': (sit, common.DiTArchitecture(out_channels=4, **_XL2)),  # SiT-XL-2-256x256.pt
+    'fitv2-xl2': (fitv2, fitv2.FiTArchitecture(  # FiTv2_XL/model_ema.safetensors
+        width=1152, depth=36, patch=2, num_classes=1000, mlp_hidden=3072, adaln_rank=288)),
+    'lightningdit-xl1': (lightningdit, lightningdit.LightningArchitecture(  # ...-800ep.pt
+        width=1152, depth=28, patch=1, channels=32, out_channels=32, grid=16, head_dim=72,
+        num_classes=1000, mlp_hidden=3072)),
 }
 
 
 def get_config(name=None):
   if name not in PUBLISHED:
     raise ValueError(f'configs/published.py:{name}: allowed: {", ".join(PUBLISHED)}')
-  return PUBLISHED[name]()
+  family, arch = PUBLISHED[name]
+  return family.config(arch)

@@ -163,8 +163,7 @@ class LibraryLog(logging.Handler):
 
   def take_stderr(self) -> None:
     """Sends what is printed to stderr from now on (by the libraries' threads and callbacks as
-    the process ends, e.g. tensorstore's into a closed event loop) to the log, after the one
-    error line that names the log."""
+    the process ends) to the log, after the one error line that names the log."""
     self.write('--- printed to stderr as the process ended:')
     try:
       sys.stderr.flush()
@@ -233,33 +232,19 @@ def quiet_libraries(command: str) -> LibraryLog:
                                                    args.exc_traceback)))
 
   threading.excepthook = thread_died
-  printed_by_python = sys.excepthook
-
   unraisable_by_python = sys.unraisablehook
-
-  def from_a_library(exc_traceback) -> bool:
-    frames = traceback.extract_tb(exc_traceback)
-    return bool(frames) and not any(_ours(frame.filename) for frame in frames)
-
-  def printed(exc_type, exc_value, exc_traceback):
-    # What the libraries print with PyErr_Print, from any thread; rpe2d's own errors as ever.
-    if not from_a_library(exc_traceback):
-      printed_by_python(exc_type, exc_value, exc_traceback)
-      return
-    log.write(f'exception printed by {threading.current_thread().name}:\n'
-              + ''.join(traceback.format_exception(exc_type, exc_value, exc_traceback)))
 
   def unraisable(args):
     # PyErr_WriteUnraisable: tensorstore's callbacks into the event loop that orbax closed after
-    # a failed save ('Event loop is closed'), from its own threads.
-    if not from_a_library(args.exc_traceback):
+    # a failed save ('Event loop is closed'), from its own threads; rpe2d's own print as ever.
+    frames = traceback.extract_tb(args.exc_traceback)
+    if not frames or any(_ours(frame.filename) for frame in frames):
       unraisable_by_python(args)
       return
     log.write(f'{args.err_msg or "exception ignored"} in {threading.current_thread().name}:\n'
               + ''.join(traceback.format_exception(args.exc_type, args.exc_value,
                                                    args.exc_traceback)))
 
-  sys.excepthook = printed
   sys.unraisablehook = unraisable
   _LIBRARY_LOG.append(log)
   return log

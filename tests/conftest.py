@@ -148,6 +148,23 @@ def tiny_config(data_dir, **overrides) -> ml_collections.ConfigDict:
   return config
 
 
+def random_image_folder(root: pathlib.Path, size: int, per_class: int):
+  """`per_class` random RGB PNGs of size x size in classes a and b under root/images, and the
+  image_folder data config that reads them (its TFDS files in root/tfds)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for kind in ('a', 'b'):
+    (root / 'images' / kind).mkdir(parents=True)
+    for i in range(per_class):
+      Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(
+          root / 'images' / kind / f'{i}.png')
+  images = config_lib.base().data
+  images.update(dict(name='image_folder', image_dir=str(root / 'images'),
+                     data_dir=str(root / 'tfds'), image_size=size, channels=3, num_classes=2,
+                     augment='none'))
+  return images
+
+
 @pytest.fixture(scope='module')
 def eight_devices():
   assert jax.device_count() == NUM_DEVICES, 'tests/conftest.py should give 8 CPU devices'

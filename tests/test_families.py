@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, host, read_jsonl, step_dirs
+from conftest import REPO, host, random_image_folder, read_jsonl, step_dirs
 from rpe2d import checkpoints, config as config_lib, ddpm, families, flow, importing, inference
 from rpe2d import latents, model as model_lib, positions, rundir, sampler, train_loop, training
 from rpe2d.evaluation import sweep
@@ -371,16 +371,7 @@ def test_a_table_that_is_not_the_sincos_grid_is_refused(tmp_path):
 def latents_dir(tmp_path_factory):
   """The tiny VAE's latents (8x8x4) of a folder of 64x64 images in 2 classes (the import has 4)."""
   root = tmp_path_factory.mktemp('finetune_latents')
-  rng = np.random.default_rng(0)
-  for kind in ('a', 'b'):
-    (root / 'images' / kind).mkdir(parents=True)
-    for i in range(6):
-      Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
-          root / 'images' / kind / f'{i}.png')
-  images = config_lib.base().data
-  images.update(dict(name='image_folder', image_dir=str(root / 'images'),
-                     data_dir=str(root / 'tfds'), image_size=64, channels=3, num_classes=2,
-                     augment='none'))
+  images = random_image_folder(root, size=64, per_class=6)
   latents.extract(images, VAE_DIR, root / 'latents', shard_size=8, batch_size=8, progress=False)
   return root
 

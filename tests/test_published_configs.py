@@ -22,9 +22,10 @@ PUBLISHED = {'dit-xl2': ('dit', 675), 'sit-xl2': ('sit', 675), 'fitv2-xl2': ('fi
 def test_each_is_the_config_convert_writes_for_the_published_shapes(name):
   family, millions = PUBLISHED[name]
   config = published.get_config(name)
-  module = families.FAMILIES[family]
-  arch = module.architecture(module.expected_shapes(published.ARCHITECTURES[name]))
-  assert arch == published.ARCHITECTURES[name]
+  module, published_arch = published.PUBLISHED[name]
+  assert module is families.FAMILIES[family]
+  arch = module.architecture(module.expected_shapes(published_arch))
+  assert arch == published_arch
   assert config.to_dict() == families.match(family, module.expected_shapes(arch)).config.to_dict()
   model = config_lib.build_model(config)
   shapes = jax.eval_shape(lambda key: training.init_params(model, key), jax.random.key(0))

@@ -18,10 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
 from safetensors import numpy as safetensors_numpy
 
-from conftest import REPO
+from conftest import REPO, random_image_folder
 from rpe2d import autoencoder, autoencoder_weights, config as config_lib, data, latents
 from rpe2d import tensor_files, train_loop
 from test_tensor_files import _call_pickle, tensor, write_torch_zip
@@ -205,16 +204,7 @@ def test_statistics_of_the_wrong_shape_are_refused_in_one_line(tmp_path, change,
 def extracted(tmp_path_factory):
   """A folder of 8 RGB images, 32 x 32, encoded by the tiny VA-VAE with its statistics."""
   root = tmp_path_factory.mktemp('vavae_latents')
-  rng = np.random.default_rng(0)
-  for kind in ('a', 'b'):
-    (root / 'images' / kind).mkdir(parents=True)
-    for i in range(4):
-      Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
-          root / 'images' / kind / f'{i}.png')
-  images = config_lib.base().data
-  images.update(dict(name='image_folder', image_dir=str(root / 'images'),
-                     data_dir=str(root / 'tfds'), image_size=32, channels=3, num_classes=2,
-                     augment='none'))
+  images = random_image_folder(root, size=32, per_class=4)
   manifest = latents.extract(images, WEIGHTS, root / 'latents', splits=('train',), shard_size=8,
                              batch_size=8, progress=False, vae_statistics=STATISTICS)
   return images, root, manifest
